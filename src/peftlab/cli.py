@@ -1,0 +1,140 @@
+"""The command line: a table of command name -> typed function. Bad input exits 2 with one line."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from peftlab.config import PlanConfig, load_spec, set_dotted, validate
+from peftlab.errors import PeftlabError
+from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
+
+app = typer.Typer(
+    help="peftlab: where to adapt, how much rank, which method, and what it costs.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _console(stderr: bool = False) -> Console:
+    console = Console(stderr=stderr)
+    return console if console.is_terminal else Console(stderr=stderr, width=200)
+
+
+def _allocation_override(allocation: str | None, rank: int | None) -> dict[str, Any] | None:
+    """`--allocation linear(16->4)` and/or `--rank 8` -> an allocation dict."""
+    if allocation is None:
+        return None if rank is None else {"kind": "uniform", "rank": rank}
+    try:
+        data = parse_allocation(allocation)
+    except ValueError as exc:
+        raise PeftlabError(f"--allocation: {exc}") from None
+    if rank is not None:
+        if "rank" not in ALLOCATIONS[data["kind"]].model_fields:
+            raise PeftlabError(f"--rank does not apply to allocation {data['kind']!r}")
+        data["rank"] = rank
+    return data
+
+
+@app.command()
+def plan(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with `model:` and `plan:`.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id.")] = None,
+    placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | last-4 | 0,2,5 ...")] = None,
+    modules: Annotated[Optional[str], typer.Option(help="PEFT-style module names, comma-separated (warned if ambiguous).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | attention-heavy(8) | budget(N, shape) | from-scores(file)")] = None,
+    alpha: Annotated[Optional[str], typer.Option(help="2r (alpha = 2r, the default) | 16 (fixed)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
+    output: Annotated[Optional[Path], typer.Option(help="Also write the plan as JSON to this file.")] = None,
+) -> None:
+    """Show which sites get adapted, with which rank, and the exact trainable parameters."""
+    from peftlab.api import make_plan
+
+    overrides: dict[str, Any] = {
+        "model.name": model,
+        "plan.placement.roles": placement,
+        "plan.placement.layers": layers,
+        "plan.placement.modules": modules.split(",") if modules else None,
+        "plan.allocation": _allocation_override(allocation, rank),
+        "plan.alpha": alpha,
+    }
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if config is not None:
+        spec = load_spec(PlanConfig, config, overrides)
+    else:
+        data: dict[str, Any] = {}
+        for dotted, value in overrides.items():
+            set_dotted(data, dotted, value)
+        spec = validate(PlanConfig, data, "command line")
+    result = make_plan(spec)
+    for warning in result.warnings:
+        _console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
+    if output is not None:
+        _write_atomic(output, result.to_json() + "\n")
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+        return
+    _print_plan(result)
+
+
+def _print_plan(result) -> None:
+    table = Table(title=f"{result.model} ({result.model_type}, {result.n_layers} layers)", title_justify="left")
+    for name in ("layer", "role", "path", "in", "out", "rank", "alpha", "params"):
+        table.add_column(name, justify="right" if name not in ("role", "path") else "left")
+    for p in result.sites:
+        s = p.site
+        path = f"{s.path}[{s.out_slice[0]}:{s.out_slice[1]}]" if s.out_slice else s.path
+        table.add_row(str(s.layer), s.role.value, path, str(s.in_features), str(s.out_features),
+                      str(p.rank), f"{p.alpha:g}", f"{p.params:,}")
+    console = _console()
+    console.print(table)
+    console.print(
+        f"trainable parameters: {result.trainable_params:,} (A and B) over {len(result.sites)} sites = "
+        f"{100 * result.share:.4f}% of {result.base_params:,} base parameters",
+        highlight=False,
+    )
+
+
+@app.command()
+def models() -> None:
+    """List bundled presets, tiny test models and the architecture catalog."""
+    from peftlab.models.load import PRESETS, catalog, tiny_configs
+
+    table = Table(title="models", title_justify="left")
+    for name in ("name", "kind", "architecture", "layers", "source"):
+        table.add_column(name)
+    for name, what in PRESETS.items():
+        table.add_row(name, "preset", catalog()[name]["config"]["model_type"], str(_layers(catalog()[name]["config"])), what)
+    for name, values in tiny_configs().items():
+        table.add_row(name, "tiny (random)", values["model_type"], str(_layers(values)), "built from config, for tests")
+    for name, entry in catalog().items():
+        if name not in PRESETS:
+            table.add_row(name, "catalog", entry["config"]["model_type"], str(_layers(entry["config"])), entry["hub_id"])
+    _console().print(table)
+
+
+def _layers(values: dict[str, Any]) -> int:
+    return values.get("num_hidden_layers") or values.get("n_layer") or values.get("n_layers")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    try:
+        app()
+    except PeftlabError as exc:
+        _console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        raise SystemExit(2) from None

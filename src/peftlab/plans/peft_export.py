@@ -1,0 +1,63 @@
+"""A plan as PEFT `LoraConfig` arguments (exact module paths, never bare suffixes), and the check
+that what PEFT wrapped equals the plan: PEFT skips unmatched names and pattern keys silently."""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Any
+
+from torch import nn
+
+from peftlab.errors import PeftlabError, PlanMismatchError
+from peftlab.plans.plan import Plan
+
+
+def lora_config_kwargs(plan: Plan, dropout: float = 0.0, modules_to_save: list[str] | None = None) -> dict[str, Any]:
+    """Keyword arguments for `peft.LoraConfig` that reproduce `plan` exactly."""
+    slices = [p.site for p in plan.sites if p.site.is_slice]
+    if slices:
+        raise PeftlabError(
+            f"the plan adapts {slices[0].role} as a slice of the fused projection {slices[0].path}; "
+            "PEFT can only adapt the whole module: select q, k and v together, or use peftlab's fused-slice LoRA"
+        )
+    rank = Counter(p.rank for p in plan.sites).most_common(1)[0][0]
+    alpha = Counter(p.alpha for p in plan.sites).most_common(1)[0][0]
+    # Pattern keys are regexes to PEFT (matched as `(.*\.)?key$`): escape the dots of full paths.
+    return {
+        "r": rank,
+        "lora_alpha": alpha,
+        "target_modules": [p.site.path for p in plan.sites],
+        "rank_pattern": {re.escape(p.site.path): p.rank for p in plan.sites if p.rank != rank},
+        "alpha_pattern": {re.escape(p.site.path): p.alpha for p in plan.sites if p.alpha != alpha},
+        "lora_dropout": dropout,
+        "fan_in_fan_out": any(p.site.kind == "conv1d" for p in plan.sites),
+        "modules_to_save": modules_to_save,
+    }
+
+
+def wrapped_lora_modules(model: nn.Module, adapter: str = "default") -> dict[str, tuple[int, float]]:
+    """Module path (relative to the base model) -> (rank, alpha) of every LoRA-wrapped module."""
+    from peft.tuners.lora import LoraLayer
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return {
+        name: (module.r[adapter], float(module.lora_alpha[adapter]))
+        for name, module in base.named_modules()
+        if isinstance(module, LoraLayer) and adapter in module.r
+    }
+
+
+def verify_wrapped(model: nn.Module, plan: Plan, adapter: str = "default") -> None:
+    """Raise PlanMismatchError unless the wrapped modules and their ranks and alphas equal the plan."""
+    wrapped = wrapped_lora_modules(model, adapter)
+    planned = {p.site.path: (p.rank, float(p.alpha)) for p in plan.sites}
+    problems = [f"missing {path}" for path in sorted(planned.keys() - wrapped.keys())]
+    problems += [f"unplanned {path}" for path in sorted(wrapped.keys() - planned.keys())]
+    problems += [
+        f"{path}: rank/alpha {wrapped[path]} != planned {planned[path]}"
+        for path in sorted(planned.keys() & wrapped.keys())
+        if wrapped[path] != planned[path]
+    ]
+    if problems:
+        raise PlanMismatchError(f"wrapped modules differ from the plan ({len(problems)}): " + "; ".join(problems[:5]))
