@@ -1,0 +1,26 @@
+import os
+
+# Tests never reach a hub: set before transformers / huggingface_hub read it at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import pytest
+
+from peftlab.config import ModelSpec, PlanSpec, validate
+from peftlab.models.load import build_skeleton, count_params
+from peftlab.models.sites import resolve_sites
+from peftlab.plans.plan import build_plan
+
+TINY = ("tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-llama")
+
+
+def make_plan(model: str, **plan):
+    """Plan on a model skeleton from plain values, e.g. make_plan("tiny-gpt2", placement="attention")."""
+    skeleton = build_skeleton(ModelSpec(name=model))
+    spec = validate(PlanSpec, plan, "test")
+    return build_plan(resolve_sites(skeleton), count_params(skeleton), spec, model)
+
+
+@pytest.fixture
+def plan_for():
+    return make_plan

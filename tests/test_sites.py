@@ -1,0 +1,85 @@
+import pytest
+from torch import nn
+from transformers import PretrainedConfig
+
+from peftlab.config import ModelSpec
+from peftlab.errors import PeftlabError
+from peftlab.models.load import build_skeleton
+from peftlab.models.roles import Role
+from peftlab.models.sites import resolve_sites
+
+
+def sites_of(name):
+    return resolve_sites(build_skeleton(ModelSpec(name=name)))
+
+
+def test_gpt2_fused_qkv_exposes_whole_module_and_three_slices():
+    ms = sites_of("tiny-gpt2")
+    layer0 = [s for s in ms.sites if s.layer == 0]
+    by_role = {s.role: s for s in layer0}
+    assert set(by_role) == {Role.QKV, Role.Q, Role.K, Role.V, Role.O, Role.UP, Role.DOWN}
+    assert by_role[Role.QKV].path == by_role[Role.Q].path == "transformer.h.0.attn.c_attn"
+    assert (by_role[Role.QKV].in_features, by_role[Role.QKV].out_features) == (64, 192)
+    assert [by_role[r].out_slice for r in (Role.Q, Role.K, Role.V)] == [(0, 64), (64, 128), (128, 192)]
+    # the two c_proj modules get different roles: resolved relative to the layer block, not by suffix
+    assert by_role[Role.O].path == "transformer.h.0.attn.c_proj"
+    assert by_role[Role.DOWN].path == "transformer.h.0.mlp.c_proj"
+    assert (by_role[Role.DOWN].in_features, by_role[Role.DOWN].out_features) == (256, 64)
+    assert by_role[Role.O].kind == "conv1d"
+
+
+@pytest.mark.parametrize(
+    "name, n_layers, roles",
+    [
+        ("tiny-bert", 2, {Role.Q, Role.K, Role.V, Role.O, Role.UP, Role.DOWN}),
+        ("tiny-distilbert", 2, {Role.Q, Role.K, Role.V, Role.O, Role.UP, Role.DOWN}),
+        ("tiny-llama", 4, {Role.Q, Role.K, Role.V, Role.O, Role.UP, Role.GATE, Role.DOWN}),
+    ],
+)
+def test_every_layer_has_every_role_once(name, n_layers, roles):
+    ms = sites_of(name)
+    assert ms.n_layers == n_layers
+    for layer in range(n_layers):
+        assert sorted(s.role for s in ms.sites if s.layer == layer) == sorted(roles)
+
+
+def test_bert_pooler_and_classifier_are_not_sites():
+    paths = {s.path for s in sites_of("tiny-bert").sites}
+    assert not any("pooler" in p or "classifier" in p for p in paths)
+    assert "bert.encoder.layer.1.output.dense" in paths and "bert.encoder.layer.1.attention.output.dense" in paths
+
+
+def test_llama_gqa_shapes_come_from_the_modules():
+    k = next(s for s in sites_of("tiny-llama").sites if s.role is Role.K and s.layer == 0)
+    assert (k.in_features, k.out_features) == (64, 32)  # 2 kv heads x 16
+
+
+class Mystery(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.config = PretrainedConfig()
+        self.config.model_type = "mystery"
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict({"wq": nn.Linear(8, 8), "wo": nn.Linear(8, 8), "ff": nn.Linear(8, 16)}) for _ in range(3)
+        )
+
+
+def test_unknown_architecture_lists_linear_modules_and_shows_a_role_map():
+    with pytest.raises(PeftlabError) as err:
+        resolve_sites(Mystery())
+    message = str(err.value)
+    assert "unknown architecture 'mystery'" in message
+    assert "blocks.{i}.wq (linear 8->8)" in message and "blocks.{i}.ff (linear 8->16)" in message
+    assert "role_map" in message
+
+
+def test_role_map_resolves_an_unknown_architecture():
+    role_map = {r"blocks\.(?P<layer>\d+)\.wq": Role.Q, r"blocks\.\d+\.ff": Role.UP}
+    ms = resolve_sites(Mystery(), role_map)
+    assert ms.n_layers == 3
+    assert [(s.layer, s.role) for s in ms.sites] == [(i, r) for i in range(3) for r in (Role.Q, Role.UP)]
+
+
+def test_role_map_matching_nothing_is_an_error():
+    with pytest.raises(PeftlabError, match="role_map matched no linear module"):
+        resolve_sites(Mystery(), {r"nothing\.here": Role.Q})
