@@ -20,8 +20,8 @@ $(STAMP): $(BIN)/python pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/peftlab plan --model minilm-l6 --placement attention --rank 8
-	$(BIN)/peftlab plan --model dialogpt-medium --placement ffn --rank 16
+	$(BIN)/peftlab plan --model minilm-l6 --placement attention --rank 8 --output demo/plan.json
+	@echo "plan written to demo/plan.json"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

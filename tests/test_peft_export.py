@@ -59,3 +59,13 @@ def test_slices_of_a_fused_projection_cannot_go_to_peft():
     plan = make_plan("tiny-gpt2", placement="q,v", allocation=8)
     with pytest.raises(PeftlabError, match="slice of the fused projection"):
         lora_config_kwargs(plan)
+
+
+def test_readme_example():
+    from peftlab.api import make_plan as api_make_plan
+    from peftlab.config import PlanConfig
+
+    plan = api_make_plan(PlanConfig.model_validate({"model": "tiny-llama", "plan": {"allocation": "linear(16->4)"}}))
+    model = get_peft_model(load_model(ModelSpec(name="tiny-llama")), LoraConfig(**lora_config_kwargs(plan)))
+    verify_wrapped(model, plan)
+    assert [p.rank for p in plan.sites if p.site.role.value == "attn.q"] == [16, 12, 8, 4]
