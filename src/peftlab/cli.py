@@ -66,14 +66,7 @@ def plan(
         "plan.allocation": _allocation_override(allocation, rank),
         "plan.alpha": alpha,
     }
-    overrides = {k: v for k, v in overrides.items() if v is not None}
-    if config is not None:
-        spec = load_spec(PlanConfig, config, overrides)
-    else:
-        data: dict[str, Any] = {}
-        for dotted, value in overrides.items():
-            set_dotted(data, dotted, value)
-        spec = validate(PlanConfig, data, "command line")
+    spec = _load(PlanConfig, config, {k: v for k, v in overrides.items() if v is not None})
     result = make_plan(spec)
     for warning in result.warnings:
         _console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -101,6 +94,90 @@ def _print_plan(result) -> None:
         f"{100 * result.share:.4f}% of {result.base_params:,} base parameters",
         highlight=False,
     )
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan, method, train.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora | full | bitfit")] = None,
+    placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | budget(N, shape) ...")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
+    epochs: Annotated[Optional[float], typer.Option(help="Training epochs.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Training batch size.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
+    output: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<model>-<task>-<method>-<hash>).")] = None,
+) -> None:
+    """Train and evaluate one configuration; write config, plan, metrics, result and adapter."""
+    from peftlab.config import RunConfig, config_id
+    from peftlab.train.run import execute_run
+
+    overrides: dict[str, Any] = {
+        "model.name": model,
+        "task.name": task,
+        "task.path": str(data) if data else None,
+        "task.kind": kind,
+        "task.max_length": max_length,
+        "method.name": method,
+        "plan.placement.roles": placement,
+        "plan.placement.layers": layers,
+        "plan.allocation": _allocation_override(allocation, rank),
+        "train.lr": lr,
+        "train.epochs": epochs,
+        "train.max_steps": max_steps,
+        "train.batch_size": batch_size,
+        "train.seed": seed,
+    }
+    spec = _load(RunConfig, config, {k: v for k, v in overrides.items() if v is not None})
+    if output is None:
+        task_name = spec.task.name or (spec.task.path.stem if spec.task.path else "data")
+        output = Path("runs") / f"{Path(spec.model.name).name}-{task_name}-{spec.method.name}-{config_id(spec)}"
+    result = execute_run(spec, output)
+    _print_result(result, output)
+    if result["status"] != "done":
+        raise typer.Exit(1)
+
+
+def _print_result(result: dict[str, Any], output: Path) -> None:
+    console = _console()
+    if result["status"] != "done":
+        console.print(f"[red]run failed:[/] {result['error']} (record in {output}/result.json)", highlight=False)
+        return
+    table = Table(title=f"result: {output}", title_justify="left")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for split, values in result["metrics"].items():
+        for name, value in values.items():
+            if name != "count":
+                table.add_row(f"{split} {name}", f"{value:.4f}")
+    cost = result["cost"]
+    table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
+    table.add_row("% of total params", f"{100 * cost['trainable_share']:.3f}%")
+    table.add_row("training time (s)", f"{cost['train_seconds']:.1f}")
+    table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
+    table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
+    if cost["adapter_bytes"] is not None:
+        table.add_row("adapter size (KiB)", f"{cost['adapter_bytes'] / 1024:,.0f}")
+    for kind, ms in cost["latency_ms_per_batch"].items():
+        table.add_row(f"latency per batch, {kind} (ms)", f"{ms:.1f}")
+    console.print(table)
+
+
+def _load(cls, config: Path | None, overrides: dict[str, Any]):
+    if config is not None:
+        return load_spec(cls, config, overrides)
+    data: dict[str, Any] = {}
+    for dotted, value in overrides.items():
+        set_dotted(data, dotted, value)
+    return validate(cls, data, "command line")
 
 
 @app.command()

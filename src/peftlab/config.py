@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from peftlab.errors import PeftlabError
 from peftlab.models.roles import Role, parse_role, parse_roles
+from peftlab.methods.registry import LoraSpec, MethodSpec
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
 
@@ -150,7 +151,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS)
 
 
-_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]"}
+_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]", "lora", "full", "bitfit"}
 
 
 def validate(cls: type[T], data: Any, source: str) -> T:
@@ -199,3 +200,103 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         node[part] = child = child if isinstance(child, dict) else {}
         node = child
     node[last] = value
+
+
+class TaskSpec(Spec):
+    name: Literal["reviews", "reviews-instruct"] | None = None
+    """A bundled task. Without `path` or `dataset`, the default is `reviews`."""
+    kind: Literal["classification", "instruction"] | None = None
+    """Required with `path` or `dataset`."""
+    path: Path | None = None
+    """CSV, JSON (a list of objects) or JSONL with the training rows."""
+    test_path: Path | None = None
+    """Test rows; without it a `test_fraction` of the training rows is held out."""
+    dataset: str | None = None
+    """A `datasets` id or local path, read with `datasets.load_dataset`."""
+    train_split: str = "train"
+    test_split: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None
+    """Class names in order; default: the sorted labels found in training."""
+    format: Literal["auto", "alpaca", "dolly"] = "auto"
+    """Instruction columns: alpaca = instruction/input/output, dolly = instruction/context/response."""
+    template: str | None = None
+    """Prompt template with {instruction}, {input}, {input_block}, {with_input}; default: Alpaca's."""
+    max_length: int = Field(128, ge=8)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    """Seed of the train/validation/test split; fixed across training seeds so runs pair up."""
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and not any(value.get(k) is not None for k in ("name", "path", "dataset")):
+            return {**value, "name": "reviews"}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "TaskSpec":
+        sources = [s for s in (self.name, self.path, self.dataset) if s is not None]
+        if len(sources) > 1:
+            raise ValueError("give one of name, path or dataset")
+        if self.name is None and self.kind is None:
+            raise ValueError("kind is required with path or dataset: classification or instruction")
+        return self
+
+    @property
+    def resolved_kind(self) -> str:
+        from peftlab.tasks.bundled import BUNDLED
+
+        return BUNDLED[self.name][0] if self.name else self.kind
+
+
+class TrainSpec(Spec):
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; overrides epochs."""
+    batch_size: int = Field(16, ge=1)
+    eval_batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
+    log_every: int = Field(10, ge=1)
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    latency_batches: int = Field(5, ge=0)
+    """Batches timed for inference latency, merged and unmerged (0: skip)."""
+
+
+class RunConfig(Spec):
+    """What `peftlab run` reads: model, task, plan, method and training settings."""
+
+    model: ModelSpec = ModelSpec()
+    task: TaskSpec = TaskSpec(name="reviews")
+    plan: PlanSpec = PlanSpec()
+    method: MethodSpec = LoraSpec()
+    train: TrainSpec = TrainSpec()
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+def config_id(config: Spec) -> str:
+    """A short stable hash of a resolved config: equal configs get equal ids."""
+    import hashlib
+    import json
+
+    text = json.dumps(config.model_dump(mode="json", by_alias=True), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:10]

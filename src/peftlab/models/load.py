@@ -193,3 +193,35 @@ def gemma_path() -> Path:
 def count_params(model: nn.Module) -> int:
     """Parameters of the model, tied weights counted once."""
     return sum(p.numel() for p in model.parameters())
+
+
+def load_tokenizer(spec: ModelSpec):
+    """The model's tokenizer. Tiny models share the bundled MiniLM tokenizer (their vocabulary)."""
+    from transformers import AutoTokenizer
+
+    if spec.name in tiny_configs() or spec.name == "minilm-l6":
+        source: str | Path = minilm_path()
+    elif spec.name == "gemma-3-270m":
+        source = gemma_path()
+    elif spec.name in catalog():
+        source = catalog()[spec.name]["hub_id"]
+    else:
+        source = spec.name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
+    except (OSError, ValueError) as exc:
+        raise PeftlabError(f"model {spec.name!r}: cannot load its tokenizer: {str(exc).strip().splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+# Task heads that a sequence-classification model adds on top of the pretrained body.
+HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
+
+
+def head_modules(model: nn.Module) -> list[str]:
+    """Names of the task-head modules (trained by every method, counted separately)."""
+    if model.config.model_type in ENCODER_TYPES or "ForSequenceClassification" in type(model).__name__:
+        return [name for name in HEAD_MODULE_NAMES if hasattr(model, name)]
+    return []

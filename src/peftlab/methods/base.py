@@ -1,0 +1,74 @@
+"""The Method interface: what every fine-tuning method gives the loop, the run and the study.
+
+The loop never asks which method it runs: per-step behaviour (AdaLoRA's reallocation, SparseLoRA's
+schedule) lives in `on_step`, optimizer settings (LoRA+'s learning-rate ratio) in `param_groups`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from peftlab.plans.plan import Plan
+
+
+class MethodSpecBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    adds_parameters: ClassVar[bool] = False  # LoRA adds A and B; full and BitFit train existing ones
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, spec: Any):
+        self.spec = spec
+
+    @abstractmethod
+    def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
+        """Freeze what the method does not train; return the model to train.
+        `head` names the task head's modules (trained by every method)."""
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+        """Optimizer parameter groups; biases and norms get no weight decay."""
+        decay, no_decay = [], []
+        for _, param in model.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        """Called after every optimizer step (step counts from 1)."""
+
+    def merge(self, model: nn.Module) -> None:
+        """Fold the method's parameters into the base weights (only when `mergeable`)."""
+        raise NotImplementedError(f"{self.name} cannot be merged")
+
+    def unmerge(self, model: nn.Module) -> None:
+        raise NotImplementedError(f"{self.name} cannot be merged")
+
+    @abstractmethod
+    def save(self, model: nn.Module, directory: Path) -> None:
+        """Write what was trained, in a format that loads back (PEFT format for adapters)."""
+
+
+def trainable_counts(model: nn.Module, head: list[str]) -> dict[str, int]:
+    """Trainable parameters split into the method's own and the task head's."""
+    counts = {"adapter": 0, "head": 0}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            in_head = any(part in head for part in name.split("."))
+            counts["head" if in_head else "adapter"] += param.numel()
+    return counts
+
+
+def set_head_trainable(model: nn.Module, head: list[str]) -> None:
+    for name in head:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad_(True)

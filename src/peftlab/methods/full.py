@@ -1,0 +1,26 @@
+"""Full fine-tuning: every parameter trains. The plan is recorded but places nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from peftlab.methods.base import Method, MethodSpecBase
+from peftlab.plans.plan import Plan
+
+
+class FullSpec(MethodSpecBase):
+    name: Literal["full"] = "full"
+
+
+class FullMethod(Method):
+    name = "full"
+
+    def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
+        model.requires_grad_(True)
+        return model
+
+    def save(self, model: nn.Module, directory: Path) -> None:
+        model.save_pretrained(directory)

@@ -1,0 +1,21 @@
+"""Methods by name. Adding a method: one file, one line here, one row in the method test table."""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from peftlab.methods.base import Method
+from peftlab.methods.bitfit import BitFitMethod, BitFitSpec
+from peftlab.methods.full import FullMethod, FullSpec
+from peftlab.methods.lora import LoraMethod, LoraSpec
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, FullMethod, BitFitMethod)}
+MethodSpec = Annotated[Union[LoraSpec, FullSpec, BitFitSpec], Field(discriminator="name")]
+
+__all__ = ["METHODS", "MethodSpec", "LoraSpec", "make_method"]
+
+
+def make_method(spec) -> Method:
+    return METHODS[spec.name](spec)

@@ -1,0 +1,48 @@
+"""Evaluation: token-weighted loss and perplexity; accuracy and macro-F1 for classification."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+from torch import nn
+
+from peftlab.train.loss import batch_nll
+
+
+def macro_f1(predictions: list[int], golds: list[int], n_labels: int) -> float:
+    scores = []
+    for c in range(n_labels):
+        tp = sum(p == c and g == c for p, g in zip(predictions, golds))
+        fp = sum(p == c and g != c for p, g in zip(predictions, golds))
+        fn = sum(p != c and g == c for p, g in zip(predictions, golds))
+        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
+    return sum(scores) / n_labels
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind: str, n_labels: int, device) -> dict[str, float]:
+    """Loss = total NLL / total predictions over the whole split (never a mean of batch means)."""
+    was_training = model.training
+    model.eval()
+    total_nll, total_count = 0.0, 0
+    predictions: list[int] = []
+    golds: list[int] = []
+    for batch in batches:
+        batch = {k: v.to(device) for k, v in batch.items()}
+        nll, count, logits = batch_nll(model, batch, kind)
+        total_nll += nll.item()
+        total_count += int(count)
+        if logits is not None:
+            predictions += logits.argmax(-1).tolist()
+            golds += batch["labels"].tolist()
+    model.train(was_training)
+    loss = total_nll / max(total_count, 1)
+    metrics = {"loss": loss, "count": total_count}
+    if kind == "classification":
+        metrics["accuracy"] = sum(p == g for p, g in zip(predictions, golds)) / max(len(golds), 1)
+        metrics["macro_f1"] = macro_f1(predictions, golds, n_labels)
+    else:
+        metrics["perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    return metrics

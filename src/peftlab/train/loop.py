@@ -1,0 +1,83 @@
+"""The training loop: AdamW, warmup then decay, clipping, accumulation, autocast, NaN guard."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.data import DataLoader
+from transformers import get_scheduler
+
+from peftlab.methods.base import Method
+from peftlab.train.loss import batch_nll
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    train_seconds: float  # optimizer steps only; evaluation time excluded
+    train_tokens: int  # non-padding tokens seen in training
+    final_loss: float  # mean training loss over the last log window
+    failure: str | None = None
+
+
+def forever(loader: DataLoader) -> Iterator[dict]:
+    while True:  # each pass reshuffles with the loader's seeded generator
+        yield from loader
+
+
+def train_loop(
+    model: torch.nn.Module,
+    method: Method,
+    loader: DataLoader,
+    kind: str,
+    total_steps: int,
+    spec,  # TrainSpec
+    accelerator: Accelerator,
+    on_log: Callable[[dict], None],
+    on_eval: Callable[[int], None],
+) -> LoopResult:
+    optimizer = torch.optim.AdamW(method.param_groups(model, spec.lr, spec.weight_decay))
+    scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
+    optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    batches = forever(loader)
+    model.train()
+    seconds, tokens, window = 0.0, 0, []
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+               TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task("train", total=total_steps, loss=float("nan"), tps=0.0)
+        for step in range(1, total_steps + 1):
+            start = time.perf_counter()
+            step_loss = 0.0
+            for _ in range(spec.grad_accum):  # micro-batches of one optimizer step
+                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
+                with accelerator.autocast():
+                    nll, count, _ = batch_nll(model, batch, kind)
+                loss = nll / count / spec.grad_accum  # mean over this micro-batch's predictions
+                if not torch.isfinite(loss):
+                    return LoopResult(step - 1, seconds, tokens, float("nan"), f"non-finite loss ({loss.item()}) at step {step}")
+                accelerator.backward(loss)
+                step_loss += loss.item()
+                tokens += int(batch["attention_mask"].sum())
+            if spec.max_grad_norm:
+                accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            method.on_step(model, step, total_steps)
+            seconds += time.perf_counter() - start
+            window.append(step_loss)
+            progress.update(bar, advance=1, loss=step_loss, tps=tokens / seconds)
+            if step % spec.log_every == 0 or step == total_steps:
+                on_log({"step": step, "train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
+                        "tokens_per_second": tokens / seconds})
+                final_loss, window = sum(window) / len(window), []
+            if spec.eval_every and step % spec.eval_every == 0 and step < total_steps:
+                on_eval(step)
+    return LoopResult(total_steps, seconds, tokens, final_loss)

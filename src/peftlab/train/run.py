@@ -1,0 +1,183 @@
+"""One run end to end: data, model, plan, method, loop, evaluation, costs, outputs.
+
+The run directory is written as `<dir>.partial` and renamed when the run ends, so a crash never
+leaves a directory that looks like a result. A NaN/inf loss ends the run with status `failed`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch.utils.data import DataLoader
+
+from peftlab.config import ModelSpec, RunConfig
+from peftlab.errors import PeftlabError
+from peftlab.methods.base import trainable_counts
+from peftlab.methods.registry import make_method
+from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
+from peftlab.models.sites import resolve_sites
+from peftlab.plans.plan import build_plan
+from peftlab.tasks.prepare import collate, load_task
+from peftlab.train.evaluate import evaluate
+from peftlab.train.loop import train_loop
+from peftlab.train.loss import batch_nll
+from peftlab.train.measure import directory_bytes, latency_ms, peak_memory, reset_peak_memory
+
+
+def _precision(requested: str) -> str:
+    if not torch.cuda.is_available() or requested == "fp32":
+        return "no"
+    if requested == "auto":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return requested
+
+
+def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec:
+    """The head a task needs: sequence classification or causal LM."""
+    head = "sequence-classification" if kind == "classification" else "causal-lm"
+    if model.head not in ("auto", head):
+        raise PeftlabError(f"model.head: {model.head} cannot run a {kind} task; use auto or {head}")
+    return model.model_copy(update={"head": head, "num_labels": max(n_labels, 2)})
+
+
+def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
+    """Run `config`, write its outputs to `output_dir` and return the result record."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise PeftlabError(f"{output_dir}: already exists and is not empty; choose another --output")
+    spec = config.train
+    set_seed(spec.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    accelerator = Accelerator(mixed_precision=_precision(spec.precision), cpu=not torch.cuda.is_available())
+
+    # Everything that can reject the input happens before anything is written.
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))
+    model = load_model(model_spec, seed=spec.seed)
+    base_params = count_params(model)
+    plan = build_plan(resolve_sites(model, model_spec.role_map), base_params, config.plan, model_spec.name)
+    head = head_modules(model)
+    method = make_method(config.method)
+    model = method.apply(model, plan, head).to(accelerator.device)
+    counts = trainable_counts(model, head)
+
+    partial_dir = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    partial_dir.mkdir(parents=True)
+    (partial_dir / "config.yaml").write_text(config.to_yaml())
+    (partial_dir / "plan.json").write_text(plan.to_json() + "\n")
+    history = (partial_dir / "metrics.jsonl").open("a")
+
+    def record(row: dict[str, Any]) -> None:
+        history.write(json.dumps(row) + "\n")
+        history.flush()
+
+    pad_id = tokenizer.pad_token_id
+    generator = torch.Generator().manual_seed(spec.seed)
+    train_loader = DataLoader(data.train, batch_size=spec.batch_size, shuffle=True, generator=generator,
+                              collate_fn=partial(collate, pad_id=pad_id))
+
+    def batches(split: list[dict]) -> list[dict]:
+        size = spec.eval_batch_size
+        return [collate(split[i : i + size], pad_id) for i in range(0, len(split), size)]
+
+    n_labels = len(data.labels)
+    evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device)
+
+    def on_eval(step: int) -> None:
+        record({"step": step, "split": "validation", **evaluate_split(model, batches(data.validation))})
+
+    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
+    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
+    reset_peak_memory()
+    loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval)
+    result: dict[str, Any] = {"status": "failed" if loop.failure else "done", "error": loop.failure}
+    metrics: dict[str, Any] = {}
+    latency: dict[str, float] = {}
+    adapter_bytes = None
+    if not loop.failure:
+        for split_name, split in (("validation", data.validation), ("test", data.test)):
+            if split:
+                metrics[split_name] = evaluate_split(model, batches(split))
+                record({"step": loop.steps, "split": split_name, **metrics[split_name]})
+        latency = _latencies(model, method, batches(data.test or data.validation)[: spec.latency_batches],
+                             data.kind, accelerator.device)
+        method.save(model, partial_dir / "adapter")
+        adapter_bytes = directory_bytes(partial_dir / "adapter")
+    history.close()
+    memory, memory_kind = peak_memory()
+    trainable = counts["adapter"] + counts["head"]
+    total = base_params + (counts["adapter"] if method.adds_parameters else 0)
+    result.update({
+        "metrics": metrics,
+        "cost": {
+            "trainable_params": trainable,
+            "adapter_params": counts["adapter"],
+            "head_params": counts["head"],
+            "plan_params": plan.trainable_params,
+            "base_params": base_params,
+            "total_params": total,
+            "trainable_share": trainable / total,
+            "steps": loop.steps,
+            "train_seconds": loop.train_seconds,
+            "train_tokens": loop.train_tokens,
+            "tokens_per_second": loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
+            "peak_memory_bytes": memory,
+            "peak_memory_kind": memory_kind,
+            "adapter_bytes": adapter_bytes,
+            "latency_ms_per_batch": latency,
+        },
+        "final_train_loss": loop.final_loss,
+        "data": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
+                 "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
+        "environment": _environment(accelerator),
+        "config": config.model_dump(mode="json", by_alias=True),
+    })
+    (partial_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    if output_dir.exists():
+        output_dir.rmdir()  # empty, checked above
+    partial_dir.rename(output_dir)
+    return result
+
+
+def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[str, float]:
+    if not batches:
+        return {}
+    on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
+    forward = partial(batch_nll, model, kind=kind)
+    was_training = model.training
+    model.eval()
+    timings = {"unmerged": latency_ms(lambda b: forward(b), on_device)}
+    if method.mergeable:
+        method.merge(model)
+        timings["merged"] = latency_ms(lambda b: forward(b), on_device)
+        method.unmerge(model)
+    model.train(was_training)
+    return timings
+
+
+def _environment(accelerator: Accelerator) -> dict[str, Any]:
+    import peft
+    import transformers
+
+    return {
+        "device": str(accelerator.device),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "mixed_precision": accelerator.mixed_precision,
+    }
