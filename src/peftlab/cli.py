@@ -209,7 +209,19 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
+def _quiet_libraries() -> None:
+    """Our own progress bars and tables only: no load reports or per-file progress from libraries."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
 def main() -> None:
+    _quiet_libraries()
     try:
         app()
     except PeftlabError as exc:

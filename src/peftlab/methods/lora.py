@@ -14,6 +14,16 @@ from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
 
 
+def peft_task_type(model: nn.Module) -> str | None:
+    """PEFT's wrapper class for the model's head (None: the generic PeftModel)."""
+    name = type(model).__name__
+    if "ForSequenceClassification" in name:
+        return "SEQ_CLS"
+    if "ForCausalLM" in name or "LMHeadModel" in name:
+        return "CAUSAL_LM"
+    return None
+
+
 class LoraSpec(MethodSpecBase):
     name: Literal["lora"] = "lora"
     dropout: float = Field(0.0, ge=0, lt=1)
@@ -26,7 +36,7 @@ class LoraMethod(Method):
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         kwargs = lora_config_kwargs(plan, dropout=self.spec.dropout, modules_to_save=head or None)
-        config = LoraConfig(task_type="SEQ_CLS" if head else "CAUSAL_LM", **kwargs)
+        config = LoraConfig(task_type=peft_task_type(model), **kwargs)
         peft_model = get_peft_model(model, config)
         verify_wrapped(peft_model, plan)
         return peft_model

@@ -32,7 +32,7 @@ def lora_config_kwargs(plan: Plan, dropout: float = 0.0, modules_to_save: list[s
         "alpha_pattern": {re.escape(p.site.path): p.alpha for p in plan.sites if p.alpha != alpha},
         "lora_dropout": dropout,
         "fan_in_fan_out": any(p.site.kind == "conv1d" for p in plan.sites),
-        "modules_to_save": modules_to_save,
+        "modules_to_save": list(modules_to_save) if modules_to_save else None,  # PEFT extends it in place
     }
 
 

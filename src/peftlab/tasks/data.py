@@ -75,8 +75,8 @@ def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source
         for column in columns:
             value = row.get(column)
             if value is None or (isinstance(value, str) and not value.strip() and column != "input"):
-                present = ", ".join(sorted(row)) or "none"
-                what = "missing" if column not in row else "empty"
+                present = ", ".join(sorted(k for k, v in row.items() if k is not None and v is not None)) or "none"
+                what = "missing" if value is None else "empty"
                 raise PeftlabError(
                     f"{source}: row {i + row_offset}: column {column!r} is {what} (columns present: {present})"
                 )

@@ -1,0 +1,178 @@
+"""One run end to end on tiny models: outputs, reproducibility, reload, failure records, bad data."""
+
+import json
+import sys
+
+import pytest
+import torch
+from peft import PeftModel
+
+from peftlab.cli import main
+from peftlab.config import ModelSpec, RunConfig, validate
+from peftlab.models.load import load_model
+from peftlab.tasks.prepare import collate, load_task
+from peftlab.train.evaluate import evaluate
+from peftlab.models.load import load_tokenizer
+
+WORDS = {"pos": ["tasty", "great", "lovely", "fresh"], "neg": ["stale", "awful", "bland", "soggy"]}
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def reviews_file(tmp_path):
+    rows = []
+    for i in range(120):
+        label = "pos" if i % 2 else "neg"
+        words = WORDS[label]
+        rows.append({"text": f"the food was {words[i % 4]} and {words[(i // 4) % 4]}", "label": label})
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w} for w in ["apple", "river", "stone"] * 8]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def classification_config(path, **train):
+    return validate(RunConfig, {
+        "model": "tiny-bert",
+        "task": {"path": str(path), "kind": "classification"},
+        "plan": {"placement": "attention", "allocation": 4},
+        "train": {"max_steps": 12, "batch_size": 8, "lr": 5e-3, "latency_batches": 2, **train},
+    }, "test")
+
+
+def test_run_writes_every_output_and_reloads(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    out = tmp_path / "run"
+    result = execute_run(classification_config(reviews_file), out)
+    assert result["status"] == "done"
+    assert {p.name for p in out.iterdir()} == {"config.yaml", "plan.json", "metrics.jsonl", "result.json", "adapter"}
+    assert not (tmp_path / "run.partial").exists()
+    assert json.loads((out / "result.json").read_text())["metrics"] == result["metrics"]
+    cost = result["cost"]
+    assert cost["adapter_params"] == cost["plan_params"] == json.loads((out / "plan.json").read_text())["totals"]["trainable_params"]
+    assert cost["head_params"] == 64 * 2 + 2
+    assert cost["adapter_bytes"] > 0 and cost["train_tokens"] > 0 and cost["peak_memory_bytes"] > 0
+    assert set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}
+    history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in history if "train_loss" in h] == [10, 12]
+    # the saved adapter (PEFT format) gives the same test loss after a reload
+    config = classification_config(reviews_file)
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    base = load_model(ModelSpec(name="tiny-bert", head="sequence-classification"), seed=0)
+    reloaded = PeftModel.from_pretrained(base, out / "adapter")
+    batches = [collate(data.test[i : i + 64], tokenizer.pad_token_id) for i in range(0, len(data.test), 64)]
+    again = evaluate(reloaded, batches, "classification", 2, "cpu")
+    assert again["loss"] == pytest.approx(result["metrics"]["test"]["loss"], abs=1e-6)
+
+
+def test_same_seed_same_metrics(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    first = execute_run(classification_config(reviews_file), tmp_path / "a")
+    second = execute_run(classification_config(reviews_file), tmp_path / "b")
+    other = execute_run(classification_config(reviews_file, seed=1), tmp_path / "c")
+    assert first["metrics"] == second["metrics"]
+    assert first["final_train_loss"] == second["final_train_loss"]
+    assert first["metrics"] != other["metrics"]
+
+
+def test_lora_learns_the_tiny_task(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    result = execute_run(classification_config(reviews_file, max_steps=60, lr=2e-2), tmp_path / "r")
+    history = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
+    losses = [h["train_loss"] for h in history if "train_loss" in h]
+    assert losses[-1] < losses[0] * 0.5
+    assert result["metrics"]["test"]["accuracy"] >= 0.9
+
+
+@pytest.mark.parametrize("method", ["full", "bitfit"])
+def test_other_methods_run(tmp_path, reviews_file, method):
+    from peftlab.train.run import execute_run
+
+    config = classification_config(reviews_file).model_copy(update={"method": validate(RunConfig, {"method": method}, "t").method})
+    result = execute_run(config, tmp_path / method)
+    assert result["status"] == "done"
+    assert result["cost"]["total_params"] == result["cost"]["base_params"]
+    assert "merged" not in result["cost"]["latency_ms_per_batch"]
+
+
+def test_instruction_run_reports_perplexity(tmp_path, alpaca_file):
+    from peftlab.train.run import execute_run
+
+    config = validate(RunConfig, {
+        "model": "tiny-llama",
+        "task": {"path": str(alpaca_file), "kind": "instruction"},
+        "plan": {"allocation": 4},
+        "train": {"max_steps": 4, "batch_size": 4, "latency_batches": 1},
+    }, "test")
+    result = execute_run(config, tmp_path / "instr")
+    test = result["metrics"]["test"]
+    assert test["perplexity"] == pytest.approx(torch.tensor(test["loss"]).exp().item(), rel=1e-6)
+    assert result["data"]["kind"] == "instruction"
+
+
+def test_non_finite_loss_is_a_failure_record(tmp_path, reviews_file, monkeypatch):
+    import peftlab.train.loop as loop
+    from peftlab.train.run import execute_run
+
+    real = loop.batch_nll
+    calls = {"n": 0}
+
+    def poisoned(model, batch, kind):
+        calls["n"] += 1
+        nll, count, logits = real(model, batch, kind)
+        return (nll * float("nan"), count, logits) if calls["n"] == 3 else (nll, count, logits)
+
+    monkeypatch.setattr(loop, "batch_nll", poisoned)
+    result = execute_run(classification_config(reviews_file), tmp_path / "nan")
+    assert result["status"] == "failed" and "non-finite loss (nan) at step 3" in result["error"]
+    saved = json.loads((tmp_path / "nan" / "result.json").read_text())
+    assert saved["status"] == "failed" and saved["cost"]["steps"] == 2
+
+
+def run_cli(capsys, monkeypatch, *args):
+    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_bad_data_exits_2_and_writes_no_run(tmp_path, capsys, monkeypatch):
+    bad = tmp_path / "bad.csv"
+    bad.write_text("text,label\nfine,pos\nno label here\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli(capsys, monkeypatch, "run", "--model", "tiny-bert", "--data", str(bad),
+                           "--kind", "classification", "--output", str(out))
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and "bad.csv: row 3: column 'label' is missing" in lines[0]
+    assert not out.exists() and not (tmp_path / "run.partial").exists()
+
+
+def test_cli_run_prints_the_result(tmp_path, reviews_file, capsys, monkeypatch):
+    out = tmp_path / "run"
+    code, stdout, _ = run_cli(capsys, monkeypatch, "run", "--model", "tiny-bert", "--data", str(reviews_file),
+                              "--kind", "classification", "--max-steps", "3", "--placement", "q,v",
+                              "--rank", "2", "--output", str(out))
+    assert code == 0
+    assert "test accuracy" in stdout and "trainable params (adapter + head)" in stdout
+    plan = json.loads((out / "plan.json").read_text())
+    assert {s["role"] for s in plan["sites"]} == {"attn.q", "attn.v"}

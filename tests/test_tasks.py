@@ -1,0 +1,136 @@
+"""Task data: formats, splits, prompt masking, the tokenization cache and bad-data errors."""
+
+import json
+
+import pytest
+
+from peftlab.config import TaskSpec
+from peftlab.errors import PeftlabError
+from peftlab.models.load import load_tokenizer
+from peftlab.config import ModelSpec
+from peftlab.tasks.prepare import IGNORE, collate, load_task
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer(ModelSpec(name="tiny-bert"))
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+def write_rows(path, rows):
+    if path.suffix == ".csv":
+        keys = list(rows[0])
+        path.write_text(",".join(keys) + "\n" + "".join(",".join(str(r[k]) for k in keys) + "\n" for r in rows))
+    elif path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        path.write_text(json.dumps(rows))
+    return path
+
+
+ROWS = [{"text": f"review number {i} is {'good' if i % 3 else 'bad'}", "label": "pos" if i % 3 else "neg"} for i in range(40)]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".json", ".jsonl"])
+def test_classification_files(tmp_path, tokenizer, suffix):
+    path = write_rows(tmp_path / f"data{suffix}", ROWS)
+    data = load_task(TaskSpec(path=path, kind="classification", validation_fraction=0.25, test_fraction=0.2), tokenizer)
+    assert data.labels == ["neg", "pos"]
+    assert (len(data.train), len(data.validation), len(data.test)) == (24, 8, 8)
+    assert all(e["labels"] in (0, 1) for e in data.train)
+    assert data.train[0]["input_ids"][0] == tokenizer.cls_token_id
+
+
+def test_splits_are_deterministic_by_split_seed(tmp_path, tokenizer):
+    path = write_rows(tmp_path / "data.json", ROWS)
+    spec = TaskSpec(path=path, kind="classification")
+    first, again = load_task(spec, tokenizer), load_task(spec, tokenizer)
+    other = load_task(spec.model_copy(update={"split_seed": 1}), tokenizer)
+    assert first.test == again.test and first.train == again.train
+    assert first.test != other.test
+    assert again.cache_file == first.cache_file and first.cache_file.is_file()
+
+
+def test_alpaca_prompt_tokens_carry_no_loss(tmp_path, tokenizer):
+    rows = [{"instruction": "Say yes.", "input": "" if i % 2 else "context", "output": "yes indeed"} for i in range(10)]
+    data = load_task(TaskSpec(path=write_rows(tmp_path / "a.json", rows), kind="instruction"), tokenizer)
+    example = data.train[0]
+    supervised = [t for t in example["labels"] if t != IGNORE]
+    response = tokenizer("yes indeed", add_special_tokens=False)["input_ids"]
+    assert supervised == response + [tokenizer.sep_token_id]  # response + end of sequence
+    n_prompt = example["labels"].index(supervised[0])
+    assert example["input_ids"][n_prompt:] == supervised
+    assert all(t == IGNORE for t in example["labels"][:n_prompt])
+
+
+def test_dolly_format_and_truncation_keeps_the_response(tmp_path, tokenizer):
+    rows = [{"instruction": "Summarise.", "context": "word " * 200, "response": "short"} for _ in range(10)]
+    data = load_task(TaskSpec(path=write_rows(tmp_path / "d.jsonl", rows), kind="instruction", max_length=48), tokenizer)
+    example = data.train[0]
+    assert len(example["input_ids"]) == 48
+    assert [t for t in example["labels"] if t != IGNORE] == tokenizer("short", add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+
+
+def test_collate_pads_and_masks():
+    batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[IGNORE, 6, 7], [5, IGNORE, IGNORE]]
+
+
+def test_bundled_reviews(tokenizer):
+    data = load_task(TaskSpec(name="reviews"), tokenizer)
+    assert data.labels == ["great", "other"]
+    assert (len(data.train), len(data.validation), len(data.test)) == (3600, 400, 1000)
+    assert sum(e["labels"] == 0 for e in data.test) == 658  # the majority class: 65.8%
+
+
+def test_bundled_reviews_instruct(tokenizer):
+    data = load_task(TaskSpec(name="reviews-instruct", max_eval_examples=10), tokenizer)
+    assert data.kind == "instruction" and len(data.test) == 10
+    answers = {tuple(t for t in e["labels"] if t != IGNORE) for e in data.train[:50]}
+    great = tuple(tokenizer("great", add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id])
+    assert great in answers
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b"", "the file is empty"),
+        (b"text,label\nfine,pos\n\xff\xfe broken,neg\n", "line 3: invalid UTF-8"),
+        (b"text,score\nfine,pos\n", "row 2: column 'label' is missing (columns present: score, text)"),
+        (b"text,label\nfine,pos\n,neg\n", "row 3: column 'text' is empty"),
+    ],
+)
+def test_bad_csv_names_file_and_row(tmp_path, tokenizer, content, message):
+    path = tmp_path / "bad.csv"
+    path.write_bytes(content)
+    with pytest.raises(PeftlabError) as err:
+        load_task(TaskSpec(path=path, kind="classification"), tokenizer)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_bad_jsonl_line(tmp_path, tokenizer):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "a", "label": "x"}\n{"text": oops}\n')
+    with pytest.raises(PeftlabError, match="bad.jsonl: line 2: invalid JSON"):
+        load_task(TaskSpec(path=path, kind="classification"), tokenizer)
+
+
+def test_test_label_absent_from_training(tmp_path, tokenizer):
+    train = write_rows(tmp_path / "train.csv", ROWS)
+    test = write_rows(tmp_path / "test.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
+    with pytest.raises(PeftlabError, match=r"test.csv: row 3: test label 'meh' never occurs in training"):
+        load_task(TaskSpec(path=train, test_path=test, kind="classification"), tokenizer)
+
+
+def test_unreadable_and_unsupported_files(tmp_path, tokenizer):
+    with pytest.raises(PeftlabError, match="no such file"):
+        load_task(TaskSpec(path=tmp_path / "missing.csv", kind="classification"), tokenizer)
+    (tmp_path / "data.parquet").write_text("x")
+    with pytest.raises(PeftlabError, match="unsupported file type '.parquet'"):
+        load_task(TaskSpec(path=tmp_path / "data.parquet", kind="classification"), tokenizer)
