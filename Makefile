@@ -21,7 +21,9 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/peftlab plan --model minilm-l6 --placement attention --rank 8 --output demo/plan.json
-	@echo "plan written to demo/plan.json"
+	rm -rf demo/run
+	$(BIN)/peftlab run --model minilm-l6 --task reviews --placement attention --rank 8 --output demo/run
+	@echo "plan: demo/plan.json   run: demo/run/result.json"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
