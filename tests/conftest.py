@@ -4,6 +4,8 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import sys
+
 import pytest
 
 from peftlab.config import ModelSpec, PlanSpec, validate
@@ -24,3 +26,21 @@ def make_plan(model: str, **plan):
 @pytest.fixture
 def plan_for():
     return make_plan
+
+
+@pytest.fixture
+def cli(capsys, monkeypatch):
+    """Run `peftlab ARGS...` in-process: (exit code, stdout, stderr)."""
+    from peftlab.cli import main
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["peftlab", *map(str, args)])
+        try:
+            main()
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

@@ -6,22 +6,12 @@ import sys
 
 import pytest
 
-from peftlab.cli import main
 
 
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_tiny_gpt2_attention_table(capsys, monkeypatch):
-    code, out, _ = run_cli(capsys, monkeypatch, "plan", "--model", "tiny-gpt2", "--placement", "attention", "--rank", "8")
+def test_tiny_gpt2_attention_table(cli):
+    code, out, _ = cli("plan", "--model", "tiny-gpt2", "--placement", "attention", "--rank", "8")
     assert code == 0
     assert "transformer.h.1.attn.c_attn" in out and "transformer.h.1.attn.c_proj" in out
     assert "mlp.c_proj" not in out
@@ -43,11 +33,11 @@ def test_dialogpt_medium_ffn_json_offline():
     assert {s["role"] for s in data["sites"]} == {"ffn.up", "ffn.down"}
 
 
-def test_config_file_with_flag_overrides(tmp_path, capsys, monkeypatch):
+def test_config_file_with_flag_overrides(tmp_path, cli):
     config = tmp_path / "plan.yaml"
     config.write_text("model: tiny-llama\nplan:\n  placement: {roles: attention, layers: upper-half}\n  allocation: linear(8->4)\n")
     out_file = tmp_path / "out" / "plan.json"
-    code, out, _ = run_cli(capsys, monkeypatch, "plan", "--config", str(config), "--alpha", "16", "--json", "--output", str(out_file))
+    code, out, _ = cli("plan", "--config", str(config), "--alpha", "16", "--json", "--output", str(out_file))
     assert code == 0
     data = json.loads(out)
     assert json.loads(out_file.read_text()) == data
@@ -56,8 +46,8 @@ def test_config_file_with_flag_overrides(tmp_path, capsys, monkeypatch):
     assert {s["alpha"] for s in data["sites"]} == {16.0}
 
 
-def test_ambiguous_module_name_warns_on_stderr(capsys, monkeypatch):
-    code, _, err = run_cli(capsys, monkeypatch, "plan", "--model", "tiny-gpt2", "--modules", "c_attn,c_proj")
+def test_ambiguous_module_name_warns_on_stderr(cli):
+    code, _, err = cli("plan", "--model", "tiny-gpt2", "--modules", "c_attn,c_proj")
     assert code == 0
     assert "warning: module name 'c_proj' is ambiguous" in err
 
@@ -77,8 +67,8 @@ BAD_INPUT = [
 
 
 @pytest.mark.parametrize("args, message", BAD_INPUT)
-def test_bad_input_gets_one_line_and_exit_2(capsys, monkeypatch, args, message):
-    code, out, err = run_cli(capsys, monkeypatch, "plan", *args)
+def test_bad_input_gets_one_line_and_exit_2(cli, args, message):
+    code, out, err = cli("plan", *args)
     assert code == 2
     assert out == ""
     lines = [line for line in err.splitlines() if line.strip()]
@@ -95,24 +85,24 @@ def test_bad_input_gets_one_line_and_exit_2(capsys, monkeypatch, args, message):
         ("model: tiny-bert\nplan:\n  allocation: {kind: linear, first: 8}\n", "plan.allocation.last: Field required"),
     ],
 )
-def test_bad_yaml_names_the_file_and_field(tmp_path, capsys, monkeypatch, text, message):
+def test_bad_yaml_names_the_file_and_field(tmp_path, cli, text, message):
     config = tmp_path / "bad.yaml"
     config.write_text(text)
     output = tmp_path / "plan.json"
-    code, _, err = run_cli(capsys, monkeypatch, "plan", "--config", str(config), "--output", str(output))
+    code, _, err = cli("plan", "--config", str(config), "--output", str(output))
     assert code == 2
     assert str(config) in err and message in err
     assert len([line for line in err.splitlines() if line.strip()]) == 1
     assert not output.exists()  # nothing half-written
 
 
-def test_missing_config_file(tmp_path, capsys, monkeypatch):
-    code, _, err = run_cli(capsys, monkeypatch, "plan", "--config", str(tmp_path / "nope.yaml"))
+def test_missing_config_file(tmp_path, cli):
+    code, _, err = cli("plan", "--config", str(tmp_path / "nope.yaml"))
     assert code == 2 and "nope.yaml: no such file" in err
 
 
-def test_models_lists_presets_and_catalog(capsys, monkeypatch):
-    code, out, _ = run_cli(capsys, monkeypatch, "models")
+def test_models_lists_presets_and_catalog(cli):
+    code, out, _ = cli("models")
     assert code == 0
     for name in ("minilm-l6", "gemma-3-270m", "tiny-llama", "llama-3-8b", "dialogpt-medium"):
         assert name in out

@@ -1,13 +1,11 @@
 """One run end to end on tiny models: outputs, reproducibility, reload, failure records, bad data."""
 
 import json
-import sys
 
 import pytest
 import torch
 from peft import PeftModel
 
-from peftlab.cli import main
 from peftlab.config import ModelSpec, RunConfig, validate
 from peftlab.models.load import load_model
 from peftlab.tasks.prepare import collate, load_task
@@ -144,22 +142,13 @@ def test_non_finite_loss_is_a_failure_record(tmp_path, reviews_file, monkeypatch
     assert saved["status"] == "failed" and saved["cost"]["steps"] == 2
 
 
-def run_cli(capsys, monkeypatch, *args):
-    monkeypatch.setattr(sys, "argv", ["peftlab", *args])
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    out = capsys.readouterr()
-    return code, out.out, out.err
 
 
-def test_cli_bad_data_exits_2_and_writes_no_run(tmp_path, capsys, monkeypatch):
+def test_cli_bad_data_exits_2_and_writes_no_run(tmp_path, cli):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nfine,pos\nno label here\n")
     out = tmp_path / "run"
-    code, _, err = run_cli(capsys, monkeypatch, "run", "--model", "tiny-bert", "--data", str(bad),
+    code, _, err = cli("run", "--model", "tiny-bert", "--data", str(bad),
                            "--kind", "classification", "--output", str(out))
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
@@ -167,9 +156,9 @@ def test_cli_bad_data_exits_2_and_writes_no_run(tmp_path, capsys, monkeypatch):
     assert not out.exists() and not (tmp_path / "run.partial").exists()
 
 
-def test_cli_run_prints_the_result(tmp_path, reviews_file, capsys, monkeypatch):
+def test_cli_run_prints_the_result(tmp_path, reviews_file, cli):
     out = tmp_path / "run"
-    code, stdout, _ = run_cli(capsys, monkeypatch, "run", "--model", "tiny-bert", "--data", str(reviews_file),
+    code, stdout, _ = cli("run", "--model", "tiny-bert", "--data", str(reviews_file),
                               "--kind", "classification", "--max-steps", "3", "--placement", "q,v",
                               "--rank", "2", "--output", str(out))
     assert code == 0
