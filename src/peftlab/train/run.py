@@ -101,6 +101,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
     reset_peak_memory()
     loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval)
+    memory, memory_kind = peak_memory()  # the training peak, before evaluation adds its own
     result: dict[str, Any] = {"status": "failed" if loop.failure else "done", "error": loop.failure}
     metrics: dict[str, Any] = {}
     latency: dict[str, float] = {}
@@ -115,7 +116,6 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         method.save(model, partial_dir / "adapter")
         adapter_bytes = directory_bytes(partial_dir / "adapter")
     history.close()
-    memory, memory_kind = peak_memory()
     trainable = counts["adapter"] + counts["head"]
     total = base_params + (counts["adapter"] if method.adds_parameters else 0)
     result.update({
