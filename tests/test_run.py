@@ -165,3 +165,15 @@ def test_cli_run_prints_the_result(tmp_path, reviews_file, cli):
     assert "test accuracy" in stdout and "trainable params (adapter + head)" in stdout
     plan = json.loads((out / "plan.json").read_text())
     assert {s["role"] for s in plan["sites"]} == {"attn.q", "attn.v"}
+
+
+def test_eval_every_and_gradient_accumulation(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    one = execute_run(classification_config(reviews_file, max_steps=4, eval_every=2), tmp_path / "one")
+    two = execute_run(classification_config(reviews_file, max_steps=4, grad_accum=2), tmp_path / "two")
+    history = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["split"]) for h in history if "split" in h] == [(2, "validation"), (4, "validation"), (4, "test")]
+    # an optimizer step over two micro-batches sees twice the data
+    assert two["cost"]["steps"] == one["cost"]["steps"] == 4
+    assert 1.5 < two["cost"]["train_tokens"] / one["cost"]["train_tokens"] < 2.5

@@ -134,3 +134,23 @@ def test_unreadable_and_unsupported_files(tmp_path, tokenizer):
     (tmp_path / "data.parquet").write_text("x")
     with pytest.raises(PeftlabError, match="unsupported file type '.parquet'"):
         load_task(TaskSpec(path=tmp_path / "data.parquet", kind="classification"), tokenizer)
+
+
+def test_datasets_source_reads_a_local_dataset_directory(tmp_path, tokenizer):
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    write_rows(folder / "train.jsonl", ROWS)
+    write_rows(folder / "test.jsonl", ROWS[:10])
+    spec = TaskSpec(dataset=str(folder), kind="classification", test_split="test", validation_fraction=0.25)
+    data = load_task(spec, tokenizer)
+    assert (len(data.train), len(data.validation), len(data.test)) == (30, 10, 10)
+    assert data.labels == ["neg", "pos"]
+
+
+def test_task_spec_needs_one_source_and_a_kind():
+    from peftlab.config import validate
+
+    with pytest.raises(PeftlabError, match="task: kind is required with path or dataset"):
+        validate(TaskSpec, {"path": "x.csv"}, "task")
+    with pytest.raises(PeftlabError, match="give one of name, path or dataset"):
+        validate(TaskSpec, {"name": "reviews", "path": "x.csv", "kind": "classification"}, "task")

@@ -139,11 +139,11 @@ class PlanConfig(Spec):
 def format_validation_error(exc: ValidationError, source: str) -> str:
     """The first error as `source: field.path: message`."""
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p)) or "(top level)"
+    loc = ".".join(str(p) for p in err["loc"] if not _is_union_tag(p))
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         msg = "unknown field"
-    return f"{source}: {loc}: {msg}"
+    return f"{source}: {loc}: {msg}" if loc else f"{source}: {msg}"
 
 
 def _is_union_tag(part: Any) -> bool:
