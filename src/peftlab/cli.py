@@ -180,6 +180,101 @@ def _load(cls, config: Path | None, overrides: dict[str, Any]):
     return validate(cls, data, "command line")
 
 
+study_app = typer.Typer(help="Studies: grids of runs x seeds in a resumable store.", no_args_is_help=True)
+app.add_typer(study_app, name="study")
+
+
+def _study_spec(source: str, study_dir: Path | None):
+    """A spec file, a shipped study name (placement, allocation, methods), or a study directory to resume."""
+    from peftlab.config import StudySpec
+    from peftlab.studies.shipped import shipped_study
+
+    path = Path(source)
+    if path.is_dir():
+        spec_file = path / "study.yaml"
+        if not spec_file.is_file():
+            raise PeftlabError(f"{path}: not a study directory (no study.yaml)")
+        return load_spec(StudySpec, spec_file), study_dir or path
+    if not path.exists() and path.suffix == "":
+        path = shipped_study(source)
+    spec = load_spec(StudySpec, path)
+    return spec, study_dir or Path("studies") / spec.name
+
+
+@study_app.command("run")
+def study_run(
+    source: Annotated[str, typer.Argument(help="Study spec (YAML), a shipped study name, or a study directory to resume.")],
+    directory: Annotated[Optional[Path], typer.Option("--dir", help="Study directory (default studies/<name>).")] = None,
+    jobs: Annotated[int, typer.Option(help="Runs at a time (local executor).")] = 1,
+    executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")] = None,
+    retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run failed runs again.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="CPU threads per run (default cores / jobs).")] = None,
+    gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray task declares.")] = 0.0,
+) -> None:
+    """Run a study, or resume one: done runs are skipped, new runs of an edited spec are added."""
+    from peftlab.studies.results import run_rows, summarize
+    from peftlab.studies.runner import run_study
+
+    spec, study_dir = _study_spec(source, directory)
+    store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
+                      threads=threads, gpus=gpus_per_run)
+    _print_summary(spec.name, summarize(run_rows(store)), store.counts(), study_dir)
+
+
+def _print_summary(name: str, summary: list[dict[str, Any]], counts: dict[str, int], study_dir: Path) -> None:
+    metric = summary[0]["metric"] if summary else ""
+    table = Table(title=f"study {name}: {metric} over seeds", title_justify="left")
+    for column in ("configuration", "seeds done", "mean", "std", "trainable params", "train s"):
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    for row in summary:
+        table.add_row(row["label"], f"{row['done']}/{row['runs']}", fmt(row["mean"], ".4f"), fmt(row["std"], ".4f"),
+                      fmt(row["trainable_params"], ","), fmt(row["train_seconds"], ".1f"))
+    console = _console()
+    console.print(table)
+    console.print(" ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f"   ({study_dir})", highlight=False)
+
+
+@study_app.command("status")
+def study_status(directory: Annotated[Path, typer.Argument(help="Study directory.")]) -> None:
+    """Runs of a study by status, with their errors and main metric."""
+    from peftlab.studies.results import primary_metric, run_rows
+    from peftlab.studies.store import Store
+
+    if not (directory / "study.db").is_file():
+        raise PeftlabError(f"{directory}: not a study directory (no study.db)")
+    store = Store(directory / "study.db")
+    rows = run_rows(store)
+    metric, _ = primary_metric(rows)
+    table = Table(title=f"{directory}", title_justify="left")
+    for column in ("id", "configuration", "seed", "status", metric, "note"):
+        table.add_column(column)
+    for row in rows:
+        value = row.get(metric)
+        table.add_row(row["id"], row["label"], str(row["seed"]), row["status"],
+                      "-" if value is None else f"{value:.4f}", (row["error"] or "")[:80])
+    console = _console()
+    console.print(table)
+    console.print(" ".join(f"{k}: {v}" for k, v in sorted(store.counts().items())), highlight=False)
+
+
+@study_app.command("export")
+def study_export(
+    directory: Annotated[Path, typer.Argument(help="Study directory.")],
+    output: Annotated[Optional[list[Path]], typer.Option(help="Files to write (.csv or .parquet).")] = None,
+) -> None:
+    """Export every run (config axes, status, metrics, costs) to CSV and Parquet."""
+    from peftlab.studies.results import export
+    from peftlab.studies.store import Store
+
+    if not (directory / "study.db").is_file():
+        raise PeftlabError(f"{directory}: not a study directory (no study.db)")
+    store = Store(directory / "study.db")
+    for path in output or [directory / "runs.csv", directory / "runs.parquet"]:
+        _console().print(f"wrote {export(store, path)}", highlight=False)
+
+
 @app.command()
 def models() -> None:
     """List bundled presets, tiny test models and the architecture catalog."""
@@ -209,7 +304,7 @@ def _write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def _quiet_libraries() -> None:
+def quiet_libraries() -> None:
     """Our own progress bars and tables only: no load reports or per-file progress from libraries."""
     import warnings
 
@@ -221,7 +316,7 @@ def _quiet_libraries() -> None:
 
 
 def main() -> None:
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app()
     except PeftlabError as exc:

@@ -293,10 +293,56 @@ class RunConfig(Spec):
         return {"name": value} if isinstance(value, str) else value
 
 
-def config_id(config: Spec) -> str:
+def config_id(config: Spec | dict[str, Any]) -> str:
     """A short stable hash of a resolved config: equal configs get equal ids."""
     import hashlib
     import json
 
-    text = json.dumps(config.model_dump(mode="json", by_alias=True), sort_keys=True)
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
+    data = config.model_dump(mode="json", by_alias=True) if isinstance(config, BaseModel) else config
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# Axis shortcuts in a study spec; any dotted path into a run config works too.
+AXIS_PATHS = {
+    "placement": "plan.placement",
+    "layers": "plan.placement.layers",
+    "allocation": "plan.allocation",
+    "rank": "plan.allocation",
+    "alpha": "plan.alpha",
+    "method": "method",
+    "model": "model",
+    "task": "task",
+    "lr": "train.lr",
+}
+
+
+class StudySpec(Spec):
+    """A study: a base run config, axes whose values are combined, and seeds for each combination."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: dict[str, Any] = {}
+    """A run config (model, task, plan, method, train) shared by every run."""
+    axes: dict[str, dict[str, Any] | list[Any]] = {}
+    """axis (a shortcut such as placement, or a dotted path such as train.lr) -> values,
+    as a list or as a mapping name -> value (names label the configurations)."""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+
+    @field_validator("axes")
+    @classmethod
+    def _check_axes(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for axis, values in value.items():
+            path = AXIS_PATHS.get(axis, axis)
+            if path.split(".")[0] not in RunConfig.model_fields:
+                valid = ", ".join(AXIS_PATHS)
+                raise ValueError(f"unknown axis {axis!r}; use {valid} or a dotted path such as train.lr")
+            if not values:
+                raise ValueError(f"axis {axis!r} has no values")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return value

@@ -1,0 +1,43 @@
+"""Every shipped study validates, expands to valid runs, and plans on the meta device."""
+
+import pytest
+
+from peftlab.api import make_plan
+from peftlab.config import PlanConfig, RunConfig, StudySpec, load_spec
+from peftlab.studies.grid import expand
+from peftlab.studies.shipped import shipped_studies
+
+
+@pytest.mark.parametrize("name", sorted(shipped_studies()))
+def test_shipped_study_expands_to_valid_runs(name):
+    spec = load_spec(StudySpec, shipped_studies()[name])
+    assert spec.name == name and len(spec.seeds) >= 3
+    runs = expand(spec)
+    assert runs and all(r.error is None for r in runs), [r.error for r in runs if r.error]
+    for run in runs:
+        config = RunConfig.model_validate(run.config)
+        make_plan(PlanConfig(model=config.model, plan=config.plan))  # every plan resolves
+
+
+def test_shipped_studies_exist():
+    assert {"placement", "allocation", "methods"} <= set(shipped_studies())
+
+
+def test_allocation_study_compares_at_comparable_budgets():
+    spec = load_spec(StudySpec, shipped_studies()["allocation"])
+    budgets = {}
+    for run in expand(spec):
+        if run.seed == spec.seeds[0]:
+            config = RunConfig.model_validate(run.config)
+            budgets[run.axes["allocation"]] = make_plan(PlanConfig(model=config.model, plan=config.plan)).trainable_params
+    reference = budgets.pop("uniform-8")
+    assert budgets.pop("uniform-16") == 2 * reference
+    for name, params in budgets.items():
+        assert abs(params - reference) / reference < 0.03, (name, params, reference)
+
+
+def test_placement_study_compares_at_equal_rank():
+    spec = load_spec(StudySpec, shipped_studies()["placement"])
+    configs = [RunConfig.model_validate(r.config) for r in expand(spec)]
+    ranks = {p.rank for c in configs for p in make_plan(PlanConfig(model=c.model, plan=c.plan)).sites}
+    assert ranks == {8}

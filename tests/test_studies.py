@@ -1,0 +1,165 @@
+"""Studies: expansion, the resumable store, local and Ray execution, kills, failures, export."""
+
+import json
+import os
+import random
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from peftlab.config import StudySpec, validate
+from peftlab.errors import PeftlabError
+from peftlab.studies.grid import expand
+from peftlab.studies.results import export, run_rows, summarize
+from peftlab.studies.runner import run_study
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    words = {"pos": ["tasty", "great", "lovely", "fresh"], "neg": ["stale", "awful", "bland", "soggy"]}
+    rows = [{"text": f"the food was {words[l][i % 4]}", "label": l} for i in range(60) for l in ("pos", "neg")]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def tiny_spec(data_file, **changes):
+    spec = {
+        "name": "tiny",
+        "base": {
+            "model": "tiny-bert",
+            "task": {"path": str(data_file), "kind": "classification", "max_eval_examples": 16},
+            "plan": {"allocation": 2},
+            "train": {"max_steps": 3, "batch_size": 8, "latency_batches": 0},
+        },
+        "axes": {"placement": {"all": "all", "attention": "attention"}},
+        "seeds": [0, 1],
+    }
+    spec.update(changes)
+    return validate(StudySpec, spec, "test")
+
+
+def test_expansion_ids_are_config_hashes(data_file):
+    runs = expand(tiny_spec(data_file, axes={"rank": [4, "uniform(4)", 2]}))
+    assert len(runs) == 4  # rank 4 written two ways is one configuration
+    assert {r.label for r in runs} == {"rank=4", "rank=2"}
+    again = expand(tiny_spec(data_file, axes={"rank": [2, 4]}))
+    assert {r.id for r in runs} == {r.id for r in again}
+    groups = {r.group for r in runs}
+    assert len(groups) == 2 and all(r.error is None for r in runs)
+
+
+def test_invalid_axis_value_is_a_failed_run(data_file):
+    runs = expand(tiny_spec(data_file, axes={"rank": [2, 0]}))
+    bad = [r for r in runs if r.error]
+    assert len(bad) == 2 and "plan.allocation.rank" in bad[0].error
+
+
+def test_bad_axis_name_is_rejected():
+    with pytest.raises(PeftlabError, match="unknown axis 'colour'"):
+        validate(StudySpec, {"name": "x", "axes": {"colour": ["red"]}}, "spec.yaml")
+
+
+def test_local_study_resumes_and_grows(tmp_path, data_file):
+    study_dir = tmp_path / "study"
+    store = run_study(tiny_spec(data_file), study_dir, jobs=2, threads=1)
+    rows = run_rows(store)
+    assert [r["status"] for r in rows] == ["done"] * 4
+    assert all(r["attempts"] == 1 for r in rows)
+    assert all((study_dir / "runs" / r["id"] / "result.json").is_file() for r in rows)
+    # resuming runs nothing again; an edited spec adds its new runs and keeps the old ones
+    store = run_study(tiny_spec(data_file, seeds=[0, 1, 2]), study_dir, jobs=2, threads=1)
+    rows = run_rows(store)
+    assert len(rows) == 6 and all(r["status"] == "done" for r in rows)
+    assert sorted(r["attempts"] for r in rows) == [1] * 6
+    summary = summarize(rows)
+    assert {s["label"]: s["done"] for s in summary} == {"placement=all": 3, "placement=attention": 3}
+    assert all(s["metric"] == "metrics.test.accuracy" and s["std"] is not None for s in summary)
+
+
+def test_failures_are_recorded_and_the_study_goes_on(tmp_path, data_file):
+    spec = tiny_spec(data_file, axes={"rank": [2, 0], "train.lr": {"ok": 1e-3, "explodes": 1e30}}, seeds=[0])
+    study_dir = tmp_path / "study"
+    rows = {(r["axis.rank"], r["axis.train.lr"]): r for r in run_rows(run_study(spec, study_dir, threads=1))}
+    assert rows[("2", "ok")]["status"] == "done"
+    assert rows[("2", "explodes")]["status"] == "failed" and "non-finite loss" in rows[("2", "explodes")]["error"]
+    assert rows[("0", "ok")]["status"] == "failed" and "rank" in rows[("0", "ok")]["error"]
+    # --retry-failed runs the failed ones again (they fail again, deterministically)
+    again = {r["id"]: r for r in run_rows(run_study(spec, study_dir, retry_failed=True, threads=1))}
+    exploded = rows[("2", "explodes")]["id"]
+    assert again[exploded]["attempts"] == 2 and again[rows[("2", "ok")]["id"]]["attempts"] == 1
+
+
+def test_sigkill_at_random_moments_loses_nothing(tmp_path, data_file):
+    spec_file = tmp_path / "spec.yaml"
+    spec = tiny_spec(data_file, seeds=[0, 1, 2])
+    spec_file.write_text(spec.to_yaml())
+    study_dir = tmp_path / "study"
+    command = [sys.executable, "-m", "peftlab", "study", "run", str(spec_file), "--dir", str(study_dir),
+               "--jobs", "2", "--threads", "1"]
+    rng = random.Random(7)
+    for _ in range(4):
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        time.sleep(rng.uniform(2.0, 9.0))
+        os.killpg(process.pid, signal.SIGKILL)  # the study and its run processes
+        process.wait()
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    expected = {r.id for r in expand(spec)}
+    db = sqlite3.connect(study_dir / "study.db")
+    rows = db.execute("SELECT id, status FROM runs").fetchall()
+    assert sorted(r[0] for r in rows) == sorted(expected)  # none lost, none duplicated
+    assert {r[1] for r in rows} == {"done"}
+    assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    assert sorted(p.name for p in (study_dir / "runs").iterdir()) == sorted(expected)  # no .partial left
+
+
+def test_ray_matches_local(tmp_path, data_file):
+    pytest.importorskip("ray")
+    spec = tiny_spec(data_file, seeds=[0])
+    local = {r["id"]: r for r in run_rows(run_study(spec, tmp_path / "local", threads=1))}
+    ray_rows = {r["id"]: r for r in run_rows(run_study(spec, tmp_path / "ray", executor="ray", threads=1))}
+    assert set(local) == set(ray_rows)
+    for run_id, row in local.items():
+        assert ray_rows[run_id]["status"] == row["status"] == "done"
+        metrics = {k: v for k, v in row.items() if k.startswith("metrics.")}
+        assert metrics and metrics == {k: ray_rows[run_id][k] for k in metrics}
+
+
+def test_export_csv_and_parquet(tmp_path, data_file):
+    import pandas as pd
+
+    store = run_study(tiny_spec(data_file, seeds=[0]), tmp_path / "study", threads=1)
+    csv = pd.read_csv(export(store, tmp_path / "runs.csv"))
+    parquet = pd.read_parquet(export(store, tmp_path / "runs.parquet"))
+    for frame in (csv, parquet):
+        assert len(frame) == 2
+        assert {"id", "label", "seed", "status", "axis.placement", "metrics.test.accuracy", "cost.trainable_params"} <= set(frame.columns)
+    assert sorted(parquet["axis.placement"]) == ["all", "attention"]
+
+
+def test_cli_status_and_errors(tmp_path, data_file, cli):
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(tiny_spec(data_file, seeds=[0], axes={"placement": ["attention"]}).to_yaml())
+    code, out, _ = cli("study", "run", spec_file, "--dir", tmp_path / "s", "--threads", "1")
+    assert code == 0 and "placement=attention" in out and "done: 1" in out
+    code, out, _ = cli("study", "status", tmp_path / "s")
+    assert code == 0 and "done" in out
+    code, _, err = cli("study", "status", tmp_path)
+    assert code == 2 and "not a study directory" in err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "b", "seeds": [1, 1]}))
+    code, _, err = cli("study", "run", bad)
+    assert code == 2 and "seeds repeat" in err
+    code, _, err = cli("study", "run", "no-such-study")
+    assert code == 2 and "shipped studies are" in err
