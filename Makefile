@@ -21,9 +21,8 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/peftlab plan --model minilm-l6 --placement attention --rank 8 --output demo/plan.json
-	rm -rf demo/run
-	$(BIN)/peftlab run --model minilm-l6 --task reviews --placement attention --rank 8 --output demo/run
-	@echo "plan: demo/plan.json   run: demo/run/result.json"
+	$(BIN)/peftlab study run placement --dir demo/placement --jobs 2
+	$(BIN)/peftlab study export demo/placement
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -163,3 +163,13 @@ def test_cli_status_and_errors(tmp_path, data_file, cli):
     assert code == 2 and "seeds repeat" in err
     code, _, err = cli("study", "run", "no-such-study")
     assert code == 2 and "shipped studies are" in err
+
+
+def test_variant_axis_sets_several_fields_together(data_file):
+    spec = tiny_spec(data_file, axes={"variant": {"lora": {"method": "lora", "lr": 1e-3},
+                                                  "full": {"method": "full", "train.lr": 5e-5}}}, seeds=[0])
+    configs = {r.label: r.config for r in expand(spec)}
+    assert configs["variant=full"]["method"]["name"] == "full" and configs["variant=full"]["train"]["lr"] == 5e-5
+    assert configs["variant=lora"]["train"]["lr"] == 1e-3
+    with pytest.raises(PeftlabError, match="unknown axis 'trian.lr'"):
+        tiny_spec(data_file, axes={"variant": {"x": {"trian.lr": 1}}})

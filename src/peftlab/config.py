@@ -313,6 +313,7 @@ AXIS_PATHS = {
     "model": "model",
     "task": "task",
     "lr": "train.lr",
+    "variant": "",  # each value is a mapping of dotted paths -> values, set together
 }
 
 
@@ -332,12 +333,18 @@ class StudySpec(Spec):
     @classmethod
     def _check_axes(cls, value: dict[str, Any]) -> dict[str, Any]:
         for axis, values in value.items():
-            path = AXIS_PATHS.get(axis, axis)
-            if path.split(".")[0] not in RunConfig.model_fields:
-                valid = ", ".join(AXIS_PATHS)
-                raise ValueError(f"unknown axis {axis!r}; use {valid} or a dotted path such as train.lr")
             if not values:
                 raise ValueError(f"axis {axis!r} has no values")
+            paths = [AXIS_PATHS.get(axis, axis)]
+            if axis == "variant":
+                variants = values.values() if isinstance(values, dict) else values
+                if not all(isinstance(v, dict) for v in variants):
+                    raise ValueError("each variant is a mapping of dotted paths to values, e.g. {method: full, train.lr: 5.0e-5}")
+                paths = [AXIS_PATHS.get(k, k) for v in variants for k in v]
+            for path in paths:
+                if path.split(".")[0] not in RunConfig.model_fields:
+                    valid = ", ".join(AXIS_PATHS)
+                    raise ValueError(f"unknown axis {path!r}; use {valid} or a dotted path such as train.lr")
         return value
 
     @field_validator("seeds")
