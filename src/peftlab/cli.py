@@ -12,6 +12,7 @@ from rich.table import Table
 
 from peftlab.config import PlanConfig, load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError
+from peftlab.files import write_atomic
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
 
 app = typer.Typer(
@@ -71,7 +72,7 @@ def plan(
     for warning in result.warnings:
         _console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
     if output is not None:
-        _write_atomic(output, result.to_json() + "\n")
+        write_atomic(output, result.to_json() + "\n")
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
         return
@@ -213,27 +214,35 @@ def study_run(
     gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray task declares.")] = 0.0,
 ) -> None:
     """Run a study, or resume one: done runs are skipped, new runs of an edited spec are added."""
-    from peftlab.studies.results import run_rows, summarize
     from peftlab.studies.runner import run_study
 
     spec, study_dir = _study_spec(source, directory)
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
                       threads=threads, gpus=gpus_per_run)
-    _print_summary(spec.name, summarize(run_rows(store)), store.counts(), study_dir)
+    _print_summary(spec.name, [], store.counts(), study_dir)
 
 
 def _print_summary(name: str, summary: list[dict[str, Any]], counts: dict[str, int], study_dir: Path) -> None:
-    metric = summary[0]["metric"] if summary else ""
-    table = Table(title=f"study {name}: {metric} over seeds", title_justify="left")
-    for column in ("configuration", "seeds done", "mean", "std", "trainable params", "train s"):
-        table.add_column(column, justify="left" if column == "configuration" else "right")
-    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    for row in summary:
-        table.add_row(row["label"], f"{row['done']}/{row['runs']}", fmt(row["mean"], ".4f"), fmt(row["std"], ".4f"),
-                      fmt(row["trainable_params"], ","), fmt(row["train_seconds"], ".1f"))
+    """The analysis table when runs finished, else the counts."""
+    from peftlab.analysis.analyze import analyze
+
     console = _console()
-    console.print(table)
+    if counts.get("done"):
+        analysis = analyze(study_dir)
+        _print_main_table(analysis)
     console.print(" ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f"   ({study_dir})", highlight=False)
+
+
+def _print_main_table(analysis) -> None:
+    from peftlab.analysis.report import COLUMNS, _test_note, main_table
+
+    table = Table(title=f"study {analysis.name}", title_justify="left", caption=_test_note(analysis).replace("**", ""),
+                  caption_justify="left")
+    for column in COLUMNS:
+        table.add_column(column, justify="left" if column == "configuration" else "right")
+    for row in main_table(analysis):
+        table.add_row(*(row[c] for c in COLUMNS))
+    _console().print(table)
 
 
 @study_app.command("status")
@@ -276,6 +285,30 @@ def study_export(
 
 
 @app.command()
+def report(
+    directory: Annotated[Path, typer.Argument(help="Study directory.")],
+    metric: Annotated[Optional[str], typer.Option(help="Quality metric on the test split: accuracy, macro_f1, loss, perplexity.")] = None,
+    cost: Annotated[str, typer.Option(help="Cost for the frontier: trainable | time | memory | size")] = "trainable",
+    baseline: Annotated[Optional[str], typer.Option(help="Baseline configuration (default: all-placement uniform-rank LoRA).")] = None,
+    test: Annotated[str, typer.Option(help="t (paired t-test) | wilcoxon")] = "t",
+    interval: Annotated[str, typer.Option(help="Confidence intervals: t | bootstrap")] = "t",
+) -> None:
+    """Write report.html, report.md and tables.tex (with figures) for a study."""
+    from peftlab.analysis.report import write_report
+
+    if test not in ("t", "wilcoxon"):
+        raise PeftlabError(f"--test {test!r}: valid tests are t and wilcoxon")
+    if interval not in ("t", "bootstrap"):
+        raise PeftlabError(f"--interval {interval!r}: valid intervals are t and bootstrap")
+    analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval)
+    _print_main_table(analysis)
+    console = _console()
+    for line in analysis.recommendations:
+        console.print("- " + line.replace("**", ""), highlight=False)
+    console.print("wrote " + ", ".join(str(p) for p in outputs.values()), highlight=False)
+
+
+@app.command()
 def models() -> None:
     """List bundled presets, tiny test models and the architecture catalog."""
     from peftlab.models.load import PRESETS, catalog, tiny_configs
@@ -295,13 +328,6 @@ def models() -> None:
 
 def _layers(values: dict[str, Any]) -> int:
     return values.get("num_hidden_layers") or values.get("n_layer") or values.get("n_layers")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def quiet_libraries() -> None:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from peftlab.errors import PeftlabError
+from peftlab.files import write_atomic
 from peftlab.models.load import cache_dir
 from peftlab.tasks.bundled import BUNDLED
 from peftlab.tasks.data import load_hf_dataset, read_records, require_columns
@@ -71,10 +72,7 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
         dropped += len(encoded) - len(splits[name])
     if not splits["train"]:
         raise PeftlabError(f"{train.source}: no training example has a supervised token left at max_length={spec.max_length}")
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache_file.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**splits, "dropped": dropped}))
-    tmp.replace(cache_file)
+    write_atomic(cache_file, json.dumps({**splits, "dropped": dropped}))
     return TaskData(kind, labels, splits["train"], splits["validation"], splits["test"], dropped, cache_file)
 
 

@@ -1,0 +1,189 @@
+"""A study's runs -> per-configuration statistics, comparisons with a baseline, the Pareto
+frontier, recommendations and the study's limits. Everything the report shows is computed here."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peftlab.analysis.pareto import pareto_front
+from peftlab.analysis.stats import Comparison, Summary, compare, holm, summarize
+from peftlab.errors import PeftlabError
+from peftlab.studies.results import primary_metric, run_rows
+from peftlab.studies.store import Store
+
+COSTS = {
+    "trainable": "cost.trainable_params",
+    "time": "cost.train_seconds",
+    "memory": "cost.peak_memory_bytes",
+    "size": "cost.adapter_bytes",
+}
+LOWER_IS_BETTER = ("loss", "perplexity")
+
+
+@dataclass
+class Configuration:
+    group: str
+    label: str
+    config: dict[str, Any]
+    runs: list[dict[str, Any]]  # done runs (flat rows)
+    quality: dict[int, float]  # seed -> primary metric
+    summary: Summary
+    costs: dict[str, Summary]
+    on_front: bool = False
+    comparison: Comparison | None = None
+    p_holm: float = math.nan
+
+
+@dataclass
+class Analysis:
+    name: str
+    description: str
+    metric: str
+    higher_is_better: bool
+    cost: str
+    test: str
+    configurations: list[Configuration]
+    baseline: Configuration
+    failed: int
+    recommendations: list[str] = field(default_factory=list)
+    limits: list[str] = field(default_factory=list)
+
+
+def _is_uniform_all_lora(config: dict[str, Any]) -> tuple[bool, float]:
+    plan, method = config.get("plan", {}), config.get("method", {})
+    placement = plan.get("placement", {})
+    allocation = plan.get("allocation", {})
+    default = (placement.get("roles") in (None, "all") and placement.get("layers") == "all"
+               and not placement.get("modules") and allocation.get("kind") == "uniform" and method.get("name") == "lora")
+    return default, allocation.get("rank", math.inf)
+
+
+def choose_baseline(configurations: list[Configuration], label: str | None) -> Configuration:
+    """The named configuration, else the study's all-placement / uniform-rank LoRA (smallest rank)."""
+    if label is not None:
+        for c in configurations:
+            if c.label == label or c.label.split("=", 1)[-1] == label:
+                return c
+        raise PeftlabError(f"--baseline {label!r}: no such configuration; valid: {', '.join(c.label for c in configurations)}")
+    candidates = [(rank, i) for i, c in enumerate(configurations) for ok, rank in [_is_uniform_all_lora(c.config)] if ok]
+    return configurations[min(candidates)[1]] if candidates else configurations[0]
+
+
+def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
+            test: str = "t", interval: str = "t") -> Analysis:
+    if not (study_dir / "study.db").is_file():
+        raise PeftlabError(f"{study_dir}: not a study directory (no study.db)")
+    store = Store(study_dir / "study.db")
+    rows = run_rows(store)
+    configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
+    spec = json.loads(json.dumps(_read_spec(study_dir)))
+    default_metric, higher = primary_metric(rows)
+    metric = f"metrics.test.{metric}" if metric and not metric.startswith("metrics.") else (metric or default_metric)
+    higher = not any(metric.endswith(s) for s in LOWER_IS_BETTER) if metric != default_metric else higher
+    if cost not in COSTS:
+        raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COSTS)}")
+    done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None]
+    if not done:
+        raise PeftlabError(f"{study_dir}: no finished run has {metric}; run the study first")
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in done:
+        groups.setdefault(row["group"], []).append(row)
+    configurations = []
+    for group, runs in groups.items():
+        quality = {r["seed"]: r[metric] for r in runs}
+        costs = {name: summarize([r[column] for r in runs if r.get(column) is not None], method=interval)
+                 for name, column in {**COSTS, "base": "cost.base_params", "total": "cost.total_params"}.items()}
+        configurations.append(Configuration(group, runs[0]["label"], configs[runs[0]["id"]], runs, quality,
+                                            summarize(list(quality.values()), method=interval), costs))
+    configurations.sort(key=lambda c: (c.costs[cost].mean, c.label))
+    chosen = choose_baseline(configurations, baseline)
+    others = [c for c in configurations if c is not chosen]
+    for c in others:
+        c.comparison = compare(c.quality, chosen.quality, test)
+    for c, p in zip(others, holm([c.comparison.p for c in others])):
+        c.p_holm = p
+    front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
+    for c, on in zip(configurations, front):
+        c.on_front = on
+    analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
+                        configurations, chosen, sum(r["status"] == "failed" for r in rows))
+    analysis.recommendations = recommend(analysis)
+    analysis.limits = limits(analysis, rows)
+    return analysis
+
+
+def _read_spec(study_dir: Path) -> dict[str, Any]:
+    import yaml
+
+    path = study_dir / "study.yaml"
+    return yaml.safe_load(path.read_text()) if path.is_file() else {}
+
+
+def metric_name(metric: str) -> str:
+    return metric.removeprefix("metrics.").replace(".", " ")
+
+
+def recommend(analysis: Analysis) -> list[str]:
+    """For each budget bracket, the best frontier configuration, and whether it is significantly
+    better than the next cheaper one (paired test, Holm-corrected over these steps)."""
+    front = [c for c in analysis.configurations if c.on_front]
+    steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
+    corrected = holm([s.p for s in steps])
+    unit = COST_UNITS[analysis.cost]
+    lines = []
+    for i, c in enumerate(front):
+        upper = f"below {_fmt_cost(front[i + 1].costs[analysis.cost].mean, analysis.cost)}" if i + 1 < len(front) else "and above"
+        bracket = f"{unit} {_fmt_cost(c.costs[analysis.cost].mean, analysis.cost)} {upper}"
+        line = f"{bracket}: **{c.label}** ({metric_name(analysis.metric)} {c.summary.mean:.4f}"
+        line += f", 95% CI {c.summary.low:.4f} to {c.summary.high:.4f})." if c.summary.n > 1 else ", one seed)."
+        if i == 0:
+            line += " The cheapest configuration on the frontier."
+        else:
+            step, p = steps[i - 1], corrected[i - 1]
+            verdict = "significantly better" if p < 0.05 else "not significantly better"
+            line += (f" {verdict} than {front[i - 1].label} (difference {step.difference:+.4f}, "
+                     f"{step.test}, n={step.n}, Holm p={_fmt_p(p)})")
+            line += "." if p < 0.05 else ": the cheaper configuration is as good as these seeds can tell."
+        lines.append(line)
+    return lines
+
+
+def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
+    seeds = sorted({c.summary.n for c in analysis.configurations})
+    models = sorted({c.config.get("model", {}).get("name", "?") for c in analysis.configurations})
+    tasks = sorted({_task_name(c.config.get("task", {})) for c in analysis.configurations})
+    out = [
+        f"Seeds per configuration: {', '.join(map(str, seeds))}; with few seeds confidence intervals are wide "
+        "and small differences cannot be told apart.",
+        f"Model(s): {', '.join(models)}; task(s): {', '.join(tasks)}. Findings may not transfer to other models or tasks.",
+        f"Quality is {metric_name(analysis.metric)} on the held-out test split; every configuration used its own "
+        "fixed hyper-parameters (no per-configuration tuning unless the study varied them).",
+    ]
+    if analysis.failed:
+        out.append(f"{analysis.failed} run(s) failed and are left out (see `peftlab study status`).")
+    return out
+
+
+def _task_name(task: dict[str, Any]) -> str:
+    name = task.get("name") or task.get("path") or task.get("dataset") or "?"
+    limit = task.get("max_train_examples")
+    return f"{name} ({limit} training examples)" if limit else str(name)
+
+
+COST_UNITS = {"trainable": "trainable params", "time": "training seconds", "memory": "peak memory", "size": "adapter size"}
+
+
+def _fmt_cost(value: float, cost: str) -> str:
+    if cost in ("memory", "size"):
+        return f"{value / 2**20:,.1f} MiB"
+    if cost == "time":
+        return f"{value:,.1f} s"
+    return f"{value:,.0f}"
+
+
+def _fmt_p(p: float) -> str:
+    return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")

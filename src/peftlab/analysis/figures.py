@@ -1,0 +1,137 @@
+"""Publication-quality figures (PDF + PNG): quality vs cost with the frontier, rank heat maps,
+training curves with seed bands, differences vs the baseline with confidence intervals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from peftlab.analysis.analyze import COST_UNITS, Analysis, metric_name  # noqa: E402
+
+STYLE = {
+    "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
+    "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 150, "savefig.bbox": "tight",
+}
+ROLE_ORDER = ["attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.gate", "ffn.up", "ffn.down"]
+
+
+def _save(fig, folder: Path, name: str) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    fig.savefig(folder / f"{name}.pdf")
+    fig.savefig(folder / f"{name}.png")
+    plt.close(fig)
+    return folder / f"{name}.png"
+
+
+def _half_width(summary) -> float:
+    return 0.0 if math.isnan(summary.low) else (summary.high - summary.low) / 2
+
+
+def quality_vs_cost(analysis: Analysis, folder: Path) -> Path:
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        for c in analysis.configurations:
+            x = c.costs[analysis.cost].mean
+            ax.errorbar(x, c.summary.mean, yerr=_half_width(c.summary), fmt="o" if c.on_front else "x",
+                        color="C0" if c.on_front else "0.55", capsize=3, ms=6)
+            ax.annotate(c.label.split("=", 1)[-1] if "," not in c.label else c.label, (x, c.summary.mean),
+                        textcoords="offset points", xytext=(5, 5), fontsize=7)
+        front = sorted((c.costs[analysis.cost].mean, c.summary.mean) for c in analysis.configurations if c.on_front)
+        ax.plot(*zip(*front), "-", color="C0", alpha=0.6, label="Pareto frontier")
+        ax.plot([], [], "x", color="0.55", label="dominated")
+        if analysis.cost == "trainable":
+            ax.set_xscale("log")
+        ax.set_xlabel(COST_UNITS[analysis.cost] + (" (log scale)" if analysis.cost == "trainable" else ""))
+        ax.set_ylabel(f"{metric_name(analysis.metric)} (mean, 95% CI)")
+        ax.set_title(f"{analysis.name}: quality vs cost")
+        ax.legend(loc="best")
+        return _save(fig, folder, "quality_vs_cost")
+
+
+def rank_heatmaps(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
+    plans = []
+    for c in analysis.configurations:
+        plan_file = study_dir / "runs" / c.runs[0]["id"] / "plan.json"
+        plans.append((c.label, json.loads(plan_file.read_text()) if plan_file.is_file() else None))
+    roles = [r for r in ROLE_ORDER if any(p and any(s["role"] == r for s in p["sites"]) for _, p in plans)] or ROLE_ORDER[:1]
+    n_layers = max((p["n_layers"] for _, p in plans if p), default=1)
+    cols = min(3, len(plans))
+    rows = math.ceil(len(plans) / cols)
+    top = max((s["rank"] for _, p in plans if p for s in p["sites"]), default=1)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * n_layers * rows + 1.4 * rows), squeeze=False)
+        image = None
+        for ax, (label, plan) in zip(axes.flat, plans):
+            grid = np.zeros((n_layers, len(roles)))
+            for s in (plan or {}).get("sites", []):
+                if s["role"] in roles:
+                    grid[s["layer"], roles.index(s["role"])] += s["rank"]
+            image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top, origin="lower")
+            ax.set_title(label, fontsize=8)
+            ax.set_xticks(range(len(roles)), [r.split(".")[1] for r in roles], fontsize=7)
+            ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
+            ax.set_ylabel("layer", fontsize=7)
+        for ax in list(axes.flat)[len(plans):]:
+            ax.axis("off")
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="LoRA rank (0 = not adapted)", shrink=0.8)
+        fig.suptitle("Ranks per layer and role", fontsize=11)
+        return _save(fig, folder, "rank_heatmaps")
+
+
+def training_curves(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+        for i, c in enumerate(analysis.configurations):
+            curves = {}
+            for run in c.runs:
+                history = study_dir / "runs" / run["id"] / "metrics.jsonl"
+                if history.is_file():
+                    for line in history.read_text().splitlines():
+                        row = json.loads(line)
+                        if "train_loss" in row:
+                            curves.setdefault(row["step"], []).append(row["train_loss"])
+            if not curves:
+                continue
+            steps = sorted(curves)
+            mean = np.array([np.mean(curves[s]) for s in steps])
+            std = np.array([np.std(curves[s], ddof=1) if len(curves[s]) > 1 else 0.0 for s in steps])
+            ax.plot(steps, mean, color=f"C{i % 10}", label=c.label)
+            ax.fill_between(steps, mean - std, mean + std, color=f"C{i % 10}", alpha=0.2)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("training loss (mean ± sd over seeds)")
+        ax.set_title(f"{analysis.name}: training curves")
+        ax.legend(loc="best")
+        return _save(fig, folder, "training_curves")
+
+
+def differences(analysis: Analysis, folder: Path) -> Path:
+    compared = [c for c in analysis.configurations if c.comparison is not None]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(6.0, 0.45 * max(len(compared), 1) + 1.2))
+        for y, c in enumerate(compared):
+            cmp = c.comparison
+            err = [[cmp.difference - cmp.low], [cmp.high - cmp.difference]] if not math.isnan(cmp.low) else None
+            ax.errorbar(cmp.difference, y, xerr=err, fmt="o", color="C3" if c.p_holm < 0.05 else "C0", capsize=3)
+            p = "n/a" if math.isnan(c.p_holm) else f"{c.p_holm:.3f}"
+            ax.annotate(f"p={p}", (cmp.difference, y), textcoords="offset points", xytext=(6, 6), fontsize=7)
+        ax.axvline(0, color="0.4", lw=1, ls="--")
+        ax.set_yticks(range(len(compared)), [c.label for c in compared])
+        ax.set_xlabel(f"difference in {metric_name(analysis.metric)} vs {analysis.baseline.label} (95% CI)")
+        ax.set_title("Differences vs baseline (Holm-corrected p)")
+        return _save(fig, folder, "differences")
+
+
+def make_figures(analysis: Analysis, study_dir: Path, folder: Path) -> dict[str, Path]:
+    return {
+        "Quality vs cost, with the Pareto frontier": quality_vs_cost(analysis, folder),
+        "Differences vs the baseline": differences(analysis, folder),
+        "Training curves (seed bands)": training_curves(analysis, study_dir, folder),
+        "Ranks per layer and role": rank_heatmaps(analysis, study_dir, folder),
+    }

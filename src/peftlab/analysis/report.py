@@ -1,0 +1,135 @@
+"""The report: `report.html` (self-contained, figures embedded), `report.md` and `tables.tex`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import Any
+
+from peftlab.analysis.analyze import Analysis, analyze, metric_name
+from peftlab.analysis.figures import make_figures
+from peftlab.files import write_atomic
+
+COLUMNS = ["configuration", "quality (mean ± 95% CI)", "Δ vs baseline (Holm p)", "trainable params (% of base)",
+           "parameter reduction", "training time (s)", "peak memory (MiB)"]
+
+
+def _p(p: float) -> str:
+    return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
+
+
+def main_table(analysis: Analysis) -> list[dict[str, str]]:
+    """One row per configuration, cheapest first; frontier members marked with *."""
+    rows = []
+    for c in analysis.configurations:
+        s = c.summary
+        quality = f"{s.mean:.4f}" + (f" ± {(s.high - s.low) / 2:.4f}" if s.n > 1 else "") + f" (n={s.n})"
+        if c is analysis.baseline:
+            delta = "baseline"
+        else:
+            delta = f"{c.comparison.difference:+.4f} ({c.comparison.relative:+.1f}%), p={_p(c.p_holm)}"
+        trainable, base = c.costs["trainable"].mean, c.costs["base"].mean
+        rows.append({
+            "configuration": c.label + (" *" if c.on_front else ""),
+            "quality (mean ± 95% CI)": quality,
+            "Δ vs baseline (Holm p)": delta,
+            "trainable params (% of base)": f"{trainable:,.0f} ({100 * trainable / base:.3f}%)",
+            "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
+            "training time (s)": f"{c.costs['time'].mean:.1f}",
+            "peak memory (MiB)": f"{c.costs['memory'].mean / 2**20:,.0f}",
+        })
+    return rows
+
+
+def _test_note(analysis: Analysis) -> str:
+    tests = sorted({c.comparison.test for c in analysis.configurations if c.comparison})
+    n = sorted({c.summary.n for c in analysis.configurations})
+    return (f"Quality: {metric_name(analysis.metric)} ({'higher' if analysis.higher_is_better else 'lower'} is better), "
+            f"n = {', '.join(map(str, n))} seeds per configuration, 95% t-intervals. Δ: difference from the baseline "
+            f"**{analysis.baseline.label}**, {', '.join(tests) or 'no'} test(s) paired by seed, p-values Holm-corrected "
+            f"across {sum(c.comparison is not None for c in analysis.configurations)} comparisons. "
+            "* = on the Pareto frontier of quality vs trainable parameters.")
+
+
+def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
+    table = main_table(analysis)
+    lines = [f"# Study report: {analysis.name}", "", analysis.description.strip(), "", "## Results", "", _test_note(analysis), "",
+             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table]
+    lines += ["", "## Recommendations", ""] + [f"- {r}" for r in analysis.recommendations]
+    lines += ["", "## Limits", ""] + [f"- {r}" for r in analysis.limits]
+    lines += ["", "## Figures", ""] + [f"![{title}]({path.relative_to(out.parent)})" for title, path in figures.items()]
+    write_atomic(out, "\n".join(lines) + "\n")
+    return out
+
+
+def _latex_escape(text: str) -> str:
+    for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"), ("±", r"$\pm$"),
+                 ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("<", r"$<$"), ("*", r"$^\ast$")]:
+        text = text.replace(a, b)
+    return text
+
+
+def write_latex(analysis: Analysis, out: Path) -> Path:
+    table = main_table(analysis)
+    lines = [
+        "% requires \\usepackage{booktabs}",
+        "\\begin{table}[t]", "\\centering", "\\small",
+        "\\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}", "\\toprule",
+        " & ".join(_latex_escape(c) for c in COLUMNS) + " \\\\", "\\midrule",
+    ]
+    lines += [" & ".join(_latex_escape(row[c]) for c in COLUMNS) + " \\\\" for row in table]
+    caption = _latex_escape(_test_note(analysis).replace("**", ""))
+    lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{_latex_escape(analysis.name)}: {caption}}}",
+              f"\\label{{tab:{analysis.name}}}", "\\end{table}"]
+    write_atomic(out, "\n".join(lines) + "\n")
+    return out
+
+
+CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{padding:6px 10px;border-bottom:1px solid #ddd;text-align:right}
+th:first-child,td:first-child{text-align:left}th{border-bottom:2px solid #444}figure{margin:1.5em 0}
+img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:14px}"""
+# After load, the page records how many figures decoded to real images (read back by the render check).
+CHECK = """<script>window.addEventListener('load',()=>{const imgs=[...document.images];
+const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0&&i.naturalHeight>0).length;
+document.body.dataset.figures=ok+'/'+imgs.length;});</script>"""
+
+
+def _md_inline(text: str) -> str:
+    parts = html.escape(text).split("**")
+    return "".join(f"<b>{p}</b>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
+    table = main_table(analysis)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in COLUMNS) + "</tr>" for row in table)
+    figs = "".join(
+        f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
+        f"<figcaption>{html.escape(title)}</figcaption></figure>"
+        for title, path in figures.items()
+    )
+    items = lambda lines: "".join(f"<li>{_md_inline(x)}</li>" for x in lines)  # noqa: E731
+    page = f"""<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>Study report: {html.escape(analysis.name)}</title>
+<style>{CSS}</style></head><body><h1>Study report: {html.escape(analysis.name)}</h1>
+<p>{html.escape(analysis.description)}</p><h2>Results</h2><p class="note">{_md_inline(_test_note(analysis))}</p>
+<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Recommendations</h2><ul>{items(analysis.recommendations)}</ul><h2>Limits</h2><ul>{items(analysis.limits)}</ul>
+<h2>Figures</h2>{figs}{CHECK}</body></html>"""
+    write_atomic(out, page)
+    return out
+
+
+def write_report(study_dir: Path, **options: Any) -> tuple[Analysis, dict[str, Path]]:
+    """Analyse the study and write report.html, report.md, tables.tex and figures/ into `study_dir`."""
+    analysis = analyze(study_dir, **options)
+    figures = make_figures(analysis, study_dir, study_dir / "figures")
+    outputs = {
+        "html": write_html(analysis, figures, study_dir / "report.html"),
+        "markdown": write_markdown(analysis, figures, study_dir / "report.md"),
+        "latex": write_latex(analysis, study_dir / "tables.tex"),
+    }
+    return analysis, outputs

@@ -1,0 +1,171 @@
+"""Statistics against scipy, Holm on known p-values, Pareto on hand-made points, and the report."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from peftlab.analysis.pareto import pareto_front
+from peftlab.analysis.stats import compare, holm, summarize
+
+A = [0.81, 0.79, 0.84, 0.80, 0.83]
+B = [0.78, 0.77, 0.80, 0.79, 0.78]
+
+
+def test_summary_matches_scipy_t_interval():
+    s = summarize(A)
+    low, high = stats.t.interval(0.95, len(A) - 1, loc=np.mean(A), scale=stats.sem(A))
+    assert (s.n, s.mean, s.std) == (5, pytest.approx(np.mean(A)), pytest.approx(np.std(A, ddof=1)))
+    assert (s.low, s.high) == (pytest.approx(low), pytest.approx(high))
+    one = summarize([0.5])
+    assert one.mean == 0.5 and math.isnan(one.low)
+
+
+def test_bootstrap_interval_brackets_the_mean():
+    s = summarize(A, method="bootstrap")
+    assert min(A) <= s.low < s.mean < s.high <= max(A)
+
+
+def test_paired_t_and_wilcoxon_match_scipy():
+    candidate, baseline = dict(enumerate(A)), dict(enumerate(B))
+    t = compare(candidate, baseline)
+    assert t.test == "paired t" and t.n == 5
+    assert t.p == pytest.approx(stats.ttest_rel(A, B).pvalue)
+    d = np.subtract(A, B)
+    low, high = stats.t.interval(0.95, 4, loc=d.mean(), scale=stats.sem(d))
+    assert (t.difference, t.low, t.high) == (pytest.approx(d.mean()), pytest.approx(low), pytest.approx(high))
+    assert t.relative == pytest.approx(100 * d.mean() / np.mean(B))
+    w = compare(candidate, baseline, test="wilcoxon")
+    assert w.test == "wilcoxon" and w.p == pytest.approx(stats.wilcoxon(A, B).pvalue)
+
+
+def test_unmatched_seeds_use_welch():
+    c = compare({0: 0.8, 1: 0.82, 2: 0.85}, {5: 0.7, 6: 0.75, 7: 0.72})
+    assert c.test == "welch t"
+    assert c.p == pytest.approx(stats.ttest_ind([0.8, 0.82, 0.85], [0.7, 0.75, 0.72], equal_var=False).pvalue)
+
+
+def test_holm_on_known_pvalues():
+    # sorted 0.005, 0.01, 0.03, 0.04 -> x4, x3, x2, x1 = 0.02, 0.03, 0.06, 0.04 -> monotone: 0.02, 0.03, 0.06, 0.06
+    assert holm([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.03, 0.06, 0.06, 0.02])
+    assert holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    adjusted = holm([0.01, math.nan])
+    assert adjusted[0] == pytest.approx(0.01) and math.isnan(adjusted[1])
+
+
+def test_pareto_on_hand_made_points():
+    costs = [1, 2, 3, 4, 2]
+    quality = [0.70, 0.80, 0.79, 0.90, 0.80]
+    # (3, .79) is dominated by (2, .80); the two (2, .80) points are equal, so neither dominates the other
+    assert pareto_front(costs, quality) == [True, True, False, True, True]
+    losses = [1.0, 0.8, 0.9, 0.5]
+    assert pareto_front([1, 2, 3, 4], losses, higher_is_better=False) == [True, True, False, True]
+
+
+@pytest.fixture
+def synthetic_study(tmp_path):
+    """A finished study with known results: 3 placements x 3 seeds on tiny-bert."""
+    from peftlab.api import make_plan
+    from peftlab.config import PlanConfig, RunConfig, StudySpec, validate
+    from peftlab.studies.grid import expand
+    from peftlab.studies.runner import open_study
+
+    spec = validate(StudySpec, {
+        "name": "synthetic", "description": "Known numbers.",
+        "base": {"model": "tiny-bert", "task": {"path": "data.jsonl", "kind": "classification"}},
+        "axes": {"placement": {"all": "all", "attention": "attention", "ffn": "ffn"}},
+        "seeds": [0, 1, 2],
+    }, "test")
+    study_dir = tmp_path / "study"
+    store, _ = open_study(spec, study_dir)
+    accuracy = {"all": [0.80, 0.81, 0.82], "attention": [0.82, 0.78, 0.80], "ffn": [0.70, 0.71, 0.72]}
+    for run in expand(spec):
+        config = RunConfig.model_validate(run.config)
+        plan = make_plan(PlanConfig(model=config.model, plan=config.plan))
+        out = study_dir / "runs" / run.id
+        out.mkdir(parents=True)
+        (out / "plan.json").write_text(plan.to_json())
+        (out / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "train_loss": 1.0 / s + 0.01 * run.seed}) + "\n" for s in (10, 20, 30)))
+        name = run.axes["placement"]
+        acc = accuracy[name][run.seed]
+        result = {"status": "done", "metrics": {"test": {"accuracy": acc, "loss": 1 - acc}},
+                  "cost": {"trainable_params": plan.trainable_params + 130, "base_params": plan.base_params,
+                           "total_params": plan.base_params + plan.trainable_params, "train_seconds": 10.0 + run.seed,
+                           "peak_memory_bytes": 2**29, "adapter_bytes": 4 * plan.trainable_params},
+                  "data": {"kind": "classification"}}
+        store.mark_running(run.id, None)
+        store.finish(run.id, "done", result, None)
+    return study_dir
+
+
+def test_analysis_of_known_results(synthetic_study):
+    from peftlab.analysis.analyze import analyze
+
+    analysis = analyze(synthetic_study)
+    assert analysis.metric == "metrics.test.accuracy" and analysis.higher_is_better
+    by_label = {c.label: c for c in analysis.configurations}
+    assert analysis.baseline is by_label["placement=all"]
+    assert by_label["placement=ffn"].comparison.difference == pytest.approx(-0.10)
+    assert by_label["placement=ffn"].p_holm < 0.05
+    assert by_label["placement=attention"].p_holm > 0.05
+    assert all(c.summary.n == 3 for c in analysis.configurations)
+    # on tiny-bert ffn (6,144 LoRA params) < attention (8,192) < all (14,336), each better than the last
+    assert [c.label for c in analysis.configurations] == ["placement=ffn", "placement=attention", "placement=all"]
+    assert all(c.on_front for c in analysis.configurations)
+    cheapest, attention, everything = analysis.recommendations
+    assert "cheapest configuration" in cheapest
+    assert "**placement=attention**" in attention and " significantly better than placement=ffn" in attention
+    assert "not significantly better than placement=attention" in everything
+    assert any("Seeds per configuration: 3" in line for line in analysis.limits)
+
+
+def test_report_files(synthetic_study):
+    from peftlab.analysis.report import write_report
+
+    _, outputs = write_report(synthetic_study)
+    html_text = outputs["html"].read_text()
+    assert html_text.count('src="data:image/png;base64,') == 4
+    markdown = outputs["markdown"].read_text()
+    assert "placement=ffn" in markdown and "(n=3)" in markdown and "paired t" in markdown
+    assert "## Recommendations" in markdown and "## Limits" in markdown
+    tex = outputs["latex"].read_text()
+    assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\\\") == 4
+    for name in ("quality_vs_cost", "differences", "training_curves", "rank_heatmaps"):
+        for suffix in (".png", ".pdf"):
+            assert (synthetic_study / "figures" / f"{name}{suffix}").stat().st_size > 5000
+
+
+def test_cli_report(synthetic_study, cli):
+    code, out, _ = cli("report", synthetic_study, "--test", "wilcoxon")
+    assert code == 0 and "placement=ffn" in out and "wrote" in out
+    code, _, err = cli("report", synthetic_study, "--baseline", "nothing")
+    assert code == 2 and "no such configuration" in err
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def test_html_report_renders_in_headless_chromium(synthetic_study, tmp_path):
+    import shutil
+    import subprocess
+
+    import matplotlib.image
+
+    from peftlab.analysis.report import write_report
+
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    if browser is None:
+        pytest.skip("Debian chromium is not installed (.ci/run installs it)")
+    _, outputs = write_report(synthetic_study)
+    url = outputs["html"].resolve().as_uri()
+    base = [browser, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]
+    dom = subprocess.run([*base, "--dump-dom", url], capture_output=True, text=True, timeout=120).stdout
+    assert 'data-figures="4/4"' in dom  # every figure decoded to an image with a real size
+    shot = tmp_path / "report.png"
+    subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400", url], capture_output=True, timeout=120)
+    pixels = matplotlib.image.imread(shot)
+    assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # a page with content, not a blank one
