@@ -23,6 +23,7 @@ demo: $(STAMP)
 	$(BIN)/peftlab plan --model minilm-l6 --placement attention --rank 8 --output demo/plan.json
 	$(BIN)/peftlab study run placement --dir demo/placement --jobs 2
 	$(BIN)/peftlab study export demo/placement
+	$(BIN)/peftlab report demo/placement
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
