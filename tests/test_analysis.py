@@ -169,3 +169,12 @@ def test_html_report_renders_in_headless_chromium(synthetic_study, tmp_path):
     subprocess.run([*base, f"--screenshot={shot}", "--window-size=1200,2400", url], capture_output=True, timeout=120)
     pixels = matplotlib.image.imread(shot)
     assert pixels.shape[0] >= 2000 and pixels.std() > 0.05  # a page with content, not a blank one
+
+
+def test_lower_is_better_metrics_flip_the_frontier(synthetic_study):
+    from peftlab.analysis.analyze import analyze
+
+    analysis = analyze(synthetic_study, metric="loss", cost="time")
+    assert analysis.metric == "metrics.test.loss" and not analysis.higher_is_better
+    # equal training times: only the lowest loss (all) is on the frontier
+    assert [c.label for c in analysis.configurations if c.on_front] == ["placement=all"]

@@ -80,10 +80,12 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     store = Store(study_dir / "study.db")
     rows = run_rows(store)
     configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
-    spec = json.loads(json.dumps(_read_spec(study_dir)))
-    default_metric, higher = primary_metric(rows)
-    metric = f"metrics.test.{metric}" if metric and not metric.startswith("metrics.") else (metric or default_metric)
-    higher = not any(metric.endswith(s) for s in LOWER_IS_BETTER) if metric != default_metric else higher
+    spec = _read_spec(study_dir)
+    if metric is None:
+        metric = primary_metric(rows)[0]
+    elif not metric.startswith("metrics."):
+        metric = f"metrics.test.{metric}"
+    higher = not metric.endswith(LOWER_IS_BETTER)
     if cost not in COSTS:
         raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COSTS)}")
     done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None]
