@@ -131,6 +131,9 @@ def test_report_files(synthetic_study):
     markdown = outputs["markdown"].read_text()
     assert "placement=ffn" in markdown and "(n=3)" in markdown and "paired t" in markdown
     assert "## Recommendations" in markdown and "## Limits" in markdown
+    summary = outputs["summary"].read_text().splitlines()
+    assert summary[0] == "configuration,metric,n,mean,std,ci_low,ci_high"
+    assert any(line.startswith("placement=ffn,metrics.test.loss,3,") for line in summary)
     tex = outputs["latex"].read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and tex.count("\\\\") == 4
     for name in ("quality_vs_cost", "differences", "training_curves", "rank_heatmaps"):

@@ -33,6 +33,7 @@ class Configuration:
     quality: dict[int, float]  # seed -> primary metric
     summary: Summary
     costs: dict[str, Summary]
+    every_metric: dict[str, Summary] = field(default_factory=dict)  # every numeric metrics.* and cost.* column
     on_front: bool = False
     comparison: Comparison | None = None
     p_holm: float = math.nan
@@ -99,8 +100,11 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         quality = {r["seed"]: r[metric] for r in runs}
         costs = {name: summarize([r[column] for r in runs if r.get(column) is not None], method=interval)
                  for name, column in {**COSTS, "base": "cost.base_params", "total": "cost.total_params"}.items()}
+        numeric = sorted({k for r in runs for k, v in r.items() if k.startswith(("metrics.", "cost."))
+                          and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        every = {k: summarize([r[k] for r in runs if isinstance(r.get(k), (int, float))], method=interval) for k in numeric}
         configurations.append(Configuration(group, runs[0]["label"], configs[runs[0]["id"]], runs, quality,
-                                            summarize(list(quality.values()), method=interval), costs))
+                                            summarize(list(quality.values()), method=interval), costs, every))
     configurations.sort(key=lambda c: (c.costs[cost].mean, c.label))
     chosen = choose_baseline(configurations, baseline)
     others = [c for c in configurations if c is not chosen]

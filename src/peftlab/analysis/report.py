@@ -58,6 +58,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
     lines = [f"# Study report: {analysis.name}", "", analysis.description.strip(), "", "## Results", "", _test_note(analysis), "",
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table]
+    lines += ["", "Every metric of every configuration (n, mean, sd, 95% CI) is in `summary.csv`."]
     lines += ["", "## Recommendations", ""] + [f"- {r}" for r in analysis.recommendations]
     lines += ["", "## Limits", ""] + [f"- {r}" for r in analysis.limits]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.relative_to(out.parent)})" for title, path in figures.items()]
@@ -123,6 +124,21 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
     return out
 
 
+def write_summary_csv(analysis: Analysis, out: Path) -> Path:
+    """Every metric of every configuration: n, mean, sd and the 95% interval."""
+    import csv
+    import io
+
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["configuration", "metric", "n", "mean", "std", "ci_low", "ci_high"])
+    for c in analysis.configurations:
+        for name, s in c.every_metric.items():
+            writer.writerow([c.label, name, s.n, s.mean, s.std, s.low, s.high])
+    write_atomic(out, buffer.getvalue())
+    return out
+
+
 def write_report(study_dir: Path, **options: Any) -> tuple[Analysis, dict[str, Path]]:
     """Analyse the study and write report.html, report.md, tables.tex and figures/ into `study_dir`."""
     analysis = analyze(study_dir, **options)
@@ -131,5 +147,6 @@ def write_report(study_dir: Path, **options: Any) -> tuple[Analysis, dict[str, P
         "html": write_html(analysis, figures, study_dir / "report.html"),
         "markdown": write_markdown(analysis, figures, study_dir / "report.md"),
         "latex": write_latex(analysis, study_dir / "tables.tex"),
+        "summary": write_summary_csv(analysis, study_dir / "summary.csv"),
     }
     return analysis, outputs
