@@ -150,7 +150,7 @@ def recommend(analysis: Analysis) -> list[str]:
             line += " The cheapest configuration on the frontier."
         else:
             step, p = steps[i - 1], corrected[i - 1]
-            verdict = "significantly better" if p < 0.05 else "not significantly better"
+            verdict = "Significantly better" if p < 0.05 else "Not significantly better"
             line += (f" {verdict} than {front[i - 1].label} (difference {step.difference:+.4f}, "
                      f"{step.test}, n={step.n}, Holm p={_fmt_p(p)})")
             line += "." if p < 0.05 else ": the cheaper configuration is as good as these seeds can tell."

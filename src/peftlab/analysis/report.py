@@ -48,7 +48,7 @@ def _test_note(analysis: Analysis) -> str:
     n = sorted({c.summary.n for c in analysis.configurations})
     return (f"Quality: {metric_name(analysis.metric)} ({'higher' if analysis.higher_is_better else 'lower'} is better), "
             f"n = {', '.join(map(str, n))} seeds per configuration, 95% t-intervals. Δ: difference from the baseline "
-            f"**{analysis.baseline.label}**, {', '.join(tests) or 'no'} test(s) paired by seed, p-values Holm-corrected "
+            f"**{analysis.baseline.label}** ({', '.join(tests) or 'no comparison'}), p-values Holm-corrected "
             f"across {sum(c.comparison is not None for c in analysis.configurations)} comparisons. "
             "* = on the Pareto frontier of quality vs trainable parameters.")
 
