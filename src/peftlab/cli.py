@@ -219,10 +219,10 @@ def study_run(
     spec, study_dir = _study_spec(source, directory)
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
                       threads=threads, gpus=gpus_per_run)
-    _print_summary(spec.name, [], store.counts(), study_dir)
+    _print_summary(store.counts(), study_dir)
 
 
-def _print_summary(name: str, summary: list[dict[str, Any]], counts: dict[str, int], study_dir: Path) -> None:
+def _print_summary(counts: dict[str, int], study_dir: Path) -> None:
     """The analysis table when runs finished, else the counts."""
     from peftlab.analysis.analyze import analyze
 
@@ -249,11 +249,9 @@ def _print_main_table(analysis) -> None:
 def study_status(directory: Annotated[Path, typer.Argument(help="Study directory.")]) -> None:
     """Runs of a study by status, with their errors and main metric."""
     from peftlab.studies.results import primary_metric, run_rows
-    from peftlab.studies.store import Store
+    from peftlab.studies.store import open_existing
 
-    if not (directory / "study.db").is_file():
-        raise PeftlabError(f"{directory}: not a study directory (no study.db)")
-    store = Store(directory / "study.db")
+    store = open_existing(directory)
     rows = run_rows(store)
     metric, _ = primary_metric(rows)
     table = Table(title=f"{directory}", title_justify="left")
@@ -275,11 +273,9 @@ def study_export(
 ) -> None:
     """Export every run (config axes, status, metrics, costs) to CSV and Parquet."""
     from peftlab.studies.results import export
-    from peftlab.studies.store import Store
+    from peftlab.studies.store import open_existing
 
-    if not (directory / "study.db").is_file():
-        raise PeftlabError(f"{directory}: not a study directory (no study.db)")
-    store = Store(directory / "study.db")
+    store = open_existing(directory)
     for path in output or [directory / "runs.csv", directory / "runs.parquet"]:
         _console().print(f"wrote {export(store, path)}", highlight=False)
 

@@ -13,7 +13,7 @@ from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.stats import Comparison, Summary, compare, holm, summarize
 from peftlab.errors import PeftlabError
 from peftlab.studies.results import primary_metric, run_rows
-from peftlab.studies.store import Store
+from peftlab.studies.store import open_existing
 
 COSTS = {
     "trainable": "cost.trainable_params",
@@ -76,9 +76,7 @@ def choose_baseline(configurations: list[Configuration], label: str | None) -> C
 
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
             test: str = "t", interval: str = "t") -> Analysis:
-    if not (study_dir / "study.db").is_file():
-        raise PeftlabError(f"{study_dir}: not a study directory (no study.db)")
-    store = Store(study_dir / "study.db")
+    store = open_existing(study_dir)
     rows = run_rows(store)
     configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
     spec = _read_spec(study_dir)
