@@ -1,0 +1,60 @@
+"""Study results as flat rows, for `study status`, the analysis and CSV / Parquet export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from peftlab.errors import PeftlabError
+from peftlab.studies.store import Store
+
+
+def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
+    if isinstance(value, dict):
+        for key, inner in value.items():
+            _flatten(f"{prefix}.{key}" if prefix else str(key), inner, into)
+    elif not isinstance(value, list):
+        into[prefix] = value
+
+
+def run_rows(store: Store) -> list[dict[str, Any]]:
+    """One flat dict per run: identity, status, axes, metrics.*, cost.*."""
+    rows = []
+    for r in store.rows():
+        row: dict[str, Any] = {
+            "id": r["id"], "group": r["grp"], "label": r["label"], "seed": r["seed"], "status": r["status"],
+            "attempts": r["attempts"], "started": r["started"], "finished": r["finished"], "error": r["error"],
+        }
+        _flatten("axis", json.loads(r["axes"]), row)
+        result = json.loads(r["result"]) if r["result"] else {}
+        for section in ("metrics", "cost"):
+            _flatten(section, result.get(section) or {}, row)
+        row["kind"] = (result.get("data") or {}).get("kind")
+        rows.append(row)
+    return rows
+
+
+def primary_metric(rows: list[dict[str, Any]]) -> tuple[str, bool]:
+    """(column, higher is better): test accuracy for classification, test loss for instruction tuning."""
+    kinds = {r["kind"] for r in rows if r["kind"]}
+    if kinds == {"classification"}:
+        return "metrics.test.accuracy", True
+    return "metrics.test.loss", False
+
+
+def export(store: Store, path: Path) -> Path:
+    """Write every run to CSV or Parquet (by the file's suffix)."""
+    import pandas as pd
+
+    frame = pd.DataFrame(run_rows(store))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if path.suffix == ".csv":
+        frame.to_csv(tmp, index=False)
+    elif path.suffix == ".parquet":
+        frame.to_parquet(tmp, index=False)
+    else:
+        raise PeftlabError(f"{path}: export to .csv or .parquet")
+    tmp.replace(path)
+    return path

@@ -1,0 +1,159 @@
+"""Running a study: expand, store, recover what a kill left, execute locally or on Ray, show progress.
+
+Local execution starts every run in a fresh subprocess (a crash or out-of-memory in one run cannot
+take the study down); Ray execution makes every run a task with declared CPU/GPU resources.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from peftlab.config import StudySpec
+from peftlab.errors import PeftlabError
+from peftlab.files import write_atomic
+from peftlab.studies.grid import expand
+from peftlab.studies.store import Store
+from peftlab.studies.worker import execute_study_run, run_dir
+
+
+@contextmanager
+def study_lock(study_dir: Path):
+    """One study process per directory."""
+    handle = (study_dir / ".lock").open("w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise PeftlabError(f"{study_dir}: another peftlab study is running on this directory") from None
+    try:
+        yield
+    finally:
+        handle.close()
+
+
+def open_study(spec: StudySpec, study_dir: Path) -> tuple[Store, int]:
+    """Create or update the study: save the spec, add its new runs, keep the old ones."""
+    study_dir.mkdir(parents=True, exist_ok=True)
+    (study_dir / "runs").mkdir(exist_ok=True)
+    (study_dir / "logs").mkdir(exist_ok=True)
+    write_atomic(study_dir / "study.yaml", spec.to_yaml())
+    store = Store(study_dir / "study.db")
+    return store, store.add(expand(spec))
+
+
+def recover(store: Store, study_dir: Path) -> int:
+    """Rows left `running` by a dead process: adopt a run that finished writing its directory
+    (killed between the rename and the store update), otherwise run it again."""
+    recovered = 0
+    for row in store.stale():
+        result_file = run_dir(study_dir, row["id"]) / "result.json"
+        if result_file.is_file():
+            result = json.loads(result_file.read_text())
+            store.finish(row["id"], result["status"], result, result.get("error"))
+        else:
+            store.reset(row["id"])
+        recovered += 1
+    return recovered
+
+
+def _progress() -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[state]}"), TimeElapsedColumn(), TimeRemainingColumn())
+
+
+def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads: int, on_done: Callable[[], None]) -> None:
+    queue, running = list(ids), {}
+    while queue or running:
+        while queue and len(running) < jobs:
+            run_id = queue.pop(0)
+            log = (study_dir / "logs" / f"{run_id}.log").open("w")
+            command = [sys.executable, "-m", "peftlab.studies.worker", str(study_dir), run_id, str(threads)]
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            store.mark_running(run_id, None)  # before the spawn: a kill in between leaves a stale row, not a twin
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            store.set_pid(run_id, process.pid)
+            running[run_id] = (process, log)
+        time.sleep(0.2)
+        for run_id, (process, log) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[run_id]
+            if store.get(run_id)["status"] == "running":  # the worker died before recording anything
+                store.finish(run_id, "failed", None, f"run process exited with code {process.returncode} "
+                             f"(log: {study_dir / 'logs' / (run_id + '.log')})")
+            on_done()
+
+
+def _ray_run(study_dir: str, run_id: str, config: dict, threads: int):
+    return execute_study_run(Path(study_dir), run_id, config, threads)
+
+
+def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: float, address: str | None,
+            on_done: Callable[[], None]) -> None:
+    try:
+        import ray
+    except ImportError:
+        raise PeftlabError("--executor ray needs the ray extra: pip install 'peftlab[ray]'") from None
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads)}})
+    # max_calls=1: a fresh worker process per run, as in local execution
+    task = ray.remote(num_cpus=threads, num_gpus=gpus, max_calls=1)(_ray_run)
+    pending = {}
+    for run_id in ids:
+        config = json.loads(store.get(run_id)["config"])
+        pending[task.remote(str(study_dir.resolve()), run_id, config, threads)] = run_id
+        store.mark_running(run_id, os.getpid())  # the study process owns Ray runs
+    try:
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            run_id = pending.pop(done[0])
+            try:
+                status, result, error = ray.get(done[0])
+            except Exception as exc:  # the task's process died (e.g. out of memory)
+                status, result, error = "failed", None, f"ray task failed: {str(exc).splitlines()[0]}"
+            store.finish(run_id, status, result, error)
+            on_done()
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str = "local", address: str | None = None,
+              retry_failed: bool = False, threads: int | None = None, gpus: float = 0.0) -> Store:
+    if jobs < 1:
+        raise PeftlabError(f"--jobs must be >= 1, got {jobs}")
+    study_dir.mkdir(parents=True, exist_ok=True)
+    with study_lock(study_dir):
+        store, added = open_study(spec, study_dir)
+        recovered = recover(store, study_dir)
+        ids = store.to_run(retry_failed)
+        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+        counts = store.counts()
+        state = f"{added} new, {recovered} recovered, {counts.get('done', 0)} done before"
+        with _progress() as progress:
+            bar = progress.add_task(f"study {spec.name}", total=len(ids), state=state)
+
+            def on_done() -> None:
+                now = store.counts()
+                progress.update(bar, advance=1, state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
+
+            if executor == "ray":
+                run_ray(store, study_dir, ids, threads, gpus, address, on_done)
+            elif executor == "local":
+                run_local(store, study_dir, ids, jobs, threads, on_done)
+            else:
+                raise PeftlabError(f"--executor {executor!r}: valid executors are local and ray")
+    return store
+

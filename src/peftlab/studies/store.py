@@ -1,0 +1,135 @@
+"""The study store: one SQLite database (WAL) in the study directory, one row per run.
+
+Every change is one committed statement, so a kill at any moment leaves the database consistent and
+loses at most the runs in flight; a row left `running` by a dead process is recovered on resume.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from peftlab.errors import PeftlabError
+from peftlab.studies.grid import PlannedRun
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id TEXT PRIMARY KEY,
+    grp TEXT NOT NULL,
+    label TEXT NOT NULL,
+    seed INTEGER NOT NULL,
+    axes TEXT NOT NULL,
+    config TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    created REAL NOT NULL,
+    started REAL,
+    finished REAL,
+    result TEXT,
+    error TEXT
+)
+"""
+
+
+def pid_alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # a zombie (finished, not yet reaped) counts as dead
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return True
+
+
+class Store:
+    def __init__(self, path: Path):
+        self.path = path
+        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one statement, one commit
+        self.db.row_factory = sqlite3.Row
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA busy_timeout=60000")
+        self.db.execute(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def add(self, runs: Iterable[PlannedRun]) -> int:
+        """Insert new runs (invalid configs go straight to failed); existing ids are kept as they are."""
+        rows = [
+            (r.id, r.group, r.label, r.seed, json.dumps(r.axes), json.dumps(r.config),
+             "failed" if r.error else "pending", time.time(), r.error)
+            for r in runs
+        ]
+        before = self.count()
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.executemany(
+                "INSERT OR IGNORE INTO runs (id, grp, label, seed, axes, config, status, created, error) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
+        return self.count() - before
+
+    def count(self) -> int:
+        return self.db.execute("SELECT COUNT(*) FROM runs").fetchone()[0]
+
+    def counts(self) -> dict[str, int]:
+        rows = self.db.execute("SELECT status, COUNT(*) FROM runs GROUP BY status").fetchall()
+        return {status: n for status, n in rows}
+
+    def get(self, run_id: str) -> sqlite3.Row:
+        return self.db.execute("SELECT * FROM runs WHERE id = ?", (run_id,)).fetchone()
+
+    def rows(self) -> list[sqlite3.Row]:
+        return self.db.execute("SELECT * FROM runs ORDER BY label, seed").fetchall()
+
+    def stale(self) -> list[sqlite3.Row]:
+        """Rows marked running whose process is gone (a killed study or worker)."""
+        rows = self.db.execute("SELECT * FROM runs WHERE status = 'running'").fetchall()
+        return [r for r in rows if not pid_alive(r["pid"])]
+
+    def to_run(self, retry_failed: bool) -> list[str]:
+        statuses = ("pending", "failed") if retry_failed else ("pending",)
+        marks = ",".join("?" * len(statuses))
+        query = f"SELECT id FROM runs WHERE status IN ({marks}) ORDER BY created, label, seed"
+        return [r[0] for r in self.db.execute(query, statuses).fetchall()]
+
+    def reset(self, run_id: str) -> None:
+        self.db.execute("UPDATE runs SET status = 'pending', pid = NULL WHERE id = ?", (run_id,))
+
+    def mark_running(self, run_id: str, pid: int | None) -> None:
+        self.db.execute(
+            "UPDATE runs SET status = 'running', pid = ?, started = ?, attempts = attempts + 1, error = NULL "
+            "WHERE id = ?",
+            (pid, time.time(), run_id),
+        )
+
+    def set_pid(self, run_id: str, pid: int) -> None:
+        self.db.execute("UPDATE runs SET pid = ? WHERE id = ?", (pid, run_id))
+
+    def finish(self, run_id: str, status: str, result: dict[str, Any] | None, error: str | None) -> None:
+        self.db.execute(
+            "UPDATE runs SET status = ?, result = ?, error = ?, finished = ?, pid = NULL WHERE id = ?",
+            (status, json.dumps(result) if result is not None else None, error, time.time(), run_id),
+        )
+
+    def integrity(self) -> str:
+        return self.db.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def open_existing(study_dir: Path) -> Store:
+    """The store of a study that exists; a clear error otherwise."""
+    if not (study_dir / "study.db").is_file():
+        raise PeftlabError(f"{study_dir}: not a study directory (no study.db)")
+    return Store(study_dir / "study.db")
