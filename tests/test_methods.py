@@ -7,6 +7,7 @@ from peftlab.config import ModelSpec
 from peftlab.methods.base import trainable_counts
 from peftlab.methods.bitfit import BitFitSpec
 from peftlab.methods.full import FullSpec
+from peftlab.methods.hira import HiraSpec
 from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
@@ -16,6 +17,15 @@ from conftest import make_plan
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
          ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]
+# Adapter methods on the plan: (name, spec, extra trainable parameters per site beyond r x (in + out)).
+ADAPTERS = [
+    ("lora", LoraSpec(), lambda site: 0),
+    ("dora", LoraSpec(use_dora=True), lambda site: site.out_features),  # one magnitude per output channel
+    ("rslora", LoraSpec(use_rslora=True), lambda site: 0),
+    ("hira", HiraSpec(), lambda site: 0),
+]
+TABLE = [(a, m) for a in ARCHS for m in ADAPTERS]
+IDS = [f"{a[0]}-{m[0]}" for a, m in TABLE]
 
 
 def tiny(name, head):
@@ -33,47 +43,50 @@ def logits(model):
         return model(**inputs()).logits
 
 
-@pytest.mark.parametrize("name, head", ARCHS)
-def test_zero_initialised_lora_reproduces_the_base(name, head):
+@pytest.mark.parametrize("arch, adapter", TABLE, ids=IDS)
+def test_zero_initialised_adapter_reproduces_the_base(arch, adapter):
+    (name, head), (_, spec, _) = arch, adapter
     base = tiny(name, head)
     expected = logits(base)
     plan = make_plan(name, placement="all", allocation=4)
-    model = make_method(LoraSpec()).apply(tiny(name, head), plan, head_modules(base))
-    assert torch.allclose(logits(model), expected, atol=1e-6)
+    model = make_method(spec).apply(tiny(name, head), plan, head_modules(base))
+    assert torch.allclose(logits(model), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, head", ARCHS)
-def test_merged_equals_unmerged(name, head):
+@pytest.mark.parametrize("arch, adapter", TABLE, ids=IDS)
+def test_merged_equals_unmerged(arch, adapter):
+    (name, head), (_, spec, _) = arch, adapter
     plan = make_plan(name, placement="all", allocation="linear(4->2)")
-    method = make_method(LoraSpec())
+    method = make_method(spec)
     model = method.apply(tiny(name, head), plan, [])
     with torch.no_grad():
         for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.05)  # a trained-looking update, so merging changes the weights
+            if "lora_B" in n or "hira_B" in n:
+                p.normal_(0, 2.0 if "hira" in n else 0.05)  # a trained-looking update (HiRA scales by W0)
     unmerged = logits(model)
-    assert not torch.allclose(unmerged, logits(tiny(name, head)), atol=1e-4)
+    assert not torch.allclose(unmerged, logits(tiny(name, head)), atol=1e-6)
     method.merge(model)
     assert torch.allclose(logits(model), unmerged, atol=1e-5)
     method.unmerge(model)
     assert torch.allclose(logits(model), unmerged, atol=1e-5)
 
 
-@pytest.mark.parametrize("name, head", ARCHS)
-def test_lora_trains_only_planned_sites_and_the_head(name, head):
+@pytest.mark.parametrize("arch, adapter", TABLE, ids=IDS)
+def test_adapter_trains_only_planned_sites_and_the_head(arch, adapter):
+    (name, head), (_, spec, extra) = arch, adapter
     plan = make_plan(name, placement={"roles": "attention", "layers": "upper-half"}, allocation=4)
     base = tiny(name, head)
     heads = head_modules(base)
-    model = make_method(LoraSpec()).apply(base, plan, heads)
+    model = make_method(spec).apply(base, plan, heads)
     planned = {p.site.path for p in plan.sites}
     for n, p in model.named_parameters():
-        if p.requires_grad and "lora_" in n:
-            path = n.removeprefix("base_model.model.").split(".lora_")[0]
+        if p.requires_grad and ("lora_" in n or "hira_" in n):
+            path = n.removeprefix("base_model.model.").split(".lora_")[0].split(".hira_")[0]
             assert path in planned, n
         elif p.requires_grad:
             assert any(h in n.split(".") for h in heads), n
     counts = trainable_counts(model, heads)
-    assert counts["adapter"] == plan.trainable_params
+    assert counts["adapter"] == plan.trainable_params + sum(extra(p.site) for p in plan.sites)
     expected_head = sum(p.numel() for h in heads for p in tiny(name, head).get_submodule(h).parameters())
     assert counts["head"] == expected_head
 
@@ -106,3 +119,14 @@ def test_full_trains_everything():
 def test_unwrap_finds_the_transformers_model():
     model = make_method(LoraSpec()).apply(tiny("tiny-llama", "causal-lm"), make_plan("tiny-llama"), [])
     assert type(unwrap(model)).__name__ == "LlamaForCausalLM"
+
+
+def test_loraplus_gives_b_matrices_a_larger_learning_rate():
+    plan = make_plan("tiny-llama", placement="o", allocation=4)
+    method = make_method(LoraSpec(loraplus=True, loraplus_lr_ratio=16))
+    model = method.apply(tiny("tiny-llama", "causal-lm"), plan, [])
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = method.param_groups(model, lr=1e-3, weight_decay=0.0)
+    assert sorted(g["lr"] for g in groups) == [1e-3, 16e-3]
+    assert all("lora_B" in names[id(p)] for g in groups if g["lr"] == 16e-3 for p in g["params"])
+    assert all("lora_A" in names[id(p)] for g in groups if g["lr"] == 1e-3 for p in g["params"])

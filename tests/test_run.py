@@ -177,3 +177,15 @@ def test_eval_every_and_gradient_accumulation(tmp_path, reviews_file):
     # an optimizer step over two micro-batches sees twice the data
     assert two["cost"]["steps"] == one["cost"]["steps"] == 4
     assert 1.5 < two["cost"]["train_tokens"] / one["cost"]["train_tokens"] < 2.5
+
+
+@pytest.mark.parametrize("method", [{"name": "hira"}, {"name": "lora", "use_dora": True, "loraplus": True}])
+def test_adapter_variants_run_end_to_end(tmp_path, reviews_file, method):
+    from peftlab.train.run import execute_run
+
+    config = classification_config(reviews_file).model_copy(update={"method": validate(RunConfig, {"method": method}, "t").method})
+    result = execute_run(config, tmp_path / "variant")
+    cost = result["cost"]
+    assert result["status"] == "done" and set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}
+    assert cost["total_params"] == cost["base_params"] + cost["adapter_params"]
+    assert cost["adapter_params"] >= cost["plan_params"]  # DoRA adds a magnitude per output channel

@@ -36,22 +36,30 @@ def lora_config_kwargs(plan: Plan, dropout: float = 0.0, modules_to_save: list[s
     }
 
 
-def wrapped_lora_modules(model: nn.Module, adapter: str = "default") -> dict[str, tuple[int, float]]:
-    """Module path (relative to the base model) -> (rank, alpha) of every LoRA-wrapped module."""
-    from peft.tuners.lora import LoraLayer
-
+def wrapped_modules(model: nn.Module, adapter: str = "default", layer_class: type | None = None) -> dict[str, tuple[int, float | None]]:
+    """Module path (relative to the base model) -> (rank, alpha or None) of every adapted module.
+    `layer_class` is PEFT's layer class of the method (LoRA's by default)."""
+    if layer_class is None:
+        from peft.tuners.lora import LoraLayer as layer_class
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return {
-        name: (module.r[adapter], float(module.lora_alpha[adapter]))
-        for name, module in base.named_modules()
-        if isinstance(module, LoraLayer) and adapter in module.r
-    }
+    out = {}
+    for name, module in base.named_modules():
+        if isinstance(module, layer_class) and adapter in module.r:
+            alpha = getattr(module, "lora_alpha", {}).get(adapter)
+            out[name] = (module.r[adapter], None if alpha is None else float(alpha))
+    return out
 
 
-def verify_wrapped(model: nn.Module, plan: Plan, adapter: str = "default") -> None:
-    """Raise PlanMismatchError unless the wrapped modules and their ranks and alphas equal the plan."""
-    wrapped = wrapped_lora_modules(model, adapter)
-    planned = {p.site.path: (p.rank, float(p.alpha)) for p in plan.sites}
+def wrapped_lora_modules(model: nn.Module, adapter: str = "default") -> dict[str, tuple[int, float | None]]:
+    return wrapped_modules(model, adapter)
+
+
+def verify_wrapped(model: nn.Module, plan: Plan, adapter: str = "default", layer_class: type | None = None) -> None:
+    """Raise PlanMismatchError unless the wrapped modules and their ranks (and alphas, where the
+    method has them) equal the plan."""
+    wrapped = wrapped_modules(model, adapter, layer_class)
+    has_alpha = any(alpha is not None for _, alpha in wrapped.values())
+    planned = {p.site.path: (p.rank, float(p.alpha) if has_alpha else None) for p in plan.sites}
     problems = [f"missing {path}" for path in sorted(planned.keys() - wrapped.keys())]
     problems += [f"unplanned {path}" for path in sorted(wrapped.keys() - planned.keys())]
     problems += [
