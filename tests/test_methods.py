@@ -130,3 +130,57 @@ def test_loraplus_gives_b_matrices_a_larger_learning_rate():
     assert sorted(g["lr"] for g in groups) == [1e-3, 16e-3]
     assert all("lora_B" in names[id(p)] for g in groups if g["lr"] == 16e-3 for p in g["params"])
     assert all("lora_A" in names[id(p)] for g in groups if g["lr"] == 1e-3 for p in g["params"])
+
+
+def test_q_and_v_slices_of_gpt2_c_attn():
+    from peftlab.methods.fused_slices import slice_modules
+
+    plan = make_plan("tiny-gpt2", placement="q,v", allocation=4)
+    method = make_method(LoraSpec())
+    model = method.apply(tiny("tiny-gpt2", "causal-lm"), plan, [])
+    assert logits(model).equal(logits(tiny("tiny-gpt2", "causal-lm")))  # B = 0
+    assert trainable_counts(model, [])["adapter"] == plan.trainable_params == 2 * 2 * 4 * (64 + 64)
+    attn = slice_modules(model)["transformer.h.0.attn.c_attn"]
+    with torch.no_grad():
+        for b in attn.lora_B:
+            b.normal_(0, 0.5)
+    x = torch.randn(2, 5, 64)
+    out, base_out = attn(x), attn.base(x)
+    assert out[..., 64:128].equal(base_out[..., 64:128])  # k is never written
+    assert not torch.allclose(out[..., :64], base_out[..., :64]) and not torch.allclose(out[..., 128:], base_out[..., 128:])
+    unmerged = logits(model)
+    method.merge(model)
+    assert torch.allclose(logits(model), unmerged, atol=1e-5)
+    method.unmerge(model)
+    assert torch.allclose(logits(model), unmerged, atol=1e-5)
+
+
+def test_slices_and_whole_modules_together_save_and_load(tmp_path):
+    from peftlab.methods.fused_slices import load_slices
+
+    plan = make_plan("tiny-gpt2", placement="q,v,o,up", allocation=4)
+    method = make_method(LoraSpec())
+    model = method.apply(tiny("tiny-gpt2", "causal-lm"), plan, [])
+    assert trainable_counts(model, [])["adapter"] == plan.trainable_params
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    expected = logits(model)
+    method.save(model, tmp_path / "adapter")
+    assert (tmp_path / "adapter" / "adapter_config.json").is_file() and (tmp_path / "adapter" / "fused_slices.json").is_file()
+    # a fresh base with the same plan, then the saved weights: the same outputs
+    fresh = make_method(LoraSpec()).apply(tiny("tiny-gpt2", "causal-lm"), plan, [])
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(fresh, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
+    load_slices(fresh, tmp_path / "adapter")
+    assert torch.allclose(logits(fresh), expected, atol=1e-6)
+
+
+def test_dora_on_slices_is_a_clear_error():
+    from peftlab.errors import PeftlabError
+
+    with pytest.raises(PeftlabError, match="not available for slices"):
+        make_method(LoraSpec(use_dora=True)).apply(tiny("tiny-gpt2", "causal-lm"), make_plan("tiny-gpt2", placement="q,v"), [])

@@ -189,3 +189,19 @@ def test_adapter_variants_run_end_to_end(tmp_path, reviews_file, method):
     assert result["status"] == "done" and set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}
     assert cost["total_params"] == cost["base_params"] + cost["adapter_params"]
     assert cost["adapter_params"] >= cost["plan_params"]  # DoRA adds a magnitude per output channel
+
+
+def test_gpt2_q_v_slices_run_end_to_end(tmp_path, alpaca_file):
+    from peftlab.train.run import execute_run
+
+    config = validate(RunConfig, {
+        "model": "tiny-gpt2",
+        "task": {"path": str(alpaca_file), "kind": "instruction"},
+        "plan": {"placement": "q,v", "allocation": 4},
+        "train": {"max_steps": 3, "batch_size": 4, "latency_batches": 1},
+    }, "test")
+    result = execute_run(config, tmp_path / "qv")
+    assert result["status"] == "done"
+    assert result["cost"]["adapter_params"] == result["cost"]["plan_params"] == 2 * 2 * 4 * (64 + 64)
+    assert {"fused_slices.safetensors", "fused_slices.json"} <= {p.name for p in (tmp_path / "qv" / "adapter").iterdir()}
+    assert set(result["cost"]["latency_ms_per_batch"]) == {"unmerged", "merged"}

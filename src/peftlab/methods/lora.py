@@ -1,17 +1,23 @@
-"""LoRA through PEFT, from the plan: exact module paths, per-site ranks and alphas, verified."""
+"""LoRA from the plan: whole modules through PEFT (exact module paths, per-site ranks and alphas,
+verified), slices of a fused projection through peftlab's SliceLoRA."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from pydantic import Field
+from safetensors.torch import save_file
 from torch import nn
 
-from peftlab.methods.base import Method, MethodSpecBase
+from peftlab.errors import PeftlabError
+from peftlab.methods.base import Method, MethodSpecBase, set_head_trainable
+from peftlab.methods.fused_slices import SliceLoRA, save_slices, slice_modules, wrap_slices
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
+from peftlab.train.loss import unwrap
 
 
 def peft_task_type(model: nn.Module) -> str | None:
@@ -42,12 +48,26 @@ class LoraMethod(Method):
     mergeable = True
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
-        kwargs = lora_config_kwargs(plan, dropout=self.spec.dropout, modules_to_save=head or None)
-        config = LoraConfig(task_type=peft_task_type(model), use_dora=self.spec.use_dora,
-                            use_rslora=self.spec.use_rslora, **kwargs)
-        peft_model = get_peft_model(model, config)
-        verify_wrapped(peft_model, plan)
-        return peft_model
+        """Whole modules through PEFT; slices of a fused projection (q and v of GPT-2's c_attn)
+        through peftlab's SliceLoRA, which PEFT cannot express."""
+        whole = tuple(p for p in plan.sites if not p.site.is_slice)
+        slices = [p for p in plan.sites if p.site.is_slice]
+        if whole:
+            sub_plan = replace(plan, sites=whole)
+            kwargs = lora_config_kwargs(sub_plan, dropout=self.spec.dropout, modules_to_save=head or None)
+            config = LoraConfig(task_type=peft_task_type(model), use_dora=self.spec.use_dora,
+                                use_rslora=self.spec.use_rslora, **kwargs)
+            model = get_peft_model(model, config)
+            verify_wrapped(model, sub_plan)
+        else:
+            model.requires_grad_(False)
+            set_head_trainable(model, head)
+        if slices:
+            if self.spec.use_dora or self.spec.use_rslora:
+                raise PeftlabError("method.use_dora / use_rslora: not available for slices of a fused projection "
+                                   "(GPT-2 q/v); select q, k and v together or drop the option")
+            wrap_slices(unwrap(model), slices, self.spec.dropout)
+        return model
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         groups = super().param_groups(model, lr, weight_decay)
@@ -63,10 +83,25 @@ class LoraMethod(Method):
         return split
 
     def merge(self, model: nn.Module) -> None:
-        model.merge_adapter()
+        if isinstance(model, PeftModel):
+            model.merge_adapter()
+        for module in slice_modules(model).values():
+            module.merge()
 
     def unmerge(self, model: nn.Module) -> None:
-        model.unmerge_adapter()
+        if isinstance(model, PeftModel):
+            model.unmerge_adapter()
+        for module in slice_modules(model).values():
+            module.unmerge()
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        model.save_pretrained(directory)  # loads with PeftModel.from_pretrained(base, directory)
+        """PEFT format (loads with PeftModel.from_pretrained) plus fused_slices.* for slices."""
+        if isinstance(model, PeftModel):
+            model.save_pretrained(directory)
+        else:
+            directory.mkdir(parents=True, exist_ok=True)
+            head = {n: p.detach().contiguous() for n, p in model.named_parameters()
+                    if p.requires_grad and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), SliceLoRA)}
+            if head:
+                save_file(head, str(directory / "head.safetensors"))
+        save_slices(model, directory)
