@@ -179,16 +179,20 @@ def test_eval_every_and_gradient_accumulation(tmp_path, reviews_file):
     assert 1.5 < two["cost"]["train_tokens"] / one["cost"]["train_tokens"] < 2.5
 
 
-@pytest.mark.parametrize("method", [{"name": "hira"}, {"name": "lora", "use_dora": True, "loraplus": True}])
+@pytest.mark.parametrize("method", [{"name": "hira"}, {"name": "lora", "use_dora": True, "loraplus": True},
+                                    {"name": "bottleneck", "variant": "pfeiffer"}])
 def test_adapter_variants_run_end_to_end(tmp_path, reviews_file, method):
     from peftlab.train.run import execute_run
 
-    config = classification_config(reviews_file).model_copy(update={"method": validate(RunConfig, {"method": method}, "t").method})
+    override = validate(RunConfig, {"method": method, "plan": {"placement": "all", "allocation": 4}}, "t")
+    config = classification_config(reviews_file).model_copy(update={"method": override.method, "plan": override.plan})
     result = execute_run(config, tmp_path / "variant")
     cost = result["cost"]
-    assert result["status"] == "done" and set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}
+    merged_or_base = "base" if method["name"] == "bottleneck" else "merged"  # adapters report their overhead
+    assert result["status"] == "done" and set(cost["latency_ms_per_batch"]) == {"unmerged", merged_or_base}
     assert cost["total_params"] == cost["base_params"] + cost["adapter_params"]
-    assert cost["adapter_params"] >= cost["plan_params"]  # DoRA adds a magnitude per output channel
+    if method["name"] != "bottleneck":
+        assert cost["adapter_params"] >= cost["plan_params"]  # DoRA adds a magnitude per output channel
 
 
 def test_gpt2_q_v_slices_run_end_to_end(tmp_path, alpaca_file):

@@ -7,6 +7,7 @@ schedule) lives in `on_step`, optimizer settings (LoRA+'s learning-rate ratio) i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -45,6 +46,11 @@ class Method(ABC):
 
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step (step counts from 1)."""
+
+    def bypassed(self, model: nn.Module) -> AbstractContextManager | None:
+        """For methods that cannot merge: a context in which the model runs as the bare base, so
+        their inference overhead can be measured. None when not applicable."""
+        return None
 
     def merge(self, model: nn.Module) -> None:
         """Fold the method's parameters into the base weights (only when `mergeable`)."""

@@ -8,12 +8,15 @@ from pydantic import Field
 
 from peftlab.methods.base import Method
 from peftlab.methods.bitfit import BitFitMethod, BitFitSpec
+from peftlab.methods.bottleneck import BottleneckMethod, BottleneckSpec
 from peftlab.methods.full import FullMethod, FullSpec
 from peftlab.methods.hira import HiraMethod, HiraSpec
 from peftlab.methods.lora import LoraMethod, LoraSpec
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (LoraMethod, FullMethod, BitFitMethod, HiraMethod)}
-MethodSpec = Annotated[Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec], Field(discriminator="name")]
+METHODS: dict[str, type[Method]] = {
+    m.name: m for m in (LoraMethod, FullMethod, BitFitMethod, HiraMethod, BottleneckMethod)
+}
+MethodSpec = Annotated[Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec, BottleneckSpec], Field(discriminator="name")]
 
 __all__ = ["METHODS", "MethodSpec", "LoraSpec", "make_method"]
 

@@ -158,6 +158,10 @@ def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[st
     was_training = model.training
     model.eval()
     timings = {"unmerged": latency_ms(lambda b: forward(b), on_device)}
+    bypass = method.bypassed(model)  # unmergeable adapters: their overhead against the bare base
+    if bypass is not None:
+        with bypass:
+            timings["base"] = latency_ms(lambda b: forward(b), on_device)
     if method.mergeable:
         method.merge(model)
         timings["merged"] = latency_ms(lambda b: forward(b), on_device)
