@@ -6,6 +6,7 @@ from peftlab.config import RunConfig, validate
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # about 4.5 minutes alone on 2 cores; generous for a shared, noisy machine
 def test_minilm_attention_lora_beats_the_majority_class(tmp_path, monkeypatch):
     from peftlab.train.run import execute_run
 
