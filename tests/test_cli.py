@@ -7,9 +7,6 @@ import sys
 import pytest
 
 
-
-
-
 def test_tiny_gpt2_attention_table(cli):
     code, out, _ = cli("plan", "--model", "tiny-gpt2", "--placement", "attention", "--rank", "8")
     assert code == 0

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import make_plan
 
 from peftlab.config import ModelSpec
 from peftlab.methods.base import trainable_counts
@@ -13,8 +14,6 @@ from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.roles import Role
 from peftlab.train.loss import unwrap
-
-from conftest import make_plan
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
          ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]

@@ -1,14 +1,17 @@
 """Plan -> PEFT LoraConfig -> get_peft_model wraps exactly the planned modules with the planned ranks."""
 
 import pytest
+from conftest import make_plan
 from peft import LoraConfig, get_peft_model
 
 from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError, PlanMismatchError
 from peftlab.models.load import load_model
-from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped, wrapped_lora_modules
-
-from conftest import make_plan
+from peftlab.plans.peft_export import (
+    lora_config_kwargs,
+    verify_wrapped,
+    wrapped_lora_modules,
+)
 
 CASES = [
     ("tiny-gpt2", {"placement": "attention", "allocation": 8}),

@@ -1,11 +1,10 @@
 import json
 
 import pytest
+from conftest import make_plan
 
 from peftlab.errors import PeftlabError
 from peftlab.models.roles import Role
-
-from conftest import make_plan
 
 
 def lora_params(rank, fan_in, fan_out):

@@ -7,10 +7,9 @@ import torch
 from peft import PeftModel
 
 from peftlab.config import ModelSpec, RunConfig, validate
-from peftlab.models.load import load_model
+from peftlab.models.load import load_model, load_tokenizer
 from peftlab.tasks.prepare import collate, load_task
 from peftlab.train.evaluate import evaluate
-from peftlab.models.load import load_tokenizer
 
 WORDS = {"pos": ["tasty", "great", "lovely", "fresh"], "neg": ["stale", "awful", "bland", "soggy"]}
 

@@ -4,10 +4,9 @@ import json
 
 import pytest
 
-from peftlab.config import TaskSpec
+from peftlab.config import ModelSpec, TaskSpec
 from peftlab.errors import PeftlabError
 from peftlab.models.load import load_tokenizer
-from peftlab.config import ModelSpec
 from peftlab.tasks.prepare import IGNORE, collate, load_task
 
 

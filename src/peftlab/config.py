@@ -7,14 +7,20 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from peftlab.errors import PeftlabError
-from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.methods.registry import LoraSpec, MethodSpec
+from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
-
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -241,7 +247,7 @@ class TaskSpec(Spec):
         return value
 
     @model_validator(mode="after")
-    def _one_source(self) -> "TaskSpec":
+    def _one_source(self) -> TaskSpec:
         sources = [s for s in (self.name, self.path, self.dataset) if s is not None]
         if len(sources) > 1:
             raise ValueError("give one of name, path or dataset")

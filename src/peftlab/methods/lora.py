@@ -14,7 +14,12 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import Method, MethodSpecBase, set_head_trainable
-from peftlab.methods.fused_slices import SliceLoRA, save_slices, slice_modules, wrap_slices
+from peftlab.methods.fused_slices import (
+    SliceLoRA,
+    save_slices,
+    slice_modules,
+    wrap_slices,
+)
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
 from peftlab.train.loss import unwrap

@@ -9,7 +9,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from peftlab.config import AXIS_PATHS, RunConfig, StudySpec, config_id, set_dotted, validate
+from peftlab.config import (
+    AXIS_PATHS,
+    RunConfig,
+    StudySpec,
+    config_id,
+    set_dotted,
+    validate,
+)
 from peftlab.errors import PeftlabError
 
 

@@ -10,8 +10,9 @@ import json
 import os
 import sqlite3
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from peftlab.errors import PeftlabError
 from peftlab.studies.grid import PlannedRun

@@ -31,7 +31,12 @@ from peftlab.tasks.prepare import collate, load_task
 from peftlab.train.evaluate import evaluate
 from peftlab.train.loop import train_loop
 from peftlab.train.loss import batch_nll
-from peftlab.train.measure import directory_bytes, latency_ms, peak_memory, reset_peak_memory
+from peftlab.train.measure import (
+    directory_bytes,
+    latency_ms,
+    peak_memory,
+    reset_peak_memory,
+)
 
 
 def _precision(requested: str) -> str:
