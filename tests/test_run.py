@@ -208,3 +208,18 @@ def test_gpt2_q_v_slices_run_end_to_end(tmp_path, alpaca_file):
     assert result["cost"]["adapter_params"] == result["cost"]["plan_params"] == 2 * 2 * 4 * (64 + 64)
     assert {"fused_slices.safetensors", "fused_slices.json"} <= {p.name for p in (tmp_path / "qv" / "adapter").iterdir()}
     assert set(result["cost"]["latency_ms_per_batch"]) == {"unmerged", "merged"}
+
+
+def test_adalora_reallocates_ranks_within_the_budget(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    override = validate(RunConfig, {"method": "adalora", "plan": {"placement": "all", "allocation": 4}}, "t")
+    config = classification_config(reviews_file, max_steps=40).model_copy(
+        update={"method": override.method, "plan": override.plan})
+    result = execute_run(config, tmp_path / "adalora")
+    assert result["status"] == "done"
+    ranks = result["method"]["final_ranks"]
+    plan = json.loads((tmp_path / "adalora" / "plan.json").read_text())
+    assert set(ranks) == {s["path"] for s in plan["sites"]}
+    assert len(set(ranks.values())) > 1  # ranks differ across modules
+    assert sum(ranks.values()) <= 4 * len(plan["sites"])  # within the plan's rank budget of 4 per module

@@ -157,7 +157,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS)
 
 
-_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]", "lora", "full", "bitfit", "hira", "bottleneck"}
+_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]", "lora", "full", "bitfit", "hira", "bottleneck", "adalora"}
 
 
 def validate(cls: type[T], data: Any, source: str) -> T:

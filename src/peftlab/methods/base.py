@@ -11,6 +11,7 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, ClassVar
 
+import torch
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -26,8 +27,9 @@ class Method(ABC):
     adds_parameters: ClassVar[bool] = False  # LoRA adds A and B; full and BitFit train existing ones
     mergeable: ClassVar[bool] = False
 
-    def __init__(self, spec: Any):
+    def __init__(self, spec: Any, total_steps: int | None = None):
         self.spec = spec
+        self.total_steps = total_steps  # optimizer steps of the run, for methods with a schedule
 
     @abstractmethod
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
@@ -45,7 +47,15 @@ class Method(ABC):
         return [g for g in groups if g["params"]]
 
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
-        """Called after every optimizer step (step counts from 1)."""
+        """Called after every optimizer step, before gradients are cleared (step counts from 1)."""
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """A term added to the training loss (AdaLoRA's orthogonality penalty); None for most methods."""
+        return None
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        """What the method learned beyond its weights, stored with the run result (AdaLoRA's final ranks)."""
+        return {}
 
     def bypassed(self, model: nn.Module) -> AbstractContextManager | None:
         """For methods that cannot merge: a context in which the model runs as the bare base, so

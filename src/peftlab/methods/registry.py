@@ -6,6 +6,7 @@ from typing import Annotated, Union
 
 from pydantic import Field
 
+from peftlab.methods.adalora import AdaLoraMethod, AdaLoraSpec
 from peftlab.methods.base import Method
 from peftlab.methods.bitfit import BitFitMethod, BitFitSpec
 from peftlab.methods.bottleneck import BottleneckMethod, BottleneckSpec
@@ -14,12 +15,14 @@ from peftlab.methods.hira import HiraMethod, HiraSpec
 from peftlab.methods.lora import LoraMethod, LoraSpec
 
 METHODS: dict[str, type[Method]] = {
-    m.name: m for m in (LoraMethod, FullMethod, BitFitMethod, HiraMethod, BottleneckMethod)
+    m.name: m for m in (LoraMethod, FullMethod, BitFitMethod, HiraMethod, BottleneckMethod, AdaLoraMethod)
 }
-MethodSpec = Annotated[Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec, BottleneckSpec], Field(discriminator="name")]
+MethodSpec = Annotated[
+    Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec, BottleneckSpec, AdaLoraSpec], Field(discriminator="name")
+]
 
 __all__ = ["METHODS", "MethodSpec", "LoraSpec", "make_method"]
 
 
-def make_method(spec) -> Method:
-    return METHODS[spec.name](spec)
+def make_method(spec, total_steps: int | None = None) -> Method:
+    return METHODS[spec.name](spec, total_steps)

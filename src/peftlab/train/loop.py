@@ -66,7 +66,9 @@ def train_loop(
                 batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
                 with accelerator.autocast():
                     nll, count, _ = batch_nll(model, batch, kind)
-                loss = nll / count / spec.grad_accum  # mean over this micro-batch's predictions
+                loss = nll / count  # mean over this micro-batch's predictions
+                penalty = method.regularization(model)
+                loss = (loss if penalty is None else loss + penalty) / spec.grad_accum
                 if not torch.isfinite(loss):
                     return LoopResult(step - 1, seconds, tokens, float("nan"), f"non-finite loss ({loss.item()}) at step {step}")
                 accelerator.backward(loss)
@@ -76,8 +78,8 @@ def train_loop(
                 accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
             optimizer.step()
             scheduler.step()
+            method.on_step(model, step, total_steps)  # before zero_grad: AdaLoRA reads the gradients
             optimizer.zero_grad(set_to_none=True)
-            method.on_step(model, step, total_steps)
             seconds += time.perf_counter() - start
             window.append(step_loss)
             progress.update(bar, advance=1, loss=step_loss, tps=tokens / seconds)

@@ -72,7 +72,9 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     base_params = count_params(model)
     plan = build_plan(resolve_sites(model, model_spec.role_map), base_params, config.plan, model_spec.name)
     head = head_modules(model)
-    method = make_method(config.method)
+    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
+    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
+    method = make_method(config.method, total_steps)
     model = method.apply(model, plan, head).to(accelerator.device)
     counts = trainable_counts(model, head)
 
@@ -102,8 +104,6 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, batches(data.validation))})
 
-    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
-    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
     reset_peak_memory()
     loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval)
     memory, memory_kind = peak_memory()  # the training peak, before evaluation adds its own
@@ -143,6 +143,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "latency_ms_per_batch": latency,
         },
         "final_train_loss": loop.final_loss,
+        "method": method.report(model),
         "data": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
                  "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
         "environment": _environment(accelerator),
