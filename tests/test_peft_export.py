@@ -10,7 +10,7 @@ from peftlab.models.load import load_model
 from peftlab.plans.peft_export import (
     lora_config_kwargs,
     verify_wrapped,
-    wrapped_lora_modules,
+    wrapped_modules,
 )
 
 CASES = [
@@ -33,7 +33,7 @@ def test_peft_wraps_exactly_the_plan(name, plan_values):
     plan = make_plan(name, **plan_values)
     model = get_peft_model(load_model(ModelSpec(name=name)), LoraConfig(**lora_config_kwargs(plan)))
     verify_wrapped(model, plan)
-    wrapped = wrapped_lora_modules(model)
+    wrapped = wrapped_modules(model)
     assert {path: rank for path, (rank, _) in wrapped.items()} == {p.site.path: p.rank for p in plan.sites}
     assert lora_trainable(model) == plan.trainable_params
 
@@ -43,7 +43,7 @@ def test_layer_varying_ranks_survive_the_export():
     kwargs = lora_config_kwargs(plan)
     assert kwargs["r"] in {16, 12, 8, 4} and len(kwargs["rank_pattern"]) == 3
     model = get_peft_model(load_model(ModelSpec(name="tiny-llama")), LoraConfig(**kwargs))
-    ranks = [wrapped_lora_modules(model)[f"model.layers.{i}.self_attn.o_proj"][0] for i in range(4)]
+    ranks = [wrapped_modules(model)[f"model.layers.{i}.self_attn.o_proj"][0] for i in range(4)]
     assert ranks == [16, 12, 8, 4]
 
 

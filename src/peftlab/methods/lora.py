@@ -15,7 +15,6 @@ from torch import nn
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import Method, MethodSpecBase, set_head_trainable
 from peftlab.methods.fused_slices import (
-    SliceLoRA,
     save_slices,
     slice_modules,
     wrap_slices,
@@ -105,8 +104,9 @@ class LoraMethod(Method):
             model.save_pretrained(directory)
         else:
             directory.mkdir(parents=True, exist_ok=True)
+            in_slices = {id(p) for module in slice_modules(model).values() for p in module.parameters()}
             head = {n: p.detach().contiguous() for n, p in model.named_parameters()
-                    if p.requires_grad and not isinstance(model.get_submodule(n.rsplit(".", 1)[0]), SliceLoRA)}
+                    if p.requires_grad and id(p) not in in_slices}
             if head:
                 save_file(head, str(directory / "head.safetensors"))
         save_slices(model, directory)

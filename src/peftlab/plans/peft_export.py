@@ -50,10 +50,6 @@ def wrapped_modules(model: nn.Module, adapter: str = "default", layer_class: typ
     return out
 
 
-def wrapped_lora_modules(model: nn.Module, adapter: str = "default") -> dict[str, tuple[int, float | None]]:
-    return wrapped_modules(model, adapter)
-
-
 def verify_wrapped(model: nn.Module, plan: Plan, adapter: str = "default", layer_class: type | None = None) -> None:
     """Raise PlanMismatchError unless the wrapped modules and their ranks (and alphas, where the
     method has them) equal the plan."""

@@ -58,7 +58,7 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
         if part is not None:
             require_columns(part.rows, columns, part.source, part.row_offset)
     train_rows, validation_rows, test_rows = _split(spec, train, test)
-    labels = _labels(spec, kind, train_rows, test_rows, test or train)
+    labels = _labels(spec, kind, train_rows, test_rows, train, test or train)
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
     cache_file = cache_dir() / "tokenized" / f"{key}.json"
     if cache_file.is_file():
@@ -124,14 +124,14 @@ def _split(spec: TaskSpec, train: _Rows, test: _Rows | None):
     return train_rows, validation_rows, test_rows
 
 
-def _labels(spec: TaskSpec, kind: str, train_rows, test_rows, test_source: _Rows) -> list[str]:
+def _labels(spec: TaskSpec, kind: str, train_rows, test_rows, train_source: _Rows, test_source: _Rows) -> list[str]:
     if kind != "classification":
         return []
     seen = sorted({str(row[spec.label_column]) for _, row in train_rows})
     labels = [str(x) for x in spec.labels] if spec.labels else seen
     unknown = [(i, str(row[spec.label_column])) for i, row in train_rows if str(row[spec.label_column]) not in labels]
     if unknown:
-        raise PeftlabError(f"row {unknown[0][0]}: label {unknown[0][1]!r} is not in task.labels {labels}")
+        raise PeftlabError(f"{train_source.source}: row {unknown[0][0]}: label {unknown[0][1]!r} is not in task.labels {labels}")
     for i, row in test_rows:
         if str(row[spec.label_column]) not in seen:
             raise PeftlabError(

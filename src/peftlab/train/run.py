@@ -94,15 +94,17 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     train_loader = DataLoader(data.train, batch_size=spec.batch_size, shuffle=True, generator=generator,
                               collate_fn=partial(collate, pad_id=pad_id))
 
-    def batches(split: list[dict]) -> list[dict]:
-        size = spec.eval_batch_size
-        return [collate(split[i : i + size], pad_id) for i in range(0, len(split), size)]
+    size = spec.eval_batch_size
+    eval_batches = {
+        name: [collate(split[i : i + size], pad_id) for i in range(0, len(split), size)]
+        for name, split in (("validation", data.validation), ("test", data.test))
+    }
 
     n_labels = len(data.labels)
     evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device)
 
     def on_eval(step: int) -> None:
-        record({"step": step, "split": "validation", **evaluate_split(model, batches(data.validation))})
+        record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
     reset_peak_memory()
     loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval)
@@ -112,12 +114,12 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     latency: dict[str, float] = {}
     adapter_bytes = None
     if not loop.failure:
-        for split_name, split in (("validation", data.validation), ("test", data.test)):
-            if split:
-                metrics[split_name] = evaluate_split(model, batches(split))
+        for split_name, split_batches in eval_batches.items():
+            if split_batches:
+                metrics[split_name] = evaluate_split(model, split_batches)
                 record({"step": loop.steps, "split": split_name, **metrics[split_name]})
-        latency = _latencies(model, method, batches(data.test or data.validation)[: spec.latency_batches],
-                             data.kind, accelerator.device)
+        timed = (eval_batches["test"] or eval_batches["validation"])[: spec.latency_batches]
+        latency = _latencies(model, method, timed, data.kind, accelerator.device)
         method.save(model, partial_dir / "adapter")
         adapter_bytes = directory_bytes(partial_dir / "adapter")
     history.close()
@@ -163,14 +165,14 @@ def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[st
     forward = partial(batch_nll, model, kind=kind)
     was_training = model.training
     model.eval()
-    timings = {"unmerged": latency_ms(lambda b: forward(b), on_device)}
+    timings = {"unmerged": latency_ms(forward, on_device)}
     bypass = method.bypassed(model)  # unmergeable adapters: their overhead against the bare base
     if bypass is not None:
         with bypass:
-            timings["base"] = latency_ms(lambda b: forward(b), on_device)
+            timings["base"] = latency_ms(forward, on_device)
     if method.mergeable:
         method.merge(model)
-        timings["merged"] = latency_ms(lambda b: forward(b), on_device)
+        timings["merged"] = latency_ms(forward, on_device)
         method.unmerge(model)
     model.train(was_training)
     return timings
