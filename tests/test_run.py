@@ -223,3 +223,22 @@ def test_adalora_reallocates_ranks_within_the_budget(tmp_path, reviews_file):
     assert set(ranks) == {s["path"] for s in plan["sites"]}
     assert len(set(ranks.values())) > 1  # ranks differ across modules
     assert sum(ranks.values()) <= 4 * len(plan["sites"])  # within the plan's rank budget of 4 per module
+
+
+@pytest.mark.parametrize("kind", ["classification", "instruction"])
+def test_qlora_runs_end_to_end_with_an_8bit_optimizer(tmp_path, reviews_file, alpaca_file, kind):
+    from peftlab.train.run import execute_run
+
+    model, path = ("tiny-bert", reviews_file) if kind == "classification" else ("tiny-llama", alpaca_file)
+    config = validate(RunConfig, {
+        "model": model, "task": {"path": str(path), "kind": kind}, "method": "qlora",
+        "plan": {"placement": "all", "allocation": 4},
+        "train": {"max_steps": 3, "batch_size": 4, "latency_batches": 1, "optimizer": "adamw-8bit"},
+    }, "test")
+    result = execute_run(config, tmp_path / "qlora")
+    cost = result["cost"]
+    assert result["status"] == "done"
+    assert cost["adapter_params"] == cost["plan_params"]
+    assert 0 < cost["quantized_weight_bytes"] < cost["frozen_weight_bytes"]
+    assert set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}  # merged: the 16-bit copy
+    assert (tmp_path / "qlora" / "adapter" / "adapter_model.safetensors").is_file()

@@ -104,7 +104,7 @@ def run(
     task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
     kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
-    method: Annotated[Optional[str], typer.Option(help="lora | full | bitfit")] = None,
+    method: Annotated[Optional[str], typer.Option(help="lora | qlora | adalora | hira | bottleneck | prefix | full | bitfit")] = None,
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,

@@ -17,7 +17,7 @@ from pydantic import (
 )
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.registry import LoraSpec, MethodSpec
+from peftlab.methods.registry import METHODS, LoraSpec, MethodSpec
 from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
@@ -157,7 +157,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS)
 
 
-_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]", "lora", "full", "bitfit", "hira", "bottleneck", "adalora"}
+_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]"} | set(METHODS)
 
 
 def validate(cls: type[T], data: Any, source: str) -> T:
@@ -272,6 +272,8 @@ class TrainSpec(Spec):
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
+    """adamw: torch's; the others are bitsandbytes' 8-bit and paged AdamW (QLoRA's memory savers)."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
     max_grad_norm: float | None = Field(1.0, gt=0)

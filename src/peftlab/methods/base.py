@@ -7,7 +7,8 @@ schedule) lives in `on_step`, optimizer settings (LoRA+'s learning-rate ratio) i
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -68,6 +69,16 @@ class Method(ABC):
 
     def unmerge(self, model: nn.Module) -> None:
         raise NotImplementedError(f"{self.name} cannot be merged")
+
+    @contextmanager
+    def merged(self, model: nn.Module) -> Iterator[nn.Module]:
+        """The model with the method folded into its weights, for inference. In place by default
+        (undone on exit); QLoRA yields a 16-bit copy instead of touching its 4-bit base."""
+        self.merge(model)
+        try:
+            yield model
+        finally:
+            self.unmerge(model)
 
     @abstractmethod
     def save(self, model: nn.Module, directory: Path) -> None:

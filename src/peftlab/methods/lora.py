@@ -59,6 +59,7 @@ class LoraMethod(Method):
         if whole:
             sub_plan = replace(plan, sites=whole)
             kwargs = lora_config_kwargs(sub_plan, dropout=self.spec.dropout, modules_to_save=head or None)
+            kwargs.update(self.peft_overrides())
             config = LoraConfig(task_type=peft_task_type(model), use_dora=self.spec.use_dora,
                                 use_rslora=self.spec.use_rslora, **kwargs)
             model = get_peft_model(model, config)
@@ -72,6 +73,10 @@ class LoraMethod(Method):
                                    "(GPT-2 q/v); select q, k and v together or drop the option")
             wrap_slices(unwrap(model), slices, self.spec.dropout)
         return model
+
+    def peft_overrides(self) -> dict[str, Any]:
+        """LoraConfig arguments a LoRA variant changes (QLoRA: its 4-bit layers are never Conv1D)."""
+        return {}
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         groups = super().param_groups(model, lr, weight_decay)

@@ -191,8 +191,10 @@ def gemma_path() -> Path:
 
 
 def count_params(model: nn.Module) -> int:
-    """Parameters of the model, tied weights counted once."""
-    return sum(p.numel() for p in model.parameters())
+    """Parameters of the model, tied weights counted once; a 4-bit weight counts its logical elements."""
+    from peftlab.models.quantize import logical_numel
+
+    return sum(logical_numel(p) for p in model.parameters())
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -32,6 +32,18 @@ class LoopResult:
     failure: str | None = None
 
 
+def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
+    """AdamW, or one of bitsandbytes' 8-bit / paged variants (paged state moves to CPU memory under
+    GPU memory pressure instead of failing; on a CPU it is ordinary memory)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups)
+    from peftlab.models.quantize import bnb_module
+
+    optim = bnb_module().optim
+    return {"adamw-8bit": optim.AdamW8bit, "paged-adamw": optim.PagedAdamW,
+            "paged-adamw-8bit": optim.PagedAdamW8bit}[name](groups)
+
+
 def forever(loader: DataLoader) -> Iterator[dict]:
     while True:  # each pass reshuffles with the loader's seeded generator
         yield from loader
@@ -48,7 +60,7 @@ def train_loop(
     on_log: Callable[[dict], None],
     on_eval: Callable[[int], None],
 ) -> LoopResult:
-    optimizer = torch.optim.AdamW(method.param_groups(model, spec.lr, spec.weight_decay))
+    optimizer = make_optimizer(spec.optimizer, method.param_groups(model, spec.lr, spec.weight_decay))
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -25,6 +25,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
+from peftlab.models.quantize import weight_bytes
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
 from peftlab.tasks.prepare import collate, load_task
@@ -77,6 +78,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     method = make_method(config.method, total_steps)
     model = method.apply(model, plan, head).to(accelerator.device)
     counts = trainable_counts(model, head)
+    frozen = weight_bytes(model)
 
     partial_dir = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial_dir, ignore_errors=True)
@@ -142,6 +144,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "peak_memory_bytes": memory,
             "peak_memory_kind": memory_kind,
             "adapter_bytes": adapter_bytes,
+            "frozen_weight_bytes": frozen["quantized"] + frozen["other"],
+            "quantized_weight_bytes": frozen["quantized"],
             "latency_ms_per_batch": latency,
         },
         "final_train_loss": loop.final_loss,
@@ -171,9 +175,8 @@ def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[st
         with bypass:
             timings["base"] = latency_ms(forward, on_device)
     if method.mergeable:
-        method.merge(model)
-        timings["merged"] = latency_ms(forward, on_device)
-        method.unmerge(model)
+        with method.merged(model) as merged:
+            timings["merged"] = latency_ms(partial(batch_nll, merged, kind=kind), on_device)
     model.train(was_training)
     return timings
 

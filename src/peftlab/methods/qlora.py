@@ -1,0 +1,114 @@
+"""QLoRA (Dettmers et al., 2023): LoRA on the plan over a base whose linear layers are stored in 4-bit
+NF4 with double quantization (bitsandbytes), on CPU or CUDA.
+
+The task head and the output embeddings stay in full precision (a freshly initialised head cannot be
+quantized, and the output embeddings are often tied to the input ones). Merging the adapters into 4-bit
+weights would re-quantize them and lose the update, so QLoRA merges into a 16-bit copy of the base:
+`merged_model` dequantizes, loads the trained adapters onto the copy and folds them in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any, Literal
+
+import torch
+from peft import get_peft_model_state_dict, set_peft_model_state_dict
+from pydantic import Field
+from torch import nn
+
+from peftlab.errors import PeftlabError
+from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.models.quantize import DTYPES, Quantized, dequantized_weight, is_4bit, quantize_4bit
+from peftlab.plans.plan import Plan
+from peftlab.train.loss import unwrap
+
+
+class QLoraSpec(LoraSpec):
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the per-block scales too (about 0.37 bits per parameter saved)."""
+    blocksize: Literal[32, 64, 128, 256] = 64
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype of the 4-bit matmuls; auto: bf16 on a GPU that supports it, fp32 otherwise."""
+    merge_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """dtype of the merged copy (`merged_model`)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+def compute_dtype(name: str) -> torch.dtype:
+    if name != "auto":
+        return DTYPES[name]
+    return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+
+
+class QLoraMethod(LoraMethod):
+    name = "qlora"
+
+    def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
+        slices = [p.site for p in plan.sites if p.site.is_slice]
+        if slices:
+            raise PeftlabError(f"method qlora: {slices[0].role} is a slice of the fused projection {slices[0].path}; "
+                               "QLoRA adapts whole modules: select q, k and v together, or use method lora")
+        skip = list(head)
+        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        skip += [name for name, module in model.named_modules() if output is not None and module is output]
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.quantized: Quantized = quantize_4bit(
+            model, skip, compute_dtype(self.spec.compute_dtype), self.spec.quant_type, self.spec.double_quant,
+            self.spec.blocksize, device)
+        self._plan, self._head = plan, head
+        self._config = model.config
+        return super().apply(model, plan, head)
+
+    def peft_overrides(self) -> dict[str, Any]:
+        return {"fan_in_fan_out": False}  # GPT-2's Conv1D layers are 4-bit Linear layers now
+
+    def merge(self, model: nn.Module) -> None:
+        raise PeftlabError("method qlora: merging into 4-bit weights would re-quantize them; "
+                           "use merged_model(), which merges into a 16-bit copy")
+
+    unmerge = merge
+
+    @contextmanager
+    def merged(self, model: nn.Module) -> Iterator[nn.Module]:
+        copy = self.merged_model(model)
+        try:
+            yield copy
+        finally:
+            del copy
+
+    def merged_model(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+        """A plain transformers model in `merge_dtype` (or `dtype`): the dequantized base with the trained
+        adapters (and head) folded in. The 4-bit model is left as it is."""
+        base = unwrap(model)
+        device = next(model.parameters()).device
+        state: dict[str, torch.Tensor] = {}
+        for name, module in base.named_modules():
+            if is_4bit(getattr(module, "weight", None)):
+                key = _plain_name(name)
+                weight = dequantized_weight(module)
+                state[key + ".weight"] = weight.t() if key in self.quantized.transposed else weight
+                if module.bias is not None:
+                    state[key + ".bias"] = module.bias.detach().float()
+        tensors = list(base.named_parameters(remove_duplicate=False)) + list(base.named_buffers(remove_duplicate=False))
+        for name, tensor in tensors:
+            if ".lora_" in name or "modules_to_save." in name or is_4bit(tensor):
+                continue
+            state.setdefault(_plain_name(name), tensor.detach())
+        copy = type(base)(self._config)
+        copy.load_state_dict(state, strict=False)
+        missing = set(copy.state_dict()) - set(state)
+        if missing:
+            raise PeftlabError(f"method qlora: the 16-bit copy lacks {sorted(missing)[:3]}")
+        adapted = LoraMethod(self.spec).apply(copy.to(device), self._plan, self._head)
+        set_peft_model_state_dict(adapted, get_peft_model_state_dict(model))
+        merged = adapted.merge_and_unload()
+        return merged.to(dtype or DTYPES[self.spec.merge_dtype]).eval()
+
+
+def _plain_name(name: str) -> str:
+    """A parameter's name in the bare model: without PEFT's wrapper levels."""
+    return name.replace(".base_layer", "").replace(".original_module", "")
