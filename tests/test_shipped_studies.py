@@ -41,3 +41,23 @@ def test_placement_study_compares_at_equal_rank():
     configs = [RunConfig.model_validate(r.config) for r in expand(spec)]
     ranks = {p.rank for c in configs for p in make_plan(PlanConfig(model=c.model, plan=c.plan)).sites}
     assert ranks == {8}
+
+
+def test_methods_study_compares_at_an_equal_budget():
+    from peftlab.config import ModelSpec
+    from peftlab.methods.budget import match_budget
+
+    spec = load_spec(StudySpec, shipped_studies()["methods"])
+    sizes = {}
+    for run in expand(spec):
+        if run.seed == spec.seeds[0]:
+            config = RunConfig.model_validate(run.config)
+            model = ModelSpec(name=config.model.name, head="sequence-classification", num_labels=2)
+            _, match = match_budget(config, model, config.budget)
+            sizes[run.axes["variant"]] = match
+    assert sizes["lora"].size == 8 and sizes["lora"].params == spec.base["budget"]
+    for variant in ("dora", "lora-plus", "qlora", "hira", "adalora", "houlsby", "pfeiffer"):
+        # within half a rank step (1/16 of the budget at r=8): DoRA sits exactly between r=7 and r=8
+        assert abs(sizes[variant].params - sizes["lora"].params) / sizes["lora"].params <= 1 / 16, (variant, sizes[variant])
+    assert sizes["houlsby"].size != 8 and sizes["pfeiffer"].size > sizes["houlsby"].size  # widths, not ranks
+    assert sizes["bitfit"].size is None and sizes["bitfit"].params < sizes["lora"].params

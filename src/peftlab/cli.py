@@ -109,6 +109,7 @@ def run(
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
     allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | budget(N, shape) ...")] = None,
+    budget: Annotated[Optional[int], typer.Option(help="Trainable parameters to match: the method's rank, width or prefix length is chosen.")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate.")] = None,
     epochs: Annotated[Optional[float], typer.Option(help="Training epochs.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides --epochs).")] = None,
@@ -131,6 +132,7 @@ def run(
         "plan.placement.roles": placement,
         "plan.placement.layers": layers,
         "plan.allocation": _allocation_override(allocation, rank),
+        "budget": budget,
         "train.lr": lr,
         "train.epochs": epochs,
         "train.max_steps": max_steps,
@@ -162,6 +164,12 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
     cost = result["cost"]
     table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
     table.add_row("% of total params", f"{100 * cost['trainable_share']:.3f}%")
+    if result.get("budget"):
+        match = result["budget"]
+        chosen = f"{match['parameter']} {match['size']}" if match["size"] else "fixed size"
+        table.add_row("budget (chosen size)", f"{match['target']:,} ({chosen})")
+    if cost.get("quantized_weight_bytes"):
+        table.add_row("4-bit weights (MiB)", f"{cost['quantized_weight_bytes'] / 2**20:,.1f}")
     table.add_row("training time (s)", f"{cost['train_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")

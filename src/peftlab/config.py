@@ -38,6 +38,8 @@ class ModelSpec(Spec):
     head: Literal["auto", "causal-lm", "sequence-classification", "base"] = "auto"
     """Which head to build: auto = sequence classification for encoders, causal LM for decoders."""
     num_labels: int = Field(2, ge=2)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the weights as loaded (16-bit halves the base's memory); PEFT keeps adapters in fp32."""
     revision: str | None = None
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless the user turns it on."""
@@ -294,6 +296,9 @@ class RunConfig(Spec):
     plan: PlanSpec = PlanSpec()
     method: MethodSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
+    budget: int | None = Field(None, ge=1)
+    """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the
+    placement, bottleneck width, prefix length) is chosen to come closest, for equal-budget comparisons."""
 
     @field_validator("method", mode="before")
     @classmethod
@@ -321,6 +326,7 @@ AXIS_PATHS = {
     "model": "model",
     "task": "task",
     "lr": "train.lr",
+    "budget": "budget",
     "variant": "",  # each value is a mapping of dotted paths -> values, set together
 }
 

@@ -55,6 +55,9 @@ class AdaLoraMethod(Method):
             deltaT=max(1, self.total_steps // 50), orth_reg_weight=self.spec.orth_reg_weight, total_step=self.total_steps,
         )
         peft_model = get_peft_model(model, config)
+        for name, param in peft_model.named_parameters():
+            if ".ranknum." in name:  # a constant; PEFT's flag is lost when the model is on the meta device
+                param.requires_grad_(False)
         wrapped = {n for n, m in peft_model.get_base_model().named_modules() if isinstance(m, AdaLoraLayer)}
         if wrapped != {p.site.path for p in plan.sites}:
             raise PeftlabError(f"adalora wrapped {len(wrapped)} modules, the plan has {len(plan.sites)}")

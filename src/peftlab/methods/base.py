@@ -27,6 +27,9 @@ class Method(ABC):
     name: ClassVar[str]
     adds_parameters: ClassVar[bool] = False  # LoRA adds A and B; full and BitFit train existing ones
     mergeable: ClassVar[bool] = False
+    size_parameter: ClassVar[str | None] = "rank"
+    """What sets the method's size: the planned ranks ("rank"), a field of its spec (prefix tuning's
+    "num_virtual_tokens"), or nothing (full fine-tuning, BitFit). The equal-budget helper varies it."""
 
     def __init__(self, spec: Any, total_steps: int | None = None):
         self.spec = spec
@@ -79,6 +82,10 @@ class Method(ABC):
             yield model
         finally:
             self.unmerge(model)
+
+    def trainable_for(self, skeleton: nn.Module, plan: Plan, head: list[str]) -> int:
+        """The method's own trainable parameters on `skeleton` (a model on the meta device)."""
+        return trainable_counts(self.apply(skeleton, plan, head), head)["adapter"]
 
     @abstractmethod
     def save(self, model: nn.Module, directory: Path) -> None:

@@ -22,6 +22,7 @@ class BitFitSpec(MethodSpecBase):
 
 class BitFitMethod(Method):
     name = "bitfit"
+    size_parameter = None
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         model.requires_grad_(False)

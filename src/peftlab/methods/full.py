@@ -17,6 +17,7 @@ class FullSpec(MethodSpecBase):
 
 class FullMethod(Method):
     name = "full"
+    size_parameter = None
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         model.requires_grad_(True)

@@ -63,6 +63,9 @@ class QLoraMethod(LoraMethod):
         self._config = model.config
         return super().apply(model, plan, head)
 
+    def trainable_for(self, skeleton: nn.Module, plan: Plan, head: list[str]) -> int:
+        return LoraMethod(self.spec).trainable_for(skeleton, plan, head)  # the adapters are LoRA's
+
     def peft_overrides(self) -> dict[str, Any]:
         return {"fan_in_fan_out": False}  # GPT-2's Conv1D layers are 4-bit Linear layers now
 

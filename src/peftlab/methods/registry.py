@@ -13,14 +13,16 @@ from peftlab.methods.bottleneck import BottleneckMethod, BottleneckSpec
 from peftlab.methods.full import FullMethod, FullSpec
 from peftlab.methods.hira import HiraMethod, HiraSpec
 from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.methods.prefix import PrefixMethod, PrefixSpec
 from peftlab.methods.qlora import QLoraMethod, QLoraSpec
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (LoraMethod, FullMethod, BitFitMethod, HiraMethod, BottleneckMethod, AdaLoraMethod,
-                        QLoraMethod)
+                        QLoraMethod, PrefixMethod)
 }
 MethodSpec = Annotated[
-    Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec, BottleneckSpec, AdaLoraSpec, QLoraSpec], Field(discriminator="name")
+    Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec, BottleneckSpec, AdaLoraSpec, QLoraSpec,
+          PrefixSpec], Field(discriminator="name")
 ]
 
 __all__ = ["METHODS", "MethodSpec", "LoraSpec", "make_method"]

@@ -23,9 +23,10 @@ from torch.utils.data import DataLoader
 from peftlab.config import ModelSpec, RunConfig
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
+from peftlab.methods.budget import match_budget
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
-from peftlab.models.quantize import weight_bytes
+from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
 from peftlab.tasks.prepare import collate, load_task
@@ -69,13 +70,16 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)
     model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))
-    model = load_model(model_spec, seed=spec.seed)
+    model = load_model(model_spec, seed=spec.seed, dtype=DTYPES[model_spec.dtype])
     base_params = count_params(model)
-    plan = build_plan(resolve_sites(model, model_spec.role_map), base_params, config.plan, model_spec.name)
+    sized, budget = config, None
+    if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
+        sized, budget = match_budget(config, model_spec, config.budget)
+    plan = build_plan(resolve_sites(model, model_spec.role_map), base_params, sized.plan, model_spec.name)
     head = head_modules(model)
     per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
     total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
-    method = make_method(config.method, total_steps)
+    method = make_method(sized.method, total_steps)
     model = method.apply(model, plan, head).to(accelerator.device)
     counts = trainable_counts(model, head)
     frozen = weight_bytes(model)
@@ -133,7 +137,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "trainable_params": trainable,
             "adapter_params": counts["adapter"],
             "head_params": counts["head"],
-            "plan_params": plan.trainable_params,
+            "plan_params": plan.trainable_params if method.size_parameter == "rank" else None,
             "base_params": base_params,
             "total_params": total,
             "trainable_share": trainable / total,
@@ -146,10 +150,12 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "adapter_bytes": adapter_bytes,
             "frozen_weight_bytes": frozen["quantized"] + frozen["other"],
             "quantized_weight_bytes": frozen["quantized"],
+            "quantized_params": frozen["quantized_params"],
             "latency_ms_per_batch": latency,
         },
         "final_train_loss": loop.final_loss,
         "method": method.report(model),
+        "budget": budget.to_dict() if budget else None,
         "data": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
                  "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
         "environment": _environment(accelerator),
