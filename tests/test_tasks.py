@@ -66,6 +66,15 @@ def test_alpaca_prompt_tokens_carry_no_loss(tmp_path, tokenizer):
     assert all(t == IGNORE for t in example["labels"][:n_prompt])
 
 
+def test_empty_responses_are_dropped_and_counted_but_an_empty_instruction_is_an_error(tmp_path, tokenizer):
+    rows = [{"instruction": f"Say {i}.", "input": "", "output": "" if i in (3, 7) else f"{i}"} for i in range(20)]
+    data = load_task(TaskSpec(path=write_rows(tmp_path / "a.json", rows), kind="instruction"), tokenizer)
+    assert data.dropped == 2 and len(data.train) + len(data.validation) + len(data.test) == 18
+    rows[5]["instruction"] = " "
+    with pytest.raises(PeftlabError, match="row 6: column 'instruction' is empty"):
+        load_task(TaskSpec(path=write_rows(tmp_path / "b.json", rows), kind="instruction"), tokenizer)
+
+
 def test_dolly_format_and_truncation_keeps_the_response(tmp_path, tokenizer):
     rows = [{"instruction": "Summarise.", "context": "word " * 200, "response": "short"} for _ in range(10)]
     data = load_task(TaskSpec(path=write_rows(tmp_path / "d.jsonl", rows), kind="instruction", max_length=48), tokenizer)

@@ -69,12 +69,14 @@ def load_hf_dataset(name: str, split: str) -> list[dict[str, Any]]:
         raise PeftlabError(f"dataset {name!r} split {split!r}: cannot load: {str(exc).splitlines()[0]}") from None
 
 
-def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str, row_offset: int = 1) -> None:
-    """Every row has every column with a non-empty value; else an error naming the row."""
+def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str, row_offset: int = 1,
+                    may_be_empty: tuple[str, ...] = ()) -> None:
+    """Every row has every column, with a non-empty value unless the column is in `may_be_empty`;
+    else an error naming the row."""
     for i, row in enumerate(rows):
         for column in columns:
             value = row.get(column)
-            if value is None or (isinstance(value, str) and not value.strip() and column != "input"):
+            if value is None or (isinstance(value, str) and not value.strip() and column not in may_be_empty):
                 present = ", ".join(sorted(k for k, v in row.items() if k is not None and v is not None)) or "none"
                 what = "missing" if value is None else "empty"
                 raise PeftlabError(

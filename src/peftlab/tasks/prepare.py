@@ -40,7 +40,7 @@ class TaskData:
     train: list[dict[str, Any]]  # each {"input_ids": [...], "labels": int | [...]}
     validation: list[dict[str, Any]]
     test: list[dict[str, Any]]
-    dropped: int = 0  # examples with no supervised token left after truncation
+    dropped: int = 0  # examples with no supervised token: an empty response, or nothing left after truncation
     cache_file: Path | None = field(default=None, repr=False)
 
 
@@ -56,7 +56,8 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
     columns = _columns(spec, kind, train)
     for part in (train, test):
         if part is not None:
-            require_columns(part.rows, columns, part.source, part.row_offset)
+            require_columns(part.rows, columns, part.source, part.row_offset,
+                            may_be_empty=columns[1:] if kind == "instruction" else ())
     train_rows, validation_rows, test_rows = _split(spec, train, test)
     labels = _labels(spec, kind, train_rows, test_rows, train, test or train)
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
@@ -189,6 +190,8 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
     template = spec.template or ALPACA_TEMPLATE
 
     def encode_instruction(row):
+        if not str(row[response_col]).strip():
+            return None  # an empty response teaches nothing but an immediate stop: dropped and counted
         prompt = render_prompt(template, str(row[instruction_col]), str(row.get(context_col) or "") if context_col else "")
         prompt_ids = tokenizer(prompt)["input_ids"]
         response_ids = tokenizer(str(row[response_col]), add_special_tokens=False)["input_ids"] + [eos]
