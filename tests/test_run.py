@@ -242,3 +242,34 @@ def test_qlora_runs_end_to_end_with_an_8bit_optimizer(tmp_path, reviews_file, al
     assert 0 < cost["quantized_weight_bytes"] < cost["frozen_weight_bytes"]
     assert set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}  # merged: the 16-bit copy
     assert (tmp_path / "qlora" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+METHODS_ON_LLAMA = ["lora", "qlora", "adalora", "hira", "bottleneck", "prefix", "full"]
+
+
+@pytest.mark.parametrize("method", METHODS_ON_LLAMA)
+def test_cli_runs_every_method_on_tiny_llama(tmp_path, alpaca_file, cli, method):
+    code, out, err = cli("run", "--model", "tiny-llama", "--data", alpaca_file, "--kind", "instruction",
+                         "--method", method, "--max-steps", 6, "--batch-size", 4, "--output", tmp_path / method)
+    assert code == 0, err
+    result = json.loads((tmp_path / method / "result.json").read_text())
+    assert result["status"] == "done" and result["metrics"]["test"]["perplexity"] > 1
+    assert result["config"]["method"]["name"] == method
+
+
+def test_cli_bitfit_on_llama_is_a_clear_error(tmp_path, alpaca_file, cli):
+    code, _, err = cli("run", "--model", "tiny-llama", "--data", alpaca_file, "--kind", "instruction",
+                       "--method", "bitfit", "--output", tmp_path / "b")
+    assert code == 2 and "bias" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "b").exists() and not (tmp_path / "b.partial").exists()
+
+
+def test_cli_budget_chooses_the_prefix_length(tmp_path, alpaca_file, cli):
+    code, out, err = cli("run", "--model", "tiny-llama", "--data", alpaca_file, "--kind", "instruction",
+                         "--method", "prefix", "--budget", 2048, "--max-steps", 2, "--output", tmp_path / "p")
+    assert code == 0, err
+    result = json.loads((tmp_path / "p" / "result.json").read_text())
+    assert result["budget"] == {"target": 2048, "parameter": "num_virtual_tokens", "size": 8, "params": 2048}
+    assert result["cost"]["adapter_params"] == 2048 and result["cost"]["plan_params"] is None
+    assert "base" in result["cost"]["latency_ms_per_batch"]  # the prefix's overhead against the bare model
+    assert "num_virtual_tokens 8" in out

@@ -1,0 +1,155 @@
+"""QLoRA's memory against LoRA with fp32 and with bf16 base weights: same model, data, plan and steps.
+
+Each configuration runs as its own `peftlab run` process (on a CPU the peak is the process's peak RSS,
+on a GPU the peak allocated memory), and the script prints, from their result records:
+- base weights: bytes held by the frozen weights, and for QLoRA the 4-bit layers against the same
+  layers in 16 bits (the target is <= 30%: 4 bits plus block scales);
+- training peak memory and tokens/s, each with its ratio to bf16 LoRA.
+Figures are appended to benchmarks/results/qlora_memory.jsonl with the machine they came from.
+
+    python benchmarks/qlora_memory.py                        # minilm-l6 + reviews, 20 steps
+    python benchmarks/qlora_memory.py --model gemma-3-270m --task reviews-instruct --batch-size 8
+    python benchmarks/qlora_memory.py --random-from qwen2.5-0.5b --data alpaca.json --kind instruction
+
+`--random-from NAME` builds a LLaMA-style model with the dimensions of a catalog architecture and random
+weights (memory and speed do not depend on the values), for machines without the real weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+RESULTS = Path(__file__).parent / "results" / "qlora_memory.jsonl"
+CONFIGS = {
+    "lora-fp32": {"model": {"dtype": "fp32"}, "method": {"name": "lora"}},
+    "lora-bf16": {"model": {"dtype": "bf16"}, "method": {"name": "lora"}},
+    # the QLoRA paper keeps what is not quantized (embeddings, norms) in 16 bits
+    "qlora-nf4": {"model": {"dtype": "bf16"}, "method": {"name": "qlora"}},
+}
+MiB = 2**20
+
+
+def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
+    """A LLaMA-style model with the dimensions of catalog architecture `name`, random weights and a
+    30,522-token vocabulary: the bundled MiniLM tokenizer, or the one in the directory `tokenizer`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from peftlab.config import ModelSpec
+    from peftlab.models.load import load_config, load_tokenizer
+
+    source = load_config(ModelSpec(name=name))
+    config = LlamaConfig(
+        vocab_size=30522, hidden_size=source.hidden_size, intermediate_size=source.intermediate_size,
+        num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=getattr(source, "num_key_value_heads", source.num_attention_heads),
+        tie_word_embeddings=getattr(source, "tie_word_embeddings", False), max_position_embeddings=4096,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_tokenizer(ModelSpec(name="tiny-llama"))
+    words.save_pretrained(directory)
+    return directory
+
+
+def run(name: str, base: dict, workdir: Path) -> dict:
+    config = {**base, "model": {**base["model"], **CONFIGS[name]["model"]}, "method": CONFIGS[name]["method"]}
+    path = workdir / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = workdir / name
+    subprocess.run([sys.executable, "-m", "peftlab", "run", "--config", str(path), "--output", str(out)],
+                   check=True, stdout=subprocess.DEVNULL)
+    return json.loads((out / "result.json").read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--random-from", help="catalog architecture to build with random weights")
+    parser.add_argument("--tokenizer", help="with --random-from: a directory with a 30,522-token tokenizer")
+    parser.add_argument("--task", default="reviews")
+    parser.add_argument("--data", help="a data file instead of --task")
+    parser.add_argument("--kind", default="instruction")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--placement", default="all")
+    parser.add_argument("--rank", type=int, default=8)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        model = str(random_model(args.random_from, workdir / "model", args.tokenizer)) if args.random_from else args.model
+        task = {"path": str(Path(args.data).resolve()), "kind": args.kind} if args.data else {"name": args.task}
+        base = {
+            "model": {"name": model},
+            "task": {**task, "max_length": args.max_length, "max_eval_examples": 64},
+            "plan": {"placement": args.placement, "allocation": args.rank},
+            "train": {"max_steps": args.steps, "batch_size": args.batch_size, "latency_batches": 0},
+        }
+        results = {}
+        for name in CONFIGS:
+            start = time.perf_counter()
+            results[name] = run(name, base, workdir)
+            print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+    reference = results["lora-bf16"]["cost"]
+    q = results["qlora-nf4"]["cost"]
+    four_bit_vs_16 = q["quantized_weight_bytes"] / (2 * q["quantized_params"])
+    print(f"\n{args.random_from or args.model}: {args.steps} steps, batch {args.batch_size} x {args.max_length}, "
+          f"{args.placement} r={args.rank}, device {results['qlora-nf4']['environment']['device']}")
+    print(f"{'config':<11} {'base weights MiB':>17} {'x bf16':>7} {'peak MiB':>9} {'x bf16':>7} {'tokens/s':>9} {'x bf16':>7}")
+    rows = []
+    for name, result in results.items():
+        cost = result["cost"]
+        row = {
+            "config": name,
+            "base_weight_bytes": cost["frozen_weight_bytes"],
+            "quantized_weight_bytes": cost["quantized_weight_bytes"],
+            "quantized_params": cost["quantized_params"],
+            "peak_memory_bytes": cost["peak_memory_bytes"],
+            "peak_memory_kind": cost["peak_memory_kind"],
+            "tokens_per_second": cost["tokens_per_second"],
+            "adapter_params": cost["adapter_params"],
+        }
+        rows.append(row)
+        print(f"{name:<11} {row['base_weight_bytes'] / MiB:>17,.1f} "
+              f"{row['base_weight_bytes'] / reference['frozen_weight_bytes']:>7.2f} "
+              f"{row['peak_memory_bytes'] / MiB:>9,.0f} {row['peak_memory_bytes'] / reference['peak_memory_bytes']:>7.2f} "
+              f"{row['tokens_per_second']:>9,.0f} {row['tokens_per_second'] / reference['tokens_per_second']:>7.2f}")
+    print(f"4-bit layers: {q['quantized_weight_bytes'] / MiB:,.1f} MiB for {q['quantized_params']:,} weights = "
+          f"{four_bit_vs_16:.1%} of the same layers in bf16 (target <= 30%)")
+    environment = results["qlora-nf4"]["environment"]
+    record = {
+        "benchmark": "qlora_memory",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "model": args.random_from or args.model,
+        "random_weights": bool(args.random_from),
+        "task": args.data or args.task,
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length,
+        "placement": args.placement, "rank": args.rank,
+        "four_bit_vs_bf16_layers": four_bit_vs_16,
+        "rows": rows,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": environment["device"],
+                    "gpu": environment["gpu"], "torch": environment["torch"]},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
