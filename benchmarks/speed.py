@@ -1,0 +1,197 @@
+"""Training speed of one LoRA configuration through three harnesses, in one invocation:
+
+- trainer: PEFT + transformers `Trainer` (the usual way), with the same tokenized examples, padding,
+  batch size, steps, learning rate, schedule and seed;
+- bare:    the same PEFT model in a plain PyTorch loop (`model(**batch).loss`, AdamW, linear schedule);
+- peftlab: `peftlab run` with the same configuration.
+
+Each runs in its own process (on a CPU the peak memory is the process's peak RSS, on a GPU the peak
+allocated memory). The script prints tokens/s, time per optimizer step and peak memory, with ratios to
+the Trainer baseline and peftlab's overhead against the bare loop, and appends the figures with the
+machine they came from to benchmarks/results/speed.jsonl.
+
+    python benchmarks/speed.py                                   # minilm-l6 + reviews, attention r=8
+    python benchmarks/speed.py --model gemma-3-270m --task reviews-instruct --batch-size 4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results" / "speed.jsonl"
+HARNESSES = ("trainer", "bare", "peftlab")
+
+
+def run_config(args: argparse.Namespace):
+    from peftlab.config import RunConfig, validate
+
+    task = {"path": str(Path(args.data).resolve()), "kind": args.kind} if args.data else {"name": args.task}
+    return validate(RunConfig, {
+        "model": args.model,
+        "task": {**task, "max_length": args.max_length, "max_eval_examples": 8},
+        "plan": {"placement": args.placement, "allocation": args.rank},
+        "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
+                  "warmup_ratio": 0.0, "max_grad_norm": None, "latency_batches": 0, "log_every": args.steps},
+    }, "benchmark")
+
+
+def peft_model_and_data(config):
+    """The model with LoRA on exactly the plan's modules (what peftlab builds), and the tokenized data."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.methods.lora import peft_task_type
+    from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
+    from peftlab.models.sites import resolve_sites
+    from peftlab.plans.peft_export import lora_config_kwargs
+    from peftlab.plans.plan import build_plan
+    from peftlab.tasks.prepare import load_task
+    from peftlab.train.run import model_spec_for_task
+
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    spec = model_spec_for_task(config.model, data.kind, len(data.labels))
+    model = load_model(spec, seed=config.train.seed)
+    plan = build_plan(resolve_sites(model), count_params(model), config.plan, spec.name)
+    lora = LoraConfig(task_type=peft_task_type(model), **lora_config_kwargs(plan, modules_to_save=head_modules(model) or None))
+    return get_peft_model(model, lora), data, tokenizer.pad_token_id
+
+
+def measure(harness: str, config) -> dict:
+    """Train with one harness in this process; return its figures."""
+    import torch
+
+    from peftlab.tasks.prepare import collate
+    from peftlab.train.measure import peak_memory, reset_peak_memory
+
+    spec = config.train
+    if harness == "peftlab":
+        from peftlab.train.run import execute_run
+
+        with tempfile.TemporaryDirectory() as tmp:
+            result = execute_run(config, Path(tmp) / "run")
+        cost = result["cost"]
+        return {"tokens": cost["train_tokens"], "seconds": cost["train_seconds"], "steps": cost["steps"],
+                "peak_memory_bytes": cost["peak_memory_bytes"], "peak_memory_kind": cost["peak_memory_kind"]}
+
+    torch.manual_seed(spec.seed)
+    model, data, pad_id = peft_model_and_data(config)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    collator = partial(collate, pad_id=pad_id)
+    tokens = 0
+
+    def counted(examples):
+        nonlocal tokens
+        batch = collator(examples)
+        tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    reset_peak_memory()
+    if harness == "trainer":
+        from transformers import Trainer, TrainingArguments
+
+        with tempfile.TemporaryDirectory() as tmp:
+            arguments = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=spec.batch_size, max_steps=spec.max_steps,
+                learning_rate=spec.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
+                seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=device == "cpu",
+                dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+            trainer = Trainer(model=model, args=arguments, train_dataset=data.train, data_collator=counted)
+            start = time.perf_counter()
+            trainer.train()
+            seconds = time.perf_counter() - start
+    else:
+        from torch.utils.data import DataLoader
+        from transformers import get_scheduler
+
+        model.to(device).train()
+        loader = DataLoader(data.train, batch_size=spec.batch_size, shuffle=True, collate_fn=counted,
+                            generator=torch.Generator().manual_seed(spec.seed))
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
+        scheduler = get_scheduler("linear", optimizer, 0, spec.max_steps)
+        start, step = time.perf_counter(), 0
+        while step < spec.max_steps:
+            for batch in loader:
+                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if step == spec.max_steps:
+                    break
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    memory, kind = peak_memory()
+    return {"tokens": tokens, "seconds": seconds, "steps": spec.max_steps, "peak_memory_bytes": memory,
+            "peak_memory_kind": kind}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--task", default="reviews")
+    parser.add_argument("--data", help="a data file instead of --task")
+    parser.add_argument("--kind", default="instruction")
+    parser.add_argument("--placement", default="attention")
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=HARNESSES, help=argparse.SUPPRESS)  # one harness, in a child process
+    args = parser.parse_args()
+    config = run_config(args)
+    if args.only:
+        print(json.dumps(measure(args.only, config)))
+        return
+
+    figures = {}
+    for harness in HARNESSES:
+        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", harness],
+                               capture_output=True, text=True, check=False)
+        if child.returncode != 0:
+            sys.exit(f"{harness} failed:\n{child.stderr[-3000:]}")
+        figures[harness] = json.loads(child.stdout.strip().splitlines()[-1])
+        figures[harness]["tokens_per_second"] = figures[harness]["tokens"] / figures[harness]["seconds"]
+        figures[harness]["step_ms"] = 1000 * figures[harness]["seconds"] / figures[harness]["steps"]
+
+    base = figures["trainer"]
+    print(f"\n{args.model} + {args.data or args.task}: {args.placement} r={args.rank}, {args.steps} steps, "
+          f"batch {args.batch_size} x <= {args.max_length} tokens")
+    print(f"{'harness':<8} {'tokens/s':>9} {'x trainer':>10} {'ms/step':>8} {'peak MiB':>9} {'x trainer':>10}")
+    for harness, f in figures.items():
+        print(f"{harness:<8} {f['tokens_per_second']:>9,.0f} {f['tokens_per_second'] / base['tokens_per_second']:>10.2f} "
+              f"{f['step_ms']:>8,.0f} {f['peak_memory_bytes'] / 2**20:>9,.0f} "
+              f"{f['peak_memory_bytes'] / base['peak_memory_bytes']:>10.2f}")
+    overhead = figures["peftlab"]["step_ms"] / figures["bare"]["step_ms"] - 1
+    print(f"peftlab's harness overhead against the bare PEFT loop: {overhead:+.1%} per step")
+
+    import torch
+
+    record = {
+        "benchmark": "speed", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model,
+        "task": args.data or args.task, "placement": args.placement, "rank": args.rank, "steps": args.steps,
+        "batch_size": args.batch_size, "max_length": args.max_length, "figures": figures,
+        "overhead_vs_bare": overhead,
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+                    "torch": torch.__version__},
+    }
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    with RESULTS.open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+if __name__ == "__main__":
+    main()
