@@ -49,7 +49,12 @@ def peft_model_and_data(config):
     from peft import LoraConfig, get_peft_model
 
     from peftlab.methods.lora import peft_task_type
-    from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
+    from peftlab.models.load import (
+        count_params,
+        head_modules,
+        load_model,
+        load_tokenizer,
+    )
     from peftlab.models.sites import resolve_sites
     from peftlab.plans.peft_export import lora_config_kwargs
     from peftlab.plans.plan import build_plan

@@ -20,7 +20,13 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import LoraMethod, LoraSpec
-from peftlab.models.quantize import DTYPES, Quantized, dequantized_weight, is_4bit, quantize_4bit
+from peftlab.models.quantize import (
+    DTYPES,
+    Quantized,
+    dequantized_weight,
+    is_4bit,
+    quantize_4bit,
+)
 from peftlab.plans.plan import Plan
 from peftlab.train.loss import unwrap
 
@@ -52,9 +58,8 @@ class QLoraMethod(LoraMethod):
         if slices:
             raise PeftlabError(f"method qlora: {slices[0].role} is a slice of the fused projection {slices[0].path}; "
                                "QLoRA adapts whole modules: select q, k and v together, or use method lora")
-        skip = list(head)
-        output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        skip += [name for name, module in model.named_modules() if output is not None and module is output]
+        output = model.get_output_embeddings()
+        skip = list(head) + [name for name, module in model.named_modules() if output is not None and module is output]
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.quantized: Quantized = quantize_4bit(
             model, skip, compute_dtype(self.spec.compute_dtype), self.spec.quant_type, self.spec.double_quant,
@@ -77,11 +82,7 @@ class QLoraMethod(LoraMethod):
 
     @contextmanager
     def merged(self, model: nn.Module) -> Iterator[nn.Module]:
-        copy = self.merged_model(model)
-        try:
-            yield copy
-        finally:
-            del copy
+        yield self.merged_model(model)  # nothing to undo: the 4-bit model is never changed
 
     def merged_model(self, model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
         """A plain transformers model in `merge_dtype` (or `dtype`): the dequantized base with the trained
