@@ -171,7 +171,12 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
     if cost.get("quantized_weight_bytes"):
         table.add_row("4-bit weights (MiB)", f"{cost['quantized_weight_bytes'] / 2**20:,.1f}")
     table.add_row("training time (s)", f"{cost['train_seconds']:.1f}")
+    if result.get("prefix_cache"):
+        cache = result["prefix_cache"]
+        how = "loaded" if cache["loaded"] else "built"
+        table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s)", f"{cost['prefix_cache_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
+    table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
     if cost["adapter_bytes"] is not None:
         table.add_row("adapter size (KiB)", f"{cost['adapter_bytes'] / 1024:,.0f}")

@@ -270,6 +270,9 @@ class TrainSpec(Spec):
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides epochs."""
     batch_size: int = Field(16, ge=1)
+    batching: Literal["bucketed", "random"] = "bucketed"
+    """bucketed: examples of similar length train together (less padding; a fresh random mix every epoch).
+    random: uniformly random batches, as most trainers draw them."""
     eval_batch_size: int = Field(64, ge=1)
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(5e-4, gt=0)
@@ -284,6 +287,9 @@ class TrainSpec(Spec):
     log_every: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    prefix_cache: bool = True
+    """When every adapter is at or above layer L > 0: compute the frozen layers below L once per example
+    (deterministically, dropout off there) and reuse their output across epochs and study runs."""
     latency_batches: int = Field(5, ge=0)
     """Batches timed for inference latency, merged and unmerged (0: skip)."""
 

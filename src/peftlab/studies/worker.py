@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-RESULT_KEYS = ("status", "error", "metrics", "cost", "data", "final_train_loss", "method", "environment")
+RESULT_KEYS = ("status", "error", "metrics", "cost", "data", "final_train_loss", "method", "prefix_cache", "environment")
 
 
 def run_dir(study_dir: Path, run_id: str) -> Path:

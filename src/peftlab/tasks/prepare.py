@@ -224,3 +224,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     if not token_labels:
         labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate` of the examples at `index`, which the batch carries along as `index`."""
+    return {**collate([examples[i] for i in index], pad_id), "index": torch.tensor(index, dtype=torch.long)}

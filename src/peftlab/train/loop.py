@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from transformers import get_scheduler
 
 from peftlab.methods.base import Method
 from peftlab.train.loss import batch_nll
+from peftlab.train.prefix_cache import PrefixCache
 
 
 @dataclass
@@ -28,6 +30,7 @@ class LoopResult:
     steps: int
     train_seconds: float  # optimizer steps only; evaluation time excluded
     train_tokens: int  # non-padding tokens seen in training
+    train_positions: int  # padded positions computed (tokens + padding)
     final_loss: float  # mean training loss over the last log window
     failure: str | None = None
 
@@ -59,14 +62,16 @@ def train_loop(
     accelerator: Accelerator,
     on_log: Callable[[dict], None],
     on_eval: Callable[[int], None],
+    prefix: PrefixCache | None = None,
 ) -> LoopResult:
+    """Batches carry their examples' `index` (for the prefix cache); the model never sees it."""
     optimizer = make_optimizer(spec.optimizer, method.param_groups(model, spec.lr, spec.weight_decay))
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = forever(loader)
     model.train()
-    seconds, tokens, window = 0.0, 0, []
+    seconds, tokens, positions, window = 0.0, 0, 0, []
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
@@ -75,17 +80,23 @@ def train_loop(
             start = time.perf_counter()
             step_loss = 0.0
             for _ in range(spec.grad_accum):  # micro-batches of one optimizer step
-                batch = {k: v.to(accelerator.device) for k, v in next(batches).items()}
-                with accelerator.autocast():
+                batch = next(batches)
+                index = batch.pop("index")
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                length = batch["input_ids"].shape[1]
+                bypass = prefix.feeding(index, length, accelerator.device) if prefix else nullcontext()
+                with accelerator.autocast(), bypass:
                     nll, count, _ = batch_nll(model, batch, kind)
                 loss = nll / count  # mean over this micro-batch's predictions
                 penalty = method.regularization(model)
                 loss = (loss if penalty is None else loss + penalty) / spec.grad_accum
                 if not torch.isfinite(loss):
-                    return LoopResult(step - 1, seconds, tokens, float("nan"), f"non-finite loss ({loss.item()}) at step {step}")
+                    return LoopResult(step - 1, seconds, tokens, positions, float("nan"),
+                                      f"non-finite loss ({loss.item()}) at step {step}")
                 accelerator.backward(loss)
                 step_loss += loss.item()
                 tokens += int(batch["attention_mask"].sum())
+                positions += batch["attention_mask"].numel()
             if spec.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
             optimizer.step()
@@ -101,4 +112,4 @@ def train_loop(
                 final_loss, window = sum(window) / len(window), []
             if spec.eval_every and step % spec.eval_every == 0 and step < total_steps:
                 on_eval(step)
-    return LoopResult(total_steps, seconds, tokens, final_loss)
+    return LoopResult(total_steps, seconds, tokens, positions, final_loss)

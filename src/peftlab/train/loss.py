@@ -47,7 +47,8 @@ def causal_lm_nll(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[tor
     if is_prompt_learning(model):  # prefix / prompt tuning: the learned tokens go in front
         hidden = prompt_learning_hidden(model, backbone, batch)
     else:
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                          use_cache=False).last_hidden_state  # no key/value cache: nothing generates
     targets = batch["labels"][:, 1:]  # position t predicts token t + 1
     supervised = targets != IGNORE  # (B, T-1)
     logits = base.get_output_embeddings()(hidden[:, :-1][supervised])  # (N, V)

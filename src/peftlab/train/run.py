@@ -29,7 +29,8 @@ from peftlab.models.load import count_params, head_modules, load_model, load_tok
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
-from peftlab.tasks.prepare import collate, load_task
+from peftlab.tasks.prepare import collate, collate_indexed, load_task
+from peftlab.train.batching import Batches
 from peftlab.train.evaluate import evaluate
 from peftlab.train.loop import train_loop
 from peftlab.train.loss import batch_nll
@@ -39,6 +40,7 @@ from peftlab.train.measure import (
     peak_memory,
     reset_peak_memory,
 )
+from peftlab.train.prefix_cache import build_prefix_cache
 
 
 def _precision(requested: str) -> str:
@@ -96,14 +98,16 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         history.flush()
 
     pad_id = tokenizer.pad_token_id
-    generator = torch.Generator().manual_seed(spec.seed)
-    train_loader = DataLoader(data.train, batch_size=spec.batch_size, shuffle=True, generator=generator,
-                              collate_fn=partial(collate, pad_id=pad_id))
+    lengths = [len(e["input_ids"]) for e in data.train]
+    sampler = Batches(lengths, spec.batch_size, spec.seed, bucketed=spec.batching == "bucketed")
+    train_loader = DataLoader(range(len(data.train)), batch_sampler=sampler,
+                              collate_fn=partial(collate_indexed, examples=data.train, pad_id=pad_id))
 
-    size = spec.eval_batch_size
+    size = spec.eval_batch_size  # evaluation order does not matter: sorted by length, little padding
     eval_batches = {
-        name: [collate(split[i : i + size], pad_id) for i in range(0, len(split), size)]
+        name: [collate(ordered[i : i + size], pad_id) for i in range(0, len(ordered), size)]
         for name, split in (("validation", data.validation), ("test", data.test))
+        for ordered in [sorted(split, key=lambda e: len(e["input_ids"]))]
     }
 
     n_labels = len(data.labels)
@@ -113,7 +117,12 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
     reset_peak_memory()
-    loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval)
+    prefix = None
+    if spec.prefix_cache:  # the frozen layers below the lowest adapter, computed once per example
+        prefix = build_prefix_cache(model, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size,
+                                    accelerator.device, accelerator.autocast, accelerator.mixed_precision)
+    cache_seconds = prefix.info.build_seconds if prefix else 0.0
+    loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval, prefix)
     memory, memory_kind = peak_memory()  # the training peak, before evaluation adds its own
     result: dict[str, Any] = {"status": "failed" if loop.failure else "done", "error": loop.failure}
     metrics: dict[str, Any] = {}
@@ -142,9 +151,12 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "total_params": total,
             "trainable_share": trainable / total,
             "steps": loop.steps,
-            "train_seconds": loop.train_seconds,
+            "train_seconds": loop.train_seconds + cache_seconds,
+            "step_seconds": loop.train_seconds,  # optimizer steps only
+            "prefix_cache_seconds": cache_seconds,  # building or loading the cache
             "train_tokens": loop.train_tokens,
-            "tokens_per_second": loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
+            "tokens_per_second": loop.train_tokens / (loop.train_seconds + cache_seconds) if loop.train_seconds else 0.0,
+            "padding_fraction": 1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
             "peak_memory_bytes": memory,
             "peak_memory_kind": memory_kind,
             "adapter_bytes": adapter_bytes,
@@ -156,6 +168,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         "final_train_loss": loop.final_loss,
         "method": method.report(model),
         "budget": budget.to_dict() if budget else None,
+        "prefix_cache": prefix.info.to_dict() if prefix else None,
         "data": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
                  "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
         "environment": _environment(accelerator),

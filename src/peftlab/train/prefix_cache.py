@@ -1,0 +1,253 @@
+"""The frozen-prefix activation cache: compute the layers below the lowest adapter once per example.
+
+When every trainable parameter sits in layer L or above, the embeddings and layers 0..L-1 are frozen:
+run deterministically (dropout off there), they map each example to the same hidden states in every
+epoch and in every run of a study that shares the model, the data and L. The cache computes those
+hidden states once (saved under the peftlab cache, keyed by the lower weights, the tokenized data, L
+and the precision), and training then bypasses layers 0..L-1: while a batch runs, each of them is
+swapped for a stand-in that returns the batch's cached states. Embeddings, masks, position encodings,
+the upper layers and the head run as usual, so every architecture whose layers peftlab can find works
+unchanged. Without dropout in the model, the losses equal the uncached run's up to float rounding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from peftlab.models.architectures import family_for
+from peftlab.models.load import cache_dir
+from peftlab.tasks.prepare import collate
+from peftlab.train.loss import is_prompt_learning, unwrap
+
+VERSION = 1
+
+
+class _Stop(Exception):
+    """Raised at layer L while building the cache: nothing above it needs to run."""
+
+
+class _Bypass(nn.Module):
+    """Stands in for a frozen lower layer: returns the cached states entering layer L."""
+
+    def __init__(self, layer: nn.Module, cache: PrefixCache) -> None:
+        super().__init__()
+        for name, value in vars(layer).items():  # attributes the model's loop reads (attention_type, ...)
+            if not name.startswith("_") and name != "training":
+                setattr(self, name, value)
+        self.source = [cache]  # a list: not registered as a submodule
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        cache = self.source[0]
+        return (cache.current,) if cache.tuple_output else cache.current
+
+
+def backbone_layers(model: nn.Module) -> tuple[nn.ModuleList, list[str]] | None:
+    """The model's stack of layer blocks, with their module paths, if peftlab knows the family."""
+    family = family_for(getattr(getattr(unwrap(model), "config", None), "model_type", ""))
+    if family is None:
+        return None
+    pattern = re.compile(family.layer_pattern)
+    found = sorted(((int(m.group(1)), path) for path, _ in model.named_modules() if (m := pattern.search(path))))
+    if not found:
+        return None
+    paths = [path for _, path in found]
+    parent = model.get_submodule(paths[0].rsplit(".", 1)[0])
+    return (parent, paths) if isinstance(parent, nn.ModuleList) and len(parent) == len(paths) else None
+
+
+def lowest_trainable_layer(model: nn.Module) -> int:
+    """L: the lowest layer block with a trainable parameter; 0 when there is none to skip (the
+    adapters start at layer 0, prefix/prompt tuning, an architecture whose layers peftlab cannot find)."""
+    found = backbone_layers(model)
+    if found is None or is_prompt_learning(model):
+        return 0
+    trainable = [any(p.requires_grad for p in layer.parameters()) for layer in found[0]]
+    return trainable.index(True) if any(trainable) else 0
+
+
+@dataclass
+class CacheInfo:
+    layer: int
+    examples: int
+    tokens: int
+    bytes: int
+    loaded: bool  # found on disk (built by an earlier run)
+    build_seconds: float
+    file: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(vars(self))
+
+
+class PrefixCache:
+    def __init__(self, layers: nn.ModuleList, layer: int, hidden: torch.Tensor, offsets: torch.Tensor,
+                 tuple_output: bool, info: CacheInfo) -> None:
+        self.layers, self.layer = layers, layer
+        self.hidden, self.offsets = hidden, offsets.tolist()
+        self.tuple_output = tuple_output
+        self.info = info
+        self.current: torch.Tensor | None = None
+        self.bypasses = [_Bypass(layers[i], self) for i in range(layer)]
+
+    def states(self, index: torch.Tensor, length: int, device: torch.device) -> torch.Tensor:
+        """The cached states of a batch's examples, padded with zeros to `length` positions."""
+        out = self.hidden.new_zeros(len(index), length, self.hidden.shape[-1])
+        for row, i in enumerate(index.tolist()):
+            start, stop = self.offsets[i], self.offsets[i + 1]
+            out[row, : stop - start] = self.hidden[start:stop]
+        return out.to(device, non_blocking=True)
+
+    @contextmanager
+    def feeding(self, index: torch.Tensor, length: int, device: torch.device) -> Iterator[None]:
+        """Within the block, the model's layers 0..L-1 return this batch's cached states."""
+        self.current = self.states(index, length, device)
+        originals = [self.layers[i] for i in range(self.layer)]
+        for i, bypass in enumerate(self.bypasses):
+            self.layers[i] = bypass
+        try:
+            yield
+        finally:
+            for i, original in enumerate(originals):
+                self.layers[i] = original
+            self.current = None
+
+
+def _digest(model: nn.Module, layers: nn.ModuleList, layer: int) -> str:
+    """Fingerprint of everything that shapes the states entering `layer`: the backbone's frozen weights
+    outside layers >= L (embeddings, layers below L) and how 4-bit layers are quantized."""
+    base = unwrap(model)
+    backbone = getattr(base, base.base_model_prefix, base)
+    upper = {id(t) for block in layers[layer:] for t in [*block.parameters(), *block.buffers()]}
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in [*backbone.named_parameters(), *backbone.named_buffers()]:
+        if id(tensor) in upper or tensor.requires_grad:
+            continue
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        quant = getattr(tensor, "quant_type", None)
+        if quant is not None:
+            digest.update(f"{quant}:{tensor.blocksize}:{tensor.compress_statistics}".encode())
+    for name, module in backbone.named_modules():
+        if hasattr(module, "compute_dtype"):
+            digest.update(f"{name}:{module.compute_dtype}".encode())
+    return digest.hexdigest()
+
+
+def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_key: str, pad_id: int,
+                       batch_size: int, device: torch.device, autocast, precision: str) -> PrefixCache | None:
+    """The cache for `examples` (the training split), loaded from disk or computed now; None when no
+    layer can be skipped: the adapters start at layer 0, or something trainable (an embedding, a
+    prompt) runs before the lowest adapted layer."""
+    layer = lowest_trainable_layer(model)
+    if not layer:
+        return None
+    layers, _ = backbone_layers(model)
+    start = time.perf_counter()
+    tuple_output, early = _probe(model, layers, layer, examples[0], pad_id, device)
+    if early:
+        return None
+    key = hashlib.sha256(json.dumps({
+        "weights": _digest(model, layers, layer), "data": data_key, "layer": layer, "device": device.type,
+        "precision": precision, "version": VERSION,
+    }, sort_keys=True).encode()).hexdigest()[:24]
+    file = cache_dir() / "prefix" / f"{key}.safetensors"
+    loaded = file.is_file()
+    if loaded:
+        tensors = load_file(file)
+        hidden, offsets = tensors["hidden"], tensors["offsets"]
+    else:
+        hidden, offsets = _compute(model, layers[layer], examples, pad_id, batch_size, device, autocast)
+        _save(file, hidden, offsets)
+    info = CacheInfo(layer, len(examples), int(offsets[-1]), hidden.numel() * hidden.element_size(), loaded,
+                     time.perf_counter() - start, str(file))
+    return PrefixCache(layers, layer, hidden, offsets, tuple_output, info)
+
+
+def _save(file: Path, hidden: torch.Tensor, offsets: torch.Tensor) -> None:
+    file.parent.mkdir(parents=True, exist_ok=True)
+    partial = file.with_name(f"{file.name}.{time.time_ns()}.tmp")
+    save_file({"hidden": hidden.contiguous(), "offsets": offsets}, str(partial))
+    partial.replace(file)  # atomic: concurrent runs of a study may build the same cache
+
+
+def _backbone_call(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    base = unwrap(model)
+    getattr(base, base.base_model_prefix)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
+def _probe(model: nn.Module, layers: nn.ModuleList, layer: int, example: dict, pad_id: int, device) -> tuple[bool, list[str]]:
+    """One example through the layers below L: whether this architecture's layers return a tuple
+    (hidden, ...) or the hidden states alone, and which modules with trainable parameters ran on the way."""
+    returned: list[bool] = []
+    early: list[str] = []
+
+    def stop(*_):
+        raise _Stop
+
+    handles = [layers[layer - 1].register_forward_hook(lambda _m, _a, out: returned.append(isinstance(out, tuple))),
+               layers[layer].register_forward_pre_hook(stop)]
+    upper = {id(m) for block in layers[layer:] for m in block.modules()}
+    for name, module in model.named_modules():
+        if id(module) not in upper and any(p.requires_grad for p in module.parameters(recurse=False)):
+            handles.append(module.register_forward_pre_hook(lambda *_, name=name: early.append(name)))
+    try:
+        with torch.no_grad():
+            _backbone_call(model, {k: v.to(device) for k, v in collate([example], pad_id).items()})
+    except _Stop:
+        pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return returned[0], early
+
+
+@torch.no_grad()
+def _compute(model: nn.Module, layer_l: nn.Module, examples: list[dict[str, Any]], pad_id: int, batch_size: int,
+             device, autocast) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the frozen prefix (eval mode) over every example, longest first to batch similar lengths."""
+    captured: list[torch.Tensor] = []
+
+    def hook(_module, args, kwargs):
+        captured.append(args[0] if args else kwargs["hidden_states"])
+        raise _Stop
+
+    lengths = [len(e["input_ids"]) for e in examples]
+    order = sorted(range(len(examples)), key=lambda i: -lengths[i])
+    rows: list[torch.Tensor | None] = [None] * len(examples)
+    was_training = model.training
+    model.eval()
+    handle = layer_l.register_forward_pre_hook(hook, with_kwargs=True)
+    columns = (TextColumn("prefix cache"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    try:
+        with Progress(*columns, transient=True) as progress:
+            bar = progress.add_task("cache", total=len(examples))
+            for begin in range(0, len(order), batch_size):
+                chunk = order[begin : begin + batch_size]
+                batch = {k: v.to(device) for k, v in collate([examples[i] for i in chunk], pad_id).items()}
+                try:
+                    with autocast():
+                        _backbone_call(model, batch)
+                except _Stop:
+                    pass
+                states = captured.pop().cpu()
+                for row, i in enumerate(chunk):
+                    rows[i] = states[row, : lengths[i]].clone()
+                progress.update(bar, advance=len(chunk))
+    finally:
+        handle.remove()
+        model.train(was_training)
+    offsets = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.long)
+    return torch.cat(rows), offsets

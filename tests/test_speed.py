@@ -1,0 +1,151 @@
+"""Speed features: length-bucketed batches and the frozen-prefix activation cache."""
+
+import json
+from contextlib import nullcontext
+
+import pytest
+import torch
+
+import peftlab.train.run as run_module
+from peftlab.config import ModelSpec, RunConfig, validate
+from peftlab.methods.registry import make_method
+from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.sites import resolve_sites
+from peftlab.plans.plan import build_plan
+from peftlab.train.batching import Batches
+from peftlab.train.prefix_cache import build_prefix_cache, lowest_trainable_layer
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def no_dropout(monkeypatch):
+    """Models without dropout: a run is then deterministic given its batches, so the cached and the
+    uncached run must produce the same losses."""
+    original = run_module.load_model
+
+    def load(*args, **kwargs):
+        model = original(*args, **kwargs)
+        for module in model.modules():
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        return model
+
+    monkeypatch.setattr(run_module, "load_model", load)
+
+
+@pytest.fixture
+def varied_reviews(tmp_path):
+    """Reviews of 5 to 25 words: lengths vary, so batches carry padding."""
+    rows = [{"text": f"the food was {'good' if i % 2 else 'bad'} " + "very " * (i % 21), "label": "pos" if i % 2 else "neg"}
+            for i in range(120)]
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture
+def instructions(tmp_path):
+    rows = [{"instruction": f"Repeat the word {w} {'twice ' * (i % 5)}.", "input": "", "output": f"{w} " * (1 + i % 3)}
+            for i, w in enumerate(["apple", "river", "stone", "cloud"] * 6)]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_bucketed_batches_cover_every_example_once_and_reshuffle():
+    lengths = [(i * 37) % 101 + 1 for i in range(1000)]
+    sampler = Batches(lengths, 16, seed=3, bucketed=True)
+    first, second = list(sampler), list(sampler)
+    for epoch in (first, second):
+        assert sorted(i for batch in epoch for i in batch) == list(range(1000))
+        assert len(epoch) == len(sampler) == 63
+    assert first != second  # a fresh mix every epoch
+    assert list(Batches(lengths, 16, seed=3, bucketed=True)) == first  # seeded
+
+    def padding(batches):
+        padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
+        return 1 - sum(lengths) / padded
+
+    random_batches = list(Batches(lengths, 16, seed=3, bucketed=False))
+    assert padding(first) < 0.05 < 0.3 < padding(random_batches)
+
+
+def run_losses(tmp_path, model, data, kind, placement, cache, name, **train):
+    config = validate(RunConfig, {
+        "model": model,
+        "task": {"path": str(data), "kind": kind},
+        "plan": {"placement": placement, "allocation": 4},
+        "train": {"max_steps": 8, "batch_size": 8, "lr": 5e-3, "latency_batches": 0, "log_every": 1,
+                  "prefix_cache": cache, **train},
+    }, "test")
+    out = tmp_path / name
+    result = run_module.execute_run(config, out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["train_loss"] for r in rows if "train_loss" in r], result
+
+
+UPPER = {"roles": "all", "layers": "upper-half"}
+
+
+@pytest.mark.parametrize("model,kind", [("tiny-bert", "classification"), ("tiny-distilbert", "classification"),
+                                        ("tiny-gpt2", "classification"), ("tiny-llama", "instruction"),
+                                        ("tiny-gpt2", "instruction")])
+def test_cached_prefix_gives_the_uncached_losses(tmp_path, no_dropout, varied_reviews, instructions, model, kind):
+    data = varied_reviews if kind == "classification" else instructions
+    plain, plain_result = run_losses(tmp_path, model, data, kind, UPPER, False, "plain")
+    cached, result = run_losses(tmp_path, model, data, kind, UPPER, True, "cached")
+    layers = 4 if model == "tiny-llama" else 2
+    assert plain_result["prefix_cache"] is None
+    assert result["prefix_cache"]["layer"] == layers // 2 and not result["prefix_cache"]["loaded"]
+    assert result["prefix_cache"]["examples"] == result["data"]["train"]
+    assert cached == pytest.approx(plain, abs=1e-5)
+    assert result["metrics"]["test"]["loss"] == pytest.approx(plain_result["metrics"]["test"]["loss"], abs=1e-5)
+    assert len(set(cached)) > 1  # the loss moved: the steps trained something
+
+
+def test_a_second_run_loads_the_cache_and_trains_the_same(tmp_path, no_dropout, varied_reviews):
+    first, one = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "one")
+    second, two = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "two")
+    assert not one["prefix_cache"]["loaded"] and two["prefix_cache"]["loaded"]
+    assert two["prefix_cache"]["file"] == one["prefix_cache"]["file"]
+    assert second == first
+    # another seed of a tiny model has other lower weights: its own cache
+    _, other = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "three", seed=1)
+    assert other["prefix_cache"]["file"] != one["prefix_cache"]["file"]
+
+
+def test_bucketing_reports_less_padding(tmp_path, varied_reviews):
+    epoch = {"max_steps": None, "epochs": 1}
+    _, bucketed = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", True, "b", **epoch)
+    _, plain = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", True, "r", batching="random",
+                          **epoch)
+    assert bucketed["prefix_cache"] is None  # adapters on layer 0: nothing to skip
+    assert bucketed["cost"]["padding_fraction"] < plain["cost"]["padding_fraction"]
+    assert bucketed["cost"]["train_tokens"] == plain["cost"]["train_tokens"]  # one epoch: every example once
+
+
+def adapted(model_name, method, placement):
+    spec = ModelSpec(name=model_name, head="sequence-classification")
+    model = load_model(spec)
+    plan = build_plan(resolve_sites(model), count_params(model), validate(RunConfig, {"plan": {"placement": placement}},
+                                                                            "test").plan, model_name)
+    return make_method(validate(RunConfig, {"method": method}, "test").method, 10).apply(model, plan, head_modules(model))
+
+
+def test_no_cache_when_something_trainable_runs_below_the_lowest_adapter():
+    example = [{"input_ids": [101, 2000, 2001, 102], "labels": 0}]
+
+    def cache(model):
+        return build_prefix_cache(model, example, "k", 0, 4, torch.device("cpu"), nullcontext, "no")
+
+    upper = adapted("tiny-bert", "lora", UPPER)
+    assert lowest_trainable_layer(upper) == 1
+    embeddings = upper.get_base_model().bert.embeddings.word_embeddings.weight
+    embeddings.requires_grad_(True)
+    assert cache(upper) is None  # a trainable embedding feeds the cached layers
+    assert lowest_trainable_layer(adapted("tiny-bert", "full", "all")) == 0
+    assert lowest_trainable_layer(adapted("tiny-bert", "lora", "all")) == 0
