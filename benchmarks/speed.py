@@ -1,25 +1,26 @@
-"""Training speed of one LoRA configuration through three harnesses, in one invocation:
+"""Training speed of one LoRA configuration through four harnesses, in one invocation:
 
-- trainer: PEFT + transformers `Trainer` (the usual way), with the same tokenized examples, padding,
-  batch size, steps, learning rate, schedule and seed;
-- bare:    the same PEFT model in a plain PyTorch loop (`model(**batch).loss`, AdamW, linear schedule);
-- peftlab: `peftlab run` with the same configuration.
+- trainer:        PEFT + transformers `Trainer` (the usual way), with the same tokenized examples,
+                  padding, batch size, steps, learning rate, schedule and seed;
+- bare:           the same PEFT model in a plain PyTorch loop (`model(**batch).loss`, AdamW, linear
+                  schedule), random batches like the Trainer's;
+- peftlab-random: `peftlab run` with random batches: against `bare`, the harness's own overhead;
+- peftlab:        `peftlab run` as it runs by default (length-bucketed batches; for causal LMs, logits only
+                  at supervised positions), against `trainer`: what a user gains.
 
 Each runs in its own process (on a CPU the peak memory is the process's peak RSS, on a GPU the peak
-allocated memory). The script prints tokens/s, time per optimizer step and peak memory, with ratios to
-the Trainer baseline and peftlab's overhead against the bare loop, and appends the figures with the
-machine they came from to benchmarks/results/speed.jsonl.
+allocated memory). The script prints tokens/s, time per optimizer step, padding and peak memory, with
+ratios to the Trainer baseline and peftlab's overhead against the bare loop, and appends the figures
+with the machine they came from to benchmarks/results/speed.jsonl.
 
     python benchmarks/speed.py                                   # minilm-l6 + reviews, attention r=8
-    python benchmarks/speed.py --model gemma-3-270m --task reviews-instruct --batch-size 4
+    python benchmarks/speed.py --model gemma-3-270m --task reviews-instruct --batch-size 8 --steps 3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -27,8 +28,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results" / "speed.jsonl"
-HARNESSES = ("trainer", "bare", "peftlab")
+from common import MiB, append_result
+
+HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab")
 
 
 def run_config(args: argparse.Namespace):
@@ -78,25 +80,29 @@ def measure(harness: str, config) -> dict:
     from peftlab.train.measure import peak_memory, reset_peak_memory
 
     spec = config.train
-    if harness == "peftlab":
+    if harness.startswith("peftlab"):
         from peftlab.train.run import execute_run
 
+        if harness == "peftlab-random":
+            config = config.model_copy(update={"train": spec.model_copy(update={"batching": "random"})})
         with tempfile.TemporaryDirectory() as tmp:
             result = execute_run(config, Path(tmp) / "run")
         cost = result["cost"]
         return {"tokens": cost["train_tokens"], "seconds": cost["train_seconds"], "steps": cost["steps"],
+                "padding_fraction": cost["padding_fraction"],
                 "peak_memory_bytes": cost["peak_memory_bytes"], "peak_memory_kind": cost["peak_memory_kind"]}
 
     torch.manual_seed(spec.seed)
     model, data, pad_id = peft_model_and_data(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     collator = partial(collate, pad_id=pad_id)
-    tokens = 0
+    tokens = positions = 0
 
     def counted(examples):
-        nonlocal tokens
+        nonlocal tokens, positions
         batch = collator(examples)
         tokens += int(batch["attention_mask"].sum())
+        positions += batch["attention_mask"].numel()
         return batch
 
     reset_peak_memory()
@@ -137,8 +143,8 @@ def measure(harness: str, config) -> dict:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     memory, kind = peak_memory()
-    return {"tokens": tokens, "seconds": seconds, "steps": spec.max_steps, "peak_memory_bytes": memory,
-            "peak_memory_kind": kind}
+    return {"tokens": tokens, "seconds": seconds, "steps": spec.max_steps, "padding_fraction": 1 - tokens / positions,
+            "peak_memory_bytes": memory, "peak_memory_kind": kind}
 
 
 def main() -> None:
@@ -154,6 +160,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--harnesses", default=",".join(HARNESSES), help="comma-separated subset to run")
     parser.add_argument("--only", choices=HARNESSES, help=argparse.SUPPRESS)  # one harness, in a child process
     args = parser.parse_args()
     config = run_config(args)
@@ -162,7 +169,7 @@ def main() -> None:
         return
 
     figures = {}
-    for harness in HARNESSES:
+    for harness in args.harnesses.split(","):
         child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", harness],
                                capture_output=True, text=True, check=False)
         if child.returncode != 0:
@@ -171,31 +178,22 @@ def main() -> None:
         figures[harness]["tokens_per_second"] = figures[harness]["tokens"] / figures[harness]["seconds"]
         figures[harness]["step_ms"] = 1000 * figures[harness]["seconds"] / figures[harness]["steps"]
 
-    base = figures["trainer"]
+    base = figures.get("trainer") or next(iter(figures.values()))
     print(f"\n{args.model} + {args.data or args.task}: {args.placement} r={args.rank}, {args.steps} steps, "
-          f"batch {args.batch_size} x <= {args.max_length} tokens")
-    print(f"{'harness':<8} {'tokens/s':>9} {'x trainer':>10} {'ms/step':>8} {'peak MiB':>9} {'x trainer':>10}")
+          f"batch {args.batch_size} x <= {args.max_length} tokens; ratios against {next(k for k in figures if figures[k] is base)}")
+    print(f"{'harness':<15} {'tokens/s':>9} {'ratio':>6} {'ms/step':>8} {'padding':>8} {'peak MiB':>9} {'ratio':>6}")
     for harness, f in figures.items():
-        print(f"{harness:<8} {f['tokens_per_second']:>9,.0f} {f['tokens_per_second'] / base['tokens_per_second']:>10.2f} "
-              f"{f['step_ms']:>8,.0f} {f['peak_memory_bytes'] / 2**20:>9,.0f} "
-              f"{f['peak_memory_bytes'] / base['peak_memory_bytes']:>10.2f}")
-    overhead = figures["peftlab"]["step_ms"] / figures["bare"]["step_ms"] - 1
-    print(f"peftlab's harness overhead against the bare PEFT loop: {overhead:+.1%} per step")
-
-    import torch
-
-    record = {
-        "benchmark": "speed", "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "model": args.model,
-        "task": args.data or args.task, "placement": args.placement, "rank": args.rank, "steps": args.steps,
-        "batch_size": args.batch_size, "max_length": args.max_length, "figures": figures,
-        "overhead_vs_bare": overhead,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
-                    "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-                    "torch": torch.__version__},
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        print(f"{harness:<15} {f['tokens_per_second']:>9,.0f} {f['tokens_per_second'] / base['tokens_per_second']:>6.2f} "
+              f"{f['step_ms']:>8,.0f} {f['padding_fraction']:>8.1%} {f['peak_memory_bytes'] / MiB:>9,.0f} "
+              f"{f['peak_memory_bytes'] / base['peak_memory_bytes']:>6.2f}")
+    overhead = None
+    if "bare" in figures and "peftlab-random" in figures:
+        overhead = figures["peftlab-random"]["step_ms"] / figures["bare"]["step_ms"] - 1
+        print(f"peftlab's harness overhead against the bare PEFT loop (same random batches): {overhead:+.1%} per step")
+    append_result("speed", {
+        "model": args.model, "task": args.data or args.task, "placement": args.placement, "rank": args.rank,
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "figures": figures,
+        "overhead_vs_bare": overhead})
 
 
 if __name__ == "__main__":

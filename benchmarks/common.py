@@ -1,0 +1,41 @@
+"""What the benchmark scripts share: `peftlab run` in its own process, machine info, result files."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+RESULTS = Path(__file__).parent / "results"
+MiB = 2**20
+
+
+def peftlab_run(config: dict[str, Any], workdir: Path, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    """`peftlab run` on `config` in a fresh process; its result record."""
+    path, out = workdir / f"{name}.yaml", workdir / name
+    path.write_text(yaml.safe_dump(config))
+    subprocess.run([sys.executable, "-m", "peftlab", "run", "--config", str(path), "--output", str(out)],
+                   check=True, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    return json.loads((out / "result.json").read_text())
+
+
+def machine() -> dict[str, Any]:
+    import torch
+
+    return {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": torch.get_num_threads(),
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None, "torch": torch.__version__}
+
+
+def append_result(benchmark: str, record: dict[str, Any]) -> None:
+    """One line in benchmarks/results/BENCHMARK.jsonl, with the time and the machine."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    full = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "machine": machine()}
+    with (RESULTS / f"{benchmark}.jsonl").open("a") as handle:
+        handle.write(json.dumps(full) + "\n")

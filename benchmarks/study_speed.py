@@ -1,0 +1,116 @@
+"""A whole study end to end: `peftlab study run` against the same runs done one by one with PEFT + Trainer.
+
+- peftlab: `peftlab study run STUDY --jobs N` from an empty cache (tokenization and prefix caches are
+  built inside the measured time), every run in its own process, with evaluation, latency and saving;
+- trainer: in one process, for every run of the study in turn: load the model, LoRA on exactly the
+  plan's modules, `Trainer.train` with the run's epochs, batch size, learning rate, warmup, clipping and
+  seed, then `Trainer.predict` on the validation and test splits (accuracy). It gets the tokenized
+  examples for free (peftlab's cache, filled by the study).
+
+Prints both wall times, their ratio, and the mean test accuracy per configuration from both (the runs
+must learn alike for the times to compare). Figures go to benchmarks/results/study_speed.jsonl.
+
+    python benchmarks/study_speed.py                       # the shipped placement study, 2 jobs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from common import append_result
+
+
+def trainer_runs(study: str, out: Path) -> None:
+    """Every run of the study, one by one, through PEFT + Trainer; per-run accuracy to `out`."""
+    import numpy as np
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    from peftlab.config import RunConfig, StudySpec, load_spec
+    from peftlab.studies.grid import expand
+    from peftlab.studies.shipped import shipped_study
+    from peftlab.tasks.prepare import collate
+    from speed import peft_model_and_data
+
+    accuracies = []
+    for run in expand(load_spec(StudySpec, shipped_study(study))):
+        config = RunConfig.model_validate(run.config)
+        spec = config.train
+        torch.manual_seed(spec.seed)
+        model, data, pad_id = peft_model_and_data(config)
+        with tempfile.TemporaryDirectory() as tmp:
+            arguments = TrainingArguments(
+                output_dir=tmp, per_device_train_batch_size=spec.batch_size, per_device_eval_batch_size=spec.eval_batch_size,
+                num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
+                warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm or 0.0,
+                seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
+            trainer = Trainer(model=model, args=arguments, train_dataset=data.train,
+                              data_collator=lambda examples: collate(examples, pad_id))
+            trainer.train()
+            scores = {}
+            for split in ("validation", "test"):
+                predicted = trainer.predict(getattr(data, split))
+                scores[split] = float(np.mean(predicted.predictions.argmax(-1) == predicted.label_ids))
+        accuracies.append({"label": run.label, "seed": run.seed, **scores})
+    out.write_text(json.dumps(accuracies))
+
+
+def mean_by_label(rows: list[dict]) -> dict[str, float]:
+    groups = defaultdict(list)
+    for row in rows:
+        groups[row["label"]].append(row["test"])
+    return {label: sum(v) / len(v) for label, v in groups.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", default="placement")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--trainer-only", type=Path, help=argparse.SUPPRESS)  # the baseline, in a child process
+    args = parser.parse_args()
+    if args.trainer_only:
+        trainer_runs(args.study, args.trainer_only)
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        env = {**os.environ, "PEFTLAB_CACHE": str(work / "cache")}
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "peftlab", "study", "run", args.study, "--dir", str(work / "study"),
+                        "--jobs", str(args.jobs)], check=True, env=env, stdout=subprocess.DEVNULL)
+        peftlab_seconds = time.perf_counter() - start
+        from peftlab.studies.store import Store
+
+        done = [r for r in Store(work / "study" / "study.db").rows() if r["status"] == "done"]
+        ours = mean_by_label([{"label": r["label"], "test": json.loads(r["result"])["metrics"]["test"]["accuracy"]}
+                              for r in done])
+        start = time.perf_counter()
+        subprocess.run([sys.executable, __file__, "--study", args.study, "--trainer-only", str(work / "trainer.json")],
+                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        trainer_seconds = time.perf_counter() - start
+        theirs = mean_by_label(json.loads((work / "trainer.json").read_text()))
+
+    print(f"\nstudy {args.study}: {len(done)} runs")
+    print(f"peftlab study run --jobs {args.jobs}: {peftlab_seconds:,.0f} s")
+    print(f"PEFT + Trainer, one by one:   {trainer_seconds:,.0f} s")
+    print(f"peftlab is {trainer_seconds / peftlab_seconds:.2f}x faster end to end")
+    print(f"{'configuration':<40} {'peftlab acc':>12} {'Trainer acc':>12}")
+    for label in ours:
+        print(f"{label:<40} {ours[label]:>12.3f} {theirs.get(label, float('nan')):>12.3f}")
+    append_result("study_speed", {"study": args.study, "jobs": args.jobs, "runs": len(done),
+                                  "peftlab_seconds": peftlab_seconds, "trainer_seconds": trainer_seconds,
+                                  "speedup": trainer_seconds / peftlab_seconds,
+                                  "test_accuracy": {"peftlab": ours, "trainer": theirs}})
+
+
+if __name__ == "__main__":
+    main()
