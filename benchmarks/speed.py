@@ -6,7 +6,11 @@
                   schedule), random batches like the Trainer's;
 - peftlab-random: `peftlab run` with random batches: against `bare`, the harness's own overhead;
 - peftlab:        `peftlab run` as it runs by default (length-bucketed batches; for causal LMs, logits only
-                  at supervised positions), against `trainer`: what a user gains.
+                  at supervised positions), against `trainer`: what a user gains;
+- peftlab-compile (on request): the same with `train.compile: true`, compilation time included.
+
+With `--repeats N` the harnesses run N times, interleaved, and the median step time of each is kept
+(shared machines are noisy: a few percent between identical runs).
 
 Each runs in its own process (on a CPU the peak memory is the process's peak RSS, on a GPU the peak
 allocated memory). The script prints tokens/s, time per optimizer step, padding and peak memory, with
@@ -30,7 +34,8 @@ from pathlib import Path
 
 from common import MiB, append_result
 
-HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab")
+HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab", "peftlab-compile")
+DEFAULT = "trainer,bare,peftlab-random,peftlab"
 
 
 def run_config(args: argparse.Namespace):
@@ -83,8 +88,8 @@ def measure(harness: str, config) -> dict:
     if harness.startswith("peftlab"):
         from peftlab.train.run import execute_run
 
-        if harness == "peftlab-random":
-            config = config.model_copy(update={"train": spec.model_copy(update={"batching": "random"})})
+        changes = {"peftlab-random": {"batching": "random"}, "peftlab-compile": {"compile": True}}.get(harness, {})
+        config = config.model_copy(update={"train": spec.model_copy(update=changes)})
         with tempfile.TemporaryDirectory() as tmp:
             result = execute_run(config, Path(tmp) / "run")
         cost = result["cost"]
@@ -124,8 +129,12 @@ def measure(harness: str, config) -> dict:
         from transformers import get_scheduler
 
         model.to(device).train()
-        loader = DataLoader(data.train, batch_size=spec.batch_size, shuffle=True, collate_fn=counted,
-                            generator=torch.Generator().manual_seed(spec.seed))
+        from peftlab.train.batching import Batches
+
+        # the random batches peftlab-random draws: the overhead is measured on identical batches
+        lengths = [len(e["input_ids"]) for e in data.train]
+        loader = DataLoader(data.train, batch_sampler=Batches(lengths, spec.batch_size, spec.seed, bucketed=False),
+                            collate_fn=counted)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
         scheduler = get_scheduler("linear", optimizer, 0, spec.max_steps)
         start, step = time.perf_counter(), 0
@@ -160,7 +169,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--harnesses", default=",".join(HARNESSES), help="comma-separated subset to run")
+    parser.add_argument("--harnesses", default=DEFAULT, help=f"comma-separated, from {', '.join(HARNESSES)}")
+    parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--only", choices=HARNESSES, help=argparse.SUPPRESS)  # one harness, in a child process
     args = parser.parse_args()
     config = run_config(args)
@@ -168,15 +178,20 @@ def main() -> None:
         print(json.dumps(measure(args.only, config)))
         return
 
+    runs = {harness: [] for harness in args.harnesses.split(",")}
+    for _ in range(args.repeats):
+        for harness, done in runs.items():
+            child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", harness],
+                                   capture_output=True, text=True, check=False)
+            if child.returncode != 0:
+                sys.exit(f"{harness} failed:\n{child.stderr[-3000:]}")
+            done.append(json.loads(child.stdout.strip().splitlines()[-1]))
     figures = {}
-    for harness in args.harnesses.split(","):
-        child = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--only", harness],
-                               capture_output=True, text=True, check=False)
-        if child.returncode != 0:
-            sys.exit(f"{harness} failed:\n{child.stderr[-3000:]}")
-        figures[harness] = json.loads(child.stdout.strip().splitlines()[-1])
-        figures[harness]["tokens_per_second"] = figures[harness]["tokens"] / figures[harness]["seconds"]
-        figures[harness]["step_ms"] = 1000 * figures[harness]["seconds"] / figures[harness]["steps"]
+    for harness, done in runs.items():
+        median = sorted(done, key=lambda f: f["seconds"])[len(done) // 2]
+        figures[harness] = {**median, "tokens_per_second": median["tokens"] / median["seconds"],
+                            "step_ms": 1000 * median["seconds"] / median["steps"],
+                            "all_step_ms": [1000 * f["seconds"] / f["steps"] for f in done]}
 
     base = figures.get("trainer") or next(iter(figures.values()))
     print(f"\n{args.model} + {args.data or args.task}: {args.placement} r={args.rank}, {args.steps} steps, "
@@ -192,7 +207,8 @@ def main() -> None:
         print(f"peftlab's harness overhead against the bare PEFT loop (same random batches): {overhead:+.1%} per step")
     append_result("speed", {
         "model": args.model, "task": args.data or args.task, "placement": args.placement, "rank": args.rank,
-        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "figures": figures,
+        "steps": args.steps, "batch_size": args.batch_size, "max_length": args.max_length, "repeats": args.repeats,
+        "figures": figures,
         "overhead_vs_bare": overhead})
 
 

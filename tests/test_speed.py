@@ -149,3 +149,11 @@ def test_no_cache_when_something_trainable_runs_below_the_lowest_adapter():
     assert cache(upper) is None  # a trainable embedding feeds the cached layers
     assert lowest_trainable_layer(adapted("tiny-bert", "full", "all")) == 0
     assert lowest_trainable_layer(adapted("tiny-bert", "lora", "all")) == 0
+
+
+def test_compiled_layers_train_like_eager_ones(tmp_path, no_dropout, varied_reviews):
+    eager, _ = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "eager")
+    compiled, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "compiled",
+                                  compile=True)
+    assert result["status"] == "done" and result["config"]["train"]["compile"]
+    assert compiled == pytest.approx(eager, abs=1e-4)

@@ -166,3 +166,18 @@ _ROLE_ORDER = {role: i for i, role in enumerate(Role)}
 
 def _site_order(site: Site) -> tuple[int, int, str]:
     return site.layer, _ROLE_ORDER[site.role], site.path
+
+
+def layer_blocks(model: nn.Module) -> tuple[nn.ModuleList, list[str]] | None:
+    """The model's stack of layer blocks with their module paths (a PEFT wrapper included), or None
+    for an architecture peftlab has no table for."""
+    family = family_for(getattr(getattr(model, "config", None), "model_type", ""))
+    if family is None:
+        return None
+    pattern = re.compile(family.layer_pattern)
+    found = sorted((int(m.group(1)), path) for path, _ in model.named_modules() if (m := pattern.search(path)))
+    if not found:
+        return None
+    paths = [path for _, path in found]
+    parent = model.get_submodule(paths[0].rsplit(".", 1)[0])
+    return (parent, paths) if isinstance(parent, nn.ModuleList) and len(parent) == len(paths) else None

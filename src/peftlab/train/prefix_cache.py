@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,8 +26,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from peftlab.models.architectures import family_for
 from peftlab.models.load import cache_dir
+from peftlab.models.sites import layer_blocks
 from peftlab.tasks.prepare import collate
 from peftlab.train.loss import is_prompt_learning, unwrap
 
@@ -54,24 +53,10 @@ class _Bypass(nn.Module):
         return (cache.current,) if cache.tuple_output else cache.current
 
 
-def backbone_layers(model: nn.Module) -> tuple[nn.ModuleList, list[str]] | None:
-    """The model's stack of layer blocks, with their module paths, if peftlab knows the family."""
-    family = family_for(getattr(getattr(unwrap(model), "config", None), "model_type", ""))
-    if family is None:
-        return None
-    pattern = re.compile(family.layer_pattern)
-    found = sorted(((int(m.group(1)), path) for path, _ in model.named_modules() if (m := pattern.search(path))))
-    if not found:
-        return None
-    paths = [path for _, path in found]
-    parent = model.get_submodule(paths[0].rsplit(".", 1)[0])
-    return (parent, paths) if isinstance(parent, nn.ModuleList) and len(parent) == len(paths) else None
-
-
 def lowest_trainable_layer(model: nn.Module) -> int:
     """L: the lowest layer block with a trainable parameter; 0 when there is none to skip (the
     adapters start at layer 0, prefix/prompt tuning, an architecture whose layers peftlab cannot find)."""
-    found = backbone_layers(model)
+    found = layer_blocks(model)
     if found is None or is_prompt_learning(model):
         return 0
     trainable = [any(p.requires_grad for p in layer.parameters()) for layer in found[0]]
@@ -154,7 +139,7 @@ def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_ke
     layer = lowest_trainable_layer(model)
     if not layer:
         return None
-    layers, _ = backbone_layers(model)
+    layers, _ = layer_blocks(model)
     start = time.perf_counter()
     tuple_output, early = _probe(model, layers, layer, examples[0], pad_id, device)
     if early:

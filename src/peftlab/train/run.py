@@ -27,7 +27,7 @@ from peftlab.methods.budget import match_budget
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
 from peftlab.models.quantize import DTYPES, weight_bytes
-from peftlab.models.sites import resolve_sites
+from peftlab.models.sites import layer_blocks, resolve_sites
 from peftlab.plans.plan import build_plan
 from peftlab.tasks.prepare import collate, collate_indexed, load_task
 from peftlab.train.batching import Batches
@@ -84,6 +84,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     method = make_method(sized.method, total_steps)
     model = method.apply(model, plan, head).to(accelerator.device)
     counts = trainable_counts(model, head)
+    if spec.compile:
+        _compile_layers(model)
     frozen = weight_bytes(model)
 
     partial_dir = output_dir.with_name(output_dir.name + ".partial")
@@ -179,6 +181,17 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         output_dir.rmdir()  # empty, checked above
     partial_dir.rename(output_dir)
     return result
+
+
+def _compile_layers(model) -> None:
+    """Regional compilation: every layer block runs one compiled graph (the layers share their code), so
+    compiling costs the same for 6 layers as for 60; sequence lengths vary, hence dynamic shapes."""
+    found = layer_blocks(model)
+    if found is None:
+        raise PeftlabError(f"train.compile: peftlab cannot find the layer blocks of {model.config.model_type!r}; "
+                           "use it with the gpt2, bert, distilbert or llama families")
+    for layer in found[0]:
+        layer.compile(dynamic=True)
 
 
 def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[str, float]:
