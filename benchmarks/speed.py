@@ -194,8 +194,9 @@ def main() -> None:
                             "all_step_ms": [1000 * f["seconds"] / f["steps"] for f in done]}
 
     base = figures.get("trainer") or next(iter(figures.values()))
+    base_name = next(k for k in figures if figures[k] is base)
     print(f"\n{args.model} + {args.data or args.task}: {args.placement} r={args.rank}, {args.steps} steps, "
-          f"batch {args.batch_size} x <= {args.max_length} tokens; ratios against {next(k for k in figures if figures[k] is base)}")
+          f"batch {args.batch_size} x <= {args.max_length} tokens; ratios against {base_name}")
     print(f"{'harness':<15} {'tokens/s':>9} {'ratio':>6} {'ms/step':>8} {'padding':>8} {'peak MiB':>9} {'ratio':>6}")
     for harness, f in figures.items():
         print(f"{harness:<15} {f['tokens_per_second']:>9,.0f} {f['tokens_per_second'] / base['tokens_per_second']:>6.2f} "

@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import defaultdict
+from functools import partial
 from pathlib import Path
 
 from common import append_result
@@ -32,13 +33,13 @@ def trainer_runs(study: str, out: Path) -> None:
     """Every run of the study, one by one, through PEFT + Trainer; per-run accuracy to `out`."""
     import numpy as np
     import torch
+    from speed import peft_model_and_data
     from transformers import Trainer, TrainingArguments
 
     from peftlab.config import RunConfig, StudySpec, load_spec
     from peftlab.studies.grid import expand
     from peftlab.studies.shipped import shipped_study
     from peftlab.tasks.prepare import collate
-    from speed import peft_model_and_data
 
     accuracies = []
     for run in expand(load_spec(StudySpec, shipped_study(study))):
@@ -54,7 +55,7 @@ def trainer_runs(study: str, out: Path) -> None:
                 seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,
-                              data_collator=lambda examples: collate(examples, pad_id))
+                              data_collator=partial(collate, pad_id=pad_id))
             trainer.train()
             scores = {}
             for split in ("validation", "test"):
