@@ -18,25 +18,19 @@ weights (memory and speed do not depend on the values), for machines without the
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import yaml
+from common import MiB, append_result, peftlab_run
 
-RESULTS = Path(__file__).parent / "results" / "qlora_memory.jsonl"
 CONFIGS = {
     "lora-fp32": {"model": {"dtype": "fp32"}, "method": {"name": "lora"}},
     "lora-bf16": {"model": {"dtype": "bf16"}, "method": {"name": "lora"}},
     # the QLoRA paper keeps what is not quantized (embeddings, norms) in 16 bits
     "qlora-nf4": {"model": {"dtype": "bf16"}, "method": {"name": "qlora"}},
 }
-MiB = 2**20
 
 
 def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
@@ -63,16 +57,6 @@ def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
     words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_tokenizer(ModelSpec(name="tiny-llama"))
     words.save_pretrained(directory)
     return directory
-
-
-def run(name: str, base: dict, workdir: Path) -> dict:
-    config = {**base, "model": {**base["model"], **CONFIGS[name]["model"]}, "method": CONFIGS[name]["method"]}
-    path = workdir / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = workdir / name
-    subprocess.run([sys.executable, "-m", "peftlab", "run", "--config", str(path), "--output", str(out)],
-                   check=True, stdout=subprocess.DEVNULL)
-    return json.loads((out / "result.json").read_text())
 
 
 def main() -> None:
@@ -103,7 +87,8 @@ def main() -> None:
         results = {}
         for name in CONFIGS:
             start = time.perf_counter()
-            results[name] = run(name, base, workdir)
+            config = {**base, "model": {**base["model"], **CONFIGS[name]["model"]}, "method": CONFIGS[name]["method"]}
+            results[name] = peftlab_run(config, workdir, name)
             print(f"{name}: {time.perf_counter() - start:.0f} s", file=sys.stderr)
 
     reference = results["lora-bf16"]["cost"]
@@ -133,9 +118,7 @@ def main() -> None:
     print(f"4-bit layers: {q['quantized_weight_bytes'] / MiB:,.1f} MiB for {q['quantized_params']:,} weights = "
           f"{four_bit_vs_16:.1%} of the same layers in bf16 (target <= 30%)")
     environment = results["qlora-nf4"]["environment"]
-    record = {
-        "benchmark": "qlora_memory",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    append_result("qlora_memory", {
         "model": args.random_from or args.model,
         "random_weights": bool(args.random_from),
         "task": args.data or args.task,
@@ -143,12 +126,8 @@ def main() -> None:
         "placement": args.placement, "rank": args.rank,
         "four_bit_vs_bf16_layers": four_bit_vs_16,
         "rows": rows,
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "device": environment["device"],
-                    "gpu": environment["gpu"], "torch": environment["torch"]},
-    }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    with RESULTS.open("a") as handle:
-        handle.write(json.dumps(record) + "\n")
+        "device": environment["device"],
+    })
 
 
 if __name__ == "__main__":
