@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from pathlib import Path
 from common import append_result
 
 
-def trainer_runs(study: str, out: Path) -> None:
+def trainer_runs(study: str, out: Path, limit: int | None = None) -> None:
     """Every run of the study, one by one, through PEFT + Trainer; per-run accuracy to `out`."""
     import numpy as np
     import torch
@@ -42,16 +43,17 @@ def trainer_runs(study: str, out: Path) -> None:
     from peftlab.tasks.prepare import collate
 
     accuracies = []
-    for run in expand(load_spec(StudySpec, shipped_study(study))):
+    for run in expand(load_spec(StudySpec, shipped_study(study)))[:limit]:
         config = RunConfig.model_validate(run.config)
         spec = config.train
         torch.manual_seed(spec.seed)
         model, data, pad_id = peft_model_and_data(config)
+        steps = math.ceil(spec.epochs * math.ceil(len(data.train) / spec.batch_size))
         with tempfile.TemporaryDirectory() as tmp:
             arguments = TrainingArguments(
                 output_dir=tmp, per_device_train_batch_size=spec.batch_size, per_device_eval_batch_size=spec.eval_batch_size,
                 num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
-                warmup_ratio=spec.warmup_ratio, weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm or 0.0,
+                warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm or 0.0,
                 seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,
@@ -77,9 +79,10 @@ def main() -> None:
     parser.add_argument("--study", default="placement")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--trainer-only", type=Path, help=argparse.SUPPRESS)  # the baseline, in a child process
+    parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # with --trainer-only: the first N runs
     args = parser.parse_args()
     if args.trainer_only:
-        trainer_runs(args.study, args.trainer_only)
+        trainer_runs(args.study, args.trainer_only, args.limit)
         return
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,7 +99,7 @@ def main() -> None:
                               for r in done])
         start = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--study", args.study, "--trainer-only", str(work / "trainer.json")],
-                       check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                       check=True, env=env, stdout=subprocess.DEVNULL)
         trainer_seconds = time.perf_counter() - start
         theirs = mean_by_label(json.loads((work / "trainer.json").read_text()))
 

@@ -157,3 +157,12 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, no_dropout, varied_revi
                                   compile=True)
     assert result["status"] == "done" and result["config"]["train"]["compile"]
     assert compiled == pytest.approx(eager, abs=1e-4)
+
+
+def test_a_cache_too_large_for_memory_is_skipped_with_a_warning(tmp_path, varied_reviews, monkeypatch):
+    import peftlab.train.prefix_cache as prefix_cache
+
+    monkeypatch.setattr(prefix_cache, "memory_limit", lambda: 1000)  # bytes
+    with pytest.warns(UserWarning, match="prefix cache skipped"):
+        _, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "big")
+    assert result["status"] == "done" and result["prefix_cache"] is None

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,6 +34,11 @@ from peftlab.tasks.prepare import collate
 from peftlab.train.loss import is_prompt_learning, unwrap
 
 VERSION = 1
+
+
+def memory_limit() -> int:
+    """The largest cache peftlab holds in memory: a quarter of this machine's RAM."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
 
 
 class _Stop(Exception):
@@ -143,6 +150,11 @@ def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_ke
     start = time.perf_counter()
     tuple_output, early = _probe(model, layers, layer, examples[0], pad_id, device)
     if early:
+        return None
+    size = sum(len(e["input_ids"]) for e in examples) * model.config.hidden_size * 4
+    if size > memory_limit():
+        warnings.warn(f"prefix cache skipped: it would hold {size / 2**30:.1f} GiB, more than a quarter of this "
+                      "machine's memory; train.prefix_cache: false silences this", stacklevel=2)
         return None
     key = hashlib.sha256(json.dumps({
         "weights": _digest(model, layers, layer), "data": data_key, "layer": layer, "device": device.type,
