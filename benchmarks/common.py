@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -39,3 +40,25 @@ def append_result(benchmark: str, record: dict[str, Any]) -> None:
     full = {"benchmark": benchmark, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record, "machine": machine()}
     with (RESULTS / f"{benchmark}.jsonl").open("a") as handle:
         handle.write(json.dumps(full) + "\n")
+
+
+def run_arguments(description: str, *, steps: int, batch_size: int, placement: str | None = "all") -> argparse.ArgumentParser:
+    """A parser with the options the benchmarks share: model, data, plan, steps, batch and length
+    (no --placement when the benchmark fixes the placements itself)."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--model", default="minilm-l6")
+    parser.add_argument("--task", default="reviews")
+    parser.add_argument("--data", help="a data file instead of --task")
+    parser.add_argument("--kind", default="instruction", help="with --data: instruction or classification")
+    if placement is not None:
+        parser.add_argument("--placement", default=placement)
+    parser.add_argument("--rank", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=steps)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--max-length", type=int, default=128)
+    return parser
+
+
+def task_spec(args: argparse.Namespace) -> dict[str, Any]:
+    """The run config's task from --data/--kind or --task."""
+    return {"path": str(Path(args.data).resolve()), "kind": args.kind} if args.data else {"name": args.task}

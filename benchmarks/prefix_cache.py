@@ -15,12 +15,11 @@ appended to benchmarks/results/prefix_cache.jsonl.
 
 from __future__ import annotations
 
-import argparse
 import math
 import tempfile
 from pathlib import Path
 
-from common import append_result, peftlab_run
+from common import append_result, peftlab_run, run_arguments, task_spec
 
 UPPER = {"roles": "all", "layers": "upper-half"}
 CONFIGS = {  # name: (placement, cache on, cache directory)
@@ -32,14 +31,7 @@ CONFIGS = {  # name: (placement, cache on, cache directory)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--task", default="reviews")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
-    args = parser.parse_args()
+    args = run_arguments(__doc__.splitlines()[0], steps=60, batch_size=16, placement=None).parse_args()
 
     rows = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -47,7 +39,7 @@ def main() -> None:
         for name, (placement, cache, directory) in CONFIGS.items():
             config = {
                 "model": args.model,
-                "task": {"name": args.task, "max_length": args.max_length, "max_eval_examples": 8},
+                "task": {**task_spec(args), "max_length": args.max_length, "max_eval_examples": 8},
                 "plan": {"placement": placement, "allocation": args.rank},
                 "train": {"max_steps": args.steps, "batch_size": args.batch_size, "latency_batches": 0,
                           "prefix_cache": cache},
@@ -60,7 +52,7 @@ def main() -> None:
 
     per_epoch = math.ceil(rows["all"]["train_examples"] / args.batch_size)
     base = rows["all"]["step_ms"]
-    print(f"\n{args.model} + {args.task}: LoRA r={args.rank}, {args.steps} steps of {args.batch_size} x <= "
+    print(f"\n{args.model} + {args.data or args.task}: LoRA r={args.rank}, {args.steps} steps of {args.batch_size} x <= "
           f"{args.max_length} tokens; one epoch = {per_epoch} steps")
     print(f"{'config':<11} {'ms/step':>8} {'speed-up':>9} {'cache s':>8} {'1st epoch s':>12} {'later epochs s':>15}")
     for name, row in rows.items():
@@ -71,7 +63,7 @@ def main() -> None:
               f"{row['first_epoch_s']:>12,.0f} {row['later_epoch_s']:>15,.0f}")
     speedup = base / rows["upper-warm"]["step_ms"]
     print(f"epochs after the first, upper half with the cache against all layers without it: {speedup:.2f}x faster")
-    append_result("prefix_cache", {"model": args.model, "task": args.task, "rank": args.rank, "steps": args.steps,
+    append_result("prefix_cache", {"model": args.model, "task": args.data or args.task, "rank": args.rank, "steps": args.steps,
                                    "batch_size": args.batch_size, "max_length": args.max_length,
                                    "steps_per_epoch": per_epoch, "rows": rows, "later_epochs_speedup": speedup})
 

@@ -17,13 +17,12 @@ weights (memory and speed do not depend on the values), for machines without the
 
 from __future__ import annotations
 
-import argparse
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import MiB, append_result, peftlab_run
+from common import MiB, append_result, peftlab_run, run_arguments, task_spec
 
 CONFIGS = {
     "lora-fp32": {"model": {"dtype": "fp32"}, "method": {"name": "lora"}},
@@ -60,24 +59,15 @@ def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm-l6")
+    parser = run_arguments(__doc__.splitlines()[0], steps=20, batch_size=8)
     parser.add_argument("--random-from", help="catalog architecture to build with random weights")
     parser.add_argument("--tokenizer", help="with --random-from: a directory with a 30,522-token tokenizer")
-    parser.add_argument("--task", default="reviews")
-    parser.add_argument("--data", help="a data file instead of --task")
-    parser.add_argument("--kind", default="instruction")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-length", type=int, default=128)
-    parser.add_argument("--placement", default="all")
-    parser.add_argument("--rank", type=int, default=8)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         model = str(random_model(args.random_from, workdir / "model", args.tokenizer)) if args.random_from else args.model
-        task = {"path": str(Path(args.data).resolve()), "kind": args.kind} if args.data else {"name": args.task}
+        task = task_spec(args)
         base = {
             "model": {"name": model},
             "task": {**task, "max_length": args.max_length, "max_eval_examples": 64},

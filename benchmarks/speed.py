@@ -32,7 +32,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import MiB, append_result
+from common import MiB, append_result, run_arguments, task_spec
 
 HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab", "peftlab-compile")
 DEFAULT = "trainer,bare,peftlab-random,peftlab"
@@ -41,7 +41,7 @@ DEFAULT = "trainer,bare,peftlab-random,peftlab"
 def run_config(args: argparse.Namespace):
     from peftlab.config import RunConfig, validate
 
-    task = {"path": str(Path(args.data).resolve()), "kind": args.kind} if args.data else {"name": args.task}
+    task = task_spec(args)
     return validate(RunConfig, {
         "model": args.model,
         "task": {**task, "max_length": args.max_length, "max_eval_examples": 8},
@@ -157,16 +157,7 @@ def measure(harness: str, config) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="minilm-l6")
-    parser.add_argument("--task", default="reviews")
-    parser.add_argument("--data", help="a data file instead of --task")
-    parser.add_argument("--kind", default="instruction")
-    parser.add_argument("--placement", default="attention")
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--max-length", type=int, default=128)
+    parser = run_arguments(__doc__.splitlines()[0], steps=40, batch_size=16, placement="attention")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--harnesses", default=DEFAULT, help=f"comma-separated, from {', '.join(HARNESSES)}")

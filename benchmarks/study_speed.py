@@ -53,7 +53,8 @@ def trainer_runs(study: str, out: Path, limit: int | None = None) -> None:
             arguments = TrainingArguments(
                 output_dir=tmp, per_device_train_batch_size=spec.batch_size, per_device_eval_batch_size=spec.eval_batch_size,
                 num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
-                warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay, max_grad_norm=spec.max_grad_norm or 0.0,
+                warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay,
+                max_grad_norm=spec.max_grad_norm or 0.0,
                 seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,

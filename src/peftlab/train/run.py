@@ -105,12 +105,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     train_loader = DataLoader(range(len(data.train)), batch_sampler=sampler,
                               collate_fn=partial(collate_indexed, examples=data.train, pad_id=pad_id))
 
-    size = spec.eval_batch_size  # evaluation order does not matter: sorted by length, little padding
-    eval_batches = {
-        name: [collate(ordered[i : i + size], pad_id) for i in range(0, len(ordered), size)]
-        for name, split in (("validation", data.validation), ("test", data.test))
-        for ordered in [sorted(split, key=lambda e: len(e["input_ids"]))]
-    }
+    eval_batches = {"validation": _eval_batches(data.validation, spec.eval_batch_size, pad_id),
+                    "test": _eval_batches(data.test, spec.eval_batch_size, pad_id)}
 
     n_labels = len(data.labels)
     evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device)
@@ -181,6 +177,12 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
         output_dir.rmdir()  # empty, checked above
     partial_dir.rename(output_dir)
     return result
+
+
+def _eval_batches(split: list[dict[str, Any]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """Batches sorted by length (little padding): evaluation metrics do not depend on the order."""
+    ordered = sorted(split, key=lambda e: len(e["input_ids"]))
+    return [collate(ordered[i : i + size], pad_id) for i in range(0, len(ordered), size)]
 
 
 def _compile_layers(model) -> None:
