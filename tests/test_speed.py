@@ -166,3 +166,9 @@ def test_a_cache_too_large_for_memory_is_skipped_with_a_warning(tmp_path, varied
     with pytest.warns(UserWarning, match="prefix cache skipped"):
         _, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "big")
     assert result["status"] == "done" and result["prefix_cache"] is None
+
+
+def test_compile_wraps_every_layer_block():
+    model = load_model(ModelSpec(name="tiny-llama", head="causal-lm"))
+    run_module._compile_layers(model)
+    assert [layer._compiled_call_impl is not None for layer in model.model.layers] == [True] * 4
