@@ -11,6 +11,7 @@ from peftlab.methods.full import FullSpec
 from peftlab.methods.hira import HiraSpec
 from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
+from peftlab.methods.sparselora import SparseLoraSpec
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.roles import Role
 from peftlab.train.loss import unwrap
@@ -23,6 +24,7 @@ ADAPTERS = [
     ("dora", LoraSpec(use_dora=True), lambda site: site.out_features),  # one magnitude per output channel
     ("rslora", LoraSpec(use_rslora=True), lambda site: 0),
     ("hira", HiraSpec(), lambda site: 0),
+    ("sparselora", SparseLoraSpec(profile="uniform"), lambda site: 0),  # sparsity adds no parameters
 ]
 TABLE = [(a, m) for a in ARCHS for m in ADAPTERS]
 IDS = [f"{a[0]}-{m[0]}" for a, m in TABLE]
@@ -229,7 +231,8 @@ def test_bottleneck_needs_its_roles_in_the_plan():
 
 
 MEMORISE = [("lora", LoraSpec()), ("dora", LoraSpec(use_dora=True)), ("lora+", LoraSpec(loraplus=True)),
-            ("hira", HiraSpec()), ("bitfit", BitFitSpec()), ("full", FullSpec())]
+            ("hira", HiraSpec()), ("bitfit", BitFitSpec()), ("full", FullSpec()),
+            ("sparselora", SparseLoraSpec(profile="uniform", ffn_sparsity=0.5, attention_sparsity=0.5))]
 
 
 @pytest.mark.parametrize("name, head", ARCHS)

@@ -1,7 +1,7 @@
 """The Method interface: what every fine-tuning method gives the loop, the run and the study.
 
 The loop never asks which method it runs: per-step behaviour (AdaLoRA's reallocation, SparseLoRA's
-schedule) lives in `on_step`, optimizer settings (LoRA+'s learning-rate ratio) in `param_groups`.
+schedule) lives in `on_step` and `prepare_batch`, optimizer settings (LoRA+'s learning-rate ratio) in `param_groups`.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ class Method(ABC):
         groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Called before each training micro-batch's forward, with the batch (SparseLoRA routes its
+        tokens: supervised outputs dense, context sparse)."""
 
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step, before gradients are cleared (step counts from 1)."""

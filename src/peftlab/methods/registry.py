@@ -15,14 +15,15 @@ from peftlab.methods.hira import HiraMethod, HiraSpec
 from peftlab.methods.lora import LoraMethod, LoraSpec
 from peftlab.methods.prefix import PrefixMethod, PrefixSpec
 from peftlab.methods.qlora import QLoraMethod, QLoraSpec
+from peftlab.methods.sparselora import SparseLoraMethod, SparseLoraSpec
 
 METHODS: dict[str, type[Method]] = {
     m.name: m for m in (LoraMethod, FullMethod, BitFitMethod, HiraMethod, BottleneckMethod, AdaLoraMethod,
-                        QLoraMethod, PrefixMethod)
+                        QLoraMethod, PrefixMethod, SparseLoraMethod)
 }
 MethodSpec = Annotated[
     Union[LoraSpec, FullSpec, BitFitSpec, HiraSpec, BottleneckSpec, AdaLoraSpec, QLoraSpec,
-          PrefixSpec], Field(discriminator="name")
+          PrefixSpec, SparseLoraSpec], Field(discriminator="name")
 ]
 
 __all__ = ["METHODS", "MethodSpec", "LoraSpec", "make_method"]

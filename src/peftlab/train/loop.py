@@ -84,6 +84,7 @@ def train_loop(
                 index = batch.pop("index")
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 length = batch["input_ids"].shape[1]
+                method.prepare_batch(batch)
                 bypass = prefix.feeding(index, length, accelerator.device) if prefix else nullcontext()
                 with accelerator.autocast(), bypass:
                     nll, count, _ = batch_nll(model, batch, kind)

@@ -1,0 +1,237 @@
+"""SparseLoRA (Khaki et al., 2025): LoRA whose frozen matmuls run on a per-batch subset of channels.
+
+The adapters are LoRA's, on the plan. On top, each layer's FFN and attention run sparse in training:
+a rank-k SVD estimator (computed once per model and cached on disk) picks the channels that matter for
+the batch; the frozen projections compute only those (see `sparse_channels`). Context tokens run sparse,
+supervised output tokens dense; the first steps run dense; sparsity is set per layer and block, deeper
+layers sparser by default. Evaluation, merging and saving are LoRA's: the result is a LoRA adapter.
+The FLOPs the frozen projections executed against their dense cost are reported per step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from typing import Any, Literal
+
+import torch
+from peft.tuners.tuners_utils import BaseTunerLayer
+from pydantic import Field, model_validator
+from safetensors.torch import load_file, save_file
+from torch import nn
+from transformers.activations import ACT2FN
+
+from peftlab.errors import PeftlabError
+from peftlab.methods.base import MethodSpecBase
+from peftlab.methods.fused_slices import SliceLoRA
+from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.methods.sparse_channels import AttentionBlock, Block, FfnBlock, Flops, SparseProjection, SparseState, low_rank_factors
+from peftlab.models.load import cache_dir
+from peftlab.models.roles import Role
+from peftlab.models.sites import Site, resolve_sites
+from peftlab.plans.plan import Plan
+from peftlab.tasks.prepare import IGNORE
+from peftlab.train.loss import unwrap
+
+ESTIMATOR_VERSION = 1
+
+
+class LayerSparsity(MethodSpecBase):
+    ffn: float | None = Field(None, ge=0, lt=1)
+    attention: float | None = Field(None, ge=0, lt=1)
+
+
+class SparseLoraSpec(LoraSpec):
+    name: Literal["sparselora"] = "sparselora"
+    ffn_sparsity: float = Field(0.9, ge=0, lt=1)
+    """Fraction of FFN channels skipped for context tokens, at the sparsest layers."""
+    attention_sparsity: float = Field(0.5, ge=0, lt=1)
+    """Fraction of q/k and v/o channels skipped for context tokens, at the sparsest layers."""
+    profile: Literal["published", "deeper", "uniform"] = "published"
+    """How sparsity spreads over depth. published: the first tenth of the layers (at least one) and the
+    last layer dense, the rest at the set sparsity (the paper's LLaMA configurations); deeper: rises
+    linearly from dense at layer 0 to the set sparsity at the last layer; uniform: every layer."""
+    layers: dict[int, LayerSparsity] = {}
+    """Per-layer overrides, e.g. {5: {ffn: 0.5, attention: 0}}."""
+    estimator_rank: int = Field(8, ge=1)
+    dense_fraction: float = Field(0.05, ge=0, le=1)
+    """Share of the optimizer steps at the start that run dense."""
+    sparse_outputs: bool = False
+    """Run supervised output tokens sparse too (classification always runs every token sparse)."""
+
+    @model_validator(mode="after")
+    def _lora_only(self) -> SparseLoraSpec:
+        if self.use_dora:
+            raise ValueError("use_dora is not available with sparselora (DoRA rescales the base output)")
+        return self
+
+
+def layer_sparsity(spec: SparseLoraSpec, n_layers: int) -> dict[str, list[float]]:
+    """Sparsity per layer for the FFN and the attention, from the profile and the overrides."""
+    def profile(level: float) -> list[float]:
+        if spec.profile == "uniform":
+            return [level] * n_layers
+        if spec.profile == "deeper":
+            return [level * i / max(1, n_layers - 1) for i in range(n_layers)]
+        first = max(1, round(n_layers / 10))
+        return [level if first <= i < n_layers - 1 else 0.0 for i in range(n_layers)]
+
+    out = {"ffn": profile(spec.ffn_sparsity), "attention": profile(spec.attention_sparsity)}
+    for layer, override in spec.layers.items():
+        if not 0 <= layer < n_layers:
+            raise PeftlabError(f"method.layers: layer {layer} does not exist; the model has layers 0..{n_layers - 1}")
+        for block in ("ffn", "attention"):
+            if getattr(override, block) is not None:
+                out[block][layer] = getattr(override, block)
+    return out
+
+
+def _holder(base: nn.Module, path: str) -> tuple[nn.Module, str]:
+    """Where the frozen module at `path` hangs: inside PEFT's LoRA layer, a SliceLoRA, or its parent."""
+    module = base.get_submodule(path)
+    if isinstance(module, BaseTunerLayer):
+        return module, "base_layer"
+    if isinstance(module, SliceLoRA):
+        return module, "base"
+    parent, _, child = path.rpartition(".")
+    return base.get_submodule(parent), child
+
+
+def _activation(config) -> nn.Module:
+    for key in ("hidden_activation", "hidden_act", "activation_function", "activation"):
+        name = getattr(config, key, None)
+        if isinstance(name, str):
+            return ACT2FN[name]
+    raise PeftlabError(f"sparselora: cannot find the FFN activation in the {config.model_type} config")
+
+
+class SparseLoraMethod(LoraMethod):
+    name = "sparselora"
+
+    def __init__(self, spec: SparseLoraSpec, total_steps: int | None = None):
+        super().__init__(spec, total_steps)
+        self.state = SparseState()
+        self.blocks: list[Block] = []
+        self.dense_steps = round(spec.dense_fraction * total_steps) if total_steps else 0
+        self.steps: list[Flops] = []
+        self.sparsity: dict[str, list[float]] = {}
+        self.estimator: dict[str, Any] = {}
+
+    def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
+        sites = [s for s in resolve_sites(model).sites if not s.is_slice]  # before LoRA wraps them
+        model = super().apply(model, plan, head)
+        if next(model.parameters()).device.type == "meta":  # parameter counting: sparsity adds none
+            return model
+        base = unwrap(model)
+        self.sparsity = layer_sparsity(self.spec, max(s.layer for s in sites) + 1)
+        by_layer: dict[int, dict[Role, Site]] = {}
+        for site in sites:
+            by_layer.setdefault(site.layer, {})[site.role] = site
+        estimated = (Role.Q, Role.K, Role.V, Role.QKV, Role.UP, Role.GATE)  # what the estimator reads
+        factors = self._factors(base, [s for s in sites if s.role in estimated and self._level(s) > 0])
+        for layer, roles in sorted(by_layer.items()):
+            self._wrap_ffn(base, layer, roles, factors)
+            self._wrap_attention(base, layer, roles, factors)
+        self.state.active = self.dense_steps == 0
+        return model
+
+    def _level(self, site: Site) -> float:
+        block = "attention" if site.role.value.startswith("attn") else "ffn"
+        return self.sparsity[block][site.layer]
+
+    def _project(self, base: nn.Module, site: Site, mode: str, block: Block, factors: dict) -> SparseProjection:
+        holder, attr = _holder(base, site.path)
+        projection = SparseProjection(getattr(holder, attr), mode, block, factors.get(site.path, []))
+        setattr(holder, attr, projection)
+        return projection
+
+    def _wrap_ffn(self, base: nn.Module, layer: int, roles: dict[Role, Site], factors: dict) -> None:
+        level = self.sparsity["ffn"][layer]
+        if level <= 0 or Role.UP not in roles or Role.DOWN not in roles:
+            return
+        block = FfnBlock(layer, level, self.state, _activation(base.config), None, None)
+        block.up = self._project(base, roles[Role.UP], "out", block, factors)
+        block.gate = self._project(base, roles[Role.GATE], "out", block, factors) if Role.GATE in roles else None
+        block.down = self._project(base, roles[Role.DOWN], "in", block, factors)
+        self.blocks.append(block)
+
+    def _wrap_attention(self, base: nn.Module, layer: int, roles: dict[Role, Site], factors: dict) -> None:
+        level = self.sparsity["attention"][layer]
+        fused = Role.QKV in roles
+        if level <= 0 or Role.O not in roles or not (fused or {Role.Q, Role.K, Role.V} <= roles.keys()):
+            return
+        config = base.config
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        block = AttentionBlock(layer, level, self.state, kv_heads, None)
+        if fused:
+            block.qkv = self._project(base, roles[Role.QKV], "out", block, factors)
+        else:
+            block.q, block.k, block.v = (self._project(base, roles[r], "out", block, factors) for r in (Role.Q, Role.K, Role.V))
+        block.o = self._project(base, roles[Role.O], "in", block, factors)
+        self.blocks.append(block)
+
+    def _factors(self, base: nn.Module, sites: list[Site]) -> dict[str, list[tuple[torch.Tensor, torch.Tensor]]]:
+        """Rank-k SVD factors of every frozen weight the estimator reads, from the disk cache when an
+        earlier run of this model computed them."""
+        start = time.perf_counter()
+        weights = {s.path: (getattr(*_holder(base, s.path)).weight, 3 if s.role is Role.QKV else 1,
+                            s.kind == "conv1d") for s in sites}
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(json.dumps({"rank": self.spec.estimator_rank, "version": ESTIMATOR_VERSION}).encode())
+        for path in sorted(weights):
+            weight, parts, _ = weights[path]
+            digest.update(f"{path}:{parts}:{weight.dtype}:{tuple(weight.shape)}".encode())
+            digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        file = cache_dir() / "sparselora" / f"{digest.hexdigest()}.safetensors"
+        loaded = file.is_file()
+        if loaded:
+            stored = load_file(file)
+            factors = {path: [(stored[f"{path}.{i}.P"], stored[f"{path}.{i}.Q"]) for i in range(parts)]
+                       for path, (_, parts, _) in weights.items()}
+        else:
+            factors = {path: low_rank_factors(w, parts, self.spec.estimator_rank, conv1d)
+                       for path, (w, parts, conv1d) in weights.items()}
+            if factors:
+                file.parent.mkdir(parents=True, exist_ok=True)
+                partial = file.with_name(f"{file.name}.{time.time_ns()}.tmp")
+                save_file({f"{path}.{i}.{name}": t for path, pairs in factors.items() for i, pair in enumerate(pairs)
+                           for name, t in zip("PQ", pair)}, str(partial))
+                partial.replace(file)  # atomic: the runs of a study may compute it at once
+        self.estimator = {"rank": self.spec.estimator_rank, "weights": len(weights), "file": str(file),
+                          "loaded": loaded, "seconds": time.perf_counter() - start}
+        return factors
+
+    def prepare_batch(self, batch: dict[str, torch.Tensor]) -> None:
+        """Route the next micro-batch: tokens whose outputs are supervised run dense (position t is
+        supervised when labels[t] or labels[t + 1], the token it predicts, is), the rest sparse."""
+        labels = batch["labels"]
+        dense = None
+        if labels.dim() == 2 and not self.spec.sparse_outputs:
+            supervised = labels != IGNORE
+            dense = supervised.clone()
+            dense[:, :-1] |= supervised[:, 1:]
+        self.state.route(batch["attention_mask"], dense)
+
+    def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
+        self.steps.append(self.state.flops)
+        self.state.flops = Flops()
+        self.state.active = step >= self.dense_steps
+
+    def report(self, model: nn.Module) -> dict[str, Any]:
+        total = Flops()
+        for step in self.steps:
+            total.add(step)
+        share = (total.executed + total.estimator) / total.dense if total.dense else 1.0
+        return {
+            "sparsity": self.sparsity,
+            "sparse_blocks": len(self.blocks),
+            "dense_steps": self.dense_steps,
+            "estimator": self.estimator,
+            "flops": {
+                "scope": "forward matmuls of the sparsified frozen projections",
+                "dense": total.dense, "executed": total.executed, "estimator": total.estimator,
+                "executed_share": share,
+                "per_step_share": [round((s.executed + s.estimator) / s.dense, 4) if s.dense else 1.0 for s in self.steps],
+            },
+        }

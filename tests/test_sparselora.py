@@ -1,0 +1,247 @@
+"""SparseLoRA: exactness at sparsity 0, FLOPs at sparsity s, dense output tokens, schedule, estimator cache."""
+
+import pytest
+import torch
+from conftest import make_plan
+
+from peftlab.config import ModelSpec
+from peftlab.errors import PeftlabError
+from peftlab.methods.lora import LoraSpec
+from peftlab.methods.registry import make_method
+from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState
+from peftlab.methods.sparselora import SparseLoraSpec, layer_sparsity
+from peftlab.models.load import head_modules, load_model
+from peftlab.train.loss import batch_nll, unwrap
+
+ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
+         ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]
+EVERY_CHANNEL = 1e-9  # sparsity so small that every channel is kept, through the sparse code path
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+def batch_for(head, context=10, length=16):
+    ids = torch.randint(200, 2000, (3, length), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    batch["attention_mask"][2, -3:] = 0  # one padded row
+    if head == "sequence-classification":
+        batch["labels"] = torch.tensor([0, 1, 0])
+    else:
+        labels = ids.clone()
+        labels[:, :context] = -100
+        labels[2, -3:] = -100
+        batch["labels"] = labels
+    return batch
+
+
+def applied(name, head, spec, placement="all"):
+    torch.manual_seed(0)
+    base = load_model(ModelSpec(name=name, head=head), seed=0)
+    method = make_method(spec)
+    model = method.apply(base, make_plan(name, placement=placement, allocation=4), head_modules(base))
+    with torch.no_grad():  # a trained-looking update, so the LoRA branch matters
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    model.train()
+    return model, method
+
+
+def loss_and_grads(model, method, batch, head):
+    kind = "classification" if head == "sequence-classification" else "instruction"
+    method.prepare_batch(batch)
+    nll, count, _ = batch_nll(model, batch, kind)
+    (nll / count).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return (nll / count).item(), grads
+
+
+@pytest.mark.parametrize("name, head", ARCHS)
+def test_sparsity_zero_equals_dense_lora(name, head):
+    batch = batch_for(head)
+    lora, lora_method = applied(name, head, LoraSpec())
+    dense_loss, dense_grads = loss_and_grads(lora, lora_method, batch, head)
+    model, method = applied(name, head, SparseLoraSpec(ffn_sparsity=EVERY_CHANNEL, attention_sparsity=EVERY_CHANNEL,
+                                                       profile="uniform", sparse_outputs=True))
+    assert len(method.blocks) == 2 * len(method.sparsity["ffn"])  # every FFN and attention wrapped
+    loss, grads = loss_and_grads(model, method, batch, head)
+    assert loss == pytest.approx(dense_loss, abs=1e-5)
+    assert grads.keys() == dense_grads.keys() and len(grads) > 0
+    for n, g in grads.items():
+        assert torch.allclose(g, dense_grads[n], atol=1e-5), n
+    assert method.state.flops.estimator > 0  # the sparse path (estimator, gathers, scatters) did run
+    assert method.state.flops.executed == method.state.flops.dense
+
+
+def test_sparsity_exactly_zero_wraps_nothing():
+    _, method = applied("tiny-llama", "causal-lm", SparseLoraSpec(ffn_sparsity=0, attention_sparsity=0))
+    assert method.blocks == []
+
+
+@pytest.mark.parametrize("name, head", ARCHS)
+@pytest.mark.parametrize("sparsity", [0.5, 0.75])
+def test_executed_ffn_flops_fall_with_sparsity(name, head, sparsity):
+    model, method = applied(name, head, SparseLoraSpec(ffn_sparsity=sparsity, attention_sparsity=0, profile="uniform",
+                                                       sparse_outputs=True))
+    loss_and_grads(model, method, batch_for(head), head)
+    width = method.blocks[0].down.in_features
+    kept = round((1 - sparsity) * width)
+    flops = method.state.flops
+    assert flops.executed / flops.dense == pytest.approx(kept / width)
+    assert flops.executed < flops.dense
+    method.on_step(model, 1, 1)
+    report = method.report(model)["flops"]
+    assert report["executed_share"] == pytest.approx((flops.executed + flops.estimator) / flops.dense)
+
+
+def test_attention_flops_on_fused_gpt2_and_gqa_llama():
+    for name, widths in (("tiny-gpt2", None), ("tiny-llama", None)):
+        model, method = applied(name, "causal-lm", SparseLoraSpec(ffn_sparsity=0, attention_sparsity=0.5,
+                                                                  profile="uniform", sparse_outputs=True))
+        loss_and_grads(model, method, batch_for("causal-lm"), "causal-lm")
+        flops = method.state.flops
+        assert flops.executed / flops.dense == pytest.approx(0.5)  # q, k, v and o each on half their channels
+
+
+def test_gqa_channels_map_to_every_query_head_of_their_group():
+    # 2 key/value heads of 4 channels, 2 query heads per group: kv channel 5 (head 1, offset 1)
+    # feeds query heads 2 and 3 at offset 1 -> query channels 9 and 13
+    kept = AttentionBlock._expand(torch.tensor([0, 5]), head_dim=4, groups=2)
+    assert kept.tolist() == [0, 4, 9, 13]
+
+
+def test_output_tokens_run_dense():
+    # FFN sparsity in the last layer only: an output token's FFN there runs dense, so its final hidden
+    # state equals dense LoRA's; context tokens' differ (they ran on half the channels)
+    spec = SparseLoraSpec(ffn_sparsity=0, attention_sparsity=0, layers={3: {"ffn": 0.5}})
+    batch = batch_for("causal-lm")
+    hidden = {}
+    for label, s in (("dense", LoraSpec()), ("sparse", spec)):
+        model, method = applied("tiny-llama", "causal-lm", s)
+        method.prepare_batch(batch)
+        backbone = unwrap(model).model
+        hidden[label] = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+    supervised = batch["labels"] != -100
+    dense = supervised.clone()
+    dense[:, :-1] |= supervised[:, 1:]  # the last context token predicts the first output token
+    assert torch.allclose(hidden["sparse"][dense], hidden["dense"][dense], atol=1e-5)
+    context = ~dense & batch["attention_mask"].bool()
+    assert not torch.allclose(hidden["sparse"][context], hidden["dense"][context], atol=1e-3)
+
+
+def test_projection_rows_of_dense_tokens_equal_the_base():
+    base = torch.nn.Linear(8, 6)
+    state = SparseState(active=True)
+
+    class Half(AttentionBlock):  # a block that always keeps channels 0..2
+        def kept(self, projection, x):
+            return torch.tensor([0, 1, 2])
+
+    block = Half(0, 0.5, state, 1, None)
+    projection = SparseProjection(base, "out", block, [])
+    mask = torch.ones(2, 5, dtype=torch.long)
+    dense = torch.zeros(2, 5, dtype=torch.bool)
+    dense[:, 3:] = True
+    state.route(mask, dense)
+    x = torch.randn(2, 5, 8)
+    out = projection(x)
+    assert torch.allclose(out[dense], base(x)[dense], atol=1e-6)
+    assert torch.allclose(out[~dense][:, :3], base(x)[~dense][:, :3], atol=1e-6)
+    assert torch.all(out[~dense][:, 3:] == 0)
+
+
+def test_first_steps_run_dense():
+    model, method = applied("tiny-llama", "causal-lm", SparseLoraSpec(profile="uniform", dense_fraction=0.5))
+    method.total_steps = 4
+    method.dense_steps = 2
+    method.state.active = False
+    batch = batch_for("causal-lm")
+    for step in range(1, 5):
+        loss_and_grads(model, method, batch, "causal-lm")
+        method.on_step(model, step, 4)
+    shares = method.report(model)["flops"]["per_step_share"]
+    assert shares[:2] == [1.0, 1.0] and all(s < 1.0 for s in shares[2:])
+
+
+def test_evaluation_runs_dense():
+    batch = batch_for("causal-lm")
+    outputs = []
+    for s in (LoraSpec(), SparseLoraSpec(profile="uniform", ffn_sparsity=0.9, attention_sparsity=0.5)):
+        model, method = applied("tiny-llama", "causal-lm", s)
+        model.eval()
+        method.prepare_batch(batch)
+        with torch.no_grad():
+            outputs.append(model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits)
+    assert torch.allclose(outputs[0], outputs[1], atol=1e-5)
+
+
+def test_estimator_is_cached_on_disk_and_reused():
+    spec = SparseLoraSpec(profile="uniform")
+    _, first = applied("tiny-llama", "causal-lm", spec)
+    _, second = applied("tiny-llama", "causal-lm", spec)
+    assert not first.estimator["loaded"] and second.estimator["loaded"]
+    assert first.estimator["file"] == second.estimator["file"]
+    a = [b.up.est_out for b in first.blocks if hasattr(b, "up")]
+    b = [b.up.est_out for b in second.blocks if hasattr(b, "up")]
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_estimator_approximates_the_weight():
+    model, method = applied("tiny-llama", "causal-lm", SparseLoraSpec(profile="uniform", estimator_rank=64))
+    up = method.blocks[0].up
+    x = torch.randn(10, up.in_features)
+    assert torch.allclose(up.estimate(x)[:, 0], x @ up.weight.T, atol=1e-4)  # full rank: exact
+
+
+def test_profiles_make_deeper_layers_sparser():
+    deeper = layer_sparsity(SparseLoraSpec(profile="deeper", ffn_sparsity=0.9), 4)["ffn"]
+    assert deeper == pytest.approx([0.0, 0.3, 0.6, 0.9])
+    published = layer_sparsity(SparseLoraSpec(profile="published", attention_sparsity=0.5), 10)["attention"]
+    assert published == [0.0] + [0.5] * 8 + [0.0]
+    override = layer_sparsity(SparseLoraSpec(layers={2: {"ffn": 0.1}}), 4)["ffn"]
+    assert override[2] == 0.1
+
+
+def test_bad_layer_override_is_a_clear_error():
+    with pytest.raises(PeftlabError, match="method.layers: layer 7 does not exist; the model has layers 0..3"):
+        applied("tiny-llama", "causal-lm", SparseLoraSpec(layers={7: {"ffn": 0.5}}))
+
+
+def test_merge_reaches_the_frozen_weights_under_the_sparse_wrapper():
+    model, method = applied("tiny-gpt2", "causal-lm", SparseLoraSpec(profile="uniform"), placement="q,v")
+    model.eval()
+    batch = batch_for("causal-lm")
+    with torch.no_grad():
+        unmerged = model(input_ids=batch["input_ids"]).logits
+        method.merge(model)
+        merged = model(input_ids=batch["input_ids"]).logits
+        method.unmerge(model)
+    assert torch.allclose(merged, unmerged, atol=1e-5)
+
+
+def test_a_run_reports_executed_flops_per_step(tmp_path):
+    import json
+
+    from peftlab.config import RunConfig, validate
+    from peftlab.train.run import execute_run
+
+    rows = [{"instruction": f"Repeat the word {w} twice.", "input": "", "output": f"{w} {w}"}
+            for w in ["apple", "river", "stone", "cloud"] * 6]
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(rows))
+    config = validate(RunConfig, {
+        "model": "tiny-llama", "task": {"path": str(data), "kind": "instruction"},
+        "plan": {"placement": "all", "allocation": 4},
+        "method": {"name": "sparselora", "profile": "uniform", "dense_fraction": 0.25},
+        "train": {"max_steps": 8, "batch_size": 4, "latency_batches": 1},
+    }, "test")
+    result = execute_run(config, tmp_path / "run")
+    assert result["status"] == "done"
+    flops = result["method"]["flops"]
+    assert flops["per_step_share"][:2] == [1.0, 1.0] and max(flops["per_step_share"][2:]) < 1.0
+    assert result["method"]["dense_steps"] == 2
+    assert 0 < flops["executed"] < flops["dense"]
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()  # a LoRA adapter, as PEFT saves it
