@@ -245,3 +245,16 @@ def test_a_run_reports_executed_flops_per_step(tmp_path):
     assert result["method"]["dense_steps"] == 2
     assert 0 < flops["executed"] < flops["dense"]
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()  # a LoRA adapter, as PEFT saves it
+
+
+@pytest.mark.parametrize("name, first", [("tiny-bert", True), ("tiny-llama", False)])
+def test_the_token_a_classifier_reads_runs_dense(name, first):
+    _, method = applied(name, "sequence-classification", SparseLoraSpec(profile="uniform"))
+    batch = batch_for("sequence-classification")  # 3 rows of 16 tokens, the last row with 3 padding
+    method.prepare_batch(batch)
+    expected = [0, 16, 32] if first else [15, 31, 44]  # [CLS], or each row's last real token
+    assert method.state.dense_rows.tolist() == expected
+    everything = make_method(SparseLoraSpec(sparse_outputs=True))
+    everything.head_reads_first = first
+    everything.prepare_batch(batch)
+    assert everything.state.dense_rows is None and len(everything.state.pool_rows) == 45

@@ -176,6 +176,9 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
         how = "loaded" if cache["loaded"] else "built"
         table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s)", f"{cost['prefix_cache_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
+    flops = (result.get("method") or {}).get("flops")
+    if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included
+        table.add_row("frozen FLOPs executed (% of dense)", f"{100 * flops['executed_share']:.1f}%")
     table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
     if cost["adapter_bytes"] is not None:

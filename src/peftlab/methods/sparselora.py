@@ -58,7 +58,7 @@ class SparseLoraSpec(LoraSpec):
     dense_fraction: float = Field(0.05, ge=0, le=1)
     """Share of the optimizer steps at the start that run dense."""
     sparse_outputs: bool = False
-    """Run supervised output tokens sparse too (classification always runs every token sparse)."""
+    """Run every token sparse, the ones the loss reads (output tokens; the classifier's token) too."""
 
     @model_validator(mode="after")
     def _lora_only(self) -> SparseLoraSpec:
@@ -117,9 +117,12 @@ class SparseLoraMethod(LoraMethod):
         self.steps: list[Flops] = []
         self.sparsity: dict[str, list[float]] = {}
         self.estimator: dict[str, Any] = {}
+        self.head_reads_first = True
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
-        sites = [s for s in resolve_sites(model).sites if not s.is_slice]  # before LoRA wraps them
+        resolved = resolve_sites(model)  # before LoRA wraps the modules
+        sites = [s for s in resolved.sites if not s.is_slice]
+        self.head_reads_first = resolved.family in ("bert", "distilbert")  # [CLS]; decoders read the last token
         model = super().apply(model, plan, head)
         if next(model.parameters()).device.type == "meta":  # parameter counting: sparsity adds none
             return model
@@ -203,15 +206,22 @@ class SparseLoraMethod(LoraMethod):
         return factors
 
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> None:
-        """Route the next micro-batch: tokens whose outputs are supervised run dense (position t is
-        supervised when labels[t] or labels[t + 1], the token it predicts, is), the rest sparse."""
-        labels = batch["labels"]
+        """Route the next micro-batch: the tokens the loss reads run dense, the rest sparse. Causal LMs:
+        position t when labels[t] or labels[t + 1] (the token it predicts) is supervised. Classification:
+        the token the head reads ([CLS] for encoders, the last real token for decoders)."""
+        labels, mask = batch["labels"], batch["attention_mask"]
         dense = None
-        if labels.dim() == 2 and not self.spec.sparse_outputs:
+        if self.spec.sparse_outputs:
+            pass
+        elif labels.dim() == 2:
             supervised = labels != IGNORE
             dense = supervised.clone()
             dense[:, :-1] |= supervised[:, 1:]
-        self.state.route(batch["attention_mask"], dense)
+        else:
+            dense = torch.zeros_like(mask, dtype=torch.bool)
+            read = torch.zeros(len(mask), dtype=torch.long) if self.head_reads_first else mask.sum(dim=1) - 1
+            dense[torch.arange(len(mask)), read.to(mask.device)] = True
+        self.state.route(mask, dense)
 
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         self.steps.append(self.state.flops)
