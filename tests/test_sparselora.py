@@ -143,14 +143,18 @@ def test_projection_rows_of_dense_tokens_equal_the_base():
     block = Half(0, 0.5, state, 1, None)
     projection = SparseProjection(base, "out", block, [])
     mask = torch.ones(2, 5, dtype=torch.long)
-    dense = torch.zeros(2, 5, dtype=torch.bool)
-    dense[:, 3:] = True
-    state.route(mask, dense)
-    x = torch.randn(2, 5, 8)
-    out = projection(x)
-    assert torch.allclose(out[dense], base(x)[dense], atol=1e-6)
-    assert torch.allclose(out[~dense][:, :3], base(x)[~dense][:, :3], atol=1e-6)
-    assert torch.all(out[~dense][:, 3:] == 0)
+    for first_dense in (3, 1):  # fewer dense tokens than sparse ones, and more
+        dense = torch.zeros(2, 5, dtype=torch.bool)
+        dense[:, first_dense:] = True
+        state.route(mask, dense)
+        x = torch.randn(2, 5, 8, requires_grad=True)
+        out = projection(x)
+        assert torch.allclose(out[dense], base(x)[dense], atol=1e-6)
+        assert torch.allclose(out[~dense][:, :3], base(x)[~dense][:, :3], atol=1e-6)
+        assert torch.all(out[~dense][:, 3:] == 0)
+        out.sum().backward()  # a sparse token's input gradient sees only the kept rows of W
+        expected = torch.where(dense[..., None], base.weight.sum(0), base.weight[:3].sum(0)).detach()
+        assert torch.allclose(x.grad, expected, atol=1e-6)
 
 
 def test_first_steps_run_dense():

@@ -125,12 +125,16 @@ class SparseProjection(nn.Module):
         if dense_rows is None:  # every token sparse
             state.flops.executed += 2 * len(flat) * width
             out = self._sparse(flat, kept)
+        elif len(dense_rows) <= len(sparse_rows):  # few dense tokens: all rows sparse, dense rows overwritten
+            state.flops.executed += 2 * (len(flat) * width + len(dense_rows) * self.in_features * self.out_features)
+            out = self._sparse(flat, kept)
+            out.index_copy_(0, dense_rows, self.base_layer(flat.index_select(0, dense_rows)).to(out.dtype))
         else:
             state.flops.executed += 2 * (len(dense_rows) * self.in_features * self.out_features + len(sparse_rows) * width)
-            dense_out = self.base_layer(flat.index_select(0, dense_rows))
-            sparse_out = self._sparse(flat.index_select(0, sparse_rows), kept)
+            dense_out = self.base_layer(flat.index_select(0, dense_rows))  # mostly dense tokens: split them
             out = dense_out.new_empty(len(flat), dense_out.shape[-1])
-            out = out.index_copy(0, dense_rows, dense_out).index_copy(0, sparse_rows, sparse_out.to(dense_out.dtype))
+            out.index_copy_(0, dense_rows, dense_out)
+            out.index_copy_(0, sparse_rows, self._sparse(flat.index_select(0, sparse_rows), kept).to(out.dtype))
         return out.view(*x.shape[:-1], -1)
 
     def _sparse(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
@@ -138,7 +142,7 @@ class SparseProjection(nn.Module):
         if self.mode == "in":  # read only the kept input columns; the bias is added in full
             return F.linear(x.index_select(1, kept), weight.index_select(1, kept), bias)
         picked = F.linear(x, weight.index_select(0, kept), None if bias is None else bias.index_select(0, kept))
-        return picked.new_zeros(len(x), self.out_features).index_copy(1, kept, picked)
+        return picked.new_zeros(len(x), self.out_features).index_copy_(1, kept, picked)
 
 
 class Block:
