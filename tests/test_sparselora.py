@@ -98,7 +98,7 @@ def test_executed_ffn_flops_fall_with_sparsity(name, head, sparsity):
 
 
 def test_attention_flops_on_fused_gpt2_and_gqa_llama():
-    for name, widths in (("tiny-gpt2", None), ("tiny-llama", None)):
+    for name in ("tiny-gpt2", "tiny-llama"):
         model, method = applied(name, "causal-lm", SparseLoraSpec(ffn_sparsity=0, attention_sparsity=0.5,
                                                                   profile="uniform", sparse_outputs=True))
         loss_and_grads(model, method, batch_for("causal-lm"), "causal-lm")

@@ -1,4 +1,4 @@
-"""Writing files so that a reader never sees half of one."""
+"""Writing files so that a reader never sees half of one (concurrent study runs may write the same cache)."""
 
 from __future__ import annotations
 
@@ -12,3 +12,20 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def save_tensors_atomic(path: Path, tensors: dict) -> None:
+    """safetensors' save_file through a temporary file and a rename, like `write_atomic`."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)
+
+
+def tensor_bytes(tensor) -> bytes:
+    """A tensor's raw bytes (any dtype, any device), for content digests of weights."""
+    import torch
+
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

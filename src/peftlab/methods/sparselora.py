@@ -18,15 +18,24 @@ from typing import Any, Literal
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
 from pydantic import Field, model_validator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 from transformers.activations import ACT2FN
 
 from peftlab.errors import PeftlabError
+from peftlab.files import save_tensors_atomic, tensor_bytes
 from peftlab.methods.base import MethodSpecBase
 from peftlab.methods.fused_slices import SliceLoRA
 from peftlab.methods.lora import LoraMethod, LoraSpec
-from peftlab.methods.sparse_channels import AttentionBlock, Block, FfnBlock, Flops, SparseProjection, SparseState, low_rank_factors
+from peftlab.methods.sparse_channels import (
+    AttentionBlock,
+    Block,
+    FfnBlock,
+    Flops,
+    SparseProjection,
+    SparseState,
+    low_rank_factors,
+)
 from peftlab.models.load import cache_dir
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site, resolve_sites
@@ -185,7 +194,7 @@ class SparseLoraMethod(LoraMethod):
         for path in sorted(weights):
             weight, parts, _ = weights[path]
             digest.update(f"{path}:{parts}:{weight.dtype}:{tuple(weight.shape)}".encode())
-            digest.update(weight.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            digest.update(tensor_bytes(weight))
         file = cache_dir() / "sparselora" / f"{digest.hexdigest()}.safetensors"
         loaded = file.is_file()
         if loaded:
@@ -196,11 +205,8 @@ class SparseLoraMethod(LoraMethod):
             factors = {path: low_rank_factors(w, parts, self.spec.estimator_rank, conv1d)
                        for path, (w, parts, conv1d) in weights.items()}
             if factors:
-                file.parent.mkdir(parents=True, exist_ok=True)
-                partial = file.with_name(f"{file.name}.{time.time_ns()}.tmp")
-                save_file({f"{path}.{i}.{name}": t for path, pairs in factors.items() for i, pair in enumerate(pairs)
-                           for name, t in zip("PQ", pair)}, str(partial))
-                partial.replace(file)  # atomic: the runs of a study may compute it at once
+                save_tensors_atomic(file, {f"{path}.{i}.{name}": t for path, pairs in factors.items()
+                                           for i, pair in enumerate(pairs) for name, t in zip("PQ", pair)})
         self.estimator = {"rank": self.spec.estimator_rank, "weights": len(weights), "file": str(file),
                           "loaded": loaded, "seconds": time.perf_counter() - start}
         return factors
@@ -210,10 +216,10 @@ class SparseLoraMethod(LoraMethod):
         position t when labels[t] or labels[t + 1] (the token it predicts) is supervised. Classification:
         the token the head reads ([CLS] for encoders, the last real token for decoders)."""
         labels, mask = batch["labels"], batch["attention_mask"]
-        dense = None
         if self.spec.sparse_outputs:
-            pass
-        elif labels.dim() == 2:
+            self.state.route(mask, None)  # every token sparse
+            return
+        if labels.dim() == 2:
             supervised = labels != IGNORE
             dense = supervised.clone()
             dense[:, :-1] |= supervised[:, 1:]

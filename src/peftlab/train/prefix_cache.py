@@ -20,14 +20,14 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
+from peftlab.files import save_tensors_atomic, tensor_bytes
 from peftlab.models.load import cache_dir
 from peftlab.models.sites import layer_blocks
 from peftlab.tasks.prepare import collate
@@ -128,7 +128,7 @@ def _digest(model: nn.Module, layers: nn.ModuleList, layer: int) -> str:
         if id(tensor) in upper or tensor.requires_grad:
             continue
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(tensor_bytes(tensor))
         quant = getattr(tensor, "quant_type", None)
         if quant is not None:
             digest.update(f"{quant}:{tensor.blocksize}:{tensor.compress_statistics}".encode())
@@ -167,17 +167,10 @@ def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_ke
         hidden, offsets = tensors["hidden"], tensors["offsets"]
     else:
         hidden, offsets = _compute(model, layers[layer], examples, pad_id, batch_size, device, autocast)
-        _save(file, hidden, offsets)
+        save_tensors_atomic(file, {"hidden": hidden.contiguous(), "offsets": offsets})
     info = CacheInfo(layer, len(examples), int(offsets[-1]), hidden.numel() * hidden.element_size(), loaded,
                      time.perf_counter() - start, str(file))
     return PrefixCache(layers, layer, hidden, offsets, tuple_output, info)
-
-
-def _save(file: Path, hidden: torch.Tensor, offsets: torch.Tensor) -> None:
-    file.parent.mkdir(parents=True, exist_ok=True)
-    partial = file.with_name(f"{file.name}.{time.time_ns()}.tmp")
-    save_file({"hidden": hidden.contiguous(), "offsets": offsets}, str(partial))
-    partial.replace(file)  # atomic: concurrent runs of a study may build the same cache
 
 
 def _backbone_call(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
