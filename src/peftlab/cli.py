@@ -51,7 +51,7 @@ def plan(
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | last-4 | 0,2,5 ...")] = None,
     modules: Annotated[Optional[str], typer.Option(help="PEFT-style module names, comma-separated (warned if ambiguous).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
-    allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | attention-heavy(8) | budget(N, shape) | from-scores(file)")] = None,
+    allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | attention-heavy(8) | budget(N, shape) | from-scores(file) | importance(measure)")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="2r (alpha = 2r, the default) | 16 (fixed)")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
     output: Annotated[Optional[Path], typer.Option(help="Also write the plan as JSON to this file.")] = None,
@@ -195,6 +195,101 @@ def _load(cls, config: Path | None, overrides: dict[str, Any]):
     for dotted, value in overrides.items():
         set_dotted(data, dotted, value)
     return validate(cls, data, "command line")
+
+
+def _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr):
+    from peftlab.config import RunConfig
+
+    overrides = {"model.name": model, "task.name": task, "task.path": str(data) if data else None, "task.kind": kind,
+                 "task.max_length": max_length, "plan.placement.roles": placement, "plan.placement.layers": layers,
+                 "train.batch_size": batch_size, "train.lr": lr}
+    return _load(RunConfig, config, {k: v for k, v in overrides.items() if v is not None})
+
+
+@app.command()
+def importance(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan (placement) and train.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
+    measure: Annotated[str, typer.Option(help="Comma-separated: gradient, fisher, activation, update, adalora.")] = "gradient,fisher,activation,update",
+    placement: Annotated[Optional[str], typer.Option(help="Sites to score: all | attention | ffn | roles such as q,v")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | 0,2,5 ...")] = None,
+    steps: Annotated[int, typer.Option(help="Probe batches (gradient, fisher, activation) or training steps (update, adalora).")] = 64,
+    rank: Annotated[float, typer.Option(help="Rank of the update / adalora probe runs; the activation measure's mean rank.")] = 8.0,
+    batch_size: Annotated[Optional[int], typer.Option(help="Probe batch size.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example.")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Learning rate of the update / adalora probe runs.")] = None,
+    seed: Annotated[int, typer.Option(help="Probe seed.")] = 0,
+    output: Annotated[Path, typer.Option(help="Folder for importance-<measure>.json/.csv and importance.png.")] = Path("importance"),
+) -> None:
+    """Score every site (layer x role) by importance; the JSON feeds `--allocation from-scores(file)`."""
+    import json
+
+    from peftlab.analysis.figures import importance_heatmaps
+    from peftlab.importance.probe import importance_scores, write_scores
+    from peftlab.plans.allocation import MEASURES
+
+    measures = [m.strip() for m in measure.split(",") if m.strip()]
+    for name in measures:
+        if name not in MEASURES:
+            raise PeftlabError(f"--measure {name!r}: valid measures are {', '.join(MEASURES)}")
+    spec = _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr)
+    records = []
+    for name in measures:
+        record = json.loads(importance_scores(spec, name, rank, steps, seed).read_text())
+        write_scores(record, output)
+        records.append(record)
+    figure = importance_heatmaps(records, output)
+    _print_importance(records)
+    _console().print(f"wrote {output}/importance-<measure>.json and .csv for {', '.join(measures)}; {figure}", highlight=False)
+
+
+def _print_importance(records: list[dict[str, Any]]) -> None:
+    first = records[0]
+    table = Table(title=f"importance: {first['model']} on {first['task']} (score / mean score)", title_justify="left")
+    for column in ("layer", "role", *(r["measure"] for r in records)):
+        table.add_column(column, justify="left" if column == "role" else "right")
+    means = [sum(s["score"] for s in r["sites"]) / len(r["sites"]) or 1.0 for r in records]
+    for i, site in enumerate(first["sites"]):
+        values = [f"{r['sites'][i]['score'] / mean:.2f}" for r, mean in zip(records, means)]
+        table.add_row(str(site["layer"]), site["role"], *values)
+    _console().print(table)
+
+
+@app.command()
+def recommend(
+    budget: Annotated[int, typer.Option(help="Trainable adapter parameters (A and B) to spend.")],
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan (placement), method, train.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")] = None,
+    task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
+    kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
+    measure: Annotated[str, typer.Option(help="Importance measure: gradient | fisher | activation | update | adalora.")] = "fisher",
+    study: Annotated[Optional[Path], typer.Option(help="A study directory whose measured results to weigh in.")] = None,
+    placement: Annotated[Optional[str], typer.Option(help="Sites to plan over: all | attention | ffn | roles such as q,v")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | 0,2,5 ...")] = None,
+    steps: Annotated[int, typer.Option(help="Probe batches or steps.")] = 64,
+    output: Annotated[Optional[Path], typer.Option(help="Write a run config (YAML) that trains the proposed plan.")] = None,
+) -> None:
+    """Propose a plan under a parameter budget and say why."""
+    from peftlab.importance.recommend import recommend as propose
+    from peftlab.plans.allocation import MEASURES
+
+    if measure not in MEASURES:
+        raise PeftlabError(f"--measure {measure!r}: valid measures are {', '.join(MEASURES)}")
+    if study is not None and not (study / "study.yaml").is_file():
+        raise PeftlabError(f"--study {study}: not a study directory (no study.yaml)")
+    spec = _probe_config(config, model, task, data, kind, placement, layers, None, None, None)
+    result = propose(spec, budget, measure, steps, study)
+    _print_plan(result.plan)
+    console = _console()
+    for line in result.lines:
+        console.print("- " + line, highlight=False)
+    if output is not None:
+        write_atomic(output, result.config.to_yaml())
+        console.print(f"wrote {output} (train it with: peftlab run -c {output})", highlight=False)
 
 
 study_app = typer.Typer(help="Studies: grids of runs x seeds in a resumable store.", no_args_is_help=True)

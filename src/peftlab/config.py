@@ -159,7 +159,7 @@ def _is_union_tag(part: Any) -> bool:
     return isinstance(part, str) and (part.startswith("function-") or part in _UNION_TAGS)
 
 
-_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "str", "int", "list[str]"} | set(METHODS)
+_UNION_TAGS = {"uniform", "linear", "role-weighted", "budget", "from-scores", "importance", "str", "int", "list[str]"} | set(METHODS)
 
 
 def validate(cls: type[T], data: Any, source: str) -> T:

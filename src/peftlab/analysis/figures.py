@@ -135,3 +135,25 @@ def make_figures(analysis: Analysis, study_dir: Path, folder: Path) -> dict[str,
         "Training curves (seed bands)": training_curves(analysis, study_dir, folder),
         "Ranks per layer and role": rank_heatmaps(analysis, study_dir, folder),
     }
+
+
+def importance_heatmaps(records: list[dict], folder: Path) -> Path:
+    """Per-site importance (layer x role), one panel per measure, each scaled to its own maximum."""
+    roles = [r for r in ROLE_ORDER if any(s["role"] == r for rec in records for s in rec["sites"])]
+    n_layers = max(rec["n_layers"] for rec in records)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(records), figsize=(2.6 * len(records) + 1.0, 0.3 * n_layers + 1.6), squeeze=False)
+        image = None
+        for ax, rec in zip(axes.flat, records):
+            grid = np.full((n_layers, len(roles)), np.nan)  # blank: not in the placement
+            for s in rec["sites"]:
+                grid[s["layer"], roles.index(s["role"])] = s["score"]
+            top = np.nanmax(grid) if np.nanmax(grid) > 0 else 1.0
+            image = ax.imshow(grid / top, aspect="auto", cmap="magma", vmin=0, vmax=1, origin="lower")
+            ax.set_title(rec["measure"], fontsize=9)
+            ax.set_xticks(range(len(roles)), [r.split(".")[1] for r in roles], fontsize=7)
+            ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
+        axes[0, 0].set_ylabel("layer", fontsize=7)
+        fig.colorbar(image, ax=axes.ravel().tolist(), label="score / largest score", shrink=0.8)
+        fig.suptitle(f"Importance per layer and role: {records[0]['model']}", fontsize=10, y=1.04)
+        return _save(fig, folder, "importance")

@@ -218,6 +218,14 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
+def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec:
+    """The head a task needs: sequence classification or causal LM."""
+    head = "sequence-classification" if kind == "classification" else "causal-lm"
+    if model.head not in ("auto", head):
+        raise PeftlabError(f"model.head: {model.head} cannot run a {kind} task; use auto or {head}")
+    return model.model_copy(update={"head": head, "num_labels": max(n_labels, 2)})
+
+
 # Task heads that a sequence-classification model adds on top of the pretrained body.
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
 

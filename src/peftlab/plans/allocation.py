@@ -113,12 +113,55 @@ class FromScoresAllocation(_Allocation):
         return self
 
     def shape(self, sites):
-        scores = read_scores(self.path)
-        values = [_score_for(site, scores, self.path) for site in sites]
-        mean = sum(values) / len(values)
-        if mean <= 0:
-            raise PeftlabError(f"{self.path}: every planned site scores 0; cannot allocate ranks from it")
-        return [min(self.max, max(self.min, self.rank * v / mean)) for v in values]
+        return shape_from_scores(self.path, sites, self.rank, self.min, self.max)
+
+
+MEASURES = ("gradient", "fisher", "activation", "update", "adalora")
+
+
+class ImportanceAllocation(_Allocation):
+    """Ranks proportional to importance measured by a short probe of the run's own model and task (see
+    `peftlab.importance`), mean `rank`, clamped to [min, max]. The probe runs once and is cached; `scores`
+    is filled in by the run before the plan is built (`peftlab plan` takes `from-scores` instead)."""
+
+    kind: Literal["importance"] = "importance"
+    measure: Literal[MEASURES] = "gradient"
+    """gradient: smoothed |w * dL/dw| (AdaLoRA's sensitivity x uncertainty); fisher: mean squared gradient;
+    activation: explained variance of the site's inputs, ranks pooled across sites as in EVA; update:
+    effective rank of each site's update after a short uniform-rank LoRA run; adalora: AdaLoRA's final ranks."""
+    rank: float = Field(8.0, gt=0)
+    """Mean rank; also the rank of the probe's LoRA / AdaLoRA run (update, adalora)."""
+    min: int = Field(1, ge=1)
+    max: int = Field(64, ge=1)
+    steps: int = Field(64, ge=1)
+    """Probe batches (gradient, fisher, activation) or optimizer steps (update, adalora)."""
+    seed: int = 0
+    """The probe's seed: fixed across training seeds, so every seed of a study trains the same plan."""
+    scores: Path | None = None
+    positional: ClassVar = ("measure",)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> ImportanceAllocation:
+        if self.min > self.max:
+            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
+        return self
+
+    def shape(self, sites):
+        if self.scores is None:
+            raise PeftlabError(
+                f"plan.allocation: importance({self.measure}) needs a model and a task to probe; use it with "
+                "`peftlab run` or a study, or write scores with `peftlab importance` and use from-scores(file)"
+            )
+        return shape_from_scores(self.scores, sites, self.rank, self.min, self.max)
+
+
+def shape_from_scores(path: Path, sites: Sequence[Site], rank: float, low: int, high: int) -> list[float]:
+    scores = read_scores(path)
+    values = [_score_for(site, scores, path) for site in sites]
+    mean = sum(values) / len(values)
+    if mean <= 0:
+        raise PeftlabError(f"{path}: every planned site scores 0; cannot allocate ranks from it")
+    return [min(high, max(low, rank * v / mean)) for v in values]
 
 
 class BudgetAllocation(_Allocation):
@@ -127,7 +170,7 @@ class BudgetAllocation(_Allocation):
     kind: Literal["budget"] = "budget"
     params: int = Field(gt=0)
     shape_: Annotated[
-        Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, FromScoresAllocation],
+        Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, FromScoresAllocation, ImportanceAllocation],
         Field(discriminator="kind", alias="shape"),
     ] = UniformAllocation()
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
@@ -143,12 +186,14 @@ class BudgetAllocation(_Allocation):
 
 
 AllocationSpec = Annotated[
-    Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, BudgetAllocation, FromScoresAllocation],
+    Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, BudgetAllocation, FromScoresAllocation,
+          ImportanceAllocation],
     Field(discriminator="kind"),
 ]
 ALLOCATIONS: dict[str, type[_Allocation]] = {
     cls.model_fields["kind"].default: cls
-    for cls in (UniformAllocation, LinearAllocation, RoleWeightedAllocation, BudgetAllocation, FromScoresAllocation)
+    for cls in (UniformAllocation, LinearAllocation, RoleWeightedAllocation, BudgetAllocation, FromScoresAllocation,
+                ImportanceAllocation)
 }
 
 
@@ -244,7 +289,7 @@ def _score_for(site: Site, scores: dict[tuple[Any, ...], float], path: Path) -> 
 
 
 # Compact form: `uniform(8)`, `linear(16->4)`, `attention-heavy(8)`, `role-weighted(8, attn=2, ffn=1)`,
-# `budget(100000, linear(16->4))`, `from-scores(scores.json, min=2, max=32)`.
+# `budget(100000, linear(16->4))`, `from-scores(scores.json, min=2, max=32)`, `importance(fisher, steps=32)`.
 _CALL = re.compile(r"\s*([a-z][a-z-]*)\s*(?:\((.*)\))?\s*", re.S)
 
 

@@ -20,12 +20,13 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from peftlab.config import ModelSpec, RunConfig
+from peftlab.config import RunConfig
 from peftlab.errors import PeftlabError
+from peftlab.importance.probe import resolve_importance
 from peftlab.methods.base import trainable_counts
 from peftlab.methods.budget import match_budget
 from peftlab.methods.registry import make_method
-from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer
+from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer, model_spec_for_task
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.models.sites import layer_blocks, resolve_sites
 from peftlab.plans.plan import build_plan
@@ -51,19 +52,13 @@ def _precision(requested: str) -> str:
     return requested
 
 
-def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec:
-    """The head a task needs: sequence classification or causal LM."""
-    head = "sequence-classification" if kind == "classification" else "causal-lm"
-    if model.head not in ("auto", head):
-        raise PeftlabError(f"model.head: {model.head} cannot run a {kind} task; use auto or {head}")
-    return model.model_copy(update={"head": head, "num_labels": max(n_labels, 2)})
-
-
 def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     """Run `config`, write its outputs to `output_dir` and return the result record."""
     if output_dir.exists() and any(output_dir.iterdir()):
         raise PeftlabError(f"{output_dir}: already exists and is not empty; choose another --output")
     spec = config.train
+    # An importance allocation probes the model first (its own seed, cached), before the run's seed is set.
+    planned, scores = resolve_importance(config)
     set_seed(spec.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     accelerator = Accelerator(mixed_precision=_precision(spec.precision), cpu=not torch.cuda.is_available())
@@ -74,9 +69,9 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))
     model = load_model(model_spec, seed=spec.seed, dtype=DTYPES[model_spec.dtype])
     base_params = count_params(model)
-    sized, budget = config, None
+    sized, budget = planned, None
     if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
-        sized, budget = match_budget(config, model_spec, config.budget)
+        sized, budget = match_budget(planned, model_spec, config.budget)
     plan = build_plan(resolve_sites(model, model_spec.role_map), base_params, sized.plan, model_spec.name)
     head = head_modules(model)
     per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
@@ -93,6 +88,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     partial_dir.mkdir(parents=True)
     (partial_dir / "config.yaml").write_text(config.to_yaml())
     (partial_dir / "plan.json").write_text(plan.to_json() + "\n")
+    if scores:  # the importance scores the ranks came from
+        shutil.copyfile(scores, partial_dir / "importance.json")
     history = (partial_dir / "metrics.jsonl").open("a")
 
     def record(row: dict[str, Any]) -> None:
