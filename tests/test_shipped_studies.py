@@ -1,5 +1,8 @@
 """Every shipped study validates, expands to valid runs, and plans on the meta device."""
 
+import json
+import random
+
 import pytest
 
 from peftlab.api import make_plan
@@ -8,19 +11,53 @@ from peftlab.studies.grid import expand
 from peftlab.studies.shipped import shipped_studies
 
 
+def with_probe_scores(config: RunConfig, path) -> RunConfig:
+    """An importance allocation pointed at a scores file, as a run does after its probe."""
+    allocation = config.plan.allocation
+    inner = getattr(allocation, "shape_", allocation)
+    if inner.kind != "importance":
+        return config
+    inner = inner.model_copy(update={"scores": path})
+    if allocation.kind == "budget":
+        inner = allocation.model_copy(update={"shape_": inner})
+    return config.model_copy(update={"plan": config.plan.model_copy(update={"allocation": inner})})
+
+
+@pytest.fixture
+def random_scores(tmp_path):
+    """A score for every (layer, role) of a 6-layer BERT, drawn at random."""
+    rng = random.Random(0)
+    path = tmp_path / "scores.json"
+    roles = ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down"]
+    path.write_text(json.dumps([{"layer": i, "role": r, "score": rng.uniform(0.1, 3)} for i in range(6) for r in roles]))
+    return path
+
+
 @pytest.mark.parametrize("name", sorted(shipped_studies()))
-def test_shipped_study_expands_to_valid_runs(name):
+def test_shipped_study_expands_to_valid_runs(name, random_scores):
     spec = load_spec(StudySpec, shipped_studies()[name])
     assert spec.name == name and len(spec.seeds) >= 3
     runs = expand(spec)
     assert runs and all(r.error is None for r in runs), [r.error for r in runs if r.error]
     for run in runs:
-        config = RunConfig.model_validate(run.config)
+        config = with_probe_scores(RunConfig.model_validate(run.config), random_scores)
         make_plan(PlanConfig(model=config.model, plan=config.plan))  # every plan resolves
 
 
 def test_shipped_studies_exist():
-    assert {"placement", "allocation", "methods"} <= set(shipped_studies())
+    assert {"placement", "allocation", "methods", "importance"} <= set(shipped_studies())
+
+
+def test_importance_study_compares_at_the_uniform_budget(random_scores):
+    spec = load_spec(StudySpec, shipped_studies()["importance"])
+    budgets = {}
+    for run in expand(spec):
+        config = with_probe_scores(RunConfig.model_validate(run.config), random_scores)
+        budgets[run.axes["allocation"]] = make_plan(PlanConfig(model=config.model, plan=config.plan)).trainable_params
+    reference = budgets.pop("uniform-8")
+    assert set(budgets) == {"gradient", "fisher", "activation", "update", "adalora"}
+    for name, params in budgets.items():
+        assert abs(params - reference) / reference < 0.03, (name, params, reference)
 
 
 def test_allocation_study_compares_at_comparable_budgets():
