@@ -142,6 +142,7 @@ def test_importance_allocation_in_a_run(tmp_path, reviews_file, monkeypatch):
     assert abs(result["cost"]["adapter_params"] - 6000) / 6000 < 0.1
     record = json.loads((tmp_path / "a" / "importance.json").read_text())
     assert record["measure"] == "fisher" and len(record["sites"]) == len(plan["sites"])
+    assert result["cost"]["importance_probe_seconds"] == record["seconds"] > 0
 
     def no_probe(*args, **kwargs):
         raise AssertionError("the cached scores should be reused")

@@ -175,6 +175,8 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
         cache = result["prefix_cache"]
         how = "loaded" if cache["loaded"] else "built"
         table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s)", f"{cost['prefix_cache_seconds']:.1f}")
+    if cost.get("importance_probe_seconds") is not None:  # once per study, then cached
+        table.add_row("importance probe (s, not in training time)", f"{cost['importance_probe_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
     flops = (result.get("method") or {}).get("flops")
     if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included

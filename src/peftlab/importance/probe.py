@@ -51,6 +51,9 @@ from peftlab.train.loop import train_loop
 from peftlab.train.loss import batch_nll, unwrap
 
 VERSION = 1  # bump when a measure changes, so cached scores are recomputed
+# Training settings the update / adalora probes train with (the rest of a run's settings do not matter to them).
+PROBE_TRAINING = ("batch_size", "batching", "grad_accum", "lr", "weight_decay", "optimizer", "schedule", "warmup_ratio",
+                  "max_grad_norm", "precision")
 
 
 def importance_scores(config: RunConfig, measure: str, rank: float = 8.0, steps: int = 64, seed: int = 0,
@@ -60,8 +63,11 @@ def importance_scores(config: RunConfig, measure: str, rank: float = 8.0, steps:
         raise PeftlabError(f"--measure {measure!r}: valid measures are {', '.join(MEASURES)}")
     settings = {"measure": measure, "rank": rank, "steps": steps, "seed": seed, "batch_size": config.train.batch_size,
                 "lr": config.train.lr, "version": VERSION}
+    # What the probe reads: not the run's own seed or length, so every seed of a study shares one probe.
+    training = config.train.model_dump(mode="json", include=set(PROBE_TRAINING))
     key = {"model": config.model.model_dump(mode="json"), "task": config.task.model_dump(mode="json"),
-           "placement": config.plan.placement.model_dump(mode="json"), **settings}
+           "placement": config.plan.placement.model_dump(mode="json"), "alpha": config.plan.alpha.model_dump(mode="json"),
+           "training": training, **settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "importance" / f"{measure}-{digest}.json"
     if cache and path.is_file():
@@ -100,10 +106,11 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     lengths = [len(e["input_ids"]) for e in data.train]
     loader = DataLoader(range(len(data.train)), batch_sampler=Batches(lengths, config.train.batch_size, seed, bucketed=False),
                         collate_fn=partial(collate_indexed, examples=data.train, pad_id=tokenizer.pad_token_id))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if measure in ("gradient", "fisher"):
-        rows = gradient_probe(model, plan, _batches(loader, steps), data.kind, measure)
+        rows = gradient_probe(model.to(device), plan, _batches(loader, steps, device), data.kind, measure)
     elif measure == "activation":
-        rows = activation_probe(model, plan, _batches(loader, steps), data.kind, rank)
+        rows = activation_probe(model.to(device), plan, _batches(loader, steps, device), data.kind, rank)
     else:
         rows = training_probe(model, plan, loader, data.kind, measure, steps, config.train, seed)
     sites = [{"layer": p.site.layer, "role": p.site.role.value, "path": p.site.key, **row} for p, row in zip(plan.sites, rows)]
@@ -112,7 +119,7 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
             "sites": sites}
 
 
-def _batches(loader: DataLoader, steps: int) -> Iterator[dict[str, torch.Tensor]]:
+def _batches(loader: DataLoader, steps: int, device: torch.device) -> Iterator[dict[str, torch.Tensor]]:
     """`steps` batches, passing over the data again (reshuffled) when it runs out."""
     count = 0
     while True:
@@ -121,7 +128,7 @@ def _batches(loader: DataLoader, steps: int) -> Iterator[dict[str, torch.Tensor]
                 return
             batch.pop("index")
             count += 1
-            yield batch
+            yield {k: v.to(device) for k, v in batch.items()}
 
 
 def _site_weights(model: nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
@@ -160,7 +167,7 @@ def activation_probe(model: nn.Module, plan: Plan, batches, kind: str, rank: flo
     mask: list[torch.Tensor] = []
 
     def record(path: str, _module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        stats[path].update(inputs[0][mask[0]])  # (N, in): the batch's real tokens
+        stats[path].update(inputs[0][mask[0]].cpu())  # (N, in): the batch's real tokens
 
     hooks = [m.register_forward_pre_hook(partial(record, path)) for path, m in modules.items()]
     try:

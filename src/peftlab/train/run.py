@@ -149,6 +149,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "train_seconds": loop.train_seconds + cache_seconds,
             "step_seconds": loop.train_seconds,  # optimizer steps only
             "prefix_cache_seconds": cache_seconds,  # building or loading the cache
+            # the probe an importance allocation came from (run once per study, then read from the cache)
+            "importance_probe_seconds": json.loads(scores.read_text())["seconds"] if scores else None,
             "train_tokens": loop.train_tokens,
             "tokens_per_second": loop.train_tokens / (loop.train_seconds + cache_seconds) if loop.train_seconds else 0.0,
             "padding_fraction": 1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
