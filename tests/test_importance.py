@@ -65,8 +65,8 @@ def _setup(path, model_name="tiny-llama", seed=0, placement="all"):
     data = load_task(config.task, tokenizer)
     spec = ModelSpec(name=model_name, head="sequence-classification", num_labels=2)
     model = load_model(spec, seed=seed)
-    plan = build_plan(resolve_sites(model), count_params(model), validate(PlanSpec, {"placement": placement, "allocation": 4}, "t"),
-                      model_name)
+    plan_spec = validate(PlanSpec, {"placement": placement, "allocation": 4}, "test")
+    plan = build_plan(resolve_sites(model), count_params(model), plan_spec, model_name)
     lengths = [len(e["input_ids"]) for e in data.train]
     loader = DataLoader(range(len(data.train)), batch_sampler=Batches(lengths, 8, 0, bucketed=False),
                         collate_fn=partial(collate_indexed, examples=data.train, pad_id=tokenizer.pad_token_id))

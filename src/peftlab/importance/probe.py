@@ -56,8 +56,7 @@ PROBE_TRAINING = ("batch_size", "batching", "grad_accum", "lr", "weight_decay", 
                   "max_grad_norm", "precision")
 
 
-def importance_scores(config: RunConfig, measure: str, rank: float = 8.0, steps: int = 64, seed: int = 0,
-                      cache: bool = True) -> Path:
+def importance_scores(config: RunConfig, measure: str, rank: float = 8.0, steps: int = 64, seed: int = 0) -> Path:
     """The scores file (JSON) of `measure` on the config's model, task and placement; probed once, then cached."""
     if measure not in MEASURES:
         raise PeftlabError(f"--measure {measure!r}: valid measures are {', '.join(MEASURES)}")
@@ -70,7 +69,7 @@ def importance_scores(config: RunConfig, measure: str, rank: float = 8.0, steps:
            "training": training, **settings}
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir() / "importance" / f"{measure}-{digest}.json"
-    if cache and path.is_file():
+    if path.is_file():
         return path
     result = probe(config, measure, rank, steps, seed)
     result["probe"] = settings

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import PlanSpec, RunConfig
+from peftlab.config import PlanSpec, RunConfig, validate
 from peftlab.models.load import build_skeleton, count_params
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.allocation import parse_allocation
@@ -52,7 +52,9 @@ def recommend(config: RunConfig, budget: int, measure: str, steps: int = 64, stu
     lines.append(f"Proposed: {len(chosen.sites)} sites, ranks {min(p.rank for p in chosen.sites)} to "
                  f"{max(p.rank for p in chosen.sites)}, {chosen.trainable_params:,} trainable parameters "
                  f"(budget {budget:,}, {100 * chosen.share:.3f}% of the base).")
-    return Recommendation(chosen, config.model_copy(update={"plan": spec, "method": method}), lines)
+    data = {**config.model_dump(mode="json", by_alias=True), "plan": spec.model_dump(mode="json", by_alias=True),
+            "method": method if isinstance(method, (dict, str)) else method.model_dump(mode="json")}
+    return Recommendation(chosen, validate(RunConfig, data, "recommended config"), lines)
 
 
 def _importance_lines(shaped: Plan, uniform: Plan, measure: str) -> list[str]:
@@ -108,6 +110,8 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
         tied = [f"{c.label} ({t.difference:+.4f}, Holm p={p:.3f})" for c, t, p in zip(rivals, tests, corrected) if p >= 0.05]
         line += f"; significantly better than {', '.join(beaten)}" if beaten else ""
         line += f"; not significantly different from {', '.join(tied)}" if tied else ""
+        if tied:
+            line += ". These seeds cannot separate them: the proposal follows the best mean, and the others are as defensible"
     lines.append(line + ".")
     method = best.config.get("method", {})
     method_name = method.get("name", "lora") if isinstance(method, dict) else method
@@ -122,5 +126,6 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
     if isinstance(shape, (str, int)):
         shape = parse_allocation(shape)
     shape = {k: v for k, v in shape.items() if k != "scores"}  # an importance shape is probed for this model and task
-    lines.append(f"The proposal takes {best.label}'s placement and rank shape ({shape.get('kind')}), scaled to the budget.")
+    kind = f"importance({shape.get('measure', 'gradient')})" if shape.get("kind") == "importance" else shape.get("kind")
+    lines.append(f"The proposal takes {best.label}'s placement and rank shape ({kind}), scaled to the budget.")
     return (shape, plan.get("placement", config.plan.placement.model_dump(mode="json")), method), lines
