@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.config import PlanSpec, RunConfig, validate
+from peftlab.importance.probe import resolve_importance
 from peftlab.models.load import build_skeleton, count_params
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.allocation import parse_allocation
@@ -26,8 +27,6 @@ class Recommendation:
 
 def recommend(config: RunConfig, budget: int, measure: str, steps: int = 64, study: Path | None = None) -> Recommendation:
     """The importance-shaped plan at `budget`, or the shape of the study's best configuration within it."""
-    from peftlab.importance.probe import resolve_importance
-
     skeleton = build_skeleton(config.model)
     sites, base = resolve_sites(skeleton, config.model.role_map), count_params(skeleton)
 
@@ -62,6 +61,7 @@ def _importance_lines(shaped: Plan, uniform: Plan, measure: str) -> list[str]:
     lines = [f"Importance ({measure}) gives ranks {min(p.rank for p in shaped.sites)} to {max(p.rank for p in shaped.sites)} "
              f"where a uniform plan at this budget gives r={uniform.sites[0].rank} everywhere; most rank at "
              + ", ".join(f"layer {p.site.layer} {p.site.role.value} (r={p.rank})" for p in top) + "."]
+
     def attention(p) -> bool:
         return p.site.role.value.startswith("attn")
 
