@@ -1,3 +1,4 @@
+import json
 import os
 
 # Tests never reach a hub: set before transformers / huggingface_hub read it at import.
@@ -21,6 +22,28 @@ def make_plan(model: str, **plan):
     skeleton = build_skeleton(ModelSpec(name=model))
     spec = validate(PlanSpec, plan, "test")
     return build_plan(resolve_sites(skeleton), count_params(skeleton), spec, model)
+
+
+@pytest.fixture
+def private_cache(tmp_path, monkeypatch):
+    """A peftlab cache of the test's own (tokenized data, prefix caches, estimators, importance scores)."""
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+
+
+WORDS = {"pos": ["tasty", "great", "lovely", "fresh"], "neg": ["stale", "awful", "bland", "soggy"]}
+
+
+@pytest.fixture
+def reviews_file(tmp_path):
+    """120 two-word food reviews, pos and neg alternating (JSONL: text, label)."""
+    rows = []
+    for i in range(120):
+        label = "pos" if i % 2 else "neg"
+        words = WORDS[label]
+        rows.append({"text": f"the food was {words[i % 4]} and {words[(i // 4) % 4]}", "label": label})
+    path = tmp_path / "reviews.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
 
 
 @pytest.fixture

@@ -18,24 +18,7 @@ from peftlab.plans.plan import build_plan
 from peftlab.tasks.prepare import collate, collate_indexed, load_task
 from peftlab.train.batching import Batches
 
-WORDS = {"pos": ["tasty", "great", "lovely", "fresh"], "neg": ["stale", "awful", "bland", "soggy"]}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def reviews_file(tmp_path):
-    rows = []
-    for i in range(96):
-        label = "pos" if i % 2 else "neg"
-        words = WORDS[label]
-        rows.append({"text": f"the food was {words[i % 4]} and {words[(i // 4) % 4]}", "label": label})
-    path = tmp_path / "reviews.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
 def config_for(path, model="tiny-bert", **plan):

@@ -11,24 +11,7 @@ from peftlab.models.load import load_model, load_tokenizer
 from peftlab.tasks.prepare import collate, load_task
 from peftlab.train.evaluate import evaluate
 
-WORDS = {"pos": ["tasty", "great", "lovely", "fresh"], "neg": ["stale", "awful", "bland", "soggy"]}
-
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture
-def reviews_file(tmp_path):
-    rows = []
-    for i in range(120):
-        label = "pos" if i % 2 else "neg"
-        words = WORDS[label]
-        rows.append({"text": f"the food was {words[i % 4]} and {words[(i // 4) % 4]}", "label": label})
-    path = tmp_path / "reviews.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
+pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
 @pytest.fixture

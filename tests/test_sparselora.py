@@ -17,10 +17,7 @@ ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
          ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]
 EVERY_CHANNEL = 1e-9  # sparsity so small that every channel is kept, through the sparse code path
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
 def batch_for(head, context=10, length=16):

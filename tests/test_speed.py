@@ -15,10 +15,7 @@ from peftlab.plans.plan import build_plan
 from peftlab.train.batching import Batches
 from peftlab.train.prefix_cache import build_prefix_cache, lowest_trainable_layer
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
 @pytest.fixture

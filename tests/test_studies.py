@@ -18,10 +18,7 @@ from peftlab.studies.grid import expand
 from peftlab.studies.results import export, run_rows
 from peftlab.studies.runner import run_study
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
 @pytest.fixture

@@ -14,10 +14,7 @@ from peftlab.tasks.prepare import IGNORE, collate, load_task
 def tokenizer():
     return load_tokenizer(ModelSpec(name="tiny-bert"))
 
-
-@pytest.fixture(autouse=True)
-def private_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
+pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
 def write_rows(path, rows):

@@ -23,6 +23,13 @@ app = typer.Typer(
 )
 
 
+# Options that run, importance and recommend share: where the model and the training data come from.
+ModelOption = Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")]
+TaskOption = Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")]
+DataOption = Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")]
+KindOption = Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")]
+
+
 def _console(stderr: bool = False) -> Console:
     console = Console(stderr=stderr)
     return console if console.is_terminal else Console(stderr=stderr, width=200)
@@ -100,10 +107,10 @@ def _print_plan(result) -> None:
 @app.command()
 def run(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan, method, train.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
+    model: ModelOption = None,
+    task: TaskOption = None,
+    data: DataOption = None,
+    kind: KindOption = None,
     method: Annotated[Optional[str], typer.Option(help="lora | qlora | adalora | hira | bottleneck | prefix | full | bitfit")] = None,
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
@@ -211,10 +218,10 @@ def _probe_config(config, model, task, data, kind, placement, layers, batch_size
 @app.command()
 def importance(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan (placement) and train.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
+    model: ModelOption = None,
+    task: TaskOption = None,
+    data: DataOption = None,
+    kind: KindOption = None,
     measure: Annotated[str, typer.Option(help="Comma-separated: gradient, fisher, activation, update, adalora.")] = "gradient,fisher,activation,update",
     placement: Annotated[Optional[str], typer.Option(help="Sites to score: all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | 0,2,5 ...")] = None,
@@ -264,10 +271,10 @@ def _print_importance(records: list[dict[str, Any]]) -> None:
 def recommend(
     budget: Annotated[int, typer.Option(help="Trainable adapter parameters (A and B) to spend.")],
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan (placement), method, train.")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")] = None,
-    task: Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")] = None,
-    data: Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")] = None,
-    kind: Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")] = None,
+    model: ModelOption = None,
+    task: TaskOption = None,
+    data: DataOption = None,
+    kind: KindOption = None,
     measure: Annotated[str, typer.Option(help="Importance measure: gradient | fisher | activation | update | adalora.")] = "fisher",
     study: Annotated[Optional[Path], typer.Option(help="A study directory whose measured results to weigh in.")] = None,
     placement: Annotated[Optional[str], typer.Option(help="Sites to plan over: all | attention | ffn | roles such as q,v")] = None,

@@ -92,6 +92,13 @@ class RoleWeightedAllocation(_Allocation):
         return [self.rank * self.weight(s.role) for s in sites]
 
 
+def _min_at_most_max(spec):
+    """The [min, max] rank clamp of a score-shaped allocation is not empty."""
+    if spec.min > spec.max:
+        raise ValueError(f"min ({spec.min}) must be <= max ({spec.max})")
+    return spec
+
+
 class FromScoresAllocation(_Allocation):
     """Ranks proportional to per-site importance scores from a file, mean `rank`, clamped to [min, max].
 
@@ -106,11 +113,7 @@ class FromScoresAllocation(_Allocation):
     max: int = Field(64, ge=1)
     positional: ClassVar = ("path",)
 
-    @model_validator(mode="after")
-    def _check_range(self) -> FromScoresAllocation:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
-        return self
+    _check_range = model_validator(mode="after")(_min_at_most_max)
 
     def shape(self, sites):
         return shape_from_scores(self.path, sites, self.rank, self.min, self.max)
@@ -140,11 +143,7 @@ class ImportanceAllocation(_Allocation):
     scores: Path | None = None
     positional: ClassVar = ("measure",)
 
-    @model_validator(mode="after")
-    def _check_range(self) -> ImportanceAllocation:
-        if self.min > self.max:
-            raise ValueError(f"min ({self.min}) must be <= max ({self.max})")
-        return self
+    _check_range = model_validator(mode="after")(_min_at_most_max)
 
     def shape(self, sites):
         if self.scores is None:
