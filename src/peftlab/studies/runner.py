@@ -1,16 +1,16 @@
 """Running a study: expand, store, recover what a kill left, execute locally or on Ray, show progress.
 
-Local execution starts every run in a fresh subprocess (a crash or out-of-memory in one run cannot
-take the study down); Ray execution makes every run a task with declared CPU/GPU resources.
+Local execution starts every run in a fresh process, forked from a server that has done the imports
+(a crash or out-of-memory in one run cannot take the study down); Ray execution makes every run a task
+with declared CPU/GPU resources.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import multiprocessing
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -30,7 +30,7 @@ from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.studies.grid import expand
 from peftlab.studies.store import Store
-from peftlab.studies.worker import execute_study_run, run_dir
+from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
 
 
 @contextmanager
@@ -77,26 +77,38 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[state]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
+def _processes() -> multiprocessing.context.BaseContext:
+    """Run processes forked from a server that has imported PRELOAD (spawned where fork is unavailable)."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return multiprocessing.get_context("spawn")
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(list(PRELOAD))  # read when the server starts: the first study of this process
+    return context
+
+
 def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads: int, on_done: Callable[[], None]) -> None:
+    processes = _processes()
     queue, running = list(ids), {}
     while queue or running:
         while queue and len(running) < jobs:
             run_id = queue.pop(0)
-            log = (study_dir / "logs" / f"{run_id}.log").open("w")
-            command = [sys.executable, "-m", "peftlab.studies.worker", str(study_dir), run_id, str(threads)]
+            log = study_dir / "logs" / f"{run_id}.log"
             env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            store.mark_running(run_id, None)  # before the spawn: a kill in between leaves a stale row, not a twin
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+            store.mark_running(run_id, None)  # before the start: a kill in between leaves a stale row, not a twin
+            process = processes.Process(target=run_process, args=(study_dir, run_id, threads, log, env),
+                                        name=f"peftlab-run-{run_id}")
+            process.start()
             store.set_pid(run_id, process.pid)
-            running[run_id] = (process, log)
+            running[run_id] = process
         time.sleep(0.2)
-        for run_id, (process, log) in list(running.items()):
-            if process.poll() is None:
+        for run_id, process in list(running.items()):
+            code = process.exitcode
+            if code is None:
                 continue
-            log.close()
+            process.close()
             del running[run_id]
             if store.get(run_id)["status"] == "running":  # the worker died before recording anything
-                store.finish(run_id, "failed", None, f"run process exited with code {process.returncode} "
+                store.finish(run_id, "failed", None, f"run process exited with code {code} "
                              f"(log: {study_dir / 'logs' / (run_id + '.log')})")
             on_done()
 
