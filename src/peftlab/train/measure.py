@@ -30,12 +30,11 @@ def directory_bytes(path: Path) -> int:
 
 @torch.no_grad()
 def latency_ms(forward: Callable[[dict], object], batches: Sequence[dict]) -> float:
-    """Mean milliseconds per batch, after a warm-up pass over the same batches: each new shape pays
-    one-time costs (kernel selection on a GPU) that are not the steady-state latency."""
+    """Mean milliseconds per batch, after a warm-up forward of the first batch: the first call pays
+    one-time costs (allocations, kernel selection on a GPU) that are not the steady-state latency."""
     if not batches:
         return float("nan")
-    for batch in batches:
-        forward(batch)
+    forward(batches[0])
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
