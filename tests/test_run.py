@@ -69,6 +69,40 @@ def test_same_seed_same_metrics(tmp_path, reviews_file):
     assert first["metrics"] != other["metrics"]
 
 
+def test_bf16_autocast_on_cpu_trains_and_evaluates_in_bf16(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    fp32 = execute_run(classification_config(reviews_file), tmp_path / "fp32")
+    bf16 = execute_run(classification_config(reviews_file, precision="bf16"), tmp_path / "bf16")
+    assert fp32["environment"]["mixed_precision"] == "no" and bf16["environment"]["mixed_precision"] == "bf16"
+    assert bf16["status"] == "done" and bf16["final_train_loss"] != fp32["final_train_loss"]
+    # bf16 rounding, not another model: the losses stay close
+    assert bf16["metrics"]["test"]["loss"] == pytest.approx(fp32["metrics"]["test"]["loss"], rel=0.05)
+    # the adapters stay fp32 (autocast casts the matmul inputs, not the parameters)
+    adapter = PeftModel.from_pretrained(load_model(ModelSpec(name="tiny-bert", head="sequence-classification"), seed=0),
+                                        tmp_path / "bf16" / "adapter")
+    assert {p.dtype for n, p in adapter.named_parameters() if "lora_" in n} == {torch.float32}
+
+
+def test_evaluate_runs_under_the_given_autocast(reviews_file):
+    config = classification_config(reviews_file)
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    model = load_model(ModelSpec(name="tiny-bert", head="sequence-classification"), seed=0)
+    batches = [collate(data.test, tokenizer.pad_token_id)]
+    fp32 = evaluate(model, batches, "classification", 2, "cpu")
+    bf16 = evaluate(model, batches, "classification", 2, "cpu", autocast=lambda: torch.autocast("cpu", torch.bfloat16))
+    assert bf16["loss"] != fp32["loss"] and bf16["loss"] == pytest.approx(fp32["loss"], rel=0.05)
+
+
+def test_cli_fp16_on_cpu_is_a_clear_error(tmp_path, reviews_file, cli):
+    config = tmp_path / "run.yaml"
+    config.write_text(classification_config(reviews_file, precision="fp16").to_yaml())
+    code, _, err = cli("run", "-c", str(config), "--output", str(tmp_path / "run"))
+    assert code == 2 and "train.precision: fp16 autocast needs a GPU" in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "run.partial").exists()
+
+
 def test_lora_learns_the_tiny_task(tmp_path, reviews_file):
     from peftlab.train.run import execute_run
 

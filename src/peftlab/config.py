@@ -286,7 +286,8 @@ class TrainSpec(Spec):
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
     log_every: int = Field(10, ge=1)
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on a GPU that supports it, fp32 on CPU."""
+    """auto: bf16 autocast on a GPU that supports it (else fp16), fp32 on a CPU. bf16 autocasts on a CPU too
+    (fast where it has AVX512-BF16 or AMX); fp16 needs a GPU."""
     prefix_cache: bool = True
     """When every adapter is at or above layer L > 0: compute the frozen layers below L once per example
     (deterministically, dropout off there) and reuse their output across epochs and study runs."""

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
@@ -22,8 +23,10 @@ def macro_f1(predictions: list[int], golds: list[int], n_labels: int) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind: str, n_labels: int, device) -> dict[str, float]:
-    """Loss = total NLL / total predictions over the whole split (never a mean of batch means)."""
+def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind: str, n_labels: int, device,
+             autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+    """Loss = total NLL / total predictions over the whole split (never a mean of batch means), at the
+    training's precision (`autocast`)."""
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0
@@ -31,7 +34,8 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
     golds: list[int] = []
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
-        nll, count, logits = batch_nll(model, batch, kind)
+        with autocast():
+            nll, count, logits = batch_nll(model, batch, kind)
         total_nll += nll.item()
         total_count += int(count)
         if logits is not None:

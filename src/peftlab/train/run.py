@@ -11,12 +11,14 @@ import math
 import os
 import platform
 import shutil
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
@@ -45,11 +47,26 @@ from peftlab.train.prefix_cache import build_prefix_cache
 
 
 def _precision(requested: str) -> str:
-    if not torch.cuda.is_available() or requested == "fp32":
+    """accelerate's mixed precision for `train.precision`. auto: bf16 autocast on a GPU that has it (else
+    fp16), fp32 on a CPU. bf16 works on a CPU too: matmuls run in bf16 (several times faster than fp32
+    where the CPU has bf16 instructions), weights, gradients and optimizer state stay fp32."""
+    if requested == "fp32":
         return "no"
-    if requested == "auto":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return requested
+    if torch.cuda.is_available():
+        if requested == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return requested
+    if requested == "fp16":
+        raise PeftlabError("train.precision: fp16 autocast needs a GPU; on a CPU use bf16, fp32 or auto")
+    if requested == "bf16" and not _cpu_has_bf16():
+        warnings.warn("train.precision: bf16 on a CPU where peftlab finds no bf16 instructions (AVX512-BF16 or "
+                      "AMX); it may be slower than fp32", stacklevel=2)
+    return "bf16" if requested == "bf16" else "no"
+
+
+def _cpu_has_bf16() -> bool:
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
@@ -61,6 +78,9 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     planned, scores = resolve_importance(config)
     set_seed(spec.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # accelerate keeps one precision per process; a run sets its own (runs of one process may differ).
+    # The process-wide distributed state (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=_precision(spec.precision), cpu=not torch.cuda.is_available())
 
     # Everything that can reject the input happens before anything is written.
@@ -106,7 +126,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
                     "test": _eval_batches(data.test, spec.eval_batch_size, pad_id)}
 
     n_labels = len(data.labels)
-    evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device)
+    evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device,
+                             autocast=accelerator.autocast)
 
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
@@ -129,7 +150,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
                 metrics[split_name] = evaluate_split(model, split_batches)
                 record({"step": loop.steps, "split": split_name, **metrics[split_name]})
         timed = (eval_batches["test"] or eval_batches["validation"])[: spec.latency_batches]
-        latency = _latencies(model, method, timed, data.kind, accelerator.device)
+        with accelerator.autocast():  # inference at the training's precision
+            latency = _latencies(model, method, timed, data.kind, accelerator.device)
         method.save(model, partial_dir / "adapter")
         adapter_bytes = directory_bytes(partial_dir / "adapter")
     history.close()
