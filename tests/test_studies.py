@@ -100,6 +100,17 @@ def test_failures_are_recorded_and_the_study_goes_on(tmp_path, data_file):
     assert again[exploded]["attempts"] == 2 and again[rows[("2", "ok")]["id"]]["attempts"] == 1
 
 
+def test_run_processes_get_the_environment_of_their_study(tmp_path, data_file, monkeypatch):
+    """Run processes fork from a server started by the first study; each study's own environment wins."""
+    spec = tiny_spec(data_file, seeds=[0], axes={"placement": ["attention"]})
+    for name in ("one", "two"):
+        monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / f"cache-{name}"))
+        rows = run_rows(run_study(spec, tmp_path / name, threads=1))
+        assert [r["status"] for r in rows] == ["done"]
+        assert list((tmp_path / f"cache-{name}" / "tokenized").glob("*.json"))  # the run's cache went there
+        assert (tmp_path / name / "logs" / f"{rows[0]['id']}.log").is_file()
+
+
 def test_sigkill_at_random_moments_loses_nothing(tmp_path, data_file):
     spec_file = tmp_path / "spec.yaml"
     spec = tiny_spec(data_file, seeds=[0, 1, 2])
