@@ -11,6 +11,7 @@ Prints both wall times, their ratio, and the mean test accuracy per configuratio
 must learn alike for the times to compare). Figures go to benchmarks/results/study_speed.jsonl.
 
     python benchmarks/study_speed.py                       # the shipped placement study, 2 jobs
+    python benchmarks/study_speed.py --precision bf16      # both sides with bf16 autocast (Trainer: bf16=True)
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pathlib import Path
 from common import append_result
 
 
-def trainer_runs(study: str, out: Path, limit: int | None = None) -> None:
+def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
     """Every run of the study, one by one, through PEFT + Trainer; per-run accuracy to `out`."""
     import numpy as np
     import torch
@@ -39,11 +40,10 @@ def trainer_runs(study: str, out: Path, limit: int | None = None) -> None:
 
     from peftlab.config import RunConfig, StudySpec, load_spec
     from peftlab.studies.grid import expand
-    from peftlab.studies.shipped import shipped_study
     from peftlab.tasks.prepare import collate
 
     accuracies = []
-    for run in expand(load_spec(StudySpec, shipped_study(study)))[:limit]:
+    for run in expand(load_spec(StudySpec, spec_file))[:limit]:
         config = RunConfig.model_validate(run.config)
         spec = config.train
         torch.manual_seed(spec.seed)
@@ -55,7 +55,7 @@ def trainer_runs(study: str, out: Path, limit: int | None = None) -> None:
                 num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
                 warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay,
                 max_grad_norm=spec.max_grad_norm or 0.0,
-                seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                seed=spec.seed, bf16=spec.precision == "bf16", logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,
                               data_collator=partial(collate, pad_id=pad_id))
@@ -79,18 +79,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", default="placement")
     parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], help="train.precision for every run (both sides)")
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)  # with --trainer-only: the study spec
     parser.add_argument("--trainer-only", type=Path, help=argparse.SUPPRESS)  # the baseline, in a child process
     parser.add_argument("--limit", type=int, help=argparse.SUPPRESS)  # with --trainer-only: the first N runs
     args = parser.parse_args()
     if args.trainer_only:
-        trainer_runs(args.study, args.trainer_only, args.limit)
+        trainer_runs(args.spec, args.trainer_only, args.limit)
         return
+
+    import yaml
+
+    from peftlab.studies.shipped import shipped_study
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
+        spec = yaml.safe_load(shipped_study(args.study).read_text())
+        if args.precision:
+            spec["base"].setdefault("train", {})["precision"] = args.precision
+        spec_file = work / f"{args.study}.yaml"
+        spec_file.write_text(yaml.safe_dump(spec))
         env = {**os.environ, "PEFTLAB_CACHE": str(work / "cache")}
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "peftlab", "study", "run", args.study, "--dir", str(work / "study"),
+        subprocess.run([sys.executable, "-m", "peftlab", "study", "run", str(spec_file), "--dir", str(work / "study"),
                         "--jobs", str(args.jobs)], check=True, env=env, stdout=subprocess.DEVNULL)
         peftlab_seconds = time.perf_counter() - start
         from peftlab.studies.store import Store
@@ -99,19 +110,19 @@ def main() -> None:
         ours = mean_by_label([{"label": r["label"], "test": json.loads(r["result"])["metrics"]["test"]["accuracy"]}
                               for r in done])
         start = time.perf_counter()
-        subprocess.run([sys.executable, __file__, "--study", args.study, "--trainer-only", str(work / "trainer.json")],
+        subprocess.run([sys.executable, __file__, "--spec", str(spec_file), "--trainer-only", str(work / "trainer.json")],
                        check=True, env=env, stdout=subprocess.DEVNULL)
         trainer_seconds = time.perf_counter() - start
         theirs = mean_by_label(json.loads((work / "trainer.json").read_text()))
 
-    print(f"\nstudy {args.study}: {len(done)} runs")
+    print(f"\nstudy {args.study} (precision {args.precision or 'as the study sets it'}): {len(done)} runs")
     print(f"peftlab study run --jobs {args.jobs}: {peftlab_seconds:,.0f} s")
     print(f"PEFT + Trainer, one by one:   {trainer_seconds:,.0f} s")
     print(f"peftlab is {trainer_seconds / peftlab_seconds:.2f}x faster end to end")
     print(f"{'configuration':<40} {'peftlab acc':>12} {'Trainer acc':>12}")
     for label in ours:
         print(f"{label:<40} {ours[label]:>12.3f} {theirs.get(label, float('nan')):>12.3f}")
-    append_result("study_speed", {"study": args.study, "jobs": args.jobs, "runs": len(done),
+    append_result("study_speed", {"study": args.study, "jobs": args.jobs, "precision": args.precision, "runs": len(done),
                                   "peftlab_seconds": peftlab_seconds, "trainer_seconds": trainer_seconds,
                                   "speedup": trainer_seconds / peftlab_seconds,
                                   "test_accuracy": {"peftlab": ours, "trainer": theirs}})
