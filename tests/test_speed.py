@@ -169,3 +169,62 @@ def test_compile_wraps_every_layer_block():
     model = load_model(ModelSpec(name="tiny-llama", head="causal-lm"))
     run_module._compile_layers(model)
     assert [layer._compiled_call_impl is not None for layer in model.model.layers] == [True] * 4
+
+
+def test_last_layer_at_head_gives_the_full_forwards_logits_and_gradients():
+    from peftlab.tasks.prepare import collate
+    from peftlab.train.head_positions import last_layer_at_head
+    from peftlab.train.loss import batch_nll
+
+    model = adapted("tiny-bert", "lora", "all").eval()  # eval: no dropout, so both forwards are deterministic
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B = 0 at init: give the adapters an effect
+            p.data.normal_(0, 0.1)
+    batch = collate([{"input_ids": [101] + [2000 + 7 * i + j for j in range(3 + 2 * i)] + [102], "labels": i % 2}
+                     for i in range(6)], 0)  # lengths 5 to 15: padded rows too
+    batch.pop("index", None)
+    seen = []
+    last = model.get_base_model().bert.encoder.layer[-1]
+    last.output.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+
+    def forward_and_grads():
+        model.zero_grad()
+        nll, count, logits = batch_nll(model, batch, "classification")
+        (nll / count).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    full_logits, full_grads = forward_and_grads()
+    handle = last_layer_at_head(model, "classification", make_method(validate(RunConfig, {}, "test").method, 10))
+    assert handle is not None
+    logits, grads = forward_and_grads()
+    handle.remove()
+    assert seen == [(6, batch["input_ids"].shape[1], 64), (6, 1, 64)]  # the last layer's FFN ran at [CLS] only
+    assert torch.allclose(logits, full_logits, atol=1e-6)
+    assert grads.keys() == full_grads.keys() and len(grads) > 2
+    for name, grad in grads.items():
+        assert torch.allclose(grad, full_grads[name], atol=1e-6), name
+
+
+def test_last_layer_at_head_applies_to_bert_family_classification_only():
+    from peftlab.train.head_positions import last_layer_at_head
+
+    lora = make_method(validate(RunConfig, {}, "test").method, 10)
+    sparse = make_method(validate(RunConfig, {"method": "sparselora"}, "test").method, 10)
+    assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "classification", lora) is not None
+    assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "classification", sparse) is None  # routes positions
+    assert last_layer_at_head(adapted("tiny-distilbert", "lora", "all"), "classification", lora) is None
+    assert last_layer_at_head(adapted("tiny-gpt2", "lora", "all"), "classification", lora) is None  # reads the last token
+    assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "instruction", lora) is None
+
+
+def test_runs_with_and_without_last_layer_at_head_learn_the_same(tmp_path, no_dropout, varied_reviews):
+    trimmed, on = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "on",
+                             latency_batches=1)
+    full, off = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "off",
+                           latency_batches=1, last_layer_at_head=False)
+    assert on["cost"]["last_layer_at_head"] and not off["cost"]["last_layer_at_head"]
+    assert trimmed == pytest.approx(full, abs=1e-5) and len(set(full)) > 1
+    assert on["metrics"]["test"]["loss"] == pytest.approx(off["metrics"]["test"]["loss"], abs=1e-5)
+    assert on["metrics"]["test"]["accuracy"] == off["metrics"]["test"]["accuracy"]
+    assert set(on["cost"]["latency_ms_per_batch"]) == {"unmerged", "merged"}

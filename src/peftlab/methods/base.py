@@ -30,6 +30,9 @@ class Method(ABC):
     size_parameter: ClassVar[str | None] = "rank"
     """What sets the method's size: the planned ranks ("rank"), a field of its spec (prefix tuning's
     "num_virtual_tokens"), or nothing (full fine-tuning, BitFit). The equal-budget helper varies it."""
+    position_wise: ClassVar[bool] = True
+    """Its modules compute every position on its own and keep no per-position state, so a layer may run
+    on fewer positions (see `train.last_layer_at_head`)."""
 
     def __init__(self, spec: Any, total_steps: int | None = None):
         self.spec = spec

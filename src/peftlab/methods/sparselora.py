@@ -117,6 +117,7 @@ def _activation(config) -> nn.Module:
 
 class SparseLoraMethod(LoraMethod):
     name = "sparselora"
+    position_wise = False  # routes each batch's positions (context sparse, outputs dense)
 
     def __init__(self, spec: SparseLoraSpec, total_steps: int | None = None):
         super().__init__(spec, total_steps)

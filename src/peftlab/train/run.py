@@ -35,6 +35,7 @@ from peftlab.plans.plan import build_plan
 from peftlab.tasks.prepare import collate, collate_indexed, load_task
 from peftlab.train.batching import Batches
 from peftlab.train.evaluate import evaluate
+from peftlab.train.head_positions import last_layer_at_head
 from peftlab.train.loop import train_loop
 from peftlab.train.loss import batch_nll
 from peftlab.train.measure import (
@@ -132,6 +133,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
+    # BERT-family classification: the last layer, after attention, only at [CLS] (training and evaluation)
+    head_hook = last_layer_at_head(model, data.kind, method) if spec.last_layer_at_head else None
     reset_peak_memory()
     prefix = None
     if spec.prefix_cache:  # the frozen layers below the lowest adapter, computed once per example
@@ -149,6 +152,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             if split_batches:
                 metrics[split_name] = evaluate_split(model, split_batches)
                 record({"step": loop.steps, "split": split_name, **metrics[split_name]})
+        if head_hook is not None:
+            head_hook.remove()  # latency: the model's own forward, as it would be served
         timed = (eval_batches["test"] or eval_batches["validation"])[: spec.latency_batches]
         with accelerator.autocast():  # inference at the training's precision
             latency = _latencies(model, method, timed, data.kind, accelerator.device)
@@ -171,6 +176,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "train_seconds": loop.train_seconds + cache_seconds,
             "step_seconds": loop.train_seconds,  # optimizer steps only
             "prefix_cache_seconds": cache_seconds,  # building or loading the cache
+            "last_layer_at_head": head_hook is not None,
             # the probe an importance allocation came from (run once per study, then read from the cache)
             "importance_probe_seconds": json.loads(scores.read_text())["seconds"] if scores else None,
             "train_tokens": loop.train_tokens,
