@@ -10,7 +10,7 @@ import peftlab.train.run as run_module
 from peftlab.config import ModelSpec, RunConfig, validate
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
-from peftlab.models.sites import resolve_sites
+from peftlab.models.sites import layer_blocks, resolve_sites
 from peftlab.plans.plan import build_plan
 from peftlab.train.batching import Batches
 from peftlab.train.prefix_cache import build_prefix_cache, lowest_trainable_layer
@@ -171,12 +171,13 @@ def test_compile_wraps_every_layer_block():
     assert [layer._compiled_call_impl is not None for layer in model.model.layers] == [True] * 4
 
 
-def test_last_layer_at_head_gives_the_full_forwards_logits_and_gradients():
+@pytest.mark.parametrize("model_name,after", [("tiny-bert", "output"), ("tiny-distilbert", "ffn")])
+def test_last_layer_at_head_gives_the_full_forwards_logits_and_gradients(model_name, after):
     from peftlab.tasks.prepare import collate
     from peftlab.train.head_positions import last_layer_at_head
     from peftlab.train.loss import batch_nll
 
-    model = adapted("tiny-bert", "lora", "all").eval()  # eval: no dropout, so both forwards are deterministic
+    model = adapted(model_name, "lora", "all").eval()  # eval: no dropout, so both forwards are deterministic
     torch.manual_seed(0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B = 0 at init: give the adapters an effect
@@ -185,8 +186,8 @@ def test_last_layer_at_head_gives_the_full_forwards_logits_and_gradients():
                      for i in range(6)], 0)  # lengths 5 to 15: padded rows too
     batch.pop("index", None)
     seen = []
-    last = model.get_base_model().bert.encoder.layer[-1]
-    last.output.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    last = layer_blocks(model)[0][-1]
+    last.get_submodule(after).register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
 
     def forward_and_grads():
         model.zero_grad()
@@ -213,7 +214,8 @@ def test_last_layer_at_head_applies_to_bert_family_classification_only():
     sparse = make_method(validate(RunConfig, {"method": "sparselora"}, "test").method, 10)
     assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "classification", lora) is not None
     assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "classification", sparse) is None  # routes positions
-    assert last_layer_at_head(adapted("tiny-distilbert", "lora", "all"), "classification", lora) is None
+    assert last_layer_at_head(adapted("tiny-distilbert", "lora", "all"), "classification", lora) is not None
+    assert last_layer_at_head(adapted("tiny-distilbert", "bottleneck", "all"), "classification", lora) is not None
     assert last_layer_at_head(adapted("tiny-gpt2", "lora", "all"), "classification", lora) is None  # reads the last token
     assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "instruction", lora) is None
 

@@ -1,12 +1,15 @@
-"""Classification with a BERT-family encoder: the last layer computed only where the head reads.
+"""Classification with an encoder: the last layer computed only where the head reads.
 
-The head of a BERT-family sequence classifier (BERT, MiniLM, RoBERTa, ELECTRA, ...) reads the last
-layer's output at one position, [CLS] (position 0). The last layer's attention still needs the keys and
-values of every position, but its attention output projection, residual, layer norm and FFN matter at
-[CLS] alone. A forward pre-hook on the last layer's attention output module slices its inputs to position
-0, so everything after it in that layer runs on one position: about three quarters of the last layer's
-FLOPs are skipped in training and evaluation (an eighth of MiniLM-L6's), and the logits and gradients
-are the full forward's up to float rounding (with dropout, the last layer draws fewer dropout masks).
+The head of a BERT-family or DistilBERT sequence classifier (BERT, MiniLM, RoBERTa, ELECTRA, DistilBERT)
+reads the last layer's output at one position, [CLS] (position 0). The last layer's attention still
+needs the keys and values of every position, but what follows matters at [CLS] alone. A forward pre-hook
+slices the input of one module of the last layer to position 0, so everything after it in that layer
+runs on one position:
+- BERT family: the attention output module (output projection, residual, layer norm), then the FFN:
+  about three quarters of the last layer's FLOPs (an eighth of MiniLM-L6's);
+- DistilBERT: the layer norm after attention, then the FFN: about two thirds of the last layer's.
+In training and evaluation the logits and gradients are the full forward's up to float rounding (with
+dropout, the last layer draws fewer dropout masks).
 """
 
 from __future__ import annotations
@@ -22,25 +25,30 @@ from peftlab.models.architectures import family_for
 from peftlab.models.sites import layer_blocks
 from peftlab.train.loss import is_prompt_learning
 
+# Per family: the module of a layer block from whose input on only [CLS] matters.
+SLICED_FROM = {"bert": "attention.output", "distilbert": "sa_layer_norm"}
+
 
 def last_layer_at_head(model: nn.Module, kind: str, method: Method) -> RemovableHandle | None:
-    """Hook the model so its last layer runs after attention at [CLS] only; the hook's handle (remove it
-    for the model's own forward), or None where it does not apply: other tasks and families, methods
-    that route positions themselves (SparseLoRA), prompts that shift the positions."""
+    """Hook the model so its last layer runs at [CLS] only after attention; the hook's handle (remove it
+    for the model's own forward), or None where it does not apply: other tasks and families (decoders
+    read the last token), methods that route positions themselves (SparseLoRA), prompts that shift the
+    positions."""
     family = family_for(getattr(getattr(model, "config", None), "model_type", ""))
     found = layer_blocks(model)
-    if kind != "classification" or family is None or family.name != "bert" or found is None:
+    if kind != "classification" or family is None or family.name not in SLICED_FROM or found is None:
         return None
     if not method.position_wise or is_prompt_learning(model):
         return None
-    target = getattr(getattr(found[0][-1], "attention", None), "output", None)
-    if target is None:
+    try:
+        target = found[0][-1].get_submodule(SLICED_FROM[family.name])
+    except AttributeError:  # another layout of the family
         return None
     return target.register_forward_pre_hook(_first_position, with_kwargs=True)
 
 
 def _first_position(module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
-    """The attention output module's (context, residual) at position 0 only."""
+    """The module's (batch, position, hidden) inputs at position 0 only."""
     def first(value: Any) -> Any:
         return value[:, :1] if torch.is_tensor(value) and value.dim() == 3 else value
 
