@@ -55,7 +55,8 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
                 num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
                 warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay,
                 max_grad_norm=spec.max_grad_norm or 0.0,
-                seed=spec.seed, bf16=spec.precision == "bf16", logging_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True,
+                seed=spec.seed, bf16=spec.precision == "bf16", logging_strategy="no", save_strategy="no", report_to=[],
+                disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,
                               data_collator=partial(collate, pad_id=pad_id))

@@ -12,7 +12,10 @@ from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.sites import layer_blocks, resolve_sites
 from peftlab.plans.plan import build_plan
+from peftlab.tasks.prepare import collate
 from peftlab.train.batching import Batches
+from peftlab.train.head_positions import last_layer_at_head
+from peftlab.train.loss import batch_nll
 from peftlab.train.prefix_cache import build_prefix_cache, lowest_trainable_layer
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
@@ -173,10 +176,6 @@ def test_compile_wraps_every_layer_block():
 
 @pytest.mark.parametrize("model_name,after", [("tiny-bert", "output"), ("tiny-distilbert", "ffn")])
 def test_last_layer_at_head_gives_the_full_forwards_logits_and_gradients(model_name, after):
-    from peftlab.tasks.prepare import collate
-    from peftlab.train.head_positions import last_layer_at_head
-    from peftlab.train.loss import batch_nll
-
     model = adapted(model_name, "lora", "all").eval()  # eval: no dropout, so both forwards are deterministic
     torch.manual_seed(0)
     for name, p in model.named_parameters():
@@ -207,15 +206,16 @@ def test_last_layer_at_head_gives_the_full_forwards_logits_and_gradients(model_n
         assert torch.allclose(grad, full_grads[name], atol=1e-6), name
 
 
-def test_last_layer_at_head_applies_to_bert_family_classification_only():
-    from peftlab.train.head_positions import last_layer_at_head
+def test_last_layer_at_head_applies_to_encoder_classification_only():
+    def method(name):
+        return make_method(validate(RunConfig, {"method": name}, "test").method, 10)
 
-    lora = make_method(validate(RunConfig, {}, "test").method, 10)
-    sparse = make_method(validate(RunConfig, {"method": "sparselora"}, "test").method, 10)
+    lora, sparse = method("lora"), method("sparselora")
     assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "classification", lora) is not None
     assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "classification", sparse) is None  # routes positions
     assert last_layer_at_head(adapted("tiny-distilbert", "lora", "all"), "classification", lora) is not None
-    assert last_layer_at_head(adapted("tiny-distilbert", "bottleneck", "all"), "classification", lora) is not None
+    # bottleneck adapters wrap the output projections: the sliced module is still found
+    assert last_layer_at_head(adapted("tiny-distilbert", "bottleneck", "all"), "classification", method("bottleneck"))
     assert last_layer_at_head(adapted("tiny-gpt2", "lora", "all"), "classification", lora) is None  # reads the last token
     assert last_layer_at_head(adapted("tiny-bert", "lora", "all"), "instruction", lora) is None
 

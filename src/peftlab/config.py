@@ -292,8 +292,8 @@ class TrainSpec(Spec):
     """When every adapter is at or above layer L > 0: compute the frozen layers below L once per example
     (deterministically, dropout off there) and reuse their output across epochs and study runs."""
     last_layer_at_head: bool = True
-    """Classification with a BERT-family encoder: after attention, the last layer runs at [CLS] only, the
-    one position the head reads (same logits and gradients, fewer FLOPs)."""
+    """Classification with a BERT-family or DistilBERT encoder: after attention, the last layer runs at [CLS]
+    only, the one position the head reads (same logits and gradients, fewer FLOPs)."""
     compile: bool = False
     """torch.compile each layer block (one graph shared by all layers, dynamic sequence lengths). Costs a
     compilation up front (~45 s for MiniLM on 2 CPU cores); pays off on long runs and GPUs."""

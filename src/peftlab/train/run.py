@@ -133,7 +133,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
-    # BERT-family classification: the last layer, after attention, only at [CLS] (training and evaluation)
+    # encoder classification: the last layer, after attention, only at [CLS] (training and evaluation)
     head_hook = last_layer_at_head(model, data.kind, method) if spec.last_layer_at_head else None
     reset_peak_memory()
     prefix = None
