@@ -168,10 +168,15 @@ def _site_order(site: Site) -> tuple[int, int, str]:
     return site.layer, _ROLE_ORDER[site.role], site.path
 
 
+def model_family(model: nn.Module) -> Family | None:
+    """The family table of a model (a PEFT wrapper included), or None for one peftlab has no table for."""
+    return family_for(getattr(getattr(model, "config", None), "model_type", ""))
+
+
 def layer_blocks(model: nn.Module) -> tuple[nn.ModuleList, list[str]] | None:
     """The model's stack of layer blocks with their module paths (a PEFT wrapper included), or None
     for an architecture peftlab has no table for."""
-    family = family_for(getattr(getattr(model, "config", None), "model_type", ""))
+    family = model_family(model)
     if family is None:
         return None
     pattern = re.compile(family.layer_pattern)

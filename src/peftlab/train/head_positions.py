@@ -21,8 +21,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from peftlab.methods.base import Method
-from peftlab.models.architectures import family_for
-from peftlab.models.sites import layer_blocks
+from peftlab.models.sites import layer_blocks, model_family
 from peftlab.train.loss import is_prompt_learning
 
 # Per family: the module of a layer block from whose input on only [CLS] matters.
@@ -34,7 +33,7 @@ def last_layer_at_head(model: nn.Module, kind: str, method: Method) -> Removable
     for the model's own forward), or None where it does not apply: other tasks and families (decoders
     read the last token), methods that route positions themselves (SparseLoRA), prompts that shift the
     positions."""
-    family = family_for(getattr(getattr(model, "config", None), "model_type", ""))
+    family = model_family(model)
     found = layer_blocks(model)
     if kind != "classification" or family is None or family.name not in SLICED_FROM or found is None:
         return None
