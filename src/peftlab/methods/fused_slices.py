@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from peftlab.methods.low_rank import low_rank_linear
 from peftlab.plans.plan import PlannedSite
 
 WEIGHTS, LAYOUT = "fused_slices.safetensors", "fused_slices.json"
@@ -45,7 +46,7 @@ class SliceLoRA(nn.Module):
         h = self.dropout(x)
         pieces, position = [], 0
         for (start, stop), a, b, scale in zip(self.slices, self.lora_A, self.lora_B, self.scales):
-            pieces += [out[..., position:start], out[..., start:stop] + scale * (h @ a.T) @ b.T]
+            pieces += [out[..., position:start], out[..., start:stop] + scale * low_rank_linear(low_rank_linear(h, a), b)]
             position = stop
         pieces.append(out[..., position:])
         return torch.cat(pieces, dim=-1)

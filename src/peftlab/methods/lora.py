@@ -19,6 +19,7 @@ from peftlab.methods.fused_slices import (
     slice_modules,
     wrap_slices,
 )
+from peftlab.methods.low_rank import use_low_rank_linears
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
 from peftlab.train.loss import unwrap
@@ -64,6 +65,7 @@ class LoraMethod(Method):
                                 use_rslora=self.spec.use_rslora, **kwargs)
             model = get_peft_model(model, config)
             verify_wrapped(model, sub_plan)
+            use_low_rank_linears(model)  # the same products, with a weight gradient CPUs compute fast
         else:
             model.requires_grad_(False)
             set_head_trainable(model, head)
