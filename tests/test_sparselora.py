@@ -4,13 +4,15 @@ import pytest
 import torch
 from conftest import make_plan
 
-from peftlab.config import ModelSpec
+from peftlab.config import ModelSpec, PlanSpec, validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
 from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState
 from peftlab.methods.sparselora import SparseLoraSpec, layer_sparsity
-from peftlab.models.load import head_modules, load_model
+from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.sites import resolve_sites
+from peftlab.plans.plan import build_plan
 from peftlab.train.loss import batch_nll, unwrap
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
@@ -259,3 +261,53 @@ def test_the_token_a_classifier_reads_runs_dense(name, first):
     everything.head_reads_first = first
     everything.prepare_batch(batch)
     assert everything.state.dense_rows is None and len(everything.state.pool_rows) == 45
+
+
+def tiny_gemma3():
+    """A 2-layer Gemma 3: its attention normalizes q and k per head after projecting them."""
+    from transformers import AutoModelForCausalLM, Gemma3TextConfig
+
+    config = Gemma3TextConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                              num_key_value_heads=2, head_dim=8, vocab_size=2048, max_position_embeddings=64,
+                              sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config)
+
+
+def gemma3_applied(spec):
+    base = tiny_gemma3()
+    plan = build_plan(resolve_sites(base), count_params(base), validate(PlanSpec, {"placement": "all", "allocation": 4},
+                                                                        "test"), "tiny-gemma3")
+    method = make_method(spec)
+    model = method.apply(base, plan, [])
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return model.train(), method
+
+
+def test_q_and_k_normalized_per_head_stay_dense():
+    model, method = gemma3_applied(SparseLoraSpec(ffn_sparsity=0, attention_sparsity=0.5, profile="uniform",
+                                                  sparse_outputs=True))
+    attention = unwrap(model).model.layers[0].self_attn
+    sparse = [name for name in ("q_proj", "k_proj", "v_proj", "o_proj")
+              if isinstance(getattr(attention, name).base_layer, SparseProjection)]
+    assert sparse == ["v_proj", "o_proj"]
+    assert method.report(model)["dense_qk_layers"] == [0, 1]
+    loss_and_grads(model, method, batch_for("causal-lm"), "causal-lm")
+    flops = method.state.flops
+    assert flops.executed / flops.dense == pytest.approx(0.5)  # v and o on half their channels
+    assert method.estimator["weights"] == 2  # the estimator reads v only
+
+
+def test_gemma3_with_every_channel_kept_equals_dense_lora():
+    batch = batch_for("causal-lm")
+    lora, lora_method = gemma3_applied(LoraSpec())
+    dense_loss, dense_grads = loss_and_grads(lora, lora_method, batch, "causal-lm")
+    model, method = gemma3_applied(SparseLoraSpec(ffn_sparsity=EVERY_CHANNEL, attention_sparsity=EVERY_CHANNEL,
+                                                  profile="uniform", sparse_outputs=True))
+    loss, grads = loss_and_grads(model, method, batch, "causal-lm")
+    assert loss == pytest.approx(dense_loss, abs=1e-5)
+    assert all(torch.allclose(g, dense_grads[n], atol=1e-5) for n, g in grads.items())
+    assert method.state.flops.estimator > 0

@@ -201,7 +201,8 @@ class FfnBlock(Block):
 class AttentionBlock(Block):
     """q/k channels scored by the product of their estimated norms (a q channel's score averaged over the
     query heads that share its key head), v channels by their own norm; the o projection reads the
-    attention output channels that the kept v channels feed. `qkv` is a fused projection [q | k | v]."""
+    attention output channels that the kept v channels feed. `qkv` is a fused projection [q | k | v].
+    Without q and k (None), only v and o run sparse."""
 
     def __init__(self, layer: int, sparsity: float, state: SparseState, kv_heads: int, o: SparseProjection,
                  q: SparseProjection | None = None, k: SparseProjection | None = None,
@@ -212,14 +213,20 @@ class AttentionBlock(Block):
     def select(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
         if self.qkv is not None:
             q, k, v = column_norms(self.qkv.estimate(rows)).unbind(0)
+        elif self.q is None:  # q and k dense: only the v channels (and the o columns they feed) are chosen
+            q, k, v = None, None, column_norms(self.v.estimate(rows)[:, 0])
         else:
             q, k, v = (column_norms(m.estimate(rows)[:, 0]) for m in (self.q, self.k, self.v))
-        head_dim = len(k) // self.kv_heads
-        groups = len(q) // len(k)  # query heads per key/value head
+        head_dim = len(v) // self.kv_heads
+        groups = self.o.in_features // len(v)  # query heads per key/value head
+        n = self.keep(len(v))
+        kept_v = top(v, n)
+        kept_o = self._expand(kept_v, head_dim, groups)
+        if q is None:
+            return {id(self.v): kept_v, id(self.o): kept_o}
         per_kv = q.view(self.kv_heads, groups, head_dim).mean(dim=1).reshape(-1)
-        n = self.keep(len(k))
-        kept_k, kept_v = top(per_kv * k, n), top(v, n)
-        kept_q, kept_o = self._expand(kept_k, head_dim, groups), self._expand(kept_v, head_dim, groups)
+        kept_k = top(per_kv * k, n)
+        kept_q = self._expand(kept_k, head_dim, groups)
         if self.qkv is not None:
             width = len(k)
             return {id(self.qkv): torch.cat([kept_q, kept_k + width, kept_v + 2 * width]), id(self.o): kept_o}

@@ -107,6 +107,12 @@ def _holder(base: nn.Module, path: str) -> tuple[nn.Module, str]:
     return base.get_submodule(parent), child
 
 
+def _normalizes_heads(base: nn.Module, q_path: str) -> bool:
+    """Whether the attention module holding q normalizes q or k after projecting (q_norm / k_norm)."""
+    attention = base.get_submodule(q_path.rpartition(".")[0])
+    return any(isinstance(getattr(attention, name, None), nn.Module) for name in ("q_norm", "k_norm"))
+
+
 def _activation(config) -> nn.Module:
     for key in ("hidden_activation", "hidden_act", "activation_function", "activation"):
         name = getattr(config, key, None)
@@ -128,6 +134,7 @@ class SparseLoraMethod(LoraMethod):
         self.sparsity: dict[str, list[float]] = {}
         self.estimator: dict[str, Any] = {}
         self.head_reads_first = True
+        self.dense_qk: list[int] = []  # layers whose q and k stay dense
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         resolved = resolve_sites(model)  # before LoRA wraps the modules
@@ -141,8 +148,12 @@ class SparseLoraMethod(LoraMethod):
         by_layer: dict[int, dict[Role, Site]] = {}
         for site in sites:
             by_layer.setdefault(site.layer, {})[site.role] = site
-        estimated = (Role.Q, Role.K, Role.V, Role.QKV, Role.UP, Role.GATE)  # what the estimator reads
-        factors = self._factors(base, [s for s in sites if s.role in estimated and self._level(s) > 0])
+        # q and k normalized per head after the projection (Gemma 3, Qwen 3): zeroed channels would shrink
+        # the head's norm and rescale the kept ones, so these layers' q and k stay dense
+        self.dense_qk = sorted({s.layer for s in sites if s.role is Role.Q and _normalizes_heads(base, s.path)})
+        estimated = (Role.V, Role.QKV, Role.UP, Role.GATE)  # what the estimator reads
+        factors = self._factors(base, [s for s in sites if self._level(s) > 0 and (
+            s.role in estimated or (s.role in (Role.Q, Role.K) and s.layer not in self.dense_qk))])
         for layer, roles in sorted(by_layer.items()):
             self._wrap_ffn(base, layer, roles, factors)
             self._wrap_attention(base, layer, roles, factors)
@@ -179,6 +190,8 @@ class SparseLoraMethod(LoraMethod):
         block = AttentionBlock(layer, level, self.state, kv_heads, None)
         if fused:
             block.qkv = self._project(base, roles[Role.QKV], "out", block, factors)
+        elif layer in self.dense_qk:
+            block.v = self._project(base, roles[Role.V], "out", block, factors)
         else:
             block.q, block.k, block.v = (self._project(base, roles[r], "out", block, factors) for r in (Role.Q, Role.K, Role.V))
         block.o = self._project(base, roles[Role.O], "in", block, factors)
@@ -243,6 +256,7 @@ class SparseLoraMethod(LoraMethod):
         return {
             "sparsity": self.sparsity,
             "sparse_blocks": len(self.blocks),
+            "dense_qk_layers": self.dense_qk,
             "dense_steps": self.dense_steps,
             "estimator": self.estimator,
             "flops": {
