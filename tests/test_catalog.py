@@ -1,10 +1,11 @@
 """The architecture catalog builds on the meta device and matches the published parameter counts."""
 
 import pytest
+import torch
 
 from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError
-from peftlab.models.load import build_skeleton, catalog, count_params, load_config
+from peftlab.models.load import build_skeleton, catalog, count_params, load_config, load_model, load_tokenizer
 
 # Parameter counts as published with the weights: encoders without a task head, decoders with their
 # LM head (tied to the embeddings in GPT-2, Qwen2.5 and Gemma 3, untied in LLaMA and Mistral).
@@ -61,3 +62,21 @@ def test_unknown_model_lists_valid_names():
         load_config(ModelSpec(name="no-such/model-xyz"))
     with pytest.raises(PeftlabError, match="not a preset"):
         load_config(ModelSpec(name="not a model!"))
+
+
+def test_config_json_file_is_a_randomly_initialised_model(tmp_path):
+    """A config file has no weights: the model is initialised from the seed and uses the bundled tokenizer."""
+    path = tmp_path / "scaled.json"
+    path.write_text('{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,'
+                    ' "intermediate_size": 48, "vocab_size": 30522}')
+    spec = ModelSpec(name=str(path))
+    first, again, other = (load_model(spec, seed=s) for s in (0, 0, 1))
+    weight = "model.layers.0.mlp.up_proj.weight"
+    assert first.state_dict()[weight].shape == (48, 32)
+    assert torch.equal(first.state_dict()[weight], again.state_dict()[weight])
+    assert not torch.equal(first.state_dict()[weight], other.state_dict()[weight])
+    assert len(load_tokenizer(spec)) <= 30522
+    path.write_text('{"model_type": "llama", "num_hidden_layers": 2, "hidden_size": 32, "num_attention_heads": 4,'
+                    ' "intermediate_size": 48, "vocab_size": 100}')
+    with pytest.raises(PeftlabError, match="vocab_size must be at least 30522"):
+        load_tokenizer(ModelSpec(name=str(path)))

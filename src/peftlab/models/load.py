@@ -94,7 +94,7 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
         if not (path / "config.json").is_file():
             raise PeftlabError(f"model {name!r}: the directory has no config.json")
         config = _read_config(str(path), spec)
-    elif Path(name).suffix == ".json" and Path(name).is_file():
+    elif _is_config_file(name):
         config = _read_config(name, spec)
     elif _looks_like_hub_id(name):
         config = _read_config(name, spec)
@@ -103,6 +103,13 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     if _head(config, spec) == "sequence-classification":
         config.num_labels = spec.num_labels
     return config
+
+
+MINILM_VOCAB = 30522  # the bundled tokenizer's vocabulary
+
+
+def _is_config_file(name: str) -> bool:
+    return Path(name).suffix == ".json" and Path(name).expanduser().is_file()
 
 
 def _read_config(name: str, spec: ModelSpec) -> PretrainedConfig:
@@ -134,10 +141,11 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
 
 
 def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """The model with its weights. Tiny models are initialised from `seed`."""
+    """The model with its weights. Tiny models and a config .json file (an architecture without
+    weights, e.g. a scaled-up layout for speed benchmarks) are initialised from `seed`."""
     config = load_config(spec)
     head_class = HEAD_CLASSES[_head(config, spec)]
-    if spec.name in tiny_configs():
+    if spec.name in tiny_configs() or _is_config_file(spec.name):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return head_class.from_config(config, dtype=dtype)
@@ -198,10 +206,16 @@ def count_params(model: nn.Module) -> int:
 
 
 def load_tokenizer(spec: ModelSpec):
-    """The model's tokenizer. Tiny models share the bundled MiniLM tokenizer (their vocabulary)."""
+    """The model's tokenizer. Tiny models and config .json files share the bundled MiniLM tokenizer
+    (their vocabulary)."""
     from transformers import AutoTokenizer
 
-    if spec.name in tiny_configs() or spec.name == "minilm-l6":
+    if _is_config_file(spec.name):
+        vocab = getattr(load_config(spec), "vocab_size", None)
+        if vocab is None or vocab < MINILM_VOCAB:
+            raise PeftlabError(f"model {spec.name!r}: a config file trains with the bundled MiniLM tokenizer, "
+                               f"so its vocab_size must be at least {MINILM_VOCAB} (it is {vocab})")
+    if spec.name in tiny_configs() or spec.name == "minilm-l6" or _is_config_file(spec.name):
         source: str | Path = minilm_path()
     elif spec.name == "gemma-3-270m":
         source = gemma_path()
