@@ -3,12 +3,13 @@
 import pytest
 import torch
 from conftest import make_plan
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from peftlab.config import ModelSpec, PlanSpec, validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
-from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState
+from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
 from peftlab.methods.sparselora import SparseLoraSpec, layer_sparsity
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.sites import resolve_sites
@@ -311,3 +312,60 @@ def test_gemma3_with_every_channel_kept_equals_dense_lora():
     assert loss == pytest.approx(dense_loss, abs=1e-5)
     assert all(torch.allclose(g, dense_grads[n], atol=1e-5) for n, g in grads.items())
     assert method.state.flops.estimator > 0
+
+
+def split_run(name, head, split):
+    """SparseLoRA (FFN 0.5, context sparse) with the split FFN on or off, up/gate's LoRA B at zero and
+    the other B random; the down projections' LoRA layers record the width of their inputs."""
+    torch.manual_seed(0)
+    base = load_model(ModelSpec(name=name, head=head), seed=0)
+    method = make_method(SparseLoraSpec(ffn_sparsity=0.5, attention_sparsity=0, profile="uniform"))
+    method.split_ffn = split
+    model = method.apply(base, make_plan(name, placement="all", allocation=4), head_modules(base))
+    ups = {id(p) for b in method.blocks for p in (b.up, b.gate) if p is not None}
+    downs = {id(b.down) for b in method.blocks}
+    widths = []
+    with torch.no_grad():
+        for module in unwrap(model).modules():
+            if not isinstance(module, BaseTunerLayer) or not isinstance(module.base_layer, SparseProjection):
+                continue
+            for linear in module.lora_B.values():
+                zero = id(module.base_layer) in ups
+                linear.weight.copy_(torch.zeros_like(linear.weight) if zero else
+                                    torch.randn(linear.weight.shape, generator=torch.Generator().manual_seed(7)) * 0.05)
+            if id(module.base_layer) in downs:
+                module.register_forward_pre_hook(lambda _, args: widths.append(args[0].shape[-1]))
+    for module in model.modules():  # the two paths draw dropout masks in a different order
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    model.train()
+    loss, grads = loss_and_grads(model, method, batch_for(head), head)
+    return model, method, loss, grads, widths
+
+
+@pytest.mark.parametrize("name, head", [a for a in ARCHS if a[0] != "tiny-bert"])  # BERT's FFN spans two modules
+def test_split_ffn_equals_the_per_projection_path(name, head):
+    """Dense and sparse tokens through the FFN as two groups, the sparse one on the kept channels only.
+    With up/gate's LoRA B at zero the per-projection path's unkept intermediate channels are exactly
+    zero too, so both compute the same function: equal loss and gradients, up/gate's B compared on
+    their kept rows (the split path gives unkept rows no gradient)."""
+    model, method, loss, grads, widths = split_run(name, head, split=True)
+    _, _, ref_loss, ref_grads, ref_widths = split_run(name, head, split=False)
+    assert sum(isinstance(m, SplitFfn) for m in unwrap(model).modules()) == len(method.blocks)
+    full = method.blocks[0].down.in_features
+    assert set(widths) == {full // 2, full} and set(ref_widths) == {full}  # narrow sparse group, full dense group
+    assert loss == pytest.approx(ref_loss, abs=1e-5)
+    up_b = {n for n, m in unwrap(model).named_modules() if isinstance(m, BaseTunerLayer)
+            and any(m.base_layer is p for b in method.blocks for p in (b.up, b.gate))}
+    checked = 0
+    for n, g in grads.items():
+        owner = next((u for u in up_b if f".{u}.lora_B." in f".{n}"), None)
+        if owner is None:
+            assert torch.allclose(g, ref_grads[n], atol=1e-5), n
+            continue
+        layer = int(next(part for part in owner.split(".") if part.isdigit()))
+        rows = method.blocks[layer].selected[id(method.blocks[layer].up)]
+        assert torch.allclose(g[rows], ref_grads[n][rows], atol=1e-5), n
+        assert torch.count_nonzero(g[rows]) > 0
+        checked += 1
+    assert checked == sum(2 if b.gate is not None else 1 for b in method.blocks)

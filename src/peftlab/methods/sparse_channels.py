@@ -5,8 +5,14 @@ estimates from the block's input which channels matter for this batch, using a r
 each frozen weight (W ~ Q^T P^T, cheap to apply). The block's projections are `SparseProjection`s:
 "out" projections (q, k, v, up, gate; GPT-2's fused c_attn) compute only the kept output channels and
 write zeros elsewhere, "in" projections (o, down) read only the kept input columns. The LoRA branch
-around them stays dense. Tokens marked dense by the batch (supervised output tokens) run the full
-matmuls; the rest (context) run sparse. Only in training mode: evaluation is always dense.
+around them stays dense (but see split FFNs below). Tokens marked dense by the batch (supervised output
+tokens) run the full matmuls; the rest (context) run sparse. Only in training mode: evaluation is
+always dense.
+
+An FFN whose projections share one position-wise module (LLaMA/Gemma, GPT-2, DistilBERT) runs split
+(`split_ffn`): its dense and sparse tokens go through it as two groups, and in the sparse group every
+tensor between the projections holds only the kept channels, LoRA's B of up/gate and A of down included
+(`NarrowLoraLinear`), so no zeros are written, gathered or carried through the activation.
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
+
+from peftlab.methods.low_rank import LowRankLinear, low_rank_linear
 
 
 @dataclass
@@ -114,6 +122,17 @@ class SparseProjection(nn.Module):
             return self.base_layer(x)
         full = 2 * x.shape[:-1].numel() * self.in_features * self.out_features
         state.flops.dense += full
+        if block.group == "dense":  # the dense group of a split FFN
+            state.flops.executed += full
+            return self.base_layer(x)
+        if block.group == "sparse":  # the sparse group: narrow in, narrow out
+            kept = block.selected[id(self)]
+            weight, bias = self._matrix(), self.bias
+            if self.mode == "out":
+                state.flops.executed += full * len(kept) // self.out_features
+                return F.linear(x, weight.index_select(0, kept), None if bias is None else bias.index_select(0, kept))
+            state.flops.executed += full * len(kept) // self.in_features
+            return F.linear(x, weight.index_select(1, kept), bias)
         kept = block.kept(self, x) if state.active else None
         if kept is None:
             state.flops.executed += full
@@ -153,17 +172,22 @@ class Block:
         self.layer, self.sparsity, self.state = layer, sparsity, state
         self.generation = -1
         self.selected: dict[int, torch.Tensor] = {}  # id(projection) -> kept channels
-        self.outs: list[SparseProjection] = []  # projections whose input the estimator reads
+        self.group: str | None = None  # a split FFN's group being run: "dense" or "sparse"
+
+    def choose(self, flat: torch.Tensor) -> None:
+        """Select this pass's channels from the block input's rows (B*T, hidden), once per pass."""
+        if self.generation == self.state.generation:
+            return
+        self.generation = self.state.generation
+        pool = self.state.pool_rows if self.state.rows == len(flat) else None
+        rows = flat.detach() if pool is None else flat.detach().index_select(0, pool)
+        self.selected = self.select(rows) if len(rows) else {}
 
     def kept(self, projection: SparseProjection, x: torch.Tensor) -> torch.Tensor | None:
         if self.generation != self.state.generation:
             if projection.mode != "out":
                 return None  # no selection this pass (an unusual call order): stay dense
-            self.generation = self.state.generation
-            flat = x.reshape(-1, x.shape[-1])
-            pool = self.state.pool_rows if self.state.rows == len(flat) else None
-            rows = flat.detach() if pool is None else flat.detach().index_select(0, pool)
-            self.selected = self.select(rows) if len(rows) else {}
+            self.choose(x.reshape(-1, x.shape[-1]))
         return self.selected.get(id(projection))
 
     def select(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
@@ -171,6 +195,73 @@ class Block:
 
     def keep(self, width: int) -> int:
         return max(1, round((1 - self.sparsity) * width))
+
+
+class SplitFfn(nn.Module):
+    """Mixed into a position-wise FFN module's class by `split_ffn` (its parameters and state dict stay
+    the same). In training, with the sparse path on, the batch's dense tokens and sparse tokens run
+    through the FFN as two groups; in the sparse group the projections and the activation between them
+    work on the kept channels only."""
+
+    sparse_block: list[FfnBlock]  # a list: the block is shared, not a submodule
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        block = self.sparse_block[0]
+        state = block.state
+        flat = x.reshape(-1, x.shape[-1])
+        if not self.training or not state.active or state.rows != len(flat):
+            return super().forward(x, *args, **kwargs)  # dense, or the per-projection path
+        block.choose(flat)
+        if not block.selected:  # no sparse token to select from: the whole batch is dense
+            return super().forward(x, *args, **kwargs)
+        groups = [("sparse", None)] if state.dense_rows is None else [("dense", state.dense_rows), ("sparse", state.sparse_rows)]
+        out = None
+        try:
+            for group, rows in groups:
+                block.group = group
+                if rows is None:
+                    return super().forward(x, *args, **kwargs)
+                part = super().forward(flat.index_select(0, rows).unsqueeze(0), *args, **kwargs).squeeze(0)
+                out = part.new_empty(len(flat), part.shape[-1]) if out is None else out
+                out.index_copy_(0, rows, part.to(out.dtype))
+        finally:
+            block.group = None
+        return out.view(*x.shape[:-1], -1)
+
+
+_SPLIT_CLASSES: dict[type, type] = {}
+
+
+def split_ffn(module: nn.Module, block: FfnBlock) -> None:
+    """Make `module` (an FFN: hidden states in, hidden states out, position by position) run split."""
+    cls = type(module)
+    if cls not in _SPLIT_CLASSES:
+        _SPLIT_CLASSES[cls] = type(f"Split{cls.__name__}", (SplitFfn, cls), {})
+    module.__class__ = _SPLIT_CLASSES[cls]
+    module.sparse_block = [block]
+
+
+class NarrowLoraLinear(LowRankLinear):
+    """LoRA's B of a split FFN's up/gate (narrowed along its rows) or A of its down (along its columns):
+    in the sparse group it reads or writes only the kept channels."""
+
+    sparse_block: list[FfnBlock]
+    sparse_axis: int
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.sparse_block[0]
+        if block.group == "sparse" and self.training:
+            return low_rank_linear(x, self.weight.index_select(self.sparse_axis, block.selected[id(block.up)]))
+        return low_rank_linear(x, self.weight)
+
+
+def narrow_lora(linear: nn.Module, block: FfnBlock, axis: int) -> bool:
+    """Make a LoRA A or B (a LowRankLinear) a NarrowLoraLinear; False if it is another kind of layer."""
+    if type(linear) is not LowRankLinear:
+        return False
+    linear.__class__ = NarrowLoraLinear
+    linear.sparse_block, linear.sparse_axis = [block], axis
+    return True
 
 
 def column_norms(x: torch.Tensor) -> torch.Tensor:

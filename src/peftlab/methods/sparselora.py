@@ -27,6 +27,7 @@ from peftlab.files import save_tensors_atomic, tensor_bytes
 from peftlab.methods.base import MethodSpecBase
 from peftlab.methods.fused_slices import SliceLoRA
 from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.methods.low_rank import LowRankLinear
 from peftlab.methods.sparse_channels import (
     AttentionBlock,
     Block,
@@ -35,6 +36,8 @@ from peftlab.methods.sparse_channels import (
     SparseProjection,
     SparseState,
     low_rank_factors,
+    narrow_lora,
+    split_ffn,
 )
 from peftlab.models.load import cache_dir
 from peftlab.models.roles import Role
@@ -124,6 +127,7 @@ def _activation(config) -> nn.Module:
 class SparseLoraMethod(LoraMethod):
     name = "sparselora"
     position_wise = False  # routes each batch's positions (context sparse, outputs dense)
+    split_ffn = True  # run FFNs held by one module as dense and narrow sparse groups (tests turn it off)
 
     def __init__(self, spec: SparseLoraSpec, total_steps: int | None = None):
         super().__init__(spec, total_steps)
@@ -179,6 +183,23 @@ class SparseLoraMethod(LoraMethod):
         block.gate = self._project(base, roles[Role.GATE], "out", block, factors) if Role.GATE in roles else None
         block.down = self._project(base, roles[Role.DOWN], "in", block, factors)
         self.blocks.append(block)
+        ffn = {roles[r].path.rpartition(".")[0] for r in (Role.UP, Role.GATE, Role.DOWN) if r in roles}
+        if self.split_ffn and len(ffn) == 1 and self._narrow_loras(base, roles, block):
+            split_ffn(base.get_submodule(ffn.pop()), block)  # one position-wise module holds the FFN
+
+    @staticmethod
+    def _narrow_loras(base: nn.Module, roles: dict[Role, Site], block: FfnBlock) -> bool:
+        """Let the LoRA B of up/gate and A of down work on the kept channels; False where one cannot."""
+        narrowed = []
+        for role, name, axis in ((Role.UP, "lora_B", 0), (Role.GATE, "lora_B", 0), (Role.DOWN, "lora_A", 1)):
+            module = base.get_submodule(roles[role].path) if role in roles else None
+            for linear in getattr(module, name, {}).values() if isinstance(module, BaseTunerLayer) else []:
+                if not narrow_lora(linear, block, axis):
+                    for done in narrowed:  # undo: this FFN runs the per-projection path
+                        done.__class__ = LowRankLinear
+                    return False
+                narrowed.append(linear)
+        return True
 
     def _wrap_attention(self, base: nn.Module, layer: int, roles: dict[Role, Site], factors: dict) -> None:
         level = self.sparsity["attention"][layer]
