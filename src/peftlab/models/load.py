@@ -109,7 +109,7 @@ MINILM_VOCAB = 30522  # the bundled tokenizer's vocabulary
 
 
 def _is_config_file(name: str) -> bool:
-    return Path(name).suffix == ".json" and Path(name).expanduser().is_file()
+    return Path(name).suffix == ".json" and Path(name).is_file()
 
 
 def _read_config(name: str, spec: ModelSpec) -> PretrainedConfig:
