@@ -37,17 +37,21 @@ def batch_for(head, context=10, length=16):
     return batch
 
 
+@torch.no_grad()
+def trained_looking(model):
+    """LoRA B random instead of zero, so the LoRA branch matters; the model in training mode."""
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
+    return model.train()
+
+
 def applied(name, head, spec, placement="all"):
     torch.manual_seed(0)
     base = load_model(ModelSpec(name=name, head=head), seed=0)
     method = make_method(spec)
     model = method.apply(base, make_plan(name, placement=placement, allocation=4), head_modules(base))
-    with torch.no_grad():  # a trained-looking update, so the LoRA branch matters
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    model.train()
-    return model, method
+    return trained_looking(model), method
 
 
 def loss_and_grads(model, method, batch, head):
@@ -280,12 +284,7 @@ def gemma3_applied(spec):
     plan = build_plan(resolve_sites(base), count_params(base), validate(PlanSpec, {"placement": "all", "allocation": 4},
                                                                         "test"), "tiny-gemma3")
     method = make_method(spec)
-    model = method.apply(base, plan, [])
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(n))) * 0.05)
-    return model.train(), method
+    return trained_looking(method.apply(base, plan, [])), method
 
 
 def test_q_and_k_normalized_per_head_stay_dense():

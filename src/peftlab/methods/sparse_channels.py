@@ -127,12 +127,8 @@ class SparseProjection(nn.Module):
             return self.base_layer(x)
         if block.group == "sparse":  # the sparse group: narrow in, narrow out
             kept = block.selected[id(self)]
-            weight, bias = self._matrix(), self.bias
-            if self.mode == "out":
-                state.flops.executed += full * len(kept) // self.out_features
-                return F.linear(x, weight.index_select(0, kept), None if bias is None else bias.index_select(0, kept))
-            state.flops.executed += full * len(kept) // self.in_features
-            return F.linear(x, weight.index_select(1, kept), bias)
+            state.flops.executed += full * len(kept) // (self.out_features if self.mode == "out" else self.in_features)
+            return self._narrow(x, kept)
         kept = block.kept(self, x) if state.active else None
         if kept is None:
             state.flops.executed += full
@@ -156,11 +152,19 @@ class SparseProjection(nn.Module):
             out.index_copy_(0, sparse_rows, self._sparse(flat.index_select(0, sparse_rows), kept).to(out.dtype))
         return out.view(*x.shape[:-1], -1)
 
-    def _sparse(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    def _narrow(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """The projection on the kept channels only: "out" gives the kept outputs (N, len(kept)); for "in"
+        x already holds only the kept input columns (the bias is added in full)."""
         weight, bias = self._matrix(), self.bias
-        if self.mode == "in":  # read only the kept input columns; the bias is added in full
-            return F.linear(x.index_select(1, kept), weight.index_select(1, kept), bias)
-        picked = F.linear(x, weight.index_select(0, kept), None if bias is None else bias.index_select(0, kept))
+        if self.mode == "in":
+            return F.linear(x, weight.index_select(1, kept), bias)
+        return F.linear(x, weight.index_select(0, kept), None if bias is None else bias.index_select(0, kept))
+
+    def _sparse(self, x: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+        """Full-width rows: "in" reads the kept columns of x, "out" writes zeros outside the kept channels."""
+        if self.mode == "in":
+            return self._narrow(x.index_select(1, kept), kept)
+        picked = self._narrow(x, kept)
         return picked.new_zeros(len(x), self.out_features).index_copy_(1, kept, picked)
 
 
