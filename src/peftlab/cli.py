@@ -35,10 +35,12 @@ def _console(stderr: bool = False) -> Console:
     return console if console.is_terminal else Console(stderr=stderr, width=200)
 
 
-def _allocation_override(allocation: str | None, rank: int | None) -> dict[str, Any] | None:
-    """`--allocation linear(16->4)` and/or `--rank 8` -> an allocation dict."""
+def _allocation_override(allocation: str | None, rank: int | None) -> dict[str, Any]:
+    """`--allocation linear(16->4)` and/or `--rank 8` -> dotted overrides. `--rank` alone changes the base
+    rank of whatever allocation the config holds (uniform, role-weighted, from-scores, importance) and is
+    an error where that allocation has none (linear, budget)."""
     if allocation is None:
-        return None if rank is None else {"kind": "uniform", "rank": rank}
+        return {} if rank is None else {"plan.allocation.rank": rank}
     try:
         data = parse_allocation(allocation)
     except ValueError as exc:
@@ -47,7 +49,7 @@ def _allocation_override(allocation: str | None, rank: int | None) -> dict[str, 
         if "rank" not in ALLOCATIONS[data["kind"]].model_fields:
             raise PeftlabError(f"--rank does not apply to allocation {data['kind']!r}")
         data["rank"] = rank
-    return data
+    return {"plan.allocation": data}
 
 
 @app.command()
@@ -71,7 +73,7 @@ def plan(
         "plan.placement.roles": placement,
         "plan.placement.layers": layers,
         "plan.placement.modules": modules.split(",") if modules else None,
-        "plan.allocation": _allocation_override(allocation, rank),
+        **_allocation_override(allocation, rank),
         "plan.alpha": alpha,
     }
     spec = _load(PlanConfig, config, {k: v for k, v in overrides.items() if v is not None})
@@ -138,7 +140,7 @@ def run(
         "method.name": method,
         "plan.placement.roles": placement,
         "plan.placement.layers": layers,
-        "plan.allocation": _allocation_override(allocation, rank),
+        **_allocation_override(allocation, rank),
         "budget": budget,
         "train.lr": lr,
         "train.epochs": epochs,
@@ -202,7 +204,7 @@ def _load(cls, config: Path | None, overrides: dict[str, Any]):
         return load_spec(cls, config, overrides)
     data: dict[str, Any] = {}
     for dotted, value in overrides.items():
-        set_dotted(data, dotted, value)
+        set_dotted(cls, data, dotted, value, "command line")
     return validate(cls, data, "command line")
 
 

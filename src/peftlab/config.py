@@ -194,20 +194,85 @@ def load_spec(cls: type[T], path: Path, overrides: dict[str, Any] | None = None)
     """Read a YAML file into `cls`, applying dotted-path overrides (from CLI flags) first."""
     data = read_yaml(path)
     for dotted, value in (overrides or {}).items():
-        set_dotted(data, dotted, value)
+        set_dotted(cls, data, dotted, value, str(path))
     return validate(cls, data, str(path))
 
 
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(cls: type[Spec], data: dict[str, Any], dotted: str, value: Any, source: str = "config") -> None:
+    """Set `dotted` in `data`, the raw (YAML) form of a `cls` spec, to `value`.
+
+    A shorthand met on the way (`placement: [q, v]`, `task: reviews`, `method: qlora`, `alpha: 16`,
+    `allocation: attention-heavy(8)`) is first expanded by its own spec into the mapping it stands for,
+    so that setting one field keeps the others. A field the chosen variant does not have (`rank` of a
+    `linear` allocation) is an error that names the conflict, never a silent replacement.
+    """
     *parents, last = dotted.split(".")
-    node = data
-    for part in parents:
+    node, owner = data, cls
+    for depth, part in enumerate(parents):
         child = node.get(part)
-        if isinstance(child, str):  # a shorthand such as `model: tiny-gpt2` or `placement: ffn`
-            child = {"name" if part == "model" else "roles": child}
-        node[part] = child = child if isinstance(child, dict) else {}
-        node = child
+        if not isinstance(child, dict):
+            child = _expanded(cls, parents[: depth + 1], child, owner, source)
+        node[part] = child
+        node, owner = child, _field_class(owner, part, child)
+    if owner is not None and isinstance(node, dict) and _fields(owner) and last not in _fields(owner):
+        where = ".".join(parents)
+        kind = next((repr(node[k]) for k in ("kind", "name") if k in node), owner.__name__)
+        raise PeftlabError(f"{source}: {dotted}: {where} is {kind}, which has no field {last!r} "
+                           f"(its fields: {', '.join(sorted(_fields(owner)))}); set {where} as a whole instead")
     node[last] = value
+
+
+def _expanded(root: type[Spec], path: list[str], value: Any, owner: type[BaseModel] | None, source: str) -> dict[str, Any]:
+    """The mapping a shorthand at `path` stands for, as its spec reads it; for a missing value, {} (or
+    the default variant of a discriminated union, e.g. {kind: uniform})."""
+    if value is None:
+        info = _field_info(owner, path[-1])
+        default = getattr(info, "default", None)
+        if info is not None and info.discriminator and isinstance(default, BaseModel):
+            return {info.discriminator: getattr(default, info.discriminator)}
+        return {}
+    nested: Any = value
+    for part in reversed(path):
+        nested = {part: nested}
+    parsed: Any = validate(root, nested, source)
+    for part in path:
+        parsed = getattr(parsed, _attribute(type(parsed), part))
+    if not isinstance(parsed, BaseModel):
+        raise PeftlabError(f"{source}: {'.'.join(path)}: {value!r} is not a mapping; cannot set a field inside it")
+    return parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+
+
+def _field_info(owner: type[BaseModel] | None, name: str):
+    if owner is None:
+        return None
+    return owner.model_fields.get(_attribute(owner, name))
+
+
+def _attribute(owner: type[BaseModel], name: str) -> str:
+    """The field that `name` (a field name or an alias, such as budget's `shape`) refers to."""
+    for field_name, info in owner.model_fields.items():
+        if info.alias == name:
+            return field_name
+    return name
+
+
+def _fields(owner: type[BaseModel]) -> set[str]:
+    return {info.alias or name for name, info in owner.model_fields.items()}
+
+
+def _field_class(owner: type[BaseModel] | None, name: str, value: dict[str, Any]) -> type[BaseModel] | None:
+    """The spec class of field `name` of `owner` holding `value`: the variant its discriminator names for a
+    union. None where it is not a spec (a free mapping such as a study's `base`)."""
+    info = _field_info(owner, name)
+    if info is None:
+        return None
+    annotation = info.annotation
+    members = [annotation] if isinstance(annotation, type) else [a for a in getattr(annotation, "__args__", ())]
+    members = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
+    if info.discriminator:
+        tag = value.get(info.discriminator)
+        members = [m for m in members if m.model_fields[info.discriminator].default == tag]
+    return members[0] if len(members) == 1 else None
 
 
 class TaskSpec(Spec):
@@ -333,7 +398,7 @@ AXIS_PATHS = {
     "placement": "plan.placement",
     "layers": "plan.placement.layers",
     "allocation": "plan.allocation",
-    "rank": "plan.allocation",
+    "rank": "plan.allocation.rank",  # the base rank of the allocation in `base` (uniform by default)
     "alpha": "plan.alpha",
     "method": "method",
     "model": "model",

@@ -37,21 +37,30 @@ def _named_values(values: dict[str, Any] | list[Any]) -> list[tuple[str, Any]]:
     return [(v if isinstance(v, str) else json.dumps(v, sort_keys=True), v) for v in values]
 
 
+def _axis_path(axis: str, value: Any) -> str:
+    """The dotted path an axis value sets. `rank` with a number sets the base rank of the allocation in
+    `base` (keeping its shape); with text such as `uniform(4)` it is a whole allocation."""
+    if axis == "rank" and not isinstance(value, int):
+        return AXIS_PATHS["allocation"]
+    return AXIS_PATHS.get(axis, axis)
+
+
 def expand(spec: StudySpec) -> list[PlannedRun]:
     axes = [(axis, _named_values(values)) for axis, values in spec.axes.items()]
     runs: dict[str, PlannedRun] = {}
     for combination in itertools.product(*(values for _, values in axes)):
         names = {axis: name for (axis, _), (name, _) in zip(axes, combination)}
         label = ", ".join(f"{axis}={name}" for axis, name in names.items()) or spec.name
+        source = f"{spec.name} [{label}]"
         for seed in spec.seeds:
             data = copy.deepcopy(spec.base)
-            for (axis, _), (_, value) in zip(axes, combination):
-                settings = value.items() if axis == "variant" else [(axis, value)]
-                for key, setting in settings:
-                    set_dotted(data, AXIS_PATHS.get(key, key), copy.deepcopy(setting))
-            set_dotted(data, "train.seed", seed)
             try:
-                config = validate(RunConfig, data, f"{spec.name} [{label}]").model_dump(mode="json", by_alias=True)
+                for (axis, _), (_, value) in zip(axes, combination):
+                    settings = value.items() if axis == "variant" else [(axis, value)]
+                    for key, setting in settings:
+                        set_dotted(RunConfig, data, _axis_path(key, setting), copy.deepcopy(setting), source)
+                set_dotted(RunConfig, data, "train.seed", seed, source)
+                config = validate(RunConfig, data, source).model_dump(mode="json", by_alias=True)
                 error = None
             except PeftlabError as exc:
                 config, error = data, str(exc)
