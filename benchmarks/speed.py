@@ -82,7 +82,7 @@ def measure(harness: str, config) -> dict:
     import torch
 
     from peftlab.tasks.prepare import collate
-    from peftlab.train.measure import peak_memory, reset_peak_memory
+    from peftlab.train.measure import memory_in_use, peak_memory, reset_peak_memory
 
     spec = config.train
     if harness.startswith("peftlab"):
@@ -98,6 +98,7 @@ def measure(harness: str, config) -> dict:
                 "peak_memory_bytes": cost["peak_memory_bytes"], "peak_memory_kind": cost["peak_memory_kind"]}
 
     torch.manual_seed(spec.seed)
+    before = memory_in_use()  # as in a peftlab run: the model's weights count, the interpreter does not
     model, data, pad_id = peft_model_and_data(config)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     collator = partial(collate, pad_id=pad_id)
@@ -151,9 +152,9 @@ def measure(harness: str, config) -> dict:
         if device == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
-    memory, kind = peak_memory()
+    memory = peak_memory(before)
     return {"tokens": tokens, "seconds": seconds, "steps": spec.max_steps, "padding_fraction": 1 - tokens / positions,
-            "peak_memory_bytes": memory, "peak_memory_kind": kind}
+            "peak_memory_bytes": memory.training, "peak_memory_kind": memory.kind}
 
 
 def main() -> None:

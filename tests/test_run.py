@@ -43,7 +43,8 @@ def test_run_writes_every_output_and_reloads(tmp_path, reviews_file):
     cost = result["cost"]
     assert cost["adapter_params"] == cost["plan_params"] == json.loads((out / "plan.json").read_text())["totals"]["trainable_params"]
     assert cost["head_params"] == 64 * 2 + 2
-    assert cost["adapter_bytes"] > 0 and cost["train_tokens"] > 0 and cost["peak_memory_bytes"] > 0
+    assert cost["adapter_bytes"] > 0 and cost["train_tokens"] > 0
+    assert cost["peak_memory_process_bytes"] > cost["peak_memory_bytes"] >= 0  # a tiny model adds next to nothing
     assert set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "train_loss" in h] == [10, 12]
@@ -290,3 +291,36 @@ def test_cli_budget_chooses_the_prefix_length(tmp_path, alpaca_file, cli):
     assert result["cost"]["adapter_params"] == 2048 and result["cost"]["plan_params"] is None
     assert "base" in result["cost"]["latency_ms_per_batch"]  # the prefix's overhead against the bare model
     assert "num_virtual_tokens 8" in out
+
+
+def test_latency_times_a_fixed_random_sample_of_representative_length():
+    from peftlab.train.run import _eval_batches, latency_sample
+
+    split = [{"input_ids": list(range(1, n + 1)), "labels": n % 2} for n in range(1, 201)]  # 1 to 200 tokens
+    sample = latency_sample(split, 2, 8, 0)
+    again = latency_sample(split, 2, 8, 0)
+    assert len(sample) == 2 and [b["input_ids"].shape[0] for b in sample] == [8, 8]
+    assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(sample, again))  # the same for every run
+    tokens = sum(int(b["attention_mask"].sum()) for b in sample) / 16
+    assert 50 < tokens < 150  # the split's mean is 100.5
+    shortest = _eval_batches(split, 8, 0)[:2]  # what was timed before: 1 to 16 tokens
+    assert max(b["input_ids"].shape[1] for b in shortest) == 16
+    assert len(latency_sample(split[:5], 2, 8, 0)) == 1  # a split smaller than the sample: all of it, once
+
+
+def test_cpu_training_memory_is_the_increase_over_the_process():
+    import sys
+
+    from peftlab.train.measure import memory_in_use, peak_memory, reset_peak_memory
+
+    if not sys.platform.startswith("linux") or torch.cuda.is_available():
+        pytest.skip("the resident high-water mark is reset through Linux's /proc")
+    before = memory_in_use()
+    assert reset_peak_memory()
+    block = torch.ones(64 * 2**20)  # 256 MiB, touched
+    del block
+    peak = peak_memory(before)
+    assert peak.kind == "rss_increase"
+    assert 240 * 2**20 < peak.training < peak.process
+    assert reset_peak_memory()
+    assert peak_memory(memory_in_use()).training < 64 * 2**20  # a new peak: the block is gone

@@ -146,7 +146,7 @@ def test_no_cache_when_something_trainable_runs_below_the_lowest_adapter():
     assert lowest_trainable_layer(upper) == 1
     embeddings = upper.get_base_model().bert.embeddings.word_embeddings.weight
     embeddings.requires_grad_(True)
-    assert cache(upper) is None  # a trainable embedding feeds the cached layers
+    assert cache(upper) == (None, None)  # a trainable embedding feeds the cached layers
     assert lowest_trainable_layer(adapted("tiny-bert", "full", "all")) == 0
     assert lowest_trainable_layer(adapted("tiny-bert", "lora", "all")) == 0
 
@@ -159,13 +159,13 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, no_dropout, varied_revi
     assert compiled == pytest.approx(eager, abs=1e-4)
 
 
-def test_a_cache_too_large_for_memory_is_skipped_with_a_warning(tmp_path, varied_reviews, monkeypatch):
+def test_a_cache_too_large_for_memory_is_skipped_with_a_note(tmp_path, no_dropout, varied_reviews, monkeypatch):
     import peftlab.train.prefix_cache as prefix_cache
 
     monkeypatch.setattr(prefix_cache, "memory_limit", lambda: 1000)  # bytes
-    with pytest.warns(UserWarning, match="prefix cache skipped"):
-        _, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "big")
-    assert result["status"] == "done" and result["prefix_cache"] is None
+    _, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "big")
+    assert result["status"] == "done" and not result["prefix_cache"]["used"]
+    assert "quarter of this machine's memory" in result["prefix_cache"]["note"]
 
 
 def test_compile_wraps_every_layer_block():
@@ -230,3 +230,44 @@ def test_runs_with_and_without_last_layer_at_head_learn_the_same(tmp_path, no_dr
     assert on["metrics"]["test"]["loss"] == pytest.approx(off["metrics"]["test"]["loss"], abs=1e-5)
     assert on["metrics"]["test"]["accuracy"] == off["metrics"]["test"]["accuracy"]
     assert set(on["cost"]["latency_ms_per_batch"]) == {"unmerged", "merged"}
+
+
+def test_dropout_below_the_adapters_turns_the_cache_off_so_nothing_learned_changes(tmp_path, varied_reviews):
+    # tiny-bert keeps BERT's dropout (0.1): a cache would compute layer 0 without it, which the uncached
+    # run does not; placement would then be confounded with regularization
+    plain, plain_result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, False, "plain")
+    cached, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "cached")
+    assert not result["prefix_cache"]["used"] and not result["cost"]["prefix_cache_used"]
+    assert "dropout runs below layer 1" in result["prefix_cache"]["note"]
+    assert cached == plain
+    assert result["metrics"]["test"]["loss"] == plain_result["metrics"]["test"]["loss"]
+    # every dropout of the model at 0 (for every configuration compared): the cache is exact, and used
+    _, zero = run_losses(tmp_path, {"name": "tiny-bert", "dropout": 0.0}, varied_reviews, "classification", UPPER,
+                         True, "zero")
+    assert zero["prefix_cache"]["used"] and zero["cost"]["prefix_cache_used"]
+
+
+def test_model_dropout_sets_every_dropout_of_the_model():
+    for name in ("tiny-bert", "tiny-distilbert", "tiny-gpt2", "tiny-llama"):
+        model = load_model(ModelSpec(name=name, dropout=0.0))
+        assert all(m.p == 0 for m in model.modules() if isinstance(m, torch.nn.Dropout))
+        assert all(getattr(m, "attention_dropout", 0.0) == 0 for m in model.modules())
+    model = load_model(ModelSpec(name="tiny-bert", dropout=0.25))
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.25}
+
+
+def test_building_the_cache_is_not_training_time(tmp_path, no_dropout, varied_reviews, monkeypatch):
+    from types import SimpleNamespace
+
+    import peftlab.train.prefix_cache as prefix_cache
+
+    ticks = iter(range(0, 10**9, 1000))  # every clock reading in the cache code is 1,000 s after the last
+    monkeypatch.setattr(prefix_cache, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
+    _, built = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "built")
+    _, loaded = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "loaded")
+    assert not built["prefix_cache"]["loaded"] and loaded["prefix_cache"]["loaded"]
+    assert built["cost"]["prefix_cache_seconds"] == 1000
+    for result in (built, loaded):  # the seed that built the cache is not charged for it
+        cost = result["cost"]
+        assert cost["train_seconds"] == cost["step_seconds"] < 1000
+        assert cost["tokens_per_second"] == pytest.approx(cost["train_tokens"] / cost["train_seconds"])

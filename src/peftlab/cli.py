@@ -179,11 +179,12 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
         table.add_row("budget (chosen size)", f"{match['target']:,} ({chosen})")
     if cost.get("quantized_weight_bytes"):
         table.add_row("4-bit weights (MiB)", f"{cost['quantized_weight_bytes'] / 2**20:,.1f}")
-    table.add_row("training time (s)", f"{cost['train_seconds']:.1f}")
-    if result.get("prefix_cache"):
-        cache = result["prefix_cache"]
+    table.add_row("training time (s, optimizer steps)", f"{cost['train_seconds']:.1f}")
+    cache = result.get("prefix_cache") or {}
+    if cache.get("used"):
         how = "loaded" if cache["loaded"] else "built"
-        table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s)", f"{cost['prefix_cache_seconds']:.1f}")
+        table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s, not in training time)",
+                      f"{cost['prefix_cache_seconds']:.1f}")
     if cost.get("importance_probe_seconds") is not None:  # once per study, then cached
         table.add_row("importance probe (s, not in training time)", f"{cost['importance_probe_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
@@ -192,11 +193,15 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
         table.add_row("frozen FLOPs executed (% of dense)", f"{100 * flops['executed_share']:.1f}%")
     table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
+    if cost.get("peak_memory_process_bytes"):
+        table.add_row("peak memory of the process (MiB)", f"{cost['peak_memory_process_bytes'] / 2**20:,.0f}")
     if cost["adapter_bytes"] is not None:
         table.add_row("adapter size (KiB)", f"{cost['adapter_bytes'] / 1024:,.0f}")
     for kind, ms in cost["latency_ms_per_batch"].items():
         table.add_row(f"latency per batch, {kind} (ms)", f"{ms:.1f}")
     console.print(table)
+    if cache.get("note"):
+        console.print(f"prefix cache {cache['note']}", highlight=False)
 
 
 def _load(cls, config: Path | None, overrides: dict[str, Any]):

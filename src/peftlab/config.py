@@ -45,6 +45,9 @@ class ModelSpec(Spec):
     """Run code shipped with a hub model. Off unless the user turns it on."""
     role_map: dict[str, Role] | None = None
     """For architectures peftlab does not know: regex over full module paths -> role."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """Set every dropout probability of the model (hidden, attention, classifier) to this value; default:
+    the model's own. 0 lets the prefix cache skip the frozen lower layers without changing the result."""
 
     @model_validator(mode="before")
     @classmethod

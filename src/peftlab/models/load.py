@@ -102,7 +102,20 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
         raise _unknown_model(name, "not a preset, catalog entry, local directory or Hugging Face id")
     if _head(config, spec) == "sequence-classification":
         config.num_labels = spec.num_labels
+    if spec.dropout is not None:
+        set_dropout(config, spec.dropout)
     return config
+
+
+def set_dropout(config: PretrainedConfig, p: float) -> list[str]:
+    """Every dropout probability of `config` (hidden, attention, embedding, classifier; `*dropout*` and
+    `*pdrop` fields) set to `p`; returns the fields it set."""
+    names = [name for name, value in config.to_dict().items()
+             if ("dropout" in name or name.endswith("pdrop"))
+             and (isinstance(value, (int, float)) and not isinstance(value, bool) or name == "classifier_dropout")]
+    for name in names:
+        setattr(config, name, p)
+    return names
 
 
 MINILM_VOCAB = 30522  # the bundled tokenizer's vocabulary

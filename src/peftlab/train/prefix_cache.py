@@ -7,7 +7,13 @@ hidden states once (saved under the peftlab cache, keyed by the lower weights, t
 and the precision), and training then bypasses layers 0..L-1: while a batch runs, each of them is
 swapped for a stand-in that returns the batch's cached states. Embeddings, masks, position encodings,
 the upper layers and the head run as usual, so every architecture whose layers peftlab can find works
-unchanged. Without dropout in the model, the losses equal the uncached run's up to float rounding.
+unchanged.
+
+The cache is used only where it cannot change what is learned: when no dropout runs below layer L.
+With dropout there, the uncached run trains with it and a cached one would not, so a placement study
+would confound placement with regularization; the cache is then off, with a note saying why
+(`model.dropout: 0` for every configuration makes it usable). Losses equal the uncached run's up to
+float rounding.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import hashlib
 import json
 import os
 import time
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -139,23 +144,26 @@ def _digest(model: nn.Module, layers: nn.ModuleList, layer: int) -> str:
 
 
 def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_key: str, pad_id: int,
-                       batch_size: int, device: torch.device, autocast, precision: str) -> PrefixCache | None:
-    """The cache for `examples` (the training split), loaded from disk or computed now; None when no
-    layer can be skipped: the adapters start at layer 0, or something trainable (an embedding, a
-    prompt) runs before the lowest adapted layer."""
+                       batch_size: int, device: torch.device, autocast,
+                       precision: str) -> tuple[PrefixCache | None, str | None]:
+    """The cache for `examples` (the training split), loaded from disk or computed now, or None with
+    the reason it is not used. The reason is None too when no layer can be skipped anyway: the adapters
+    start at layer 0, or something trainable (an embedding, a prompt) runs before the lowest adapted layer."""
     layer = lowest_trainable_layer(model)
     if not layer:
-        return None
+        return None, None
     layers, _ = layer_blocks(model)
     start = time.perf_counter()
-    tuple_output, early = _probe(model, layers, layer, examples[0], pad_id, device)
-    if early:
-        return None
+    probe = _probe(model, layers, layer, examples[0], pad_id, device)
+    if probe.early:
+        return None, None
+    if probe.dropout:
+        names = ", ".join(probe.dropout[:3]) + (", ..." if len(probe.dropout) > 3 else "")
+        return None, (f"off: dropout runs below layer {layer} ({names}), so caching those layers would train "
+                      "without it; model.dropout: 0 (for every configuration compared) makes the cache exact")
     size = sum(len(e["input_ids"]) for e in examples) * model.config.hidden_size * 4
     if size > memory_limit():
-        warnings.warn(f"prefix cache skipped: it would hold {size / 2**30:.1f} GiB, more than a quarter of this "
-                      "machine's memory; train.prefix_cache: false silences this", stacklevel=2)
-        return None
+        return None, (f"off: it would hold {size / 2**30:.1f} GiB, more than a quarter of this machine's memory")
     key = hashlib.sha256(json.dumps({
         "weights": _digest(model, layers, layer), "data": data_key, "layer": layer, "device": device.type,
         "precision": precision, "version": VERSION,
@@ -170,7 +178,7 @@ def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_ke
         save_tensors_atomic(file, {"hidden": hidden.contiguous(), "offsets": offsets})
     info = CacheInfo(layer, len(examples), int(offsets[-1]), hidden.numel() * hidden.element_size(), loaded,
                      time.perf_counter() - start, str(file))
-    return PrefixCache(layers, layer, hidden, offsets, tuple_output, info)
+    return PrefixCache(layers, layer, hidden, offsets, probe.tuple_output, info), None
 
 
 def _backbone_call(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
@@ -178,11 +186,27 @@ def _backbone_call(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
     getattr(base, base.base_model_prefix)(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
 
 
-def _probe(model: nn.Module, layers: nn.ModuleList, layer: int, example: dict, pad_id: int, device) -> tuple[bool, list[str]]:
-    """One example through the layers below L: whether this architecture's layers return a tuple
-    (hidden, ...) or the hidden states alone, and which modules with trainable parameters ran on the way."""
+@dataclass
+class _Probe:
+    tuple_output: bool  # the layers return (hidden, ...) rather than the hidden states alone
+    early: list[str]  # modules with trainable parameters that ran below layer L
+    dropout: list[str]  # dropouts with p > 0 that ran below layer L
+
+
+def _active_dropout(module: nn.Module) -> bool:
+    """Dropout as a module (BERT, GPT-2, DistilBERT) or as an attention module's probability (LLaMA, Gemma)."""
+    if isinstance(module, nn.Dropout):
+        return module.p > 0
+    rate = getattr(module, "attention_dropout", 0.0)
+    return isinstance(rate, float) and rate > 0
+
+
+def _probe(model: nn.Module, layers: nn.ModuleList, layer: int, example: dict, pad_id: int, device) -> _Probe:
+    """One example through the layers below L: what their output looks like, and which modules with
+    trainable parameters and which dropouts ran on the way."""
     returned: list[bool] = []
     early: list[str] = []
+    dropout: list[str] = []
 
     def stop(*_):
         raise _Stop
@@ -191,17 +215,26 @@ def _probe(model: nn.Module, layers: nn.ModuleList, layer: int, example: dict, p
                layers[layer].register_forward_pre_hook(stop)]
     upper = {id(m) for block in layers[layer:] for m in block.modules()}
     for name, module in model.named_modules():
-        if id(module) not in upper and any(p.requires_grad for p in module.parameters(recurse=False)):
+        if id(module) in upper:
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
             handles.append(module.register_forward_pre_hook(lambda *_, name=name: early.append(name)))
+        if _active_dropout(module):
+            handles.append(module.register_forward_pre_hook(lambda *_, name=name: dropout.append(name)))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), _same_random_state(device):  # the probe's dropout draws must not shift training's
             _backbone_call(model, {k: v.to(device) for k, v in collate([example], pad_id).items()})
     except _Stop:
         pass
     finally:
         for handle in handles:
             handle.remove()
-    return returned[0], early
+    return _Probe(returned[0], early, list(dict.fromkeys(dropout)))
+
+
+def _same_random_state(device: torch.device):
+    """Random number generators restored on exit (the CPU's, and the GPU's when the model runs there)."""
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
 
 
 @torch.no_grad()

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import platform
+import random
 import shutil
 import warnings
 from functools import partial
@@ -41,6 +42,7 @@ from peftlab.train.loss import batch_nll
 from peftlab.train.measure import (
     directory_bytes,
     latency_ms,
+    memory_in_use,
     peak_memory,
     reset_peak_memory,
 )
@@ -88,6 +90,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)
     model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))
+    before_model = memory_in_use()  # imports and data: not what training costs
     model = load_model(model_spec, seed=spec.seed, dtype=DTYPES[model_spec.dtype])
     base_params = count_params(model)
     sized, budget = planned, None
@@ -125,6 +128,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
 
     eval_batches = {"validation": _eval_batches(data.validation, spec.eval_batch_size, pad_id),
                     "test": _eval_batches(data.test, spec.eval_batch_size, pad_id)}
+    timed = latency_sample(data.test or data.validation, spec.latency_batches, spec.eval_batch_size, pad_id)
 
     n_labels = len(data.labels)
     evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device,
@@ -136,13 +140,13 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     # encoder classification: the last layer, after attention, only at [CLS] (training and evaluation)
     head_hook = last_layer_at_head(model, data.kind, method) if spec.last_layer_at_head else None
     reset_peak_memory()
-    prefix = None
+    prefix, prefix_note = None, None
     if spec.prefix_cache:  # the frozen layers below the lowest adapter, computed once per example
-        prefix = build_prefix_cache(model, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size,
-                                    accelerator.device, accelerator.autocast, accelerator.mixed_precision)
+        prefix, prefix_note = build_prefix_cache(model, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size,
+                                                 accelerator.device, accelerator.autocast, accelerator.mixed_precision)
     cache_seconds = prefix.info.build_seconds if prefix else 0.0
     loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval, prefix)
-    memory, memory_kind = peak_memory()  # the training peak, before evaluation adds its own
+    memory = peak_memory(before_model)  # the training peak, before evaluation adds its own
     result: dict[str, Any] = {"status": "failed" if loop.failure else "done", "error": loop.failure}
     metrics: dict[str, Any] = {}
     latency: dict[str, float] = {}
@@ -154,7 +158,6 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
                 record({"step": loop.steps, "split": split_name, **metrics[split_name]})
         if head_hook is not None:
             head_hook.remove()  # latency: the model's own forward, as it would be served
-        timed = (eval_batches["test"] or eval_batches["validation"])[: spec.latency_batches]
         with accelerator.autocast():  # inference at the training's precision
             latency = _latencies(model, method, timed, data.kind, accelerator.device)
         method.save(model, partial_dir / "adapter")
@@ -173,27 +176,32 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             "total_params": total,
             "trainable_share": trainable / total,
             "steps": loop.steps,
-            "train_seconds": loop.train_seconds + cache_seconds,
-            "step_seconds": loop.train_seconds,  # optimizer steps only
-            "prefix_cache_seconds": cache_seconds,  # building or loading the cache
+            # optimizer steps only: the same work for every seed of a configuration, whichever built the cache
+            "train_seconds": loop.train_seconds,
+            "step_seconds": loop.train_seconds,
+            "prefix_cache_seconds": cache_seconds,  # building (the first run) or loading the cache, not in the above
+            "prefix_cache_used": prefix is not None,
             "last_layer_at_head": head_hook is not None,
             # the probe an importance allocation came from (run once per study, then read from the cache)
             "importance_probe_seconds": json.loads(scores.read_text())["seconds"] if scores else None,
             "train_tokens": loop.train_tokens,
-            "tokens_per_second": loop.train_tokens / (loop.train_seconds + cache_seconds) if loop.train_seconds else 0.0,
+            "tokens_per_second": loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
             "padding_fraction": 1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
-            "peak_memory_bytes": memory,
-            "peak_memory_kind": memory_kind,
+            "peak_memory_bytes": memory.training,
+            "peak_memory_kind": memory.kind,
+            "peak_memory_process_bytes": memory.process,
             "adapter_bytes": adapter_bytes,
             "frozen_weight_bytes": frozen["quantized"] + frozen["other"],
             "quantized_weight_bytes": frozen["quantized"],
             "quantized_params": frozen["quantized_params"],
             "latency_ms_per_batch": latency,
+            "latency_padded_length": _mean_length(timed) if timed else None,  # positions per timed example
         },
         "final_train_loss": loop.final_loss,
         "method": method.report(model),
         "budget": budget.to_dict() if budget else None,
-        "prefix_cache": prefix.info.to_dict() if prefix else None,
+        "prefix_cache": {"used": True, **prefix.info.to_dict()} if prefix else (
+            {"used": False, "note": prefix_note} if prefix_note else None),
         "data": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
                  "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
         "environment": _environment(accelerator),
@@ -210,6 +218,22 @@ def _eval_batches(split: list[dict[str, Any]], size: int, pad_id: int) -> list[d
     """Batches sorted by length (little padding): evaluation metrics do not depend on the order."""
     ordered = sorted(split, key=lambda e: len(e["input_ids"]))
     return [collate(ordered[i : i + size], pad_id) for i in range(0, len(ordered), size)]
+
+
+LATENCY_SEED = 0  # not the training seed: every configuration and seed of a study times the same batches
+
+
+def latency_sample(split: list[dict[str, Any]], batches: int, size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """`batches` batches of `size` examples drawn at random (a fixed draw) from `split`: requests as a server
+    meets them, of representative length, unlike the sorted evaluation batches whose first are the shortest."""
+    count = min(len(split), batches * size)
+    chosen = random.Random(LATENCY_SEED).sample(range(len(split)), count)
+    return [collate([split[i] for i in chosen[j : j + size]], pad_id) for j in range(0, count, size)]
+
+
+def _mean_length(batches: list[dict[str, torch.Tensor]]) -> float:
+    """Padded positions per example over the timed batches."""
+    return sum(b["input_ids"].shape[1] for b in batches) / len(batches)
 
 
 def _compile_layers(model) -> None:
