@@ -181,3 +181,58 @@ def test_lower_is_better_metrics_flip_the_frontier(synthetic_study):
     assert analysis.metric == "metrics.test.loss" and not analysis.higher_is_better
     # equal training times: only the lowest loss (all) is on the frontier
     assert [c.label for c in analysis.configurations if c.on_front] == ["placement=all"]
+
+
+def test_a_constant_nonzero_difference_gets_no_p_value():
+    # both arms predicting one class: the same difference on every seed, which a t-test cannot weigh
+    c = compare({0: 0.62, 1: 0.62, 2: 0.62}, {0: 0.80, 1: 0.79, 2: 0.81})
+    assert c.test != "constant difference"  # the baseline varies: an ordinary paired test
+    c = compare({0: 0.52, 1: 0.51, 2: 0.53}, {0: 0.62, 1: 0.61, 2: 0.63})
+    assert c.test == "constant difference" and math.isnan(c.p)
+    assert c.difference == pytest.approx(-0.10)
+    assert compare({0: 0.6, 1: 0.6}, {0: 0.6, 1: 0.6}).p == 1.0  # no difference at all
+    assert compare({0: 0.52, 1: 0.51}, {0: 0.62, 1: 0.61}, test="wilcoxon").test == "wilcoxon"
+
+
+def test_relative_change_divides_by_the_baseline_over_the_matched_seeds():
+    # seed 2 of the baseline has no partner: it must not enter the denominator
+    c = compare({0: 0.55, 1: 0.66}, {0: 0.50, 1: 0.60, 2: 0.90})
+    assert c.n == 2
+    assert c.relative == pytest.approx(100 * 0.055 / 0.55)
+
+
+def test_a_constant_difference_is_named_in_the_report_not_called_significant(synthetic_study):
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import main_table
+    from peftlab.studies.store import open_existing
+
+    store = open_existing(synthetic_study)
+    for row in store.rows():  # ffn collapses: exactly 0.1 below `all` on every seed
+        result = json.loads(row["result"])
+        if '"ffn"' in row["axes"]:
+            accuracy = {0: 0.70, 1: 0.71, 2: 0.72}[row["seed"]]
+            result["metrics"]["test"]["accuracy"] = accuracy
+        store.finish(row["id"], "done", result, None)
+    analysis = analyze(synthetic_study)
+    ffn = next(c for c in analysis.configurations if c.label == "placement=ffn")
+    assert ffn.comparison.test == "constant difference" and math.isnan(ffn.p_holm)
+    row = next(r for r in main_table(analysis) if r["configuration"].startswith("placement=ffn"))
+    assert "on every seed, no test" in row["Δ vs baseline (Holm p)"]
+    assert any("placement=ffn: the same difference from the baseline on every seed" in line for line in analysis.limits)
+    assert not any("Significantly better than placement=ffn" in line for line in analysis.recommendations)
+
+
+def test_bootstrap_intervals_are_shown_asymmetric_and_warned_below_ten_seeds(synthetic_study, cli):
+    from peftlab.analysis.report import _test_note, main_table
+    from peftlab.analysis.analyze import analyze
+
+    analysis = analyze(synthetic_study, interval="bootstrap")
+    note = _test_note(analysis)
+    assert "percentile-bootstrap intervals [low, high]" in note and "t-intervals" not in note
+    config = analysis.configurations[0]
+    row = main_table(analysis)[0]["quality (mean, 95% CI)"]
+    assert f"[{config.summary.low:.4f}, {config.summary.high:.4f}]" in row and "±" not in row
+    assert any("undercover" in line for line in analysis.limits)
+    code, _, err = cli("report", synthetic_study, "--interval", "bootstrap")
+    assert code == 0 and "percentile intervals undercover below 10 seeds" in err
+    assert "95% t-intervals (mean ± half-width)" in _test_note(analyze(synthetic_study))

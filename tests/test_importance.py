@@ -192,7 +192,7 @@ def test_recommend_follows_a_study_that_measured_a_clear_winner(tmp_path, review
     for run in expand(spec):
         config = RunConfig.model_validate(run.config)
         plan = make_plan(PlanConfig(model=config.model, plan=config.plan))
-        acc = accuracy[run.axes["placement"]] + 0.01 * (run.seed % 2)
+        acc = accuracy[run.axes["placement"]] + 0.01 * (run.seed % 2) + 0.003 * run.seed * (run.axes["placement"] != "attention")
         result = {"status": "done", "metrics": {"test": {"accuracy": acc}},
                   "cost": {"trainable_params": plan.trainable_params + 130, "adapter_params": plan.trainable_params},
                   "data": {"kind": "classification"}}

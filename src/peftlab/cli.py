@@ -418,12 +418,18 @@ def report(
 ) -> None:
     """Write report.html, report.md and tables.tex (with figures) for a study."""
     from peftlab.analysis.report import write_report
+    from peftlab.analysis.stats import BOOTSTRAP_MIN_SEEDS
 
     if test not in ("t", "wilcoxon"):
         raise PeftlabError(f"--test {test!r}: valid tests are t and wilcoxon")
     if interval not in ("t", "bootstrap"):
         raise PeftlabError(f"--interval {interval!r}: valid intervals are t and bootstrap")
     analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval)
+    fewest = min(c.summary.n for c in analysis.configurations)
+    if interval == "bootstrap" and fewest < BOOTSTRAP_MIN_SEEDS:
+        _console(stderr=True).print(
+            f"[yellow]warning:[/] --interval bootstrap with {fewest} seeds: percentile intervals undercover below "
+            f"{BOOTSTRAP_MIN_SEEDS} seeds (3 seeds: about 76% for a nominal 95%); t-intervals are the default", highlight=False)
     _print_main_table(analysis)
     console = _console()
     for line in analysis.recommendations:

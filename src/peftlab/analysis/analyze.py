@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.analysis.pareto import pareto_front
-from peftlab.analysis.stats import Comparison, Summary, compare, holm, summarize
+from peftlab.analysis.stats import BOOTSTRAP_MIN_SEEDS, CONSTANT, Comparison, Summary, compare, holm, summarize
 from peftlab.errors import PeftlabError
 from peftlab.studies.results import primary_metric, run_rows
 from peftlab.studies.store import open_existing
@@ -50,6 +50,7 @@ class Analysis:
     configurations: list[Configuration]
     baseline: Configuration
     failed: int
+    interval: str = "t"  # t | bootstrap: how the configurations' confidence intervals were computed
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
 
@@ -114,7 +115,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     for c, on in zip(configurations, front):
         c.on_front = on
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
-                        configurations, chosen, sum(r["status"] == "failed" for r in rows))
+                        configurations, chosen, sum(r["status"] == "failed" for r in rows), interval)
     analysis.recommendations = recommend(analysis)
     analysis.limits = limits(analysis, rows)
     return analysis
@@ -148,6 +149,11 @@ def recommend(analysis: Analysis) -> list[str]:
             line += " The cheapest configuration on the frontier."
         else:
             step, p = steps[i - 1], corrected[i - 1]
+            if step.test == CONSTANT:
+                line += (f" Differs from {front[i - 1].label} by exactly {step.difference:+.4f} on each of {step.n} "
+                         "seeds: no test applies, and a fixed difference usually means a run predicting one class.")
+                lines.append(line)
+                continue
             verdict = "Significantly better" if p < 0.05 else "Not significantly better"
             line += (f" {verdict} than {front[i - 1].label} (difference {step.difference:+.4f}, "
                      f"{step.test}, n={step.n}, Holm p={_fmt_p(p)})")
@@ -167,9 +173,28 @@ def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
         f"Quality is {metric_name(analysis.metric)} on the held-out test split; every configuration used its own "
         "fixed hyper-parameters (no per-configuration tuning unless the study varied them).",
     ]
+    if analysis.interval == "bootstrap" and seeds[0] < BOOTSTRAP_MIN_SEEDS:
+        out.append(f"Percentile-bootstrap intervals from {seeds[0]} seeds undercover (3 seeds: about 76% for a nominal "
+                   f"95%); use t-intervals below {BOOTSTRAP_MIN_SEEDS} seeds.")
+    constant = [c.label for c in analysis.configurations if c.comparison and c.comparison.test == CONSTANT]
+    if constant:
+        out.append(f"{', '.join(constant)}: the same difference from the baseline on every seed, so no test applies "
+                   "(no p-value); this usually means runs that predict a single class.")
+    out += _cache_limits(analysis)
     if analysis.failed:
         out.append(f"{analysis.failed} run(s) failed and are left out (see `peftlab study status`).")
     return out
+
+
+def _cache_limits(analysis: Analysis) -> list[str]:
+    """Which configurations trained with the frozen-prefix cache (it never changes what is learned; its
+    build time is reported apart from the training time)."""
+    used = [c.label for c in analysis.configurations if any(r.get("cost.prefix_cache_used") for r in c.runs)]
+    if not used:
+        return []
+    seconds = sum(r.get("cost.prefix_cache_seconds") or 0.0 for c in analysis.configurations for r in c.runs)
+    return [f"Frozen-prefix cache used by {', '.join(used)} (no dropout below the adapted layers, so training is "
+            f"unchanged); building and loading it took {seconds:.1f} s in all, not counted in training time."]
 
 
 def _task_name(task: dict[str, Any]) -> str:

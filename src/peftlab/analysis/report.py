@@ -10,9 +10,10 @@ from typing import Any
 
 from peftlab.analysis.analyze import Analysis, analyze, metric_name
 from peftlab.analysis.figures import make_figures
+from peftlab.analysis.stats import CONSTANT
 from peftlab.files import write_atomic
 
-COLUMNS = ["configuration", "quality (mean ± 95% CI)", "Δ vs baseline (Holm p)", "trainable params (% of base)",
+COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "trainable params (% of base)",
            "parameter reduction", "training time (s)", "peak memory (MiB)"]
 
 
@@ -25,15 +26,17 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
     rows = []
     for c in analysis.configurations:
         s = c.summary
-        quality = f"{s.mean:.4f}" + (f" ± {(s.high - s.low) / 2:.4f}" if s.n > 1 else "") + f" (n={s.n})"
+        quality = f"{s.mean:.4f}" + (_interval(s, analysis.interval) if s.n > 1 else "") + f" (n={s.n})"
         if c is analysis.baseline:
             delta = "baseline"
+        elif c.comparison.test == CONSTANT:
+            delta = f"{c.comparison.difference:+.4f} ({c.comparison.relative:+.1f}%) on every seed, no test"
         else:
             delta = f"{c.comparison.difference:+.4f} ({c.comparison.relative:+.1f}%), p={_p(c.p_holm)}"
         trainable, base = c.costs["trainable"].mean, c.costs["base"].mean
         rows.append({
             "configuration": c.label + (" *" if c.on_front else ""),
-            "quality (mean ± 95% CI)": quality,
+            "quality (mean, 95% CI)": quality,
             "Δ vs baseline (Holm p)": delta,
             "trainable params (% of base)": f"{trainable:,.0f} ({100 * trainable / base:.3f}%)",
             "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
@@ -43,14 +46,36 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
     return rows
 
 
+def _interval(s, method: str) -> str:
+    """t-intervals are symmetric (mean ± half-width); a bootstrap interval is not, so its ends are shown."""
+    return f" ± {(s.high - s.low) / 2:.4f}" if method == "t" else f" [{s.low:.4f}, {s.high:.4f}]"
+
+
 def _test_note(analysis: Analysis) -> str:
-    tests = sorted({c.comparison.test for c in analysis.configurations if c.comparison})
+    tests = sorted({c.comparison.test for c in analysis.configurations if c.comparison} - {CONSTANT})
     n = sorted({c.summary.n for c in analysis.configurations})
+    intervals = "95% t-intervals (mean ± half-width)" if analysis.interval == "t" else \
+        "95% percentile-bootstrap intervals [low, high]"
+    tested = sum(c.comparison is not None and c.comparison.test != CONSTANT for c in analysis.configurations)
     return (f"Quality: {metric_name(analysis.metric)} ({'higher' if analysis.higher_is_better else 'lower'} is better), "
-            f"n = {', '.join(map(str, n))} seeds per configuration, 95% t-intervals. Δ: difference from the baseline "
-            f"**{analysis.baseline.label}** ({', '.join(tests) or 'no comparison'}), p-values Holm-corrected "
-            f"across {sum(c.comparison is not None for c in analysis.configurations)} comparisons. "
-            "* = on the Pareto frontier of quality vs trainable parameters.")
+            f"n = {', '.join(map(str, n))} seeds per configuration, {intervals}. Δ: difference from the baseline "
+            f"**{analysis.baseline.label}** over matched seeds ({', '.join(tests) or 'no test'}), p-values "
+            f"Holm-corrected across {tested} comparisons. * = on the Pareto frontier of quality vs "
+            f"{COST_LABELS[analysis.cost]}. Training time counts optimizer steps only; peak memory is "
+            f"{_memory_label(analysis)}.")
+
+
+COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",
+               "size": "adapter size"}
+
+
+def _memory_label(analysis: Analysis) -> str:
+    kinds = {r.get("cost.peak_memory_kind") for c in analysis.configurations for r in c.runs}
+    if kinds == {"rss_increase"}:
+        return "the resident memory training added above the process before the model was loaded"
+    if kinds == {"cuda_max_allocated"}:
+        return "the CUDA memory allocated at the peak"
+    return "measured as " + ", ".join(sorted(k for k in kinds if k))
 
 
 def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:

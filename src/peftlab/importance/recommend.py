@@ -82,7 +82,7 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
     """(rank shape, placement, method) of the study's best configuration within the budget when it trains a
     ranked method; and lines saying what the study showed."""
     from peftlab.analysis.analyze import analyze, metric_name
-    from peftlab.analysis.stats import compare, holm
+    from peftlab.analysis.stats import CONSTANT, compare, holm
     from peftlab.methods.registry import METHODS
 
     analysis = analyze(study)
@@ -108,8 +108,10 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
         corrected = holm([t.p for t in tests])
         beaten = [c.label for c, p in zip(rivals, corrected) if p < 0.05]
         tied = [f"{c.label} ({t.difference:+.4f}, Holm p={p:.3f})" for c, t, p in zip(rivals, tests, corrected) if p >= 0.05]
+        fixed = [f"{c.label} ({t.difference:+.4f})" for c, t in zip(rivals, tests) if t.test == CONSTANT]
         line += f"; significantly better than {', '.join(beaten)}" if beaten else ""
         line += f"; not significantly different from {', '.join(tied)}" if tied else ""
+        line += f"; the same difference on every seed, so untested, from {', '.join(fixed)}" if fixed else ""
         if tied:
             line += ". These seeds cannot separate them: the proposal follows the best mean, and the others are as defensible"
     lines.append(line + ".")
