@@ -339,14 +339,34 @@ def study_run(
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run failed runs again.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per run (default cores / jobs).")] = None,
     gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray task declares.")] = 0.0,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each configuration will train, then stop.")] = False,
 ) -> None:
     """Run a study, or resume one: done runs are skipped, new runs of an edited spec are added."""
+    from peftlab.studies.grid import expand
+    from peftlab.studies.preview import preview
     from peftlab.studies.runner import run_study
 
     spec, study_dir = _study_spec(source, directory)
+    previews = preview(expand(spec))
+    _print_preview(spec.name, previews)
+    if dry_run:
+        invalid = sum(not p.valid for p in previews)
+        _console().print(f"dry run: {len(previews)} configurations x {len(spec.seeds)} seeds, {invalid} invalid; "
+                         f"nothing was written ({study_dir})", highlight=False)
+        return
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
                       threads=threads, gpus=gpus_per_run)
     _print_summary(store.counts(), study_dir)
+
+
+def _print_preview(name: str, previews) -> None:
+    table = Table(title=f"study {name}: what each configuration trains", title_justify="left")
+    for column in ("configuration", "method", "plan", "seeds"):
+        table.add_column(column)
+    for p in previews:
+        what = p.what if p.valid else f"[red]invalid:[/] {p.what}"
+        table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)))
+    _console().print(table)
 
 
 def _print_summary(counts: dict[str, int], study_dir: Path) -> None:

@@ -1,0 +1,92 @@
+"""What each configuration of a study will train, resolved before anything runs: the sites, ranks and
+trainable parameters of its plan (on the meta device, no weights loaded). `study run` prints it, and
+`study run --dry-run` prints it and stops, so that a user sees the experiment before paying for it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftlab.config import RunConfig
+from peftlab.errors import PeftlabError
+from peftlab.studies.grid import PlannedRun
+
+
+@dataclass(frozen=True)
+class ConfigurationPreview:
+    label: str
+    seeds: list[int]
+    method: str
+    what: str  # the resolved plan in one line, or why the configuration is invalid
+    trainable: int | None  # adapter parameters (head excluded); None where only a run can tell
+    valid: bool
+
+
+def preview(runs: list[PlannedRun]) -> list[ConfigurationPreview]:
+    """One line per configuration (runs that differ only by seed), in the study's order."""
+    groups: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        groups.setdefault(run.group, []).append(run)
+    out = []
+    for members in groups.values():
+        first = members[0]
+        seeds = [r.seed for r in members]
+        if first.error:
+            out.append(ConfigurationPreview(first.label, seeds, "?", first.error, None, False))
+            continue
+        config = RunConfig.model_validate(first.config)
+        try:
+            what, trainable = describe(config)
+        except PeftlabError as exc:
+            out.append(ConfigurationPreview(first.label, seeds, config.method.name, str(exc), None, False))
+            continue
+        out.append(ConfigurationPreview(first.label, seeds, config.method.name, what, trainable, True))
+    return out
+
+
+def describe(config: RunConfig) -> tuple[str, int | None]:
+    """(one line, trainable adapter parameters) for `config`'s plan and method."""
+    from peftlab.methods.budget import match_budget, method_params
+    from peftlab.methods.registry import METHODS
+    from peftlab.models.load import build_skeleton, count_params
+    from peftlab.models.sites import resolve_sites
+    from peftlab.plans.plan import build_plan
+
+    model = config.model
+    allocation = config.plan.allocation
+    shape = getattr(allocation, "shape_", allocation)
+    if shape.kind == "importance":  # needs the probe, which runs on the model's weights and data
+        target = f", scaled to {allocation.params:,} parameters" if allocation.kind == "budget" else ""
+        return f"ranks from an importance probe ({shape.measure}) when the first run starts{target}", None
+    sized, chosen = config, ""
+    if config.budget:
+        sized, match = match_budget(config, model, config.budget)
+        chosen = f"; budget {config.budget:,}: {match.parameter} {match.size}" if match.size else ""
+    trainable = method_params(sized, model)
+    if METHODS[config.method.name].size_parameter != "rank":
+        return f"{config.method.name}{chosen}: {trainable:,} trainable", trainable
+    skeleton = build_skeleton(model)
+    plan = build_plan(resolve_sites(skeleton, model.role_map), count_params(skeleton), sized.plan, model.name)
+    return f"{summarize_plan(plan)}{chosen}; {trainable:,} trainable", trainable
+
+
+def summarize_plan(plan) -> str:
+    """e.g. `24 sites: q, v in layers 3-5, rank 8 (alpha 16)`."""
+    roles = list(dict.fromkeys(p.site.role.value for p in plan.sites))
+    layers = sorted({p.site.layer for p in plan.sites})
+    ranks = sorted({p.rank for p in plan.sites})
+    alphas = sorted({p.alpha for p in plan.sites})
+    rank = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {ranks[0]}-{ranks[-1]}"
+    alpha = f"alpha {alphas[0]:g}" if len(alphas) == 1 else f"alpha {alphas[0]:g}-{alphas[-1]:g}"
+    return f"{len(plan.sites)} sites: {', '.join(roles)} in layers {_ranges(layers)}, {rank} ({alpha})"
+
+
+def _ranges(values: list[int]) -> str:
+    """[0, 1, 2, 5] -> `0-2, 5`."""
+    parts, start = [], None
+    for i, value in enumerate(values):
+        if start is None:
+            start = value
+        if i + 1 == len(values) or values[i + 1] != value + 1:
+            parts.append(str(start) if start == value else f"{start}-{value}")
+            start = None
+    return ", ".join(parts)
