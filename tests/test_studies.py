@@ -184,3 +184,22 @@ def test_variant_axis_sets_several_fields_together(data_file):
     assert configs["variant=lora"]["train"]["lr"] == 1e-3
     with pytest.raises(PeftlabError, match="unknown axis 'trian.lr'"):
         tiny_spec(data_file, axes={"variant": {"x": {"trian.lr": 1}}})
+
+
+def test_dry_run_shows_each_configurations_plan_and_writes_nothing(data_file, tmp_path, cli):
+    spec = tiny_spec(data_file, axes={"layers": {"upper": "upper-half", "bad": "7-9"}})
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml().replace("allocation: 2", "allocation: attention-heavy(2)"))
+    base = yaml.safe_load(spec_file.read_text())["base"]
+    base["plan"]["placement"] = ["q", "v"]  # a shorthand the layers axis must keep
+    spec_file.write_text(yaml.safe_dump({**yaml.safe_load(spec_file.read_text()), "base": base}))
+    study_dir = tmp_path / "study"
+    code, out, err = cli("study", "run", spec_file, "--dir", study_dir, "--dry-run")
+    assert code == 0, err
+    upper = next(line for line in out.splitlines() if "layers=upper" in line)
+    # tiny-bert, layer 1 only, q and v (64 -> 64) at attention-heavy(2) = rank 4: 2 x 4 x (64 + 64)
+    assert "2 sites: attn.q, attn.v in layers 1, rank 4" in upper and "1,024 trainable" in upper
+    bad = next(line for line in out.splitlines() if "layers=bad" in line)
+    assert "invalid" in bad
+    assert "2 configurations x 2 seeds, 1 invalid; nothing was written" in out
+    assert not study_dir.exists()
