@@ -6,7 +6,9 @@ Four `peftlab run` processes on the same model, data, rank, batches and steps:
 - upper-cold:   LoRA on the upper half, cache on, built by this run (a study's first run on these data);
 - upper-warm:   the same again, cache loaded from disk (later epochs and the study's other runs).
 
-It prints time per optimizer step with ratios to `all`, the cache's build time, and one epoch of the
+Every row runs the model with its dropout at 0 (`model.dropout: 0`): the cache is used only where no
+dropout runs below the adapters, so that it never changes what is learned, and the rows compare like with
+like. It prints time per optimizer step with ratios to `all`, the cache's build time, and one epoch of the
 training split estimated from them (first epoch = build + steps; later epochs = steps). Figures are
 appended to benchmarks/results/prefix_cache.jsonl.
 
@@ -38,7 +40,7 @@ def main() -> None:
         work = Path(tmp)
         for name, (placement, cache, directory) in CONFIGS.items():
             config = {
-                "model": args.model,
+                "model": {"name": args.model, "dropout": 0.0},
                 "task": {**task_spec(args), "max_length": args.max_length, "max_eval_examples": 8},
                 "plan": {"placement": placement, "allocation": args.rank},
                 "train": {"max_steps": args.steps, "batch_size": args.batch_size, "latency_batches": 0,
