@@ -223,8 +223,8 @@ def test_a_constant_difference_is_named_in_the_report_not_called_significant(syn
 
 
 def test_bootstrap_intervals_are_shown_asymmetric_and_warned_below_ten_seeds(synthetic_study, cli):
-    from peftlab.analysis.report import _test_note, main_table
     from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import _test_note, main_table
 
     analysis = analyze(synthetic_study, interval="bootstrap")
     note = _test_note(analysis)

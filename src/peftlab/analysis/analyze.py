@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.analysis.pareto import pareto_front
-from peftlab.analysis.stats import BOOTSTRAP_MIN_SEEDS, CONSTANT, Comparison, Summary, compare, holm, summarize
+from peftlab.analysis.stats import (
+    BOOTSTRAP_MIN_SEEDS,
+    CONSTANT,
+    Comparison,
+    Summary,
+    compare,
+    holm,
+    summarize,
+)
 from peftlab.errors import PeftlabError
 from peftlab.studies.results import primary_metric, run_rows
 from peftlab.studies.store import open_existing
