@@ -219,8 +219,9 @@ def _probe(model: nn.Module, layers: nn.ModuleList, layer: int, example: dict, p
             continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             handles.append(module.register_forward_pre_hook(lambda *_, name=name: early.append(name)))
-        if _active_dropout(module):
-            handles.append(module.register_forward_pre_hook(lambda *_, name=name: dropout.append(name)))
+        if _active_dropout(module):  # named as in the base model, without PEFT's wrapper prefix
+            short = name.removeprefix("base_model.model.")
+            handles.append(module.register_forward_pre_hook(lambda *_, name=short: dropout.append(name)))
     try:
         with torch.no_grad(), _same_random_state(device):  # the probe's dropout draws must not shift training's
             _backbone_call(model, {k: v.to(device) for k, v in collate([example], pad_id).items()})
