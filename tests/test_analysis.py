@@ -8,7 +8,15 @@ import pytest
 from scipy import stats
 
 from peftlab.analysis.pareto import pareto_front
-from peftlab.analysis.stats import compare, holm, summarize
+from peftlab.analysis.stats import (
+    compare,
+    detectable_difference,
+    equivalent,
+    holm,
+    seeds_needed,
+    summarize,
+    verdict,
+)
 
 A = [0.81, 0.79, 0.84, 0.80, 0.83]
 B = [0.78, 0.77, 0.80, 0.79, 0.78]
@@ -117,8 +125,10 @@ def test_analysis_of_known_results(synthetic_study):
     assert all(c.on_front for c in analysis.configurations)
     cheapest, attention, everything = analysis.recommendations
     assert "cheapest configuration" in cheapest
-    assert "**placement=attention**" in attention and "Significantly better than placement=ffn" in attention
-    assert "Not significantly better than placement=attention" in everything
+    assert "**placement=attention**" in attention and "Better than placement=ffn" in attention
+    assert "Not resolved against placement=attention" in everything and "seeds would detect ±0.01" in everything
+    verdicts = {c.label: c.verdict for c in analysis.configurations if c.verdict}
+    assert verdicts["placement=ffn"].outcome == "worse" and verdicts["placement=attention"].outcome == "unresolved"
     assert any("Seeds per configuration: 3" in line for line in analysis.limits)
 
 
@@ -219,7 +229,8 @@ def test_a_constant_difference_is_named_in_the_report_not_called_significant(syn
     row = next(r for r in main_table(analysis) if r["configuration"].startswith("placement=ffn"))
     assert "on every seed, no test" in row["Δ vs baseline (Holm p)"]
     assert any("placement=ffn: the same difference from the baseline on every seed" in line for line in analysis.limits)
-    assert not any("Significantly better than placement=ffn" in line for line in analysis.recommendations)
+    assert not any("Better than placement=ffn" in line for line in analysis.recommendations)
+    assert ffn.verdict.outcome == "unresolved" and ffn.verdict.reason == "the same difference on every seed"
 
 
 def test_bootstrap_intervals_are_shown_asymmetric_and_warned_below_ten_seeds(synthetic_study, cli):
@@ -236,3 +247,49 @@ def test_bootstrap_intervals_are_shown_asymmetric_and_warned_below_ten_seeds(syn
     code, _, err = cli("report", synthetic_study, "--interval", "bootstrap")
     assert code == 0 and "percentile intervals undercover below 10 seeds" in err
     assert "95% t-intervals (mean ± half-width)" in _test_note(analyze(synthetic_study))
+
+
+def test_tost_calls_a_tight_pair_equivalent_and_a_noisy_one_unresolved():
+    base = {s: 0.80 + 0.02 * (s % 3) for s in range(8)}
+    tight = compare({s: v + 0.001 * (-1) ** s for s, v in base.items()}, base)
+    assert equivalent(tight, 0.01)
+    assert verdict(tight, tight.p, 0.01, True).outcome == "equivalent"
+    # the same tiny mean difference, but differences that swing by ±0.05 from seed to seed
+    noisy = compare({s: v + 0.05 * (-1) ** s for s, v in base.items()}, base)
+    assert not equivalent(noisy, 0.01)
+    v = verdict(noisy, noisy.p, 0.01, True)
+    assert v.outcome == "unresolved" and v.detectable > 0.01 and v.seeds_needed > 8
+    # TOST at alpha = the 90% t-interval inside the margin
+    d = np.array([tight.difference + 0.001 * (-1) ** s for s in range(8)])
+    low, high = stats.t.interval(0.90, 7, loc=d.mean(), scale=stats.sem(d))
+    assert equivalent(tight, max(abs(low), abs(high)) * 1.0001) and not equivalent(tight, max(abs(low), abs(high)) * 0.9999)
+
+
+def test_power_figures_follow_the_paired_t_formula():
+    # MDE = (t_{1-a/2, n-1} + t_{0.8, n-1}) sd / sqrt(n)
+    sd, n = 0.03, 5
+    expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(n)
+    assert detectable_difference(sd / math.sqrt(n), n - 1, 0.05) == pytest.approx(expected)
+    needed = seeds_needed(sd, 0.02, 0.05)
+    assert detectable_difference(sd / math.sqrt(needed), needed - 1, 0.05) <= 0.02
+    assert detectable_difference(sd / math.sqrt(needed - 1), needed - 2, 0.05) > 0.02
+    assert seeds_needed(sd, 0.02, 0.05 / 4) > needed  # a stricter level needs more seeds
+    assert seeds_needed(10.0, 1e-4, 0.05) is None  # beyond any practical number
+
+
+def test_a_significant_difference_is_better_or_worse_by_the_metrics_direction():
+    c = compare(dict(enumerate(A)), dict(enumerate(B)))
+    assert verdict(c, c.p, 0.01, higher_is_better=True).outcome == "better"
+    assert verdict(c, c.p, 0.01, higher_is_better=False).outcome == "worse"
+    assert verdict(c, 0.2, 0.01, higher_is_better=True).outcome == "unresolved"  # the adjusted p decides
+
+
+def test_the_report_carries_a_verdict_per_comparison(synthetic_study):
+    from peftlab.analysis.report import write_report
+
+    analysis, outputs = write_report(synthetic_study, margin=0.05)
+    assert analysis.margin == 0.05
+    markdown = outputs["markdown"].read_text()
+    assert "| verdict |" in markdown and "| worse |" in markdown and "1 of 2 comparisons resolved" in markdown
+    assert "unresolved: detects ≥" in markdown
+    assert "worse" in outputs["html"].read_text() and "worse" in outputs["latex"].read_text()

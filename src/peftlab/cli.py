@@ -435,6 +435,8 @@ def report(
     baseline: Annotated[Optional[str], typer.Option(help="Baseline configuration (default: all-placement uniform-rank LoRA).")] = None,
     test: Annotated[str, typer.Option(help="t (paired t-test) | wilcoxon")] = "t",
     interval: Annotated[str, typer.Option(help="Confidence intervals: t | bootstrap")] = "t",
+    margin: Annotated[Optional[float], typer.Option(help="Equivalence margin in metric units (default: the study's, "
+                                                    "else 0.01 accuracy / F1, 0.02 loss).")] = None,
 ) -> None:
     """Write report.html, report.md and tables.tex (with figures) for a study."""
     from peftlab.analysis.report import write_report
@@ -444,7 +446,10 @@ def report(
         raise PeftlabError(f"--test {test!r}: valid tests are t and wilcoxon")
     if interval not in ("t", "bootstrap"):
         raise PeftlabError(f"--interval {interval!r}: valid intervals are t and bootstrap")
-    analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval)
+    if margin is not None and not margin > 0:
+        raise PeftlabError(f"--margin {margin}: must be a positive difference in the metric's units, e.g. 0.01")
+    analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval,
+                                     margin=margin)
     fewest = min(c.summary.n for c in analysis.configurations)
     if interval == "bootstrap" and fewest < BOOTSTRAP_MIN_SEEDS:
         _console(stderr=True).print(

@@ -423,6 +423,10 @@ class StudySpec(Spec):
     """axis (a shortcut such as placement, or a dotted path such as train.lr) -> values,
     as a list or as a mapping name -> value (names label the configurations)."""
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    margin: float | None = Field(None, gt=0)
+    """Equivalence margin in the units of the quality metric (e.g. 0.01 accuracy, 0.02 loss): a difference
+    from the baseline whose confidence interval lies within ±margin is a verdict of `equivalent`.
+    Default: 0.01 for accuracy and macro-F1, 0.02 for loss, 2% of the baseline's mean otherwise."""
 
     @field_validator("axes")
     @classmethod

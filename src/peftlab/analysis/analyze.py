@@ -15,9 +15,11 @@ from peftlab.analysis.stats import (
     CONSTANT,
     Comparison,
     Summary,
+    Verdict,
     compare,
     holm,
     summarize,
+    verdict,
 )
 from peftlab.errors import PeftlabError
 from peftlab.studies.results import primary_metric, run_rows
@@ -30,6 +32,9 @@ COSTS = {
     "size": "cost.adapter_bytes",
 }
 LOWER_IS_BETTER = ("loss", "perplexity")
+ALPHA = 0.05
+DEFAULT_MARGINS = {"accuracy": 0.01, "macro_f1": 0.01, "loss": 0.02}  # metric units
+RELATIVE_MARGIN = 0.02  # of the baseline's mean, for other metrics (perplexity)
 
 
 @dataclass
@@ -45,6 +50,7 @@ class Configuration:
     on_front: bool = False
     comparison: Comparison | None = None
     p_holm: float = math.nan
+    verdict: Verdict | None = None
 
 
 @dataclass
@@ -59,6 +65,7 @@ class Analysis:
     baseline: Configuration
     failed: int
     interval: str = "t"  # t | bootstrap: how the configurations' confidence intervals were computed
+    margin: float = math.nan  # the equivalence margin of the verdicts, in metric units
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
 
@@ -84,7 +91,7 @@ def choose_baseline(configurations: list[Configuration], label: str | None) -> C
 
 
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
-            test: str = "t", interval: str = "t") -> Analysis:
+            test: str = "t", interval: str = "t", margin: float | None = None) -> Analysis:
     store = open_existing(study_dir)
     rows = run_rows(store)
     configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
@@ -117,16 +124,24 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     others = [c for c in configurations if c is not chosen]
     for c in others:
         c.comparison = compare(c.quality, chosen.quality, test)
+    margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
     for c, p in zip(others, holm([c.comparison.p for c in others])):
         c.p_holm = p
+        c.verdict = verdict(c.comparison, p, margin, higher, ALPHA, family=len(others))
     front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
     for c, on in zip(configurations, front):
         c.on_front = on
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
-                        configurations, chosen, sum(r["status"] == "failed" for r in rows), interval)
+                        configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin)
     analysis.recommendations = recommend(analysis)
     analysis.limits = limits(analysis, rows)
     return analysis
+
+
+def default_margin(metric: str, baseline_mean: float) -> float:
+    """The equivalence margin when neither the study nor the command gives one."""
+    name = metric.rsplit(".", 1)[-1]
+    return DEFAULT_MARGINS.get(name) or RELATIVE_MARGIN * abs(baseline_mean) or DEFAULT_MARGINS["loss"]
 
 
 def _read_spec(study_dir: Path) -> dict[str, Any]:
@@ -141,11 +156,13 @@ def metric_name(metric: str) -> str:
 
 
 def recommend(analysis: Analysis) -> list[str]:
-    """For each budget bracket, the best frontier configuration, and whether it is significantly
-    better than the next cheaper one (paired test, Holm-corrected over these steps)."""
+    """For each budget bracket, the best frontier configuration, and its verdict against the next cheaper
+    one (paired test Holm-corrected over these steps, TOST for equivalence)."""
     front = [c for c in analysis.configurations if c.on_front]
     steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
     corrected = holm([s.p for s in steps])
+    verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, ALPHA, len(steps))
+                for s, p in zip(steps, corrected)]
     unit = COST_UNITS[analysis.cost]
     lines = []
     for i, c in enumerate(front):
@@ -156,18 +173,42 @@ def recommend(analysis: Analysis) -> list[str]:
         if i == 0:
             line += " The cheapest configuration on the frontier."
         else:
-            step, p = steps[i - 1], corrected[i - 1]
+            step, p, v, cheaper = steps[i - 1], corrected[i - 1], verdicts[i - 1], front[i - 1].label
+            test = f"difference {step.difference:+.4f}, {step.test}, n={step.n}, Holm p={_fmt_p(p)}"
             if step.test == CONSTANT:
-                line += (f" Differs from {front[i - 1].label} by exactly {step.difference:+.4f} on each of {step.n} "
+                line += (f" Differs from {cheaper} by exactly {step.difference:+.4f} on each of {step.n} "
                          "seeds: no test applies, and a fixed difference usually means a run predicting one class.")
-                lines.append(line)
-                continue
-            verdict = "Significantly better" if p < 0.05 else "Not significantly better"
-            line += (f" {verdict} than {front[i - 1].label} (difference {step.difference:+.4f}, "
-                     f"{step.test}, n={step.n}, Holm p={_fmt_p(p)})")
-            line += "." if p < 0.05 else ": the cheaper configuration is as good as these seeds can tell."
+            elif v.outcome == "better":
+                line += f" Better than {cheaper} ({test})."
+            elif v.outcome == "equivalent":
+                line += (f" Equivalent to {cheaper} within ±{v.margin:g} ({test}; TOST): the cheaper configuration "
+                         "is enough.")
+            else:
+                line += f" Not resolved against {cheaper} ({test}): {power_text(v)}."
         lines.append(line)
     return lines
+
+
+def power_text(v: Verdict) -> str:
+    """What an unresolved comparison's seeds could detect, and how many would settle it."""
+    if v.reason:
+        return f"no test applies ({v.reason})"
+    detect = f"these seeds detect differences of {v.detectable:.4f} or more at 80% power"
+    if v.seeds_needed is None:
+        return f"{detect}; a difference of ±{v.margin:g} is out of reach of any practical number of seeds"
+    return f"{detect}; about {v.seeds_needed} seeds would detect ±{v.margin:g}"
+
+
+def verdict_text(v: Verdict) -> str:
+    """The verdict cell of the report's table."""
+    if v.outcome == "equivalent":
+        return f"equivalent (±{v.margin:g})"
+    if v.outcome != "unresolved":
+        return v.outcome
+    if v.reason:
+        return f"unresolved: {v.reason}"
+    need = f"{v.seeds_needed} seeds for ±{v.margin:g}" if v.seeds_needed else f"±{v.margin:g} out of reach"
+    return f"unresolved: detects ≥{v.detectable:.4f}; {need}"
 
 
 def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:

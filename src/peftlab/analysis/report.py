@@ -8,12 +8,12 @@ import math
 from pathlib import Path
 from typing import Any
 
-from peftlab.analysis.analyze import Analysis, analyze, metric_name
+from peftlab.analysis.analyze import Analysis, analyze, metric_name, verdict_text
 from peftlab.analysis.figures import make_figures
 from peftlab.analysis.stats import CONSTANT
 from peftlab.files import write_atomic
 
-COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "trainable params (% of base)",
+COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "verdict", "trainable params (% of base)",
            "parameter reduction", "training time (s)", "peak memory (MiB)"]
 
 
@@ -38,6 +38,7 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             "configuration": c.label + (" *" if c.on_front else ""),
             "quality (mean, 95% CI)": quality,
             "Δ vs baseline (Holm p)": delta,
+            "verdict": "baseline" if c is analysis.baseline else verdict_text(c.verdict),
             "trainable params (% of base)": f"{trainable:,.0f} ({100 * trainable / base:.3f}%)",
             "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
             "training time (s)": f"{c.costs['time'].mean:.1f}",
@@ -60,9 +61,18 @@ def _test_note(analysis: Analysis) -> str:
     return (f"Quality: {metric_name(analysis.metric)} ({'higher' if analysis.higher_is_better else 'lower'} is better), "
             f"n = {', '.join(map(str, n))} seeds per configuration, {intervals}. Δ: difference from the baseline "
             f"**{analysis.baseline.label}** over matched seeds ({', '.join(tests) or 'no test'}), p-values "
-            f"Holm-corrected across {tested} comparisons. * = on the Pareto frontier of quality vs "
+            f"Holm-corrected across {tested} comparisons. {_verdict_note(analysis)} * = on the Pareto frontier of quality vs "
             f"{COST_LABELS[analysis.cost]}. Training time counts optimizer steps only; peak memory is "
             f"{_memory_label(analysis)}.")
+
+
+def _verdict_note(analysis: Analysis) -> str:
+    verdicts = [c.verdict for c in analysis.configurations if c.verdict]
+    resolved = sum(v.outcome != "unresolved" for v in verdicts)
+    return (f"Verdict: better / worse (Holm p < 0.05), equivalent (the 90% interval of the difference inside "
+            f"±{analysis.margin:g}, TOST), or unresolved, with the smallest difference these seeds detect at 80% "
+            f"power and α = 0.05 / {len(verdicts)}, and the seeds that would detect ±{analysis.margin:g}; "
+            f"{resolved} of {len(verdicts)} comparisons resolved.")
 
 
 COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",
@@ -93,7 +103,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
 
 def _latex_escape(text: str) -> str:
     for a, b in [("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("#", r"\#"), ("_", r"\_"), ("±", r"$\pm$"),
-                 ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("<", r"$<$"), ("*", r"$^\ast$")]:
+                 ("Δ", r"$\Delta$"), ("×", r"$\times$"), ("≥", r"$\geq$"), ("<", r"$<$"), ("*", r"$^\ast$")]:
         text = text.replace(a, b)
     return text
 

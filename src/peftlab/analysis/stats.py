@@ -50,6 +50,9 @@ class Comparison:
     high: float
     relative: float  # difference / |baseline mean|, in %
     p: float
+    se: float = math.nan  # standard error of the difference
+    df: float = math.nan  # its degrees of freedom (n - 1 paired, Welch-Satterthwaite unpaired)
+    sd: float = math.nan  # sd of the per-seed differences (paired only)
 
 
 CONSTANT = "constant difference"  # the test of a paired comparison whose differences are all equal
@@ -76,7 +79,8 @@ def compare(candidate: dict[int, float], baseline: dict[int, float], test: str =
             p, name = (1.0, "paired t") if abs(d[0]) < 1e-12 else (math.nan, CONSTANT)
         else:
             p, name = float(stats.ttest_rel(a, b).pvalue), "paired t"
-        return Comparison(len(seeds), name, diff.mean, diff.low, diff.high, _relative(diff.mean, base_mean), p)
+        return Comparison(len(seeds), name, diff.mean, diff.low, diff.high, _relative(diff.mean, base_mean), p,
+                          diff.std / math.sqrt(len(seeds)), len(seeds) - 1, diff.std)
     base_mean = float(np.mean(list(baseline.values())))
     a, b = np.array(list(candidate.values())), np.array(list(baseline.values()))
     difference = float(a.mean() - b.mean())
@@ -85,8 +89,9 @@ def compare(candidate: dict[int, float], baseline: dict[int, float], test: str =
                           _relative(difference, base_mean), math.nan)
     result = stats.ttest_ind(a, b, equal_var=False)
     ci = result.confidence_interval(confidence)
+    se = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
     return Comparison(min(len(a), len(b)), "welch t", difference, float(ci.low), float(ci.high),
-                      _relative(difference, base_mean), float(result.pvalue))
+                      _relative(difference, base_mean), float(result.pvalue), se, float(result.df))
 
 
 def _relative(difference: float, base: float) -> float:
@@ -104,3 +109,69 @@ def holm(pvalues: Sequence[float]) -> list[float]:
         running = max(running, min(1.0, (m - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+POWER = 0.8  # of the detectable differences and the seeds needed
+MAX_SEEDS = 1000  # beyond this, "seeds needed" is reported as out of reach
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a comparison concludes: better, worse, equivalent within ±margin, or unresolved."""
+
+    outcome: str  # better | worse | equivalent | unresolved
+    margin: float  # the equivalence margin, in the metric's units
+    detectable: float  # smallest difference these seeds detect at POWER (nan where no test applies)
+    seeds_needed: int | None  # paired seeds to detect a difference of `margin` at POWER; None: unknown or > MAX_SEEDS
+    alpha: float  # the level `detectable` and `seeds_needed` are computed at
+    reason: str = ""  # why no test applies (a constant difference, one seed)
+
+
+def equivalent(comparison: Comparison, margin: float, alpha: float = 0.05) -> bool:
+    """TOST (Schuirmann 1987): both one-sided tests reject at `alpha`, i.e. the (1 - 2 alpha) interval of
+    the mean difference lies inside (-margin, margin)."""
+    if math.isnan(comparison.se) or not comparison.df > 0:
+        return False
+    half = float(stats.t.ppf(1 - alpha, comparison.df)) * comparison.se
+    return -margin < comparison.difference - half and comparison.difference + half < margin
+
+
+def detectable_difference(se: float, df: float, alpha: float, power: float = POWER) -> float:
+    """Minimal detectable difference of a two-sided t-test at level alpha: (t_{1-alpha/2,df} + t_{power,df}) x se."""
+    if math.isnan(se) or not df > 0:
+        return math.nan
+    return (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(power, df))) * se
+
+
+def seeds_needed(sd: float, margin: float, alpha: float, power: float = POWER) -> int | None:
+    """Paired seeds at which a true difference of `margin` is detected with `power`, given the sd of the
+    per-seed differences; solved by iteration, since t's degrees of freedom grow with n."""
+    if math.isnan(sd) or margin <= 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if detectable_difference(sd / math.sqrt(n), n - 1, alpha, power) <= margin:
+            return n
+    return None
+
+
+def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, alpha: float = 0.05,
+            family: int = 1) -> Verdict:
+    """better / worse: the (multiplicity-adjusted) test rejects at alpha; equivalent: TOST within ±margin at
+    alpha; otherwise unresolved. The detectable difference and the seeds needed are computed at alpha / family
+    (Bonferroni), so that a difference of that size would survive Holm's correction over the family."""
+    strict = alpha / max(family, 1)
+    detectable = detectable_difference(comparison.se, comparison.df, strict)
+    needed = seeds_needed(comparison.sd, margin, strict)
+    reason = ""
+    if comparison.test == CONSTANT:  # sd 0: no power calculation means anything
+        detectable, needed, reason = math.nan, None, "the same difference on every seed"
+    elif math.isnan(comparison.se):
+        reason = "fewer than two seeds"
+    if not math.isnan(p_adjusted) and p_adjusted < alpha:
+        outcome = "better" if (comparison.difference > 0) == higher_is_better else "worse"
+    elif equivalent(comparison, margin, alpha):
+        outcome = "equivalent"
+    else:
+        outcome = "unresolved"
+    return Verdict(outcome, margin, detectable, needed, strict, reason)
+
