@@ -293,3 +293,36 @@ def test_the_report_carries_a_verdict_per_comparison(synthetic_study):
     assert "| verdict |" in markdown and "| worse |" in markdown and "1 of 2 comparisons resolved" in markdown
     assert "unresolved: detects ≥" in markdown
     assert "worse" in outputs["html"].read_text() and "worse" in outputs["latex"].read_text()
+
+
+def test_degenerate_runs_are_named_counted_and_can_be_left_out(synthetic_study, cli):
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import main_table, write_report
+    from peftlab.studies.store import open_existing
+
+    store = open_existing(synthetic_study)
+    for row in store.rows():
+        result = json.loads(row["result"])
+        collapsed = '"ffn"' in row["axes"] or ('"attention"' in row["axes"] and row["seed"] == 2)
+        result["metrics"]["test"].update({"majority_rate": 0.6, "count": 300, "predicted_classes": 1 if collapsed else 2})
+        store.finish(row["id"], "done", result, None)
+    analysis = analyze(synthetic_study)
+    by_label = {c.label: c for c in analysis.configurations}
+    assert set(by_label["placement=ffn"].degenerate) == {0, 1, 2}
+    assert by_label["placement=attention"].degenerate == {2: "predicts a single class"}
+    assert not by_label["placement=all"].degenerate
+    row = next(r for r in main_table(analysis) if r["configuration"].startswith("placement=ffn"))
+    assert "(n=3, 3 degenerate)" in row["quality (mean, 95% CI)"]
+    assert any("4 degenerate run(s), included" in line for line in analysis.limits)
+    assert any("Caution: 1 of 3 runs of placement=attention are degenerate" in line for line in analysis.recommendations)
+    _, outputs = write_report(synthetic_study)
+    markdown = outputs["markdown"].read_text()
+    assert "## Degenerate runs" in markdown and "- placement=attention, seed 2: predicts a single class" in markdown
+    # left out: ffn has no run left, attention keeps two seeds
+    excluded = analyze(synthetic_study, exclude_degenerate=True)
+    assert {c.label: c.summary.n for c in excluded.configurations} == {"placement=attention": 2, "placement=all": 3}
+    assert any("left out of the statistics" in line for line in excluded.limits)
+    code, out, _ = cli("study", "status", synthetic_study)
+    assert code == 0 and out.count("degenerate: predicts a single class") == 4 and "(4 of the done runs degenerate)" in out
+    code, out, _ = cli("report", synthetic_study, "--exclude-degenerate")
+    assert code == 0 and "placement=ffn" not in out.split("Quality:")[0]

@@ -202,7 +202,15 @@ def test_recommend_follows_a_study_that_measured_a_clear_winner(tmp_path, review
     advice = recommend(config, 20000, "fisher", steps=3, study=study_dir)
     text = " ".join(advice.lines)
     assert "placement=attention has the best test accuracy" in text and "significantly better than" in text
+    assert "degenerate" not in text
     assert {p.site.role.value for p in advice.plan.sites} == {"attn.q", "attn.k", "attn.v", "attn.o"}
     assert abs(advice.plan.trainable_params - 20000) / 20000 < 0.1
     with pytest.raises(PeftlabError, match="below the smallest plan"):
         recommend(config, 100, "fisher", steps=3, study=study_dir)
+    for row in store.rows():  # the best configuration turns out to have collapsed on three of four seeds
+        if '"attention"' in row["axes"] and row["seed"] < 3:
+            result = json.loads(row["result"])
+            result["metrics"]["test"]["predicted_classes"] = 1
+            store.finish(row["id"], "done", result, None)
+    text = " ".join(recommend(config, 20000, "fisher", steps=3, study=study_dir).lines)
+    assert "3 of 4 runs of placement=attention are degenerate (most of its runs learned nothing)" in text

@@ -6,6 +6,7 @@ import pytest
 import torch
 from peft import PeftModel
 
+from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import ModelSpec, RunConfig, validate
 from peftlab.models.load import load_model, load_tokenizer
 from peftlab.tasks.prepare import collate, load_task
@@ -112,6 +113,51 @@ def test_lora_learns_the_tiny_task(tmp_path, reviews_file):
     losses = [h["train_loss"] for h in history if "train_loss" in h]
     assert losses[-1] < losses[0] * 0.5
     assert result["metrics"]["test"]["accuracy"] >= 0.9
+    assert result["metrics"]["test"]["predicted_classes"] == 2
+    assert degenerate_reason(flat(result)) is None
+
+
+def flat(result):
+    return {f"metrics.test.{k}": v for k, v in result["metrics"]["test"].items()}
+
+
+def test_a_collapsed_classifier_is_flagged(tmp_path, reviews_file):
+    from peftlab.train.run import execute_run
+
+    # a learning rate far too large for the head: every example ends in one class
+    result = execute_run(classification_config(reviews_file, max_steps=30, lr=3.0), tmp_path / "r")
+    test = result["metrics"]["test"]
+    assert result["status"] == "done" and test["predicted_classes"] == 1
+    assert test["accuracy"] == pytest.approx(test["majority_rate"]) or test["accuracy"] == pytest.approx(1 - test["majority_rate"])
+    assert degenerate_reason(flat(result)) == "predicts a single class"
+
+
+def test_a_causal_lm_that_learned_nothing_keeps_the_base_loss_and_is_flagged(tmp_path, alpaca_file):
+    from peftlab.train.run import execute_run
+
+    def run(lr, name):
+        config = validate(RunConfig, {
+            "model": "tiny-llama", "task": {"path": str(alpaca_file), "kind": "instruction"},
+            "plan": {"allocation": 4}, "train": {"max_steps": 12, "batch_size": 4, "lr": lr, "latency_batches": 0},
+        }, "test")
+        return execute_run(config, tmp_path / name)
+
+    still = run(1e-9, "still")
+    assert still["metrics"]["test"]["base_loss"] == pytest.approx(still["metrics"]["test"]["loss"], rel=1e-4)
+    assert "not below the base model's" in degenerate_reason(flat(still))
+    learned = run(2e-2, "learned")
+    assert learned["metrics"]["test"]["loss"] < learned["metrics"]["test"]["base_loss"]
+    assert learned["metrics"]["test"]["base_loss"] == pytest.approx(still["metrics"]["test"]["base_loss"])  # same start
+    assert degenerate_reason(flat(learned)) is None
+
+
+def test_degenerate_reasons_on_hand_made_rows():
+    row = {"metrics.test.accuracy": 0.64, "metrics.test.majority_rate": 0.62, "metrics.test.count": 300,
+           "metrics.test.predicted_classes": 2}
+    assert "within noise of the majority class (0.620 ± 0.055)" in degenerate_reason(row)
+    assert degenerate_reason({**row, "metrics.test.accuracy": 0.70}) is None
+    assert degenerate_reason({"metrics.test.accuracy": 0.62}) is None  # an older row: nothing to judge by
+    assert degenerate_reason({"metrics.test.loss": float("inf")}).startswith("diverged")
 
 
 @pytest.mark.parametrize("method", ["full", "bitfit"])

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import PlanConfig, load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
@@ -169,7 +170,7 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
     for split, values in result["metrics"].items():
         for name, value in values.items():
             if name != "count":
-                table.add_row(f"{split} {name}", f"{value:.4f}")
+                table.add_row(f"{split} {name.replace('_', ' ')}", f"{value:.4f}" if isinstance(value, float) else str(value))
     cost = result["cost"]
     table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
     table.add_row("% of total params", f"{100 * cost['trainable_share']:.3f}%")
@@ -202,6 +203,9 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
     console.print(table)
     if cache.get("note"):
         console.print(f"prefix cache {cache['note']}", highlight=False)
+    reason = degenerate_reason({f"metrics.test.{k}": v for k, v in result["metrics"].get("test", {}).items()})
+    if reason:
+        console.print(f"[yellow]warning:[/] degenerate run: {reason}; try another learning rate", highlight=False)
 
 
 def _load(cls, config: Path | None, overrides: dict[str, Any]):
@@ -394,7 +398,7 @@ def _print_main_table(analysis) -> None:
 
 @study_app.command("status")
 def study_status(directory: Annotated[Path, typer.Argument(help="Study directory.")]) -> None:
-    """Runs of a study by status, with their errors and main metric."""
+    """Runs of a study by status, with their errors, main metric and degenerate runs named."""
     from peftlab.studies.results import primary_metric, run_rows
     from peftlab.studies.store import open_existing
 
@@ -404,13 +408,18 @@ def study_status(directory: Annotated[Path, typer.Argument(help="Study directory
     table = Table(title=f"{directory}", title_justify="left")
     for column in ("id", "configuration", "seed", "status", metric, "note"):
         table.add_column(column)
+    degenerate = 0
     for row in rows:
         value = row.get(metric)
+        reason = degenerate_reason(row) if row["status"] == "done" else None
+        degenerate += reason is not None
+        note = f"[yellow]degenerate:[/] {reason}" if reason else (row["error"] or "")[:80]
         table.add_row(row["id"], row["label"], str(row["seed"]), row["status"],
-                      "-" if value is None else f"{value:.4f}", (row["error"] or "")[:80])
+                      "-" if value is None else f"{value:.4f}", note)
     console = _console()
     console.print(table)
-    console.print(" ".join(f"{k}: {v}" for k, v in sorted(store.counts().items())), highlight=False)
+    counts = " ".join(f"{k}: {v}" for k, v in sorted(store.counts().items()))
+    console.print(counts + (f" ({degenerate} of the done runs degenerate)" if degenerate else ""), highlight=False)
 
 
 @study_app.command("export")
@@ -437,6 +446,8 @@ def report(
     interval: Annotated[str, typer.Option(help="Confidence intervals: t | bootstrap")] = "t",
     margin: Annotated[Optional[float], typer.Option(help="Equivalence margin in metric units (default: the study's, "
                                                     "else 0.01 accuracy / F1, 0.02 loss).")] = None,
+    exclude_degenerate: Annotated[bool, typer.Option("--exclude-degenerate", help="Leave degenerate runs (one predicted "
+                                                     "class, majority-class accuracy, no loss gain) out of the statistics.")] = False,
 ) -> None:
     """Write report.html, report.md and tables.tex (with figures) for a study."""
     from peftlab.analysis.report import write_report
@@ -449,7 +460,7 @@ def report(
     if margin is not None and not margin > 0:
         raise PeftlabError(f"--margin {margin}: must be a positive difference in the metric's units, e.g. 0.01")
     analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval,
-                                     margin=margin)
+                                     margin=margin, exclude_degenerate=exclude_degenerate)
     fewest = min(c.summary.n for c in analysis.configurations)
     if interval == "bootstrap" and fewest < BOOTSTRAP_MIN_SEEDS:
         _console(stderr=True).print(

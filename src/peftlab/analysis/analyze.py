@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.stats import (
     BOOTSTRAP_MIN_SEEDS,
@@ -51,6 +52,7 @@ class Configuration:
     comparison: Comparison | None = None
     p_holm: float = math.nan
     verdict: Verdict | None = None
+    degenerate: dict[int, str] = field(default_factory=dict)  # seed -> why that run is degenerate
 
 
 @dataclass
@@ -66,6 +68,7 @@ class Analysis:
     failed: int
     interval: str = "t"  # t | bootstrap: how the configurations' confidence intervals were computed
     margin: float = math.nan  # the equivalence margin of the verdicts, in metric units
+    exclude_degenerate: bool = False  # degenerate runs left out of the statistics (else included and named)
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
 
@@ -91,7 +94,8 @@ def choose_baseline(configurations: list[Configuration], label: str | None) -> C
 
 
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
-            test: str = "t", interval: str = "t", margin: float | None = None) -> Analysis:
+            test: str = "t", interval: str = "t", margin: float | None = None,
+            exclude_degenerate: bool = False) -> Analysis:
     store = open_existing(study_dir)
     rows = run_rows(store)
     configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
@@ -110,7 +114,11 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     for row in done:
         groups.setdefault(row["group"], []).append(row)
     configurations = []
-    for group, runs in groups.items():
+    for group, every_run in groups.items():
+        flagged = {r["seed"]: reason for r in every_run if (reason := degenerate_reason(r))}
+        runs = [r for r in every_run if r["seed"] not in flagged] if exclude_degenerate else every_run
+        if not runs:  # every run of this configuration is degenerate and left out
+            continue
         quality = {r["seed"]: r[metric] for r in runs}
         costs = {name: summarize([r[column] for r in runs if r.get(column) is not None], method=interval)
                  for name, column in {**COSTS, "base": "cost.base_params", "total": "cost.total_params"}.items()}
@@ -118,7 +126,10 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
                           and isinstance(v, (int, float)) and not isinstance(v, bool)})
         every = {k: summarize([r[k] for r in runs if isinstance(r.get(k), (int, float))], method=interval) for k in numeric}
         configurations.append(Configuration(group, runs[0]["label"], configs[runs[0]["id"]], runs, quality,
-                                            summarize(list(quality.values()), method=interval), costs, every))
+                                            summarize(list(quality.values()), method=interval), costs, every,
+                                            degenerate=flagged))
+    if not configurations:
+        raise PeftlabError(f"{study_dir}: every finished run is degenerate; nothing is left to compare without them")
     configurations.sort(key=lambda c: (c.costs[cost].mean, c.label))
     chosen = choose_baseline(configurations, baseline)
     others = [c for c in configurations if c is not chosen]
@@ -132,7 +143,8 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     for c, on in zip(configurations, front):
         c.on_front = on
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
-                        configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin)
+                        configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
+                        exclude_degenerate)
     analysis.recommendations = recommend(analysis)
     analysis.limits = limits(analysis, rows)
     return analysis
@@ -185,8 +197,17 @@ def recommend(analysis: Analysis) -> list[str]:
                          "is enough.")
             else:
                 line += f" Not resolved against {cheaper} ({test}): {power_text(v)}."
-        lines.append(line)
+        lines.append(line + degenerate_caution(c))
     return lines
+
+
+def degenerate_caution(c: Configuration) -> str:
+    """A warning for a line that names a configuration with degenerate runs."""
+    if not c.degenerate:
+        return ""
+    total = len({r["seed"] for r in c.runs} | set(c.degenerate))
+    most = "most of its runs learned nothing" if 2 * len(c.degenerate) > total else "some of its runs learned nothing"
+    return f" Caution: {len(c.degenerate)} of {total} runs of {c.label} are degenerate ({most})."
 
 
 def power_text(v: Verdict) -> str:
@@ -229,10 +250,24 @@ def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
     if constant:
         out.append(f"{', '.join(constant)}: the same difference from the baseline on every seed, so no test applies "
                    "(no p-value); this usually means runs that predict a single class.")
+    out += _degenerate_limits(analysis)
     out += _cache_limits(analysis)
     if analysis.failed:
         out.append(f"{analysis.failed} run(s) failed and are left out (see `peftlab study status`).")
     return out
+
+
+def _degenerate_limits(analysis: Analysis) -> list[str]:
+    flagged = [c for c in analysis.configurations if c.degenerate]
+    if not flagged:
+        return ["No degenerate runs: every classifier predicts more than one class and beats the majority class "
+                "beyond noise, and every causal LM ends below its base model's loss."]
+    count = sum(len(c.degenerate) for c in flagged)
+    how = ("left out of the statistics (--exclude-degenerate)" if analysis.exclude_degenerate
+           else "included in the statistics; `--exclude-degenerate` leaves them out")
+    names = ", ".join(f"{c.label} ({len(c.degenerate)})" for c in flagged)
+    return [f"{count} degenerate run(s), {how}: {names}. They measure a training failure (often the learning rate), "
+            "not the configuration; see the list of degenerate runs."]
 
 
 def _cache_limits(analysis: Analysis) -> list[str]:

@@ -26,7 +26,8 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
     rows = []
     for c in analysis.configurations:
         s = c.summary
-        quality = f"{s.mean:.4f}" + (_interval(s, analysis.interval) if s.n > 1 else "") + f" (n={s.n})"
+        flagged = f", {len(c.degenerate)} degenerate" if c.degenerate else ""
+        quality = f"{s.mean:.4f}" + (_interval(s, analysis.interval) if s.n > 1 else "") + f" (n={s.n}{flagged})"
         if c is analysis.baseline:
             delta = "baseline"
         elif c.comparison.test == CONSTANT:
@@ -47,6 +48,13 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
     return rows
 
 
+def degenerate_lines(analysis: Analysis) -> list[str]:
+    """One line per degenerate run, or one saying there is none."""
+    lines = [f"{c.label}, seed {seed}: {reason}" for c in analysis.configurations
+             for seed, reason in sorted(c.degenerate.items())]
+    return lines or ["None."]
+
+
 def _interval(s, method: str) -> str:
     """t-intervals are symmetric (mean ± half-width); a bootstrap interval is not, so its ends are shown."""
     return f" ± {(s.high - s.low) / 2:.4f}" if method == "t" else f" [{s.low:.4f}, {s.high:.4f}]"
@@ -63,7 +71,9 @@ def _test_note(analysis: Analysis) -> str:
             f"**{analysis.baseline.label}** over matched seeds ({', '.join(tests) or 'no test'}), p-values "
             f"Holm-corrected across {tested} comparisons. {_verdict_note(analysis)} * = on the Pareto frontier of quality vs "
             f"{COST_LABELS[analysis.cost]}. Training time counts optimizer steps only; peak memory is "
-            f"{_memory_label(analysis)}.")
+            f"{_memory_label(analysis)}. Degenerate runs (one predicted class, accuracy within noise of the majority "
+            f"class, or a test loss not below the base model's) are "
+            f"{'left out' if analysis.exclude_degenerate else 'included and counted in the quality column'}.")
 
 
 def _verdict_note(analysis: Analysis) -> str:
@@ -94,6 +104,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table]
     lines += ["", "Every metric of every configuration (n, mean, sd, 95% CI) is in `summary.csv`."]
+    lines += ["", "## Degenerate runs", ""] + [f"- {line}" for line in degenerate_lines(analysis)]
     lines += ["", "## Recommendations", ""] + [f"- {r}" for r in analysis.recommendations]
     lines += ["", "## Limits", ""] + [f"- {r}" for r in analysis.limits]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.relative_to(out.parent)})" for title, path in figures.items()]
@@ -153,6 +164,7 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
 <style>{CSS}</style></head><body><h1>Study report: {html.escape(analysis.name)}</h1>
 <p>{html.escape(analysis.description)}</p><h2>Results</h2><p class="note">{_md_inline(_test_note(analysis))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
+<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
 <h2>Recommendations</h2><ul>{items(analysis.recommendations)}</ul><h2>Limits</h2><ul>{items(analysis.limits)}</ul>
 <h2>Figures</h2>{figs}{CHECK}</body></html>"""
     write_atomic(out, page)

@@ -81,7 +81,7 @@ def _share(plan: Plan, chosen) -> float:
 def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any, Any, Any] | None, list[str]]:
     """(rank shape, placement, method) of the study's best configuration within the budget when it trains a
     ranked method; and lines saying what the study showed."""
-    from peftlab.analysis.analyze import analyze, metric_name
+    from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
     from peftlab.analysis.stats import CONSTANT, compare, holm
     from peftlab.methods.registry import METHODS
 
@@ -114,7 +114,7 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
         line += f"; the same difference on every seed, so untested, from {', '.join(fixed)}" if fixed else ""
         if tied:
             line += ". These seeds cannot separate them: the proposal follows the best mean, and the others are as defensible"
-    lines.append(line + ".")
+    lines.append(line + "." + degenerate_caution(best))
     method = best.config.get("method", {})
     method_name = method.get("name", "lora") if isinstance(method, dict) else method
     if METHODS[method_name].size_parameter != "rank":

@@ -47,6 +47,9 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
     if kind == "classification":
         metrics["accuracy"] = sum(p == g for p, g in zip(predictions, golds)) / max(len(golds), 1)
         metrics["macro_f1"] = macro_f1(predictions, golds, n_labels)
+        # what a trivial classifier scores here, and whether this one is one (see analysis.degenerate)
+        metrics["majority_rate"] = max(map(golds.count, set(golds))) / len(golds) if golds else math.nan
+        metrics["predicted_classes"] = len(set(predictions))
     else:
         metrics["perplexity"] = math.exp(loss) if loss < 700 else math.inf
     return metrics

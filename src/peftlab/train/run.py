@@ -13,6 +13,7 @@ import platform
 import random
 import shutil
 import warnings
+from contextlib import nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,9 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device,
                              autocast=accelerator.autocast)
 
+    # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
+    base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
+
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
@@ -156,6 +160,8 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
             if split_batches:
                 metrics[split_name] = evaluate_split(model, split_batches)
                 record({"step": loop.steps, "split": split_name, **metrics[split_name]})
+        if base_loss is not None and "test" in metrics:
+            metrics["test"]["base_loss"] = base_loss
         if head_hook is not None:
             head_hook.remove()  # latency: the model's own forward, as it would be served
         with accelerator.autocast():  # inference at the training's precision
@@ -218,6 +224,16 @@ def _eval_batches(split: list[dict[str, Any]], size: int, pad_id: int) -> list[d
     """Batches sorted by length (little padding): evaluation metrics do not depend on the order."""
     ordered = sorted(split, key=lambda e: len(e["input_ids"]))
     return [collate(ordered[i : i + size], pad_id) for i in range(0, len(ordered), size)]
+
+
+def _base_loss(model, method, batches: list[dict[str, torch.Tensor]], evaluate_split) -> float | None:
+    """Test loss before training: the base model's (adapters whose initialization changes the output, such
+    as prefixes, are bypassed; a zero-initialized LoRA already computes the base)."""
+    if not batches:
+        return None
+    bypass = method.bypassed(model)
+    with bypass if bypass is not None else nullcontext():
+        return evaluate_split(model, batches)["loss"]
 
 
 LATENCY_SEED = 0  # not the training seed: every configuration and seed of a study times the same batches
