@@ -203,3 +203,73 @@ def test_dry_run_shows_each_configurations_plan_and_writes_nothing(data_file, tm
     assert "invalid" in bad
     assert "2 configurations x 2 seeds, 1 invalid; nothing was written" in out
     assert not study_dir.exists()
+
+
+def tuned_spec(data_file, seeds=(0, 1)):
+    return tiny_spec(data_file, tune={"lr": [1e-3, 1e-2], "seeds": [7]}, seeds=list(seeds))
+
+
+def finish(store, run_id, validation, test):
+    store.mark_running(run_id, None)
+    store.finish(run_id, "done", {"status": "done", "metrics": {"validation": {"accuracy": validation},
+                                                                 "test": {"accuracy": test}},
+                                  "data": {"kind": "classification"}}, None)
+
+
+def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
+    from peftlab.analysis.analyze import analyze
+    from peftlab.studies.runner import add_runs, open_study
+    from peftlab.studies.tuning import chosen_rates, rate_choices
+
+    spec = tuned_spec(data_file)
+    store, added = open_study(spec, tmp_path / "study")
+    rows = store.rows()
+    assert added == 4 and {r["phase"] for r in rows} == {"tune"}  # 2 configurations x 2 rates x 1 tuning seed
+    assert {json.loads(r["config"])["train"]["seed"] for r in rows} == {7}
+    assert chosen_rates(store) == {}  # nothing finished: no seed run yet
+    for row in rows:  # validation prefers 1e-3, test would prefer 1e-2
+        low = json.loads(row["config"])["train"]["lr"] == 1e-3
+        finish(store, row["id"], validation=0.9 if low else 0.7, test=0.6 if low else 0.95)
+    assert chosen_rates(store) == {"placement=all": 1e-3, "placement=attention": 1e-3}
+    choice = rate_choices(store)["placement=all"]
+    assert choice.scores == {1e-3: 0.9, 1e-2: 0.7} and choice.at_edge
+    assert add_runs(spec, store) == 4  # the seed runs, at the chosen rate
+    main = [r for r in store.rows() if r["phase"] == "main"]
+    assert {json.loads(r["config"])["train"]["lr"] for r in main} == {1e-3}
+    assert sorted(r["seed"] for r in main) == [0, 0, 1, 1]
+    assert add_runs(spec, store) == 0  # resumable: the same choice, the same runs
+    for row in main:
+        finish(store, row["id"], validation=0.8, test=0.8 + 0.01 * row["seed"])
+    analysis = analyze(tmp_path / "study")
+    assert all(c.summary.n == 2 for c in analysis.configurations)  # tuning runs are not results
+    assert any("chosen on the validation split" in line and "edge of the grid" in line for line in analysis.limits)
+
+
+def test_a_configuration_whose_every_rate_failed_records_why(data_file, tmp_path):
+    from peftlab.studies.runner import add_runs, open_study
+
+    spec = tuned_spec(data_file)
+    store, _ = open_study(spec, tmp_path / "study")
+    for row in store.rows():
+        store.mark_running(row["id"], None)
+        store.finish(row["id"], "failed", None, "non-finite loss")
+    add_runs(spec, store)
+    main = [r for r in store.rows() if r["phase"] == "main"]
+    assert len(main) == 4 and all(r["status"] == "failed" for r in main)
+    assert "every learning rate of the grid failed (0.001, 0.01)" in main[0]["error"]
+
+
+def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, tmp_path, cli):
+    spec = tuned_spec(data_file, seeds=[0])
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    code, out, _ = cli("study", "run", spec_file, "--dir", tmp_path / "s", "--dry-run")
+    assert code == 0 and "lr 0.001, 0.01 x seeds 7" in out and "after 4 tuning runs" in out
+    store = run_study(spec, tmp_path / "s", jobs=2, threads=1)
+    rows = run_rows(store)
+    assert store.counts() == {"done": 6}
+    assert sorted(r["phase"] for r in rows) == ["main", "main", "tune", "tune", "tune", "tune"]
+    code, out, _ = cli("report", tmp_path / "s")
+    assert code == 0
+    markdown = (tmp_path / "s" / "report.md").read_text()
+    assert "## Learning rates" in markdown and "| placement=all | 0.001: " in markdown

@@ -346,16 +346,19 @@ def study_run(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each configuration will train, then stop.")] = False,
 ) -> None:
     """Run a study, or resume one: done runs are skipped, new runs of an edited spec are added."""
-    from peftlab.studies.grid import expand
     from peftlab.studies.preview import preview
     from peftlab.studies.runner import run_study
 
     spec, study_dir = _study_spec(source, directory)
-    previews = preview(expand(spec))
+    previews = preview(spec)
     _print_preview(spec.name, previews)
     if dry_run:
         invalid = sum(not p.valid for p in previews)
-        _console().print(f"dry run: {len(previews)} configurations x {len(spec.seeds)} seeds, {invalid} invalid; "
+        tuning = ""
+        if spec.tune is not None:
+            trials = sum(len(p.tuning.split(" x ")[0].split(",")) for p in previews) * len(spec.tune.seeds)
+            tuning = f" after {trials} tuning runs"
+        _console().print(f"dry run: {len(previews)} configurations x {len(spec.seeds)} seeds{tuning}, {invalid} invalid; "
                          f"nothing was written ({study_dir})", highlight=False)
         return
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
@@ -365,11 +368,12 @@ def study_run(
 
 def _print_preview(name: str, previews) -> None:
     table = Table(title=f"study {name}: what each configuration trains", title_justify="left")
-    for column in ("configuration", "method", "plan", "seeds"):
+    tuned = any(p.tuning for p in previews)
+    for column in ("configuration", "method", "plan", "seeds", *(["tuning on validation"] if tuned else [])):
         table.add_column(column)
     for p in previews:
         what = p.what if p.valid else f"[red]invalid:[/] {p.what}"
-        table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)))
+        table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)), *([p.tuning] if tuned else []))
     _console().print(table)
 
 
@@ -414,7 +418,8 @@ def study_status(directory: Annotated[Path, typer.Argument(help="Study directory
         reason = degenerate_reason(row) if row["status"] == "done" else None
         degenerate += reason is not None
         note = f"[yellow]degenerate:[/] {reason}" if reason else (row["error"] or "")[:80]
-        table.add_row(row["id"], row["label"], str(row["seed"]), row["status"],
+        label = row["label"] + (f" [tuning, lr {row.get('axis.lr')}]" if row["phase"] == "tune" else "")
+        table.add_row(row["id"], label, str(row["seed"]), row["status"],
                       "-" if value is None else f"{value:.4f}", note)
     console = _console()
     console.print(table)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal, TypeVar
@@ -412,6 +413,34 @@ AXIS_PATHS = {
 }
 
 
+class TuneSpec(Spec):
+    """The learning rate chosen per configuration on the validation split, before its seed runs: every rate
+    of the grid trains with each tuning seed, and the rate with the best mean validation metric (accuracy for
+    classification, loss for instruction tuning) trains the study's seeds. The test split is never read."""
+
+    lr: list[float] | None = None
+    """Rates to try, e.g. [3.0e-4, 1.0e-3, 3.0e-3]."""
+    lr_factors: list[float] | None = None
+    """Or factors of each configuration's own train.lr, e.g. [0.3, 1, 3] (a range around each method's rate)."""
+    seeds: list[int] = Field(default_factory=lambda: [1000], min_length=1)
+    """Tuning seeds, kept apart from the study's seeds so that no tuning run is reused as a result."""
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> TuneSpec:
+        grid = self.lr if self.lr is not None else self.lr_factors
+        if (self.lr is None) == (self.lr_factors is None):
+            raise ValueError("give the rates as lr: [3.0e-4, 1.0e-3] or as lr_factors: [0.3, 1, 3], not both")
+        if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
+            raise ValueError(f"the grid needs positive finite values, got {grid}")
+        if len(set(grid)) != len(grid) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("the grid and the tuning seeds must not repeat")
+        return self
+
+    def rates(self, own: float) -> list[float]:
+        """The grid for a configuration whose train.lr is `own`."""
+        return sorted(self.lr) if self.lr is not None else sorted(own * f for f in self.lr_factors)
+
+
 class StudySpec(Spec):
     """A study: a base run config, axes whose values are combined, and seeds for each combination."""
 
@@ -427,6 +456,8 @@ class StudySpec(Spec):
     """Equivalence margin in the units of the quality metric (e.g. 0.01 accuracy, 0.02 loss): a difference
     from the baseline whose confidence interval lies within ±margin is a verdict of `equivalent`.
     Default: 0.01 for accuracy and macro-F1, 0.02 for loss, 2% of the baseline's mean otherwise."""
+    tune: TuneSpec | None = None
+    """Choose each configuration's learning rate on validation first (see TuneSpec)."""
 
     @field_validator("axes")
     @classmethod
@@ -452,3 +483,10 @@ class StudySpec(Spec):
         if len(set(value)) != len(value):
             raise ValueError(f"seeds repeat: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _tuning_owns_the_rate(self) -> StudySpec:
+        if self.tune is not None and self.tune.lr is not None and any(
+                AXIS_PATHS.get(axis, axis) == "train.lr" for axis in self.axes):
+            raise ValueError("tune.lr chooses the learning rate: remove the lr axis, or tune with lr_factors")
+        return self

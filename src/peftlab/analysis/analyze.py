@@ -25,6 +25,7 @@ from peftlab.analysis.stats import (
 from peftlab.errors import PeftlabError
 from peftlab.studies.results import primary_metric, run_rows
 from peftlab.studies.store import open_existing
+from peftlab.studies.tuning import RateChoice, rate_choices
 
 COSTS = {
     "trainable": "cost.trainable_params",
@@ -69,6 +70,7 @@ class Analysis:
     interval: str = "t"  # t | bootstrap: how the configurations' confidence intervals were computed
     margin: float = math.nan  # the equivalence margin of the verdicts, in metric units
     exclude_degenerate: bool = False  # degenerate runs left out of the statistics (else included and named)
+    tuning: dict[str, RateChoice] = field(default_factory=dict)  # label -> its learning-rate choice
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
 
@@ -107,7 +109,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     higher = not metric.endswith(LOWER_IS_BETTER)
     if cost not in COSTS:
         raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COSTS)}")
-    done = [r for r in rows if r["status"] == "done" and r.get(metric) is not None]
+    done = [r for r in rows if r["status"] == "done" and r["phase"] == "main" and r.get(metric) is not None]
     if not done:
         raise PeftlabError(f"{study_dir}: no finished run has {metric}; run the study first")
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -146,6 +148,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
                         configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
                         exclude_degenerate)
     analysis.recommendations = recommend(analysis)
+    analysis.tuning = rate_choices(store)
     analysis.limits = limits(analysis, rows)
     return analysis
 
@@ -240,8 +243,7 @@ def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
         f"Seeds per configuration: {', '.join(map(str, seeds))}; with few seeds confidence intervals are wide "
         "and small differences cannot be told apart.",
         f"Model(s): {', '.join(models)}; task(s): {', '.join(tasks)}. Findings may not transfer to other models or tasks.",
-        f"Quality is {metric_name(analysis.metric)} on the held-out test split; every configuration used its own "
-        "fixed hyper-parameters (no per-configuration tuning unless the study varied them).",
+        f"Quality is {metric_name(analysis.metric)} on the held-out test split; " + _tuning_limit(analysis),
     ]
     if analysis.interval == "bootstrap" and seeds[0] < BOOTSTRAP_MIN_SEEDS:
         out.append(f"Percentile-bootstrap intervals from {seeds[0]} seeds undercover (3 seeds: about 76% for a nominal "
@@ -255,6 +257,20 @@ def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
     if analysis.failed:
         out.append(f"{analysis.failed} run(s) failed and are left out (see `peftlab study status`).")
     return out
+
+
+def _tuning_limit(analysis: Analysis) -> str:
+    if not analysis.tuning:
+        return ("every configuration used its own fixed hyper-parameters (no per-configuration tuning unless the "
+                "study varied them), so a comparison also compares how well that learning rate suits each.")
+    edge = [c.label for c in analysis.tuning.values() if c.at_edge]
+    metric = metric_name(next(iter(analysis.tuning.values())).metric)
+    line = (f"each configuration's learning rate was chosen on the validation split ({metric}, with tuning seeds "
+            "apart from the seeds compared; see the learning rates).")
+    if edge:
+        line += (f" The choice lies at the edge of the grid for {', '.join(edge)}: a better rate may lie beyond it; "
+                 "widen the grid.")
+    return line
 
 
 def _degenerate_limits(analysis: Analysis) -> list[str]:

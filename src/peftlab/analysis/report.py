@@ -48,6 +48,42 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
     return rows
 
 
+def tuning_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
+    """(header, rows): per configuration, the mean validation metric at each rate of its grid, the chosen
+    rate marked with *, and a flag where the choice lies at the edge of the grid."""
+    if not analysis.tuning:
+        return [], []
+    width = max(len(c.scores) for c in analysis.tuning.values())
+    header = ["configuration", *(f"rate {i + 1}" for i in range(width)), "chosen"]
+    rows = []
+    for label, choice in sorted(analysis.tuning.items()):
+        cells = [f"{rate:g}: " + ("failed" if score is None else f"{score:.4f}") + (" *" if rate == choice.rate else "")
+                 for rate, score in choice.scores.items()]
+        chosen = "pending" if not choice.complete else ("none" if choice.rate is None else f"{choice.rate:g}")
+        rows.append([label, *cells, *[""] * (width - len(cells)), chosen + (" (edge of the grid)" if choice.at_edge else "")])
+    return header, rows
+
+
+def _tuning_markdown(analysis: Analysis) -> list[str]:
+    header, rows = tuning_table(analysis)
+    if not rows:
+        return []
+    metric = metric_name(next(iter(analysis.tuning.values())).metric)
+    lines = ["", "## Learning rates", "", f"Chosen per configuration by the mean {metric} of its tuning runs "
+             "(the test split is not read); * marks the choice.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _tuning_html(analysis: Analysis) -> str:
+    header, rows = tuning_table(analysis)
+    if not rows:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<h2>Learning rates</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def degenerate_lines(analysis: Analysis) -> list[str]:
     """One line per degenerate run, or one saying there is none."""
     lines = [f"{c.label}, seed {seed}: {reason}" for c in analysis.configurations
@@ -104,6 +140,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
              "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table]
     lines += ["", "Every metric of every configuration (n, mean, sd, 95% CI) is in `summary.csv`."]
+    lines += _tuning_markdown(analysis)
     lines += ["", "## Degenerate runs", ""] + [f"- {line}" for line in degenerate_lines(analysis)]
     lines += ["", "## Recommendations", ""] + [f"- {r}" for r in analysis.recommendations]
     lines += ["", "## Limits", ""] + [f"- {r}" for r in analysis.limits]
@@ -164,7 +201,7 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
 <style>{CSS}</style></head><body><h1>Study report: {html.escape(analysis.name)}</h1>
 <p>{html.escape(analysis.description)}</p><h2>Results</h2><p class="note">{_md_inline(_test_note(analysis))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
+{_tuning_html(analysis)}<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
 <h2>Recommendations</h2><ul>{items(analysis.recommendations)}</ul><h2>Limits</h2><ul>{items(analysis.limits)}</ul>
 <h2>Figures</h2>{figs}{CHECK}</body></html>"""
     write_atomic(out, page)

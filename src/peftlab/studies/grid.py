@@ -1,5 +1,9 @@
 """A study spec -> its runs: the product of the axes, times the seeds. A run's id is a hash of its
-resolved config, so equal configurations are one run however they were written."""
+resolved config, so equal configurations are one run however they were written.
+
+With a `tune:` block, each configuration first has tuning runs (phase `tune`: every rate of the grid x
+the tuning seeds); its seed runs (phase `main`) exist once a rate has been chosen for it from the tuning
+runs' validation metrics (`studies.tuning`), and train at that rate."""
 
 from __future__ import annotations
 
@@ -26,9 +30,10 @@ class PlannedRun:
     group: str  # the configuration without its seed: runs of one group differ only by seed
     label: str  # e.g. "placement=attention"
     seed: int
-    axes: dict[str, str]  # axis -> value name
+    axes: dict[str, str]  # axis -> value name (tuning runs add "lr")
     config: dict[str, Any]  # the resolved run config, or the raw one when it is invalid
     error: str | None = None  # why the config is invalid (the run is recorded as failed)
+    phase: str = "main"  # main: a result of the study; tune: a learning-rate trial on validation
 
 
 def _named_values(values: dict[str, Any] | list[Any]) -> list[tuple[str, Any]]:
@@ -45,27 +50,87 @@ def _axis_path(axis: str, value: Any) -> str:
     return AXIS_PATHS.get(axis, axis)
 
 
-def expand(spec: StudySpec) -> list[PlannedRun]:
+@dataclass(frozen=True)
+class Configuration:
+    label: str
+    axes: dict[str, str]
+    data: dict[str, Any]  # the base with this combination's axis values set (no seed)
+    error: str | None  # why setting the axes failed
+
+
+def configurations(spec: StudySpec) -> list[Configuration]:
+    """The product of the axes: one configuration per combination of axis values."""
     axes = [(axis, _named_values(values)) for axis, values in spec.axes.items()]
-    runs: dict[str, PlannedRun] = {}
+    out = []
     for combination in itertools.product(*(values for _, values in axes)):
         names = {axis: name for (axis, _), (name, _) in zip(axes, combination)}
         label = ", ".join(f"{axis}={name}" for axis, name in names.items()) or spec.name
-        source = f"{spec.name} [{label}]"
+        data, error = copy.deepcopy(spec.base), None
+        try:
+            for (axis, _), (_, value) in zip(axes, combination):
+                settings = value.items() if axis == "variant" else [(axis, value)]
+                for key, setting in settings:
+                    set_dotted(RunConfig, data, _axis_path(key, setting), copy.deepcopy(setting), _source(spec, label))
+        except PeftlabError as exc:
+            error = str(exc)
+        out.append(Configuration(label, names, data, error))
+    return out
+
+
+def _source(spec: StudySpec, label: str) -> str:
+    return f"{spec.name} [{label}]"
+
+
+def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: float | None = None,
+                phase: str = "main", error: str | None = None) -> PlannedRun:
+    """One run of `configuration` at `seed` (and learning rate `lr`), validated; invalid ones carry their error."""
+    source = _source(spec, configuration.label)
+    data = copy.deepcopy(configuration.data)
+    axes = dict(configuration.axes) if phase == "main" else {**configuration.axes, "lr": f"{lr:g}"}
+    error = error or configuration.error
+    config: dict[str, Any] = data
+    try:  # the seed is set even in an invalid config: each seed is its own (failed) run
+        set_dotted(RunConfig, data, "train.seed", seed, source)
+        if lr is not None:
+            set_dotted(RunConfig, data, "train.lr", lr, source)
+        if error is None:
+            config = validate(RunConfig, data, source).model_dump(mode="json", by_alias=True)
+    except PeftlabError as exc:
+        error = error or str(exc)
+    unseeded = copy.deepcopy(config)
+    if isinstance(unseeded.get("train"), dict):
+        unseeded["train"].pop("seed", None)
+    return PlannedRun(config_id(config), config_id(unseeded), configuration.label, seed, axes, config, error, phase)
+
+
+def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
+    """The rates `configuration` tries: the grid, or the factors times its own train.lr."""
+    if spec.tune.lr is not None or configuration.error:
+        return spec.tune.rates(0.0) if spec.tune.lr is not None else []
+    try:
+        own = validate(RunConfig, configuration.data, _source(spec, configuration.label)).train.lr
+    except PeftlabError:
+        return []  # the seed runs record the error
+    return spec.tune.rates(own)
+
+
+def expand(spec: StudySpec, chosen: dict[str, float | str] | None = None) -> list[PlannedRun]:
+    """Every run of the study known so far. With tuning, `chosen` maps a configuration's label to its chosen
+    rate (or to why none could be chosen); configurations not in it have only their tuning runs yet."""
+    runs: dict[str, PlannedRun] = {}
+    for configuration in configurations(spec):
+        lr, error = None, None
+        if spec.tune is not None:
+            for rate in tuning_rates(spec, configuration):
+                for seed in spec.tune.seeds:
+                    run = planned_run(spec, configuration, seed, rate, "tune")
+                    runs.setdefault(run.id, run)
+            if configuration.label not in (chosen or {}):
+                continue
+            lr = chosen[configuration.label]
+            if isinstance(lr, str):  # no rate could be chosen: the seed runs record why
+                lr, error = None, lr
         for seed in spec.seeds:
-            data = copy.deepcopy(spec.base)
-            try:
-                for (axis, _), (_, value) in zip(axes, combination):
-                    settings = value.items() if axis == "variant" else [(axis, value)]
-                    for key, setting in settings:
-                        set_dotted(RunConfig, data, _axis_path(key, setting), copy.deepcopy(setting), source)
-                set_dotted(RunConfig, data, "train.seed", seed, source)
-                config = validate(RunConfig, data, source).model_dump(mode="json", by_alias=True)
-                error = None
-            except PeftlabError as exc:
-                config, error = data, str(exc)
-            unseeded = copy.deepcopy(config)
-            unseeded.get("train", {}).pop("seed", None)
-            run = PlannedRun(config_id(config), config_id(unseeded), label, seed, names, config, error)
+            run = planned_run(spec, configuration, seed, lr, error=error)
             runs.setdefault(run.id, run)
     return list(runs.values())

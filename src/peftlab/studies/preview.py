@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from peftlab.config import RunConfig
+from peftlab.config import RunConfig, StudySpec
 from peftlab.errors import PeftlabError
-from peftlab.studies.grid import PlannedRun
+from peftlab.studies.grid import configurations, planned_run, tuning_rates
 
 
 @dataclass(frozen=True)
@@ -19,27 +19,28 @@ class ConfigurationPreview:
     what: str  # the resolved plan in one line, or why the configuration is invalid
     trainable: int | None  # adapter parameters (head excluded); None where only a run can tell
     valid: bool
+    tuning: str = ""  # the learning rates it tries on validation first, if the study tunes
 
 
-def preview(runs: list[PlannedRun]) -> list[ConfigurationPreview]:
-    """One line per configuration (runs that differ only by seed), in the study's order."""
-    groups: dict[str, list[PlannedRun]] = {}
-    for run in runs:
-        groups.setdefault(run.group, []).append(run)
+def preview(spec: StudySpec) -> list[ConfigurationPreview]:
+    """One line per configuration, in the study's order."""
     out = []
-    for members in groups.values():
-        first = members[0]
-        seeds = [r.seed for r in members]
-        if first.error:
-            out.append(ConfigurationPreview(first.label, seeds, "?", first.error, None, False))
+    for configuration in configurations(spec):
+        run = planned_run(spec, configuration, spec.seeds[0])
+        tuning = ""
+        if spec.tune is not None:
+            rates = ", ".join(f"{r:g}" for r in tuning_rates(spec, configuration))
+            tuning = f"lr {rates} x seeds {', '.join(map(str, spec.tune.seeds))}"
+        if run.error:
+            out.append(ConfigurationPreview(run.label, spec.seeds, "?", run.error, None, False, tuning))
             continue
-        config = RunConfig.model_validate(first.config)
+        config = RunConfig.model_validate(run.config)
         try:
             what, trainable = describe(config)
         except PeftlabError as exc:
-            out.append(ConfigurationPreview(first.label, seeds, config.method.name, str(exc), None, False))
+            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, str(exc), None, False, tuning))
             continue
-        out.append(ConfigurationPreview(first.label, seeds, config.method.name, what, trainable, True))
+        out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, what, trainable, True, tuning))
     return out
 
 

@@ -25,6 +25,7 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
         row: dict[str, Any] = {
             "id": r["id"], "group": r["grp"], "label": r["label"], "seed": r["seed"], "status": r["status"],
             "attempts": r["attempts"], "started": r["started"], "finished": r["finished"], "error": r["error"],
+            "phase": r["phase"],
         }
         _flatten("axis", json.loads(r["axes"]), row)
         result = json.loads(r["result"]) if r["result"] else {}
@@ -35,12 +36,12 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
     return rows
 
 
-def primary_metric(rows: list[dict[str, Any]]) -> tuple[str, bool]:
-    """(column, higher is better): test accuracy for classification, test loss for instruction tuning."""
+def primary_metric(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, bool]:
+    """(column, higher is better): accuracy for classification, loss for instruction tuning."""
     kinds = {r["kind"] for r in rows if r["kind"]}
     if kinds == {"classification"}:
-        return "metrics.test.accuracy", True
-    return "metrics.test.loss", False
+        return f"metrics.{split}.accuracy", True
+    return f"metrics.{split}.loss", False
 
 
 def export(store: Store, path: Path) -> Path:

@@ -30,6 +30,7 @@ from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.studies.grid import expand
 from peftlab.studies.store import Store
+from peftlab.studies.tuning import chosen_rates
 from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
 
 
@@ -54,7 +55,12 @@ def open_study(spec: StudySpec, study_dir: Path) -> tuple[Store, int]:
     (study_dir / "logs").mkdir(exist_ok=True)
     write_atomic(study_dir / "study.yaml", spec.to_yaml())
     store = Store(study_dir / "study.db")
-    return store, store.add(expand(spec))
+    return store, add_runs(spec, store)
+
+
+def add_runs(spec: StudySpec, store: Store) -> int:
+    """Add the runs known so far: with tuning, the seed runs of each configuration whose rate is chosen."""
+    return store.add(expand(spec, chosen_rates(store) if spec.tune else None))
 
 
 def recover(store: Store, study_dir: Path) -> int:
@@ -153,6 +159,8 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
               retry_failed: bool = False, threads: int | None = None, gpus: float = 0.0) -> Store:
     if jobs < 1:
         raise PeftlabError(f"--jobs must be >= 1, got {jobs}")
+    if executor not in ("local", "ray"):  # before anything is written
+        raise PeftlabError(f"--executor {executor!r}: valid executors are local and ray")
     study_dir.mkdir(parents=True, exist_ok=True)
     with study_lock(study_dir):
         store, added = open_study(spec, study_dir)
@@ -168,11 +176,13 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
                 now = store.counts()
                 progress.update(bar, advance=1, state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
 
-            if executor == "ray":
-                run_ray(store, study_dir, ids, threads, gpus, address, on_done)
-            elif executor == "local":
-                run_local(store, study_dir, ids, jobs, threads, on_done)
-            else:
-                raise PeftlabError(f"--executor {executor!r}: valid executors are local and ray")
+            while ids:  # tuning runs first; their results add the seed runs, which run in the next round
+                if executor == "ray":
+                    run_ray(store, study_dir, ids, threads, gpus, address, on_done)
+                else:
+                    run_local(store, study_dir, ids, jobs, threads, on_done)
+                add_runs(spec, store)
+                ids = store.to_run(retry_failed=False)
+                progress.update(bar, total=progress.tasks[bar].total + len(ids))
     return store
 

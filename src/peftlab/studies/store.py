@@ -32,7 +32,8 @@ CREATE TABLE IF NOT EXISTS runs (
     started REAL,
     finished REAL,
     result TEXT,
-    error TEXT
+    error TEXT,
+    phase TEXT NOT NULL DEFAULT 'main'
 )
 """
 
@@ -61,6 +62,9 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA busy_timeout=60000")
         self.db.execute(SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        if "phase" not in columns:  # a study created before tuning runs existed: all its runs are results
+            self.db.execute("ALTER TABLE runs ADD COLUMN phase TEXT NOT NULL DEFAULT 'main'")
 
     def close(self) -> None:
         self.db.close()
@@ -69,15 +73,15 @@ class Store:
         """Insert new runs (invalid configs go straight to failed); existing ids are kept as they are."""
         rows = [
             (r.id, r.group, r.label, r.seed, json.dumps(r.axes), json.dumps(r.config),
-             "failed" if r.error else "pending", time.time(), r.error)
+             "failed" if r.error else "pending", time.time(), r.error, r.phase)
             for r in runs
         ]
         before = self.count()
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.executemany(
-                "INSERT OR IGNORE INTO runs (id, grp, label, seed, axes, config, status, created, error) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO runs (id, grp, label, seed, axes, config, status, created, error, phase) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 rows,
             )
         return self.count() - before

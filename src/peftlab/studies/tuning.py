@@ -1,0 +1,76 @@
+"""The learning rate of each configuration, chosen on the validation split from its tuning runs.
+
+Every rate of the grid trains with each tuning seed; the rate with the best mean validation metric
+(accuracy for classification, loss for instruction tuning) is the configuration's rate for its seed runs.
+Only validation metrics are read: the test split, on which the study's verdicts rest, plays no part.
+A rate whose runs all failed is never chosen; a choice at either end of the grid is flagged, since a
+better rate may lie beyond it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+
+from peftlab.studies.results import primary_metric, run_rows
+from peftlab.studies.store import Store
+
+
+@dataclass(frozen=True)
+class RateChoice:
+    label: str  # the configuration
+    metric: str  # e.g. metrics.validation.accuracy
+    higher_is_better: bool
+    scores: dict[float, float | None]  # rate -> mean validation metric over the tuning seeds (None: all failed)
+    complete: bool  # every tuning run has finished (done or failed)
+
+    @property
+    def rate(self) -> float | None:
+        """The best rate (ties: the smaller one); None while tuning runs are pending or when every one failed."""
+        scored = [(rate, score) for rate, score in self.scores.items() if score is not None]
+        if not self.complete or not scored:
+            return None
+        sign = 1 if self.higher_is_better else -1
+        return min(scored, key=lambda item: (-sign * item[1], item[0]))[0]
+
+    @property
+    def at_edge(self) -> bool:
+        """The chosen rate is the smallest or the largest tried: the best may lie outside the grid."""
+        rate = self.rate
+        return rate is not None and len(self.scores) > 1 and rate in (min(self.scores), max(self.scores))
+
+
+def rate_choices(store: Store) -> dict[str, RateChoice]:
+    """Per configuration label, what its tuning runs show so far."""
+    rows = [r for r in run_rows(store) if r["phase"] == "tune"]
+    if not rows:
+        return {}
+    rates = {r["id"]: json.loads(r["config"]).get("train", {}).get("lr") for r in store.rows() if r["phase"] == "tune"}
+    metric, higher = primary_metric(rows, split="validation")
+    by_label: dict[str, list[dict]] = {}
+    for row in rows:
+        by_label.setdefault(row["label"], []).append(row)
+    choices = {}
+    for label, runs in by_label.items():
+        values: dict[float, list[float]] = {}
+        for run in runs:
+            values.setdefault(rates[run["id"]], [])
+            score = run.get(metric)
+            if run["status"] == "done" and isinstance(score, (int, float)) and math.isfinite(score):
+                values[rates[run["id"]]].append(score)
+        scores = {rate: (sum(v) / len(v) if v else None) for rate, v in sorted(values.items())}
+        complete = all(run["status"] in ("done", "failed") for run in runs)
+        choices[label] = RateChoice(label, metric, higher, scores, complete)
+    return choices
+
+
+def chosen_rates(store: Store) -> dict[str, float | str]:
+    """Label -> the chosen rate, or why none could be chosen, for configurations whose tuning is complete."""
+    out: dict[str, float | str] = {}
+    for label, choice in rate_choices(store).items():
+        if not choice.complete:
+            continue
+        out[label] = choice.rate if choice.rate is not None else (
+            f"tuning: every learning rate of the grid failed ({', '.join(f'{r:g}' for r in choice.scores)})")
+    return out
