@@ -273,3 +273,28 @@ def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, t
     assert code == 0
     markdown = (tmp_path / "s" / "report.md").read_text()
     assert "## Learning rates" in markdown and "| placement=all | 0.001: " in markdown
+
+
+def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maximum(data_file, tmp_path):
+    from peftlab.studies.runner import add_runs, open_study
+
+    spec = tiny_spec(data_file, axes={"placement": {"all": "all", "attention": "attention", "ffn": "ffn"}},
+                     seeds={"min": 2, "max": 4})
+    study_dir = tmp_path / "study"
+    store, added = open_study(spec, study_dir)
+    assert added == 6
+    accuracy = {"placement=all": lambda s: 0.80 + 0.01 * s,
+                "placement=attention": lambda s: 0.60 + 0.01 * s + 0.0005 * s * s,  # clearly worse
+                "placement=ffn": lambda s: 0.80 + 0.01 * s + 0.04 * (-1) ** s}  # undecided at every look
+    for _ in range(5):
+        for row in store.rows():
+            if row["status"] == "pending":
+                finish(store, row["id"], validation=0.0, test=accuracy[row["label"]](row["seed"]))
+        add_runs(spec, store, study_dir)
+    seeds = {}
+    for row in store.rows():
+        seeds.setdefault(row["label"], []).append(row["seed"])
+    assert sorted(seeds["placement=attention"]) == [0, 1]  # resolved (worse) at the first look
+    assert sorted(seeds["placement=ffn"]) == [0, 1, 2, 3]  # unresolved: seeds up to the maximum, no further
+    assert sorted(seeds["placement=all"]) == [0, 1, 2, 3]  # the baseline keeps every comparison paired
+    assert all(r["status"] == "done" for r in store.rows())

@@ -358,7 +358,10 @@ def study_run(
         if spec.tune is not None:
             trials = sum(len(p.tuning.split(" x ")[0].split(",")) for p in previews) * len(spec.tune.seeds)
             tuning = f" after {trials} tuning runs"
-        _console().print(f"dry run: {len(previews)} configurations x {len(spec.seeds)} seeds{tuning}, {invalid} invalid; "
+        seeds = f"{len(spec.seeds)} seeds"
+        if spec.until_resolved is not None:
+            seeds = f"{len(spec.seeds)} to {spec.until_resolved.max} seeds (more only where a comparison is unresolved)"
+        _console().print(f"dry run: {len(previews)} configurations x {seeds}{tuning}, {invalid} invalid; "
                          f"nothing was written ({study_dir})", highlight=False)
         return
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,

@@ -441,6 +441,16 @@ class TuneSpec(Spec):
         return sorted(self.lr) if self.lr is not None else sorted(own * f for f in self.lr_factors)
 
 
+class SeedRounds(Spec):
+    """Seeds until resolved: after the study's seeds, configurations whose comparison with the baseline is
+    still unresolved get `step` more seeds per round, up to `max` (see `studies.adaptive`)."""
+
+    max: int = Field(12, ge=2, le=1000)
+    """Seeds per configuration at most."""
+    step: int = Field(1, ge=1)
+    """Seeds added per round to each unresolved configuration."""
+
+
 class StudySpec(Spec):
     """A study: a base run config, axes whose values are combined, and seeds for each combination."""
 
@@ -458,6 +468,21 @@ class StudySpec(Spec):
     Default: 0.01 for accuracy and macro-F1, 0.02 for loss, 2% of the baseline's mean otherwise."""
     tune: TuneSpec | None = None
     """Choose each configuration's learning rate on validation first (see TuneSpec)."""
+    until_resolved: SeedRounds | None = None
+    """Add seeds where comparisons are unresolved; `seeds: {min: 3, max: 12}` is short for seeds [0, 1, 2]
+    with until_resolved {max: 12}."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_range(cls, value: Any) -> Any:
+        seeds = value.get("seeds") if isinstance(value, dict) else None
+        if not isinstance(seeds, dict):
+            return value
+        unknown = set(seeds) - {"min", "max", "step"}
+        if unknown or not isinstance(seeds.get("min"), int) or seeds["min"] < 2:
+            raise ValueError("seeds: a list of seeds, or {min: 3, max: 12, step: 1} with min >= 2")
+        rounds = {k: seeds[k] for k in ("max", "step") if k in seeds}
+        return {**value, "seeds": list(range(seeds["min"])), "until_resolved": rounds}
 
     @field_validator("axes")
     @classmethod
@@ -483,6 +508,15 @@ class StudySpec(Spec):
         if len(set(value)) != len(value):
             raise ValueError(f"seeds repeat: {value}")
         return value
+
+    @model_validator(mode="after")
+    def _rounds_above_the_first_seeds(self) -> StudySpec:
+        if self.until_resolved is not None and self.until_resolved.max <= len(self.seeds):
+            raise ValueError(f"until_resolved.max ({self.until_resolved.max}) must exceed the {len(self.seeds)} "
+                             "first seeds")
+        if self.until_resolved is not None and len(self.seeds) < 2:
+            raise ValueError("seeds until resolved start from at least 2 seeds (a paired test needs two)")
+        return self
 
     @model_validator(mode="after")
     def _tuning_owns_the_rate(self) -> StudySpec:

@@ -71,6 +71,8 @@ class Analysis:
     margin: float = math.nan  # the equivalence margin of the verdicts, in metric units
     exclude_degenerate: bool = False  # degenerate runs left out of the statistics (else included and named)
     tuning: dict[str, RateChoice] = field(default_factory=dict)  # label -> its learning-rate choice
+    alpha: float = ALPHA  # the level of the tests: alpha / planned looks in a study with seeds until resolved
+    looks: int = 1
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
 
@@ -138,19 +140,30 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     for c in others:
         c.comparison = compare(c.quality, chosen.quality, test)
     margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
+    looks = _looks(spec, study_dir)
     for c, p in zip(others, holm([c.comparison.p for c in others])):
         c.p_holm = p
-        c.verdict = verdict(c.comparison, p, margin, higher, ALPHA, family=len(others))
+        c.verdict = verdict(c.comparison, p, margin, higher, ALPHA / looks, family=len(others))
     front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
     for c, on in zip(configurations, front):
         c.on_front = on
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
                         configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
-                        exclude_degenerate)
+                        exclude_degenerate, alpha=ALPHA / looks, looks=looks)
     analysis.recommendations = recommend(analysis)
     analysis.tuning = rate_choices(store)
     analysis.limits = limits(analysis, rows)
     return analysis
+
+
+def _looks(spec: dict[str, Any], study_dir: Path) -> int:
+    """The planned looks of a study with seeds until resolved (1 otherwise); each is tested at alpha / looks."""
+    if not spec.get("until_resolved"):
+        return 1
+    from peftlab.config import StudySpec, validate
+    from peftlab.studies.adaptive import planned_looks
+
+    return planned_looks(validate(StudySpec, spec, str(study_dir / "study.yaml")))
 
 
 def default_margin(metric: str, baseline_mean: float) -> float:
@@ -176,7 +189,7 @@ def recommend(analysis: Analysis) -> list[str]:
     front = [c for c in analysis.configurations if c.on_front]
     steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
     corrected = holm([s.p for s in steps])
-    verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, ALPHA, len(steps))
+    verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, analysis.alpha, len(steps))
                 for s, p in zip(steps, corrected)]
     unit = COST_UNITS[analysis.cost]
     lines = []

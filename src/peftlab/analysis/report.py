@@ -115,10 +115,14 @@ def _test_note(analysis: Analysis) -> str:
 def _verdict_note(analysis: Analysis) -> str:
     verdicts = [c.verdict for c in analysis.configurations if c.verdict]
     resolved = sum(v.outcome != "unresolved" for v in verdicts)
-    return (f"Verdict: better / worse (Holm p < 0.05), equivalent (the 90% interval of the difference inside "
-            f"±{analysis.margin:g}, TOST), or unresolved, with the smallest difference these seeds detect at 80% "
-            f"power and α = 0.05 / {len(verdicts)}, and the seeds that would detect ±{analysis.margin:g}; "
-            f"{resolved} of {len(verdicts)} comparisons resolved.")
+    level = f"{analysis.alpha:.3g}"
+    looks = (f" Seeds until resolved: {analysis.looks} planned looks, each tested at α = 0.05 / {analysis.looks} = "
+             f"{level} (Bonferroni over the looks), so that adding seeds does not inflate false positives."
+             if analysis.looks > 1 else "")
+    return (f"Verdict: better / worse (Holm p < {level}), equivalent (the {100 * (1 - 2 * analysis.alpha):.4g}% "
+            f"interval of the difference inside ±{analysis.margin:g}, TOST), or unresolved, with the smallest "
+            f"difference these seeds detect at 80% power and α = {level} / {len(verdicts)}, and the seeds that "
+            f"would detect ±{analysis.margin:g}; {resolved} of {len(verdicts)} comparisons resolved.{looks}")
 
 
 COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",

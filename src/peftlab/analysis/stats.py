@@ -77,8 +77,9 @@ def compare(candidate: dict[int, float], baseline: dict[int, float], test: str =
             name = "wilcoxon"
         elif np.allclose(d, d[0], rtol=0, atol=1e-12):  # the t statistic is undefined
             p, name = (1.0, "paired t") if abs(d[0]) < 1e-12 else (math.nan, CONSTANT)
-        else:
-            p, name = float(stats.ttest_rel(a, b).pvalue), "paired t"
+        else:  # scipy's ttest_rel, computed directly (studies compare often: adaptive seeds, simulations)
+            t = diff.mean / (diff.std / math.sqrt(len(seeds)))
+            p, name = float(2 * stats.t.sf(abs(t), len(seeds) - 1)), "paired t"
         return Comparison(len(seeds), name, diff.mean, diff.low, diff.high, _relative(diff.mean, base_mean), p,
                           diff.std / math.sqrt(len(seeds)), len(seeds) - 1, diff.std)
     base_mean = float(np.mean(list(baseline.values())))
@@ -167,11 +168,14 @@ def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_
         detectable, needed, reason = math.nan, None, "the same difference on every seed"
     elif math.isnan(comparison.se):
         reason = "fewer than two seeds"
+    return Verdict(outcome(comparison, p_adjusted, margin, higher_is_better, alpha), margin, detectable, needed,
+                   strict, reason)
+
+
+def outcome(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, alpha: float) -> str:
+    """better / worse when the adjusted p-value is below alpha, equivalent when TOST at alpha holds,
+    else unresolved."""
     if not math.isnan(p_adjusted) and p_adjusted < alpha:
-        outcome = "better" if (comparison.difference > 0) == higher_is_better else "worse"
-    elif equivalent(comparison, margin, alpha):
-        outcome = "equivalent"
-    else:
-        outcome = "unresolved"
-    return Verdict(outcome, margin, detectable, needed, strict, reason)
+        return "better" if (comparison.difference > 0) == higher_is_better else "worse"
+    return "equivalent" if equivalent(comparison, margin, alpha) else "unresolved"
 

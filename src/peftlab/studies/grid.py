@@ -114,9 +114,11 @@ def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
     return spec.tune.rates(own)
 
 
-def expand(spec: StudySpec, chosen: dict[str, float | str] | None = None) -> list[PlannedRun]:
+def expand(spec: StudySpec, chosen: dict[str, float | str] | None = None,
+           counts: dict[str, int] | None = None) -> list[PlannedRun]:
     """Every run of the study known so far. With tuning, `chosen` maps a configuration's label to its chosen
-    rate (or to why none could be chosen); configurations not in it have only their tuning runs yet."""
+    rate (or to why none could be chosen); configurations not in it have only their tuning runs yet. With
+    seeds until resolved, `counts` maps a label to the seeds it has reached (`studies.adaptive`)."""
     runs: dict[str, PlannedRun] = {}
     for configuration in configurations(spec):
         lr, error = None, None
@@ -130,7 +132,13 @@ def expand(spec: StudySpec, chosen: dict[str, float | str] | None = None) -> lis
             lr = chosen[configuration.label]
             if isinstance(lr, str):  # no rate could be chosen: the seed runs record why
                 lr, error = None, lr
-        for seed in spec.seeds:
+        for seed in seeds_of(spec, (counts or {}).get(configuration.label, len(spec.seeds))):
             run = planned_run(spec, configuration, seed, lr, error=error)
             runs.setdefault(run.id, run)
     return list(runs.values())
+
+
+def seeds_of(spec: StudySpec, n: int) -> list[int]:
+    """The first `n` seeds of a configuration: the spec's, then max + 1, max + 2, ... (seeds until resolved)."""
+    extra = max(spec.seeds) + 1
+    return [*spec.seeds, *range(extra, extra + max(0, n - len(spec.seeds)))]

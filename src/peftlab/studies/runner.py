@@ -30,6 +30,7 @@ from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.studies.grid import expand
 from peftlab.studies.store import Store
+from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.tuning import chosen_rates
 from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
 
@@ -55,12 +56,14 @@ def open_study(spec: StudySpec, study_dir: Path) -> tuple[Store, int]:
     (study_dir / "logs").mkdir(exist_ok=True)
     write_atomic(study_dir / "study.yaml", spec.to_yaml())
     store = Store(study_dir / "study.db")
-    return store, add_runs(spec, store)
+    return store, add_runs(spec, store, study_dir)
 
 
-def add_runs(spec: StudySpec, store: Store) -> int:
-    """Add the runs known so far: with tuning, the seed runs of each configuration whose rate is chosen."""
-    return store.add(expand(spec, chosen_rates(store) if spec.tune else None))
+def add_runs(spec: StudySpec, store: Store, study_dir: Path | None = None) -> int:
+    """Add the runs known so far: with tuning, the seed runs of each configuration whose rate is chosen;
+    with seeds until resolved, the next round of seeds where a comparison is still unresolved."""
+    counts = seed_counts(spec, store, study_dir) if study_dir is not None else None
+    return store.add(expand(spec, chosen_rates(store) if spec.tune else None, counts))
 
 
 def recover(store: Store, study_dir: Path) -> int:
@@ -176,12 +179,14 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
                 now = store.counts()
                 progress.update(bar, advance=1, state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
 
-            while ids:  # tuning runs first; their results add the seed runs, which run in the next round
+            # rounds: tuning runs, then the seed runs at the chosen rates, then (seeds until resolved) more
+            # seeds where a comparison is unresolved, until none is or every one has reached the maximum
+            while ids:
                 if executor == "ray":
                     run_ray(store, study_dir, ids, threads, gpus, address, on_done)
                 else:
                     run_local(store, study_dir, ids, jobs, threads, on_done)
-                add_runs(spec, store)
+                add_runs(spec, store, study_dir)
                 ids = store.to_run(retry_failed=False)
                 progress.update(bar, total=progress.tasks[bar].total + len(ids))
     return store

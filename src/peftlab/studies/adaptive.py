@@ -1,0 +1,80 @@
+"""Seeds until resolved: after the first seeds, add seeds in rounds, only to configurations whose comparison
+with the baseline is still unresolved, up to a maximum.
+
+Testing after every round and stopping at the first significant result inflates false positives (at
+alpha 0.05: 0.14 with 5 looks, 0.19 with 10; Armitage, McPherson and Rowe 1969). peftlab fixes the looks in
+advance (the first seeds, then every `step` more up to `max`) and tests each look at alpha / looks
+(Bonferroni over the planned looks, Holm across the comparisons within a look). The union bound keeps the
+family-wise error at or below alpha whenever the study stops; `tests/test_adaptive.py` checks it by
+simulating thousands of studies with no true difference. Equivalence (TOST) uses the same level.
+"""
+
+from __future__ import annotations
+
+import math
+from peftlab.analysis.stats import compare, holm, outcome
+from pathlib import Path
+
+from peftlab.config import StudySpec
+from peftlab.errors import PeftlabError
+from peftlab.studies.store import Store
+
+
+def planned_looks(spec: StudySpec) -> int:
+    """Looks of an adaptive study: the first seeds, then one per round of `step` more, up to `max`."""
+    if spec.until_resolved is None:
+        return 1
+    more = max(0, spec.until_resolved.max - len(spec.seeds))
+    return 1 + math.ceil(more / spec.until_resolved.step)
+
+
+def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: dict[str, str], spec: StudySpec,
+                have: dict[str, int] | None = None) -> dict[str, int]:
+    """Label -> the seeds it should have after this look (`verdicts`: each comparison's outcome at this
+    look, from `outcomes`; `have`: the seeds each already has, failed ones included, default the finished
+    ones). A configuration whose comparison is unresolved and below the maximum gets `step` more; the
+    baseline gets as many as the most-seeded configuration, so every comparison stays paired."""
+    rounds = spec.until_resolved
+    counts = {label: len(values) for label, values in quality.items()}
+    counts.update({label: n for label, n in (have or {}).items() if label in counts})
+    for label, verdict in verdicts.items():
+        if verdict == "unresolved" and counts[label] < rounds.max:
+            counts[label] = min(rounds.max, counts[label] + rounds.step)
+    counts[baseline] = max(counts.values())
+    return counts
+
+
+def look_alpha(spec: StudySpec, alpha: float = 0.05) -> float:
+    """The level of each look: alpha split evenly over the planned looks."""
+    return alpha / planned_looks(spec)
+
+
+def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float, higher_is_better: bool,
+             alpha: float) -> dict[str, str]:
+    """Label -> better | worse | equivalent | unresolved against the baseline at this look."""
+    others = [label for label in quality if label != baseline]
+    comparisons = [compare(quality[label], quality[baseline]) for label in others]
+    adjusted = holm([c.p for c in comparisons])
+    return {label: outcome(c, p, margin, higher_is_better, alpha) for label, c, p in zip(others, comparisons, adjusted)}
+
+
+def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int] | None:
+    """Label -> the seeds each configuration should have, decided from its finished seed runs at this look;
+    None when there is nothing to decide (not an adaptive study, or seed runs still to finish)."""
+    from peftlab.analysis.analyze import analyze
+
+    rows = [r for r in store.rows() if r["phase"] == "main"]
+    if spec.until_resolved is None or not rows or any(r["status"] in ("pending", "running") for r in rows):
+        return None
+    try:
+        analysis = analyze(study_dir)
+    except PeftlabError:  # no finished seed run yet
+        return None
+    have: dict[str, int] = {}
+    for row in rows:
+        have[row["label"]] = have.get(row["label"], 0) + 1
+    quality = {c.label: c.quality for c in analysis.configurations}
+    baseline = analysis.baseline.label
+    verdicts = outcomes(quality, baseline, analysis.margin, analysis.higher_is_better, analysis.alpha)
+    return next_counts(quality, baseline, verdicts, spec, have)
+
