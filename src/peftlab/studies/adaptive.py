@@ -12,9 +12,9 @@ simulating thousands of studies with no true difference. Equivalence (TOST) uses
 from __future__ import annotations
 
 import math
-from peftlab.analysis.stats import compare, holm, outcome
 from pathlib import Path
 
+from peftlab.analysis.stats import compare, holm, outcome
 from peftlab.config import StudySpec
 from peftlab.errors import PeftlabError
 from peftlab.studies.store import Store

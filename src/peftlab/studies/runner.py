@@ -28,9 +28,9 @@ from rich.progress import (
 from peftlab.config import StudySpec
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
+from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
 from peftlab.studies.store import Store
-from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.tuning import chosen_rates
 from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
 
