@@ -82,7 +82,7 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
     """(rank shape, placement, method) of the study's best configuration within the budget when it trains a
     ranked method; and lines saying what the study showed."""
     from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
-    from peftlab.analysis.stats import CONSTANT, compare, holm
+    from peftlab.analysis.stats import CONSTANT, compare, holm, verdict
     from peftlab.methods.registry import METHODS
 
     analysis = analyze(study)
@@ -106,14 +106,20 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
     if rivals:
         tests = [compare(best.quality, c.quality, analysis.test) for c in rivals]
         corrected = holm([t.p for t in tests])
-        beaten = [c.label for c, p in zip(rivals, corrected) if p < 0.05]
-        tied = [f"{c.label} ({t.difference:+.4f}, Holm p={p:.3f})" for c, t, p in zip(rivals, tests, corrected) if p >= 0.05]
+        verdicts = [verdict(t, p, analysis.margin, analysis.higher_is_better, analysis.alpha, len(rivals))
+                    for t, p in zip(tests, corrected)]
+        beaten = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "better"]
+        same = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "equivalent"]
+        tied = [f"{c.label} ({t.difference:+.4f}, Holm p={p:.3f})" for c, t, p, v in zip(rivals, tests, corrected, verdicts)
+                if v.outcome == "unresolved" and t.test != CONSTANT]
         fixed = [f"{c.label} ({t.difference:+.4f})" for c, t in zip(rivals, tests) if t.test == CONSTANT]
         line += f"; significantly better than {', '.join(beaten)}" if beaten else ""
-        line += f"; not significantly different from {', '.join(tied)}" if tied else ""
+        line += f"; equivalent within ±{analysis.margin:g} to {', '.join(same)}" if same else ""
+        line += f"; unresolved against {', '.join(tied)}" if tied else ""
         line += f"; the same difference on every seed, so untested, from {', '.join(fixed)}" if fixed else ""
-        if tied:
-            line += ". These seeds cannot separate them: the proposal follows the best mean, and the others are as defensible"
+        if tied or same:
+            line += (". The proposal follows the best mean; the configurations it is equivalent to, or that these "
+                     "seeds cannot separate from it, are as defensible")
     lines.append(line + "." + degenerate_caution(best))
     method = best.config.get("method", {})
     method_name = method.get("name", "lora") if isinstance(method, dict) else method
