@@ -232,7 +232,7 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
         finish(store, row["id"], validation=0.9 if low else 0.7, test=0.6 if low else 0.95)
     assert chosen_rates(store) == {"placement=all": 1e-3, "placement=attention": 1e-3}
     choice = rate_choices(store)["placement=all"]
-    assert choice.scores == {1e-3: 0.9, 1e-2: 0.7} and choice.at_edge
+    assert choice.scores == {1e-3: 0.9, 1e-2: 0.7} and choice.at_edge and not choice.undecided
     assert add_runs(spec, store) == 4  # the seed runs, at the chosen rate
     main = [r for r in store.rows() if r["phase"] == "main"]
     assert {json.loads(r["config"])["train"]["lr"] for r in main} == {1e-3}
@@ -243,6 +243,17 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     analysis = analyze(tmp_path / "study")
     assert all(c.summary.n == 2 for c in analysis.configurations)  # tuning runs are not results
     assert any("chosen on the validation split" in line and "edge of the grid" in line for line in analysis.limits)
+
+
+def test_a_tie_over_the_whole_grid_is_named_not_taken_for_a_choice(data_file, tmp_path):
+    from peftlab.studies.runner import open_study
+    from peftlab.studies.tuning import rate_choices
+
+    store, _ = open_study(tuned_spec(data_file), tmp_path / "study")
+    for row in store.rows():  # every rate collapsed to the majority class
+        finish(store, row["id"], validation=0.62, test=0.62)
+    choice = rate_choices(store)["placement=all"]
+    assert choice.undecided and choice.rate == 1e-3
 
 
 def test_a_configuration_whose_every_rate_failed_records_why(data_file, tmp_path):

@@ -283,6 +283,10 @@ def _tuning_limit(analysis: Analysis) -> str:
     if edge:
         line += (f" The choice lies at the edge of the grid for {', '.join(edge)}: a better rate may lie beyond it; "
                  "widen the grid.")
+    flat = [c.label for c in analysis.tuning.values() if c.undecided]
+    if flat:
+        line += (f" Every rate scored the same for {', '.join(flat)} (often: every one collapsed), so its rate is "
+                 "the tie-break (the smallest), not a choice.")
     return line
 
 

@@ -60,7 +60,8 @@ def tuning_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
         cells = [f"{rate:g}: " + ("failed" if score is None else f"{score:.4f}") + (" *" if rate == choice.rate else "")
                  for rate, score in choice.scores.items()]
         chosen = "pending" if not choice.complete else ("none" if choice.rate is None else f"{choice.rate:g}")
-        rows.append([label, *cells, *[""] * (width - len(cells)), chosen + (" (edge of the grid)" if choice.at_edge else "")])
+        flag = " (every rate scored the same)" if choice.undecided else (" (edge of the grid)" if choice.at_edge else "")
+        rows.append([label, *cells, *[""] * (width - len(cells)), chosen + flag])
     return header, rows
 
 

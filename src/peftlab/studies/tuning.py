@@ -35,6 +35,13 @@ class RateChoice:
         return min(scored, key=lambda item: (-sign * item[1], item[0]))[0]
 
     @property
+    def undecided(self) -> bool:
+        """Every rate scored the same (typically every one collapsed to the majority class): the choice is
+        the tie-break, not evidence."""
+        scored = [score for score in self.scores.values() if score is not None]
+        return self.complete and len(scored) > 1 and max(scored) - min(scored) < 1e-12
+
+    @property
     def at_edge(self) -> bool:
         """The chosen rate is the smallest or the largest tried: the best may lie outside the grid."""
         rate = self.rate
