@@ -226,6 +226,7 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     rows = store.rows()
     assert added == 4 and {r["phase"] for r in rows} == {"tune"}  # 2 configurations x 2 rates x 1 tuning seed
     assert {json.loads(r["config"])["train"]["seed"] for r in rows} == {7}
+    assert all(not json.loads(r["config"])["train"]["evaluate_test"] for r in rows)  # the test split is not read
     assert chosen_rates(store) == {}  # nothing finished: no seed run yet
     for row in rows:  # validation prefers 1e-3, test would prefer 1e-2
         low = json.loads(row["config"])["train"]["lr"] == 1e-3
@@ -236,6 +237,7 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     assert add_runs(spec, store) == 4  # the seed runs, at the chosen rate
     main = [r for r in store.rows() if r["phase"] == "main"]
     assert {json.loads(r["config"])["train"]["lr"] for r in main} == {1e-3}
+    assert all(json.loads(r["config"])["train"]["evaluate_test"] for r in main)
     assert sorted(r["seed"] for r in main) == [0, 0, 1, 1]
     assert add_runs(spec, store) == 0  # resumable: the same choice, the same runs
     for row in main:
@@ -280,6 +282,8 @@ def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, t
     rows = run_rows(store)
     assert store.counts() == {"done": 6}
     assert sorted(r["phase"] for r in rows) == ["main", "main", "tune", "tune", "tune", "tune"]
+    assert all((r.get("metrics.test.accuracy") is None) == (r["phase"] == "tune") for r in rows)
+    assert all(r.get("metrics.validation.accuracy") is not None for r in rows)
     code, out, _ = cli("report", tmp_path / "s")
     assert code == 0
     markdown = (tmp_path / "s" / "report.md").read_text()

@@ -368,6 +368,9 @@ class TrainSpec(Spec):
     compilation up front (~45 s for MiniLM on 2 CPU cores); pays off on long runs and GPUs."""
     latency_batches: int = Field(5, ge=0)
     """Batches timed for inference latency, merged and unmerged (0: skip)."""
+    evaluate_test: bool = True
+    """Evaluate on the test split at the end. A study's tuning runs turn it off: they are judged on the
+    validation split alone, so the test split plays no part in choosing the learning rate."""
 
 
 class RunConfig(Spec):

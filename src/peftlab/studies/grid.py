@@ -93,6 +93,9 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
         set_dotted(RunConfig, data, "train.seed", seed, source)
         if lr is not None:
             set_dotted(RunConfig, data, "train.lr", lr, source)
+        if phase == "tune":  # judged on validation alone: no test evaluation, no latency timing
+            set_dotted(RunConfig, data, "train.evaluate_test", False, source)
+            set_dotted(RunConfig, data, "train.latency_batches", 0, source)
         if error is None:
             config = validate(RunConfig, data, source).model_dump(mode="json", by_alias=True)
     except PeftlabError as exc:

@@ -128,7 +128,7 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
                               collate_fn=partial(collate_indexed, examples=data.train, pad_id=pad_id))
 
     eval_batches = {"validation": _eval_batches(data.validation, spec.eval_batch_size, pad_id),
-                    "test": _eval_batches(data.test, spec.eval_batch_size, pad_id)}
+                    "test": _eval_batches(data.test, spec.eval_batch_size, pad_id) if spec.evaluate_test else []}
     timed = latency_sample(data.test or data.validation, spec.latency_batches, spec.eval_batch_size, pad_id)
 
     n_labels = len(data.labels)
