@@ -270,8 +270,8 @@ def _field_class(owner: type[BaseModel] | None, name: str, value: dict[str, Any]
     info = _field_info(owner, name)
     if info is None:
         return None
-    annotation = info.annotation
-    members = [annotation] if isinstance(annotation, type) else [a for a in getattr(annotation, "__args__", ())]
+    annotation = info.annotation  # a spec class, or a union of them (with None)
+    members = [annotation] if isinstance(annotation, type) else list(getattr(annotation, "__args__", ()))
     members = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
     if info.discriminator:
         tag = value.get(info.discriminator)
