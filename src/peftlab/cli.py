@@ -351,13 +351,12 @@ def study_run(
 
     spec, study_dir = _study_spec(source, directory)
     previews = preview(spec)
-    _print_preview(spec.name, previews)
+    _print_preview(spec, previews)
     if dry_run:
         invalid = sum(not p.valid for p in previews)
         tuning = ""
         if spec.tune is not None:
-            trials = sum(len(p.tuning.split(" x ")[0].split(",")) for p in previews) * len(spec.tune.seeds)
-            tuning = f" after {trials} tuning runs"
+            tuning = f" after {sum(len(p.rates) for p in previews) * len(spec.tune.seeds)} tuning runs"
         seeds = f"{len(spec.seeds)} seeds"
         if spec.until_resolved is not None:
             seeds = f"{len(spec.seeds)} to {spec.until_resolved.max} seeds (more only where a comparison is unresolved)"
@@ -369,14 +368,15 @@ def study_run(
     _print_summary(store.counts(), study_dir)
 
 
-def _print_preview(name: str, previews) -> None:
-    table = Table(title=f"study {name}: what each configuration trains", title_justify="left")
-    tuned = any(p.tuning for p in previews)
+def _print_preview(spec, previews) -> None:
+    table = Table(title=f"study {spec.name}: what each configuration trains", title_justify="left")
+    tuned = spec.tune is not None
     for column in ("configuration", "method", "plan", "seeds", *(["tuning on validation"] if tuned else [])):
         table.add_column(column)
     for p in previews:
         what = p.what if p.valid else f"[red]invalid:[/] {p.what}"
-        table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)), *([p.tuning] if tuned else []))
+        tuning = [f"lr {', '.join(f'{r:g}' for r in p.rates)} x seeds {', '.join(map(str, spec.tune.seeds))}"] if tuned else []
+        table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)), *tuning)
     _console().print(table)
 
 

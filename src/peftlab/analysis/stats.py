@@ -161,13 +161,14 @@ def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_
     alpha; otherwise unresolved. The detectable difference and the seeds needed are computed at alpha / family
     (Bonferroni), so that a difference of that size would survive Holm's correction over the family."""
     strict = alpha / max(family, 1)
-    detectable = detectable_difference(comparison.se, comparison.df, strict)
-    needed = seeds_needed(comparison.sd, margin, strict)
-    reason = ""
+    detectable, needed, reason = math.nan, None, ""
     if comparison.test == CONSTANT:  # sd 0: no power calculation means anything
-        detectable, needed, reason = math.nan, None, "the same difference on every seed"
+        reason = "the same difference on every seed"
     elif math.isnan(comparison.se):
         reason = "fewer than two seeds"
+    else:
+        detectable = detectable_difference(comparison.se, comparison.df, strict)
+        needed = seeds_needed(comparison.sd, margin, strict)
     return Verdict(outcome(comparison, p_adjusted, margin, higher_is_better, alpha), margin, detectable, needed,
                    strict, reason)
 

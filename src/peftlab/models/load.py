@@ -107,15 +107,14 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     return config
 
 
-def set_dropout(config: PretrainedConfig, p: float) -> list[str]:
+def set_dropout(config: PretrainedConfig, p: float) -> None:
     """Every dropout probability of `config` (hidden, attention, embedding, classifier; `*dropout*` and
-    `*pdrop` fields) set to `p`; returns the fields it set."""
+    `*pdrop` fields) set to `p`."""
     names = [name for name, value in config.to_dict().items()
              if ("dropout" in name or name.endswith("pdrop"))
              and (isinstance(value, (int, float)) and not isinstance(value, bool) or name == "classifier_dropout")]
     for name in names:
         setattr(config, name, p)
-    return names
 
 
 MINILM_VOCAB = 30522  # the bundled tokenizer's vocabulary

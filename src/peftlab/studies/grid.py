@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -108,8 +109,10 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
 
 def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
     """The rates `configuration` tries: the grid, or the factors times its own train.lr."""
-    if spec.tune.lr is not None or configuration.error:
-        return spec.tune.rates(0.0) if spec.tune.lr is not None else []
+    if spec.tune.lr is not None:
+        return spec.tune.rates(own=math.nan)  # the same grid for every configuration
+    if configuration.error:
+        return []
     try:
         own = validate(RunConfig, configuration.data, _source(spec, configuration.label)).train.lr
     except PeftlabError:

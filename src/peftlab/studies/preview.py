@@ -4,7 +4,7 @@ trainable parameters of its plan (on the meta device, no weights loaded). `study
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from peftlab.config import RunConfig, StudySpec
 from peftlab.errors import PeftlabError
@@ -19,7 +19,7 @@ class ConfigurationPreview:
     what: str  # the resolved plan in one line, or why the configuration is invalid
     trainable: int | None  # adapter parameters (head excluded); None where only a run can tell
     valid: bool
-    tuning: str = ""  # the learning rates it tries on validation first, if the study tunes
+    rates: list[float] = field(default_factory=list)  # the learning rates it tries on validation first, if tuned
 
 
 def preview(spec: StudySpec) -> list[ConfigurationPreview]:
@@ -27,30 +27,26 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
     out = []
     for configuration in configurations(spec):
         run = planned_run(spec, configuration, spec.seeds[0])
-        tuning = ""
-        if spec.tune is not None:
-            rates = ", ".join(f"{r:g}" for r in tuning_rates(spec, configuration))
-            tuning = f"lr {rates} x seeds {', '.join(map(str, spec.tune.seeds))}"
+        rates = tuning_rates(spec, configuration) if spec.tune is not None else []
         if run.error:
-            out.append(ConfigurationPreview(run.label, spec.seeds, "?", run.error, None, False, tuning))
+            out.append(ConfigurationPreview(run.label, spec.seeds, "?", run.error, None, False, rates))
             continue
         config = RunConfig.model_validate(run.config)
         try:
             what, trainable = describe(config)
         except PeftlabError as exc:
-            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, str(exc), None, False, tuning))
+            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, str(exc), None, False, rates))
             continue
-        out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, what, trainable, True, tuning))
+        out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, what, trainable, True, rates))
     return out
 
 
 def describe(config: RunConfig) -> tuple[str, int | None]:
     """(one line, trainable adapter parameters) for `config`'s plan and method."""
+    from peftlab.api import make_plan
+    from peftlab.config import PlanConfig
     from peftlab.methods.budget import match_budget, method_params
     from peftlab.methods.registry import METHODS
-    from peftlab.models.load import build_skeleton, count_params
-    from peftlab.models.sites import resolve_sites
-    from peftlab.plans.plan import build_plan
 
     model = config.model
     allocation = config.plan.allocation
@@ -65,8 +61,7 @@ def describe(config: RunConfig) -> tuple[str, int | None]:
     trainable = method_params(sized, model)
     if METHODS[config.method.name].size_parameter != "rank":
         return f"{config.method.name}{chosen}: {trainable:,} trainable", trainable
-    skeleton = build_skeleton(model)
-    plan = build_plan(resolve_sites(skeleton, model.role_map), count_params(skeleton), sized.plan, model.name)
+    plan = make_plan(PlanConfig(model=model, plan=sized.plan))
     return f"{summarize_plan(plan)}{chosen}; {trainable:,} trainable", trainable
 
 
