@@ -3,8 +3,9 @@
 A simulator is fitted to a finished study (each configuration's mean and the sd of its per-seed
 differences from the baseline); each replay draws 12 seeds for every configuration from it, then
 - the fixed grid judges every comparison on all 12 seeds (Holm at 0.05, TOST within the margin);
-- the adaptive procedure (`studies.adaptive`: 3 seeds, then one more per round where a comparison is
-  unresolved, each look at 0.05 / looks) judges on the prefix of those seeds it asked for.
+- the adaptive procedure (`studies.adaptive`: 3 seeds, then `step` more per round where a comparison is
+  unresolved, judged by sequential p-values over the planned looks) judges on the prefix of those seeds it
+  asked for.
 It prints how often the two reach the same verdict per comparison, and the share of the grid's runs the
 adaptive procedure trained. No training happens here: replays take seconds.
 
@@ -21,8 +22,9 @@ import numpy as np
 from common import append_result
 
 from peftlab.analysis.analyze import analyze
+from peftlab.analysis.sequential import Design
 from peftlab.config import StudySpec, validate
-from peftlab.studies.adaptive import look_alpha, next_counts, outcomes
+from peftlab.studies.adaptive import design, next_counts, outcomes
 
 
 def fitted(study: Path) -> tuple[dict[str, float], dict[str, float], str, float, bool]:
@@ -43,12 +45,12 @@ def replay(rng, means, spreads, baseline, margin, higher, rounds: StudySpec) -> 
     seed_effect = rng.normal(0, spreads[baseline], most)
     draws = {label: {s: means[label] + seed_effect[s] + (0.0 if label == baseline else rng.normal(0, spreads[label]))
                      for s in range(most)} for label in means}
-    fixed = outcomes(draws, baseline, margin, higher, 0.05)
+    fixed = outcomes(draws, baseline, margin, higher, Design((most,)))
     counts = {label: len(rounds.seeds) for label in means}
-    alpha = look_alpha(rounds)
+    looks = design(rounds)
     while True:
         seen = {label: {s: draws[label][s] for s in range(counts[label])} for label in means}
-        adaptive = outcomes(seen, baseline, margin, higher, alpha)
+        adaptive = outcomes(seen, baseline, margin, higher, looks)
         following = next_counts(seen, baseline, adaptive, rounds)
         if following == counts:
             break

@@ -11,6 +11,7 @@ from typing import Any
 
 from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.analysis.pareto import pareto_front
+from peftlab.analysis.sequential import FIXED, Design
 from peftlab.analysis.stats import (
     BOOTSTRAP_MIN_SEEDS,
     CONSTANT,
@@ -34,7 +35,6 @@ COSTS = {
     "size": "cost.adapter_bytes",
 }
 LOWER_IS_BETTER = ("loss", "perplexity")
-ALPHA = 0.05
 DEFAULT_MARGINS = {"accuracy": 0.01, "macro_f1": 0.01, "loss": 0.02}  # metric units
 RELATIVE_MARGIN = 0.02  # of the baseline's mean, for other metrics (perplexity)
 
@@ -51,7 +51,7 @@ class Configuration:
     every_metric: dict[str, Summary] = field(default_factory=dict)  # every numeric metrics.* and cost.* column
     on_front: bool = False
     comparison: Comparison | None = None
-    p_holm: float = math.nan
+    p_holm: float = math.nan  # the sequential p-value (the plain one with one look), Holm-corrected
     verdict: Verdict | None = None
     degenerate: dict[int, str] = field(default_factory=dict)  # seed -> why that run is degenerate
 
@@ -71,8 +71,7 @@ class Analysis:
     margin: float = math.nan  # the equivalence margin of the verdicts, in metric units
     exclude_degenerate: bool = False  # degenerate runs left out of the statistics (else included and named)
     tuning: dict[str, RateChoice] = field(default_factory=dict)  # label -> its learning-rate choice
-    alpha: float = ALPHA  # the level of the tests: alpha / planned looks in a study with seeds until resolved
-    looks: int = 1
+    design: Design = FIXED  # the looks and level of the tests (several looks: seeds until resolved)
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
 
@@ -140,30 +139,30 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     for c in others:
         c.comparison = compare(c.quality, chosen.quality, test)
     margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
-    looks = _looks(spec, study_dir)
-    for c, p in zip(others, holm([c.comparison.p for c in others])):
+    design = _design(spec, study_dir)
+    for c, p in zip(others, holm([design.p(c.comparison.p) for c in others])):
         c.p_holm = p
-        c.verdict = verdict(c.comparison, p, margin, higher, ALPHA / looks, family=len(others))
+        c.verdict = verdict(c.comparison, p, margin, higher, len(others), design)
     front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
     for c, on in zip(configurations, front):
         c.on_front = on
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
                         configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
-                        exclude_degenerate, alpha=ALPHA / looks, looks=looks)
+                        exclude_degenerate, design=design)
     analysis.recommendations = recommend(analysis)
     analysis.tuning = rate_choices(store)
     analysis.limits = limits(analysis, rows)
     return analysis
 
 
-def _looks(spec: dict[str, Any], study_dir: Path) -> int:
-    """The planned looks of a study with seeds until resolved (1 otherwise); each is tested at alpha / looks."""
+def _design(spec: dict[str, Any], study_dir: Path) -> Design:
+    """The planned looks of a study with seeds until resolved; a fixed design otherwise."""
     if not spec.get("until_resolved"):
-        return 1
+        return FIXED
     from peftlab.config import StudySpec, validate
-    from peftlab.studies.adaptive import planned_looks
+    from peftlab.studies.adaptive import design
 
-    return planned_looks(validate(StudySpec, spec, str(study_dir / "study.yaml")))
+    return design(validate(StudySpec, spec, str(study_dir / "study.yaml")))
 
 
 def default_margin(metric: str, baseline_mean: float) -> float:
@@ -188,8 +187,8 @@ def recommend(analysis: Analysis) -> list[str]:
     one (paired test Holm-corrected over these steps, TOST for equivalence)."""
     front = [c for c in analysis.configurations if c.on_front]
     steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
-    corrected = holm([s.p for s in steps])
-    verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, analysis.alpha, len(steps))
+    corrected = holm([analysis.design.p(s.p) for s in steps])
+    verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, len(steps), analysis.design)
                 for s, p in zip(steps, corrected)]
     unit = COST_UNITS[analysis.cost]
     lines = []

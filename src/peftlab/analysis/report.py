@@ -116,14 +116,17 @@ def _test_note(analysis: Analysis) -> str:
 def _verdict_note(analysis: Analysis) -> str:
     verdicts = [c.verdict for c in analysis.configurations if c.verdict]
     resolved = sum(v.outcome != "unresolved" for v in verdicts)
-    level = f"{analysis.alpha:.3g}"
-    looks = (f" Seeds until resolved: {analysis.looks} planned looks, each tested at α = 0.05 / {analysis.looks} = "
-             f"{level} (Bonferroni over the looks), so that adding seeds does not inflate false positives."
-             if analysis.looks > 1 else "")
-    return (f"Verdict: better / worse (Holm p < {level}), equivalent (the {100 * (1 - 2 * analysis.alpha):.4g}% "
-            f"interval of the difference inside ±{analysis.margin:g}, TOST), or unresolved, with the smallest "
-            f"difference these seeds detect at 80% power and α = {level} / {len(verdicts)}, and the seeds that "
-            f"would detect ±{analysis.margin:g}; {resolved} of {len(verdicts)} comparisons resolved.{looks}")
+    design = analysis.design
+    power_level = verdicts[0].alpha if verdicts else design.level()
+    looks = (f" Seeds until resolved: looks planned at {', '.join(map(str, design.looks))} seeds; each p-value is "
+             f"the sequential one (the chance, with no true difference, that any planned look shows a p this small; "
+             f"a p-value below {design.level():.3g} at any look is significant), so adding seeds does not "
+             f"inflate false positives." if design.sequential else "")
+    return (f"Verdict: better / worse (Holm p < {design.alpha:g}), equivalent (the "
+            f"{100 * (1 - 2 * design.level(sided=1)):.4g}% interval of the difference inside ±{analysis.margin:g}, "
+            f"TOST), or unresolved, with the smallest difference these seeds detect at 80% power and α = "
+            f"{power_level:.3g} (per look, for {len(verdicts)} comparisons), and the seeds that would detect "
+            f"±{analysis.margin:g}; {resolved} of {len(verdicts)} comparisons resolved.{looks}")
 
 
 COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",

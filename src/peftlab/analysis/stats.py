@@ -9,6 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import stats
 
+from peftlab.analysis.sequential import FIXED, Design
+
 
 @dataclass(frozen=True)
 class Summary:
@@ -155,12 +157,13 @@ def seeds_needed(sd: float, margin: float, alpha: float, power: float = POWER) -
     return None
 
 
-def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, alpha: float = 0.05,
-            family: int = 1) -> Verdict:
-    """better / worse: the (multiplicity-adjusted) test rejects at alpha; equivalent: TOST within ±margin at
-    alpha; otherwise unresolved. The detectable difference and the seeds needed are computed at alpha / family
+def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, family: int = 1,
+            design: Design = FIXED) -> Verdict:
+    """better / worse: the (multiplicity-adjusted, sequential) p-value is below the design's alpha; equivalent:
+    TOST within ±margin at the design's one-sided level per look; otherwise unresolved. The detectable
+    difference and the seeds needed are computed at the two-sided level per look for alpha / family
     (Bonferroni), so that a difference of that size would survive Holm's correction over the family."""
-    strict = alpha / max(family, 1)
+    strict = design.level(design.alpha / max(family, 1))
     detectable, needed, reason = math.nan, None, ""
     if comparison.test == CONSTANT:  # sd 0: no power calculation means anything
         reason = "the same difference on every seed"
@@ -169,14 +172,14 @@ def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_
     else:
         detectable = detectable_difference(comparison.se, comparison.df, strict)
         needed = seeds_needed(comparison.sd, margin, strict)
-    return Verdict(outcome(comparison, p_adjusted, margin, higher_is_better, alpha), margin, detectable, needed,
+    return Verdict(outcome(comparison, p_adjusted, margin, higher_is_better, design), margin, detectable, needed,
                    strict, reason)
 
 
-def outcome(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, alpha: float) -> str:
-    """better / worse when the adjusted p-value is below alpha, equivalent when TOST at alpha holds,
-    else unresolved."""
-    if not math.isnan(p_adjusted) and p_adjusted < alpha:
+def outcome(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool,
+            design: Design = FIXED) -> str:
+    """better / worse when the adjusted p-value is below the design's alpha, equivalent when TOST holds at
+    its one-sided level per look, else unresolved."""
+    if not math.isnan(p_adjusted) and p_adjusted < design.alpha:
         return "better" if (comparison.difference > 0) == higher_is_better else "worse"
-    return "equivalent" if equivalent(comparison, margin, alpha) else "unresolved"
-
+    return "equivalent" if equivalent(comparison, margin, design.level(sided=1)) else "unresolved"

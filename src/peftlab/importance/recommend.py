@@ -105,8 +105,8 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
             f"({best.summary.mean:.4f}, {best.summary.n} seeds)")
     if rivals:
         tests = [compare(best.quality, c.quality, analysis.test) for c in rivals]
-        corrected = holm([t.p for t in tests])
-        verdicts = [verdict(t, p, analysis.margin, analysis.higher_is_better, analysis.alpha, len(rivals))
+        corrected = holm([analysis.design.p(t.p) for t in tests])
+        verdicts = [verdict(t, p, analysis.margin, analysis.higher_is_better, len(rivals), analysis.design)
                     for t, p in zip(tests, corrected)]
         beaten = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "better"]
         same = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "equivalent"]

@@ -1,31 +1,37 @@
 """Seeds until resolved: after the first seeds, add seeds in rounds, only to configurations whose comparison
 with the baseline is still unresolved, up to a maximum.
 
-Testing after every round and stopping at the first significant result inflates false positives (at
-alpha 0.05: 0.14 with 5 looks, 0.19 with 10; Armitage, McPherson and Rowe 1969). peftlab fixes the looks in
-advance (the first seeds, then every `step` more up to `max`) and tests each look at alpha / looks
-(Bonferroni over the planned looks, Holm across the comparisons within a look). The union bound keeps the
-family-wise error at or below alpha whenever the study stops; `tests/test_adaptive.py` checks it by
-simulating thousands of studies with no true difference. Equivalence (TOST) uses the same level.
+Testing after every round and stopping at the first significant result inflates false positives. The looks
+are fixed in advance (the first seeds, then every `step` more up to `max`), and each comparison is judged
+by its sequential p-value over those looks (`analysis.sequential`), Holm-corrected across the comparisons:
+a study with no true difference declares one at any look with probability at most alpha, whenever it
+stops. `tests/test_adaptive.py` checks this by simulating thousands of such studies. Equivalence (TOST) is
+judged at the one-sided level per look that has the same guarantee.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
+from peftlab.analysis.sequential import ALPHA, Design
 from peftlab.analysis.stats import compare, holm, outcome
 from peftlab.config import StudySpec
 from peftlab.errors import PeftlabError
 from peftlab.studies.store import Store
 
 
-def planned_looks(spec: StudySpec) -> int:
-    """Looks of an adaptive study: the first seeds, then one per round of `step` more, up to `max`."""
+def planned_looks(spec: StudySpec) -> tuple[int, ...]:
+    """The seeds of each look: the first seeds, then `step` more per round, up to `max`."""
+    first = len(spec.seeds)
     if spec.until_resolved is None:
-        return 1
-    more = max(0, spec.until_resolved.max - len(spec.seeds))
-    return 1 + math.ceil(more / spec.until_resolved.step)
+        return (first,)
+    rounds = spec.until_resolved
+    return (*range(first, rounds.max, rounds.step), rounds.max)
+
+
+def design(spec: StudySpec, alpha: float = ALPHA) -> Design:
+    """The sequential design of a study: its planned looks at level alpha."""
+    return Design(planned_looks(spec), alpha)
 
 
 def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: dict[str, str], spec: StudySpec,
@@ -44,18 +50,13 @@ def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: d
     return counts
 
 
-def look_alpha(spec: StudySpec, alpha: float = 0.05) -> float:
-    """The level of each look: alpha split evenly over the planned looks."""
-    return alpha / planned_looks(spec)
-
-
 def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float, higher_is_better: bool,
-             alpha: float) -> dict[str, str]:
+             design: Design) -> dict[str, str]:
     """Label -> better | worse | equivalent | unresolved against the baseline at this look."""
     others = [label for label in quality if label != baseline]
     comparisons = [compare(quality[label], quality[baseline]) for label in others]
-    adjusted = holm([c.p for c in comparisons])
-    return {label: outcome(c, p, margin, higher_is_better, alpha) for label, c, p in zip(others, comparisons, adjusted)}
+    adjusted = holm([design.p(c.p) for c in comparisons])
+    return {label: outcome(c, p, margin, higher_is_better, design) for label, c, p in zip(others, comparisons, adjusted)}
 
 
 def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int] | None:
@@ -75,6 +76,6 @@ def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int
         have[row["label"]] = have.get(row["label"], 0) + 1
     quality = {c.label: c.quality for c in analysis.configurations}
     baseline = analysis.baseline.label
-    verdicts = outcomes(quality, baseline, analysis.margin, analysis.higher_is_better, analysis.alpha)
+    verdicts = outcomes(quality, baseline, analysis.margin, analysis.higher_is_better, analysis.design)
     return next_counts(quality, baseline, verdicts, spec, have)
 
