@@ -272,6 +272,38 @@ def test_a_configuration_whose_every_rate_failed_records_why(data_file, tmp_path
     assert "every learning rate of the grid failed (0.001, 0.01)" in main[0]["error"]
 
 
+def test_seed_runs_start_once_their_configuration_is_tuned_and_rounds_wait_for_every_run(data_file, tmp_path, monkeypatch):
+    """The runner asks for new runs after every finished one: a configuration's seed runs as soon as its own
+    tuning is done (other configurations may still tune); a round of seeds until resolved only once every
+    run of the round is done."""
+    from peftlab.studies import runner
+
+    spec = tiny_spec(data_file, tune={"lr": [1e-3, 1e-2], "seeds": [7]}, seeds={"min": 2, "max": 3})
+    known: list[tuple[tuple[str, str], list[tuple[str, str, int]]]] = []
+
+    def one_at_a_time(store, study_dir, ids, jobs, threads, on_done):
+        queue = list(ids)
+        while queue:
+            row = store.get(queue.pop(0))
+            accuracy = 0.8 + (0.05 * (-1) ** row["seed"] if row["label"] == "placement=attention" else 0.0)
+            finish(store, row["id"], validation=0.7, test=accuracy + 0.01 * row["seed"])
+            new = on_done()
+            known.append(((row["label"], row["phase"]), [(store.get(i)["label"], store.get(i)["phase"], store.get(i)["seed"]) for i in new]))
+            queue.extend(new)
+
+    monkeypatch.setattr(runner, "run_local", one_at_a_time)
+    store = runner.run_study(spec, tmp_path / "s", jobs=2, threads=1)
+    # the queue starts with every tuning run, `all`'s before `attention`'s (by label): all's seed runs become
+    # known after its second tuning run, before any of attention's tuning runs has finished
+    assert known[1] == (("placement=all", "tune"), [("placement=all", "main", 0), ("placement=all", "main", 1)])
+    assert known[0][1] == [] and known[2] == (("placement=attention", "tune"), [])
+    # the third seeds (the unresolved attention comparison, and the baseline) only after the last seed run of round one
+    third = [(i, added) for i, (_, added) in enumerate(known) if any(seed == 2 for *_, seed in added)]
+    assert len(third) == 1 and sorted(third[0][1]) == [("placement=all", "main", 2), ("placement=attention", "main", 2)]
+    assert third[0][0] == 7 and [phase for (_, phase), _ in known[4:8]] == ["main"] * 4  # after the last of round one
+    assert store.counts() == {"done": 4 + 6}
+
+
 def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, tmp_path, cli):
     spec = tuned_spec(data_file, seeds=[0])
     spec_file = tmp_path / "spec.yaml"

@@ -61,11 +61,13 @@ def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float,
 
 def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int] | None:
     """Label -> the seeds each configuration should have, decided from its finished seed runs at this look;
-    None when there is nothing to decide (not an adaptive study, or seed runs still to finish)."""
+    None when there is nothing to decide (not an adaptive study, or runs still to finish)."""
     from peftlab.analysis.analyze import analyze
 
-    rows = [r for r in store.rows() if r["phase"] == "main"]
-    if spec.until_resolved is None or not rows or any(r["status"] in ("pending", "running") for r in rows):
+    every = store.rows()
+    rows = [r for r in every if r["phase"] == "main"]
+    # a look needs every configuration's seed runs of this round: none may wait (tuning runs included)
+    if spec.until_resolved is None or not rows or any(r["status"] in ("pending", "running") for r in every):
         return None
     try:
         analysis = analyze(study_dir)

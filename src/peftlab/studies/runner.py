@@ -95,7 +95,9 @@ def _processes() -> multiprocessing.context.BaseContext:
     return context
 
 
-def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads: int, on_done: Callable[[], None]) -> None:
+def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads: int,
+              on_done: Callable[[], list[str]]) -> None:
+    """Run `ids`, `jobs` at a time, and the runs that `on_done` returns after each finished one."""
     processes = _processes()
     queue, running = list(ids), {}
     while queue or running:
@@ -119,7 +121,7 @@ def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads:
             if store.get(run_id)["status"] == "running":  # the worker died before recording anything
                 store.finish(run_id, "failed", None, f"run process exited with code {code} "
                              f"(log: {study_dir / 'logs' / (run_id + '.log')})")
-            on_done()
+            queue.extend(on_done())
 
 
 def _ray_run(study_dir: str, run_id: str, config: dict, threads: int):
@@ -127,7 +129,8 @@ def _ray_run(study_dir: str, run_id: str, config: dict, threads: int):
 
 
 def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: float, address: str | None,
-            on_done: Callable[[], None]) -> None:
+            on_done: Callable[[], list[str]]) -> None:
+    """Run `ids` as Ray tasks, and the runs that `on_done` returns after each finished one."""
     try:
         import ray
     except ImportError:
@@ -139,10 +142,14 @@ def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: f
     # max_calls=1: a fresh worker process per run, as in local execution
     task = ray.remote(num_cpus=threads, num_gpus=gpus, max_calls=1)(_ray_run)
     pending = {}
-    for run_id in ids:
-        config = json.loads(store.get(run_id)["config"])
-        pending[task.remote(str(study_dir.resolve()), run_id, config, threads)] = run_id
-        store.mark_running(run_id, os.getpid())  # the study process owns Ray runs
+
+    def submit(run_ids: list[str]) -> None:
+        for run_id in run_ids:
+            config = json.loads(store.get(run_id)["config"])
+            pending[task.remote(str(study_dir.resolve()), run_id, config, threads)] = run_id
+            store.mark_running(run_id, os.getpid())  # the study process owns Ray runs
+
+    submit(ids)
     try:
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
@@ -152,7 +159,7 @@ def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: f
             except Exception as exc:  # the task's process died (e.g. out of memory)
                 status, result, error = "failed", None, f"ray task failed: {str(exc).splitlines()[0]}"
             store.finish(run_id, status, result, error)
-            on_done()
+            submit(on_done())
     finally:
         if started_here:
             ray.shutdown()
@@ -174,20 +181,24 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
         state = f"{added} new, {recovered} recovered, {counts.get('done', 0)} done before"
         with _progress() as progress:
             bar = progress.add_task(f"study {spec.name}", total=len(ids), state=state)
+            started = set(ids)
 
-            def on_done() -> None:
+            def on_done() -> list[str]:
+                """After each finished run: the runs it made known. A configuration's seed runs start as soon
+                as its tuning runs are done (its rate is chosen); with seeds until resolved, the next round
+                starts once every run of this one is done."""
+                add_runs(spec, store, study_dir)
+                new = [run_id for run_id in store.to_run(retry_failed=False) if run_id not in started]
+                started.update(new)
                 now = store.counts()
-                progress.update(bar, advance=1, state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
+                progress.update(bar, advance=1, total=progress.tasks[bar].total + len(new),
+                                state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
+                return new
 
-            # rounds: tuning runs, then the seed runs at the chosen rates, then (seeds until resolved) more
-            # seeds where a comparison is unresolved, until none is or every one has reached the maximum
-            while ids:
+            if ids:
                 if executor == "ray":
                     run_ray(store, study_dir, ids, threads, gpus, address, on_done)
                 else:
                     run_local(store, study_dir, ids, jobs, threads, on_done)
-                add_runs(spec, store, study_dir)
-                ids = store.to_run(retry_failed=False)
-                progress.update(bar, total=progress.tasks[bar].total + len(ids))
     return store
 
