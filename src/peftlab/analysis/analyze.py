@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from peftlab.analysis.degenerate import degenerate_reason
+from peftlab.analysis.degenerate import checkable, degenerate_reason
 from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.sequential import FIXED, Design
 from peftlab.analysis.stats import (
@@ -291,6 +291,10 @@ def _tuning_limit(analysis: Analysis) -> str:
 
 def _degenerate_limits(analysis: Analysis) -> list[str]:
     flagged = [c for c in analysis.configurations if c.degenerate]
+    unchecked = [c.label for c in analysis.configurations if not any(checkable(r) for r in c.runs)]
+    if unchecked and not flagged:
+        return [f"Degenerate runs not checked for {', '.join(unchecked)}: their runs did not record predicted "
+                "classes, the majority rate or the base model's loss (an older peftlab); run them again to check."]
     if not flagged:
         return ["No degenerate runs: every classifier predicts more than one class and beats the majority class "
                 "beyond noise, and every causal LM ends below its base model's loss."]

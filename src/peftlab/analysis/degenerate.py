@@ -34,5 +34,10 @@ def degenerate_reason(row: dict[str, Any]) -> str | None:
     return None
 
 
+def checkable(row: dict[str, Any]) -> bool:
+    """Whether a run recorded what `degenerate_reason` reads (runs of older peftlab versions did not)."""
+    return any(_number(row.get(f"metrics.test.{k}")) for k in ("predicted_classes", "majority_rate", "base_loss"))
+
+
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
