@@ -17,8 +17,9 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-# What the fork server imports before it forks run processes (the heavy part of a run's start).
-PRELOAD = ("torch", "transformers", "peft", "accelerate", "peftlab.train.run", "peftlab.cli")
+# What the fork server imports before it forks run processes (the heavy part of a run's start). peftlab
+# first: its package quiets a library's import-time log before peft imports that library.
+PRELOAD = ("peftlab", "torch", "transformers", "peft", "accelerate", "peftlab.train.run", "peftlab.cli")
 
 RESULT_KEYS = ("status", "error", "metrics", "cost", "data", "final_train_loss", "method", "prefix_cache", "environment")
 
