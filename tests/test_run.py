@@ -71,6 +71,16 @@ def test_same_seed_same_metrics(tmp_path, reviews_file):
     assert first["metrics"] != other["metrics"]
 
 
+def test_native_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
+    from peftlab.train import run
+
+    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(run, "_cpu_has_bf16", lambda: True)
+    assert (run._precision("native"), run._precision("auto")) == ("bf16", "no")
+    monkeypatch.setattr(run, "_cpu_has_bf16", lambda: False)
+    assert (run._precision("native"), run._precision("auto")) == ("no", "no")
+
+
 def test_bf16_autocast_on_cpu_trains_and_evaluates_in_bf16(tmp_path, reviews_file):
     from peftlab.train.run import execute_run
 

@@ -53,11 +53,12 @@ from peftlab.train.prefix_cache import build_prefix_cache
 def _precision(requested: str) -> str:
     """accelerate's mixed precision for `train.precision`. auto: bf16 autocast on a GPU that has it (else
     fp16), fp32 on a CPU. bf16 works on a CPU too: matmuls run in bf16 (several times faster than fp32
-    where the CPU has bf16 instructions), weights, gradients and optimizer state stay fp32."""
+    where the CPU has bf16 instructions), weights, gradients and optimizer state stay fp32. native: auto,
+    except bf16 on a CPU that has bf16 instructions."""
     if requested == "fp32":
         return "no"
     if torch.cuda.is_available():
-        if requested == "auto":
+        if requested in ("auto", "native"):
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return requested
     if requested == "fp16":
@@ -65,6 +66,8 @@ def _precision(requested: str) -> str:
     if requested == "bf16" and not _cpu_has_bf16():
         warnings.warn("train.precision: bf16 on a CPU where peftlab finds no bf16 instructions (AVX512-BF16 or "
                       "AMX); it may be slower than fp32", stacklevel=2)
+    if requested == "native":
+        return "bf16" if _cpu_has_bf16() else "no"
     return "bf16" if requested == "bf16" else "no"
 
 
