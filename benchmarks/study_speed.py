@@ -1,5 +1,6 @@
 """A whole study end to end: `peftlab study run` against the same runs done one by one with PEFT + Trainer.
 
+Both sides run the study's first seeds at one rate (no tuning, no seeds until resolved: `fixed_runs`).
 - peftlab: `peftlab study run STUDY --jobs N` from an empty cache (tokenization and prefix caches are
   built inside the measured time), every run in its own process, with evaluation, latency and saving;
 - trainer: in one process, for every run of the study in turn: load the model, LoRA on exactly the
@@ -41,6 +42,7 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
     from peftlab.config import RunConfig, StudySpec, load_spec
     from peftlab.studies.grid import expand
     from peftlab.tasks.prepare import collate
+    from peftlab.train.run import _precision
 
     accuracies = []
     for run in expand(load_spec(StudySpec, spec_file))[:limit]:
@@ -55,7 +57,7 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
                 num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
                 warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay,
                 max_grad_norm=spec.max_grad_norm or 0.0,
-                seed=spec.seed, bf16=spec.precision == "bf16", logging_strategy="no", save_strategy="no", report_to=[],
+                seed=spec.seed, bf16=_precision(spec.precision) == "bf16", logging_strategy="no", save_strategy="no", report_to=[],
                 disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,
@@ -67,6 +69,19 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
                 scores[split] = float(np.mean(predicted.predictions.argmax(-1) == predicted.label_ids))
         accuracies.append({"label": run.label, "seed": run.seed, **scores})
     out.write_text(json.dumps(accuracies))
+
+
+def fixed_runs(spec: dict) -> dict:
+    """The study as fixed runs, the same on both sides: its first seeds, without seeds until resolved, and
+    without tuning, at the middle rate of its grid (a configuration's own rate for a grid of factors)."""
+    tune = spec.pop("tune", None)
+    if tune and tune.get("lr"):
+        rates = sorted(tune["lr"])
+        spec["base"].setdefault("train", {})["lr"] = rates[len(rates) // 2]
+    if isinstance(spec.get("seeds"), dict):
+        spec["seeds"] = list(range(spec["seeds"]["min"]))
+    spec.pop("until_resolved", None)
+    return spec
 
 
 def mean_by_label(rows: list[dict]) -> dict[str, float]:
@@ -95,7 +110,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        spec = yaml.safe_load(shipped_study(args.study).read_text())
+        spec = fixed_runs(yaml.safe_load(shipped_study(args.study).read_text()))
         if args.precision:
             spec["base"].setdefault("train", {})["precision"] = args.precision
         spec_file = work / f"{args.study}.yaml"
