@@ -6,7 +6,8 @@ differences from the baseline); each replay draws 12 seeds for every configurati
 - the adaptive procedure (`studies.adaptive`: 3 seeds, then `step` more per round where a comparison is
   unresolved, judged by sequential p-values over the planned looks) judges on the prefix of those seeds it
   asked for.
-It prints how often the two reach the same verdict per comparison, and the share of the grid's runs the
+It prints how often the two reach the same verdict per comparison (and compatible ones: equivalent against a
+significant difference smaller than the margin), and the share of the grid's runs the
 adaptive procedure trained. No training happens here: replays take seconds.
 
     python benchmarks/time_to_answer.py demo/placement            # a study directory
@@ -37,8 +38,10 @@ def fitted(study: Path) -> tuple[dict[str, float], dict[str, float], str, float,
     return means, spreads, baseline.label, analysis.margin, analysis.higher_is_better
 
 
-def replay(rng, means, spreads, baseline, margin, higher, rounds: StudySpec) -> tuple[int, int, int]:
-    """(comparisons with the same verdict, comparisons, runs the adaptive procedure trained) of one replay.
+def replay(rng, means, spreads, baseline, margin, higher, rounds: StudySpec) -> tuple[int, int, int, int]:
+    """(comparisons with the same verdict, comparisons with compatible verdicts, comparisons, runs the adaptive
+    procedure trained) of one replay. Compatible: the same, or one procedure says equivalent where the other
+    finds a significant difference smaller than the margin (both true: a difference too small to matter).
     A seed moves every configuration alike (the baseline's spread); each configuration's difference from the
     baseline then varies by its fitted sd, so the paired differences follow the recorded study."""
     most = rounds.until_resolved.max
@@ -56,7 +59,11 @@ def replay(rng, means, spreads, baseline, margin, higher, rounds: StudySpec) -> 
             break
         counts = following
     same = sum(adaptive[label] == fixed[label] for label in fixed)
-    return same, len(fixed), sum(counts.values())
+    small = {label for label in fixed
+             if abs(np.mean([draws[label][s] - draws[baseline][s] for s in range(most)])) < margin}
+    compatible = sum(adaptive[label] == fixed[label] or (label in small and {adaptive[label], fixed[label]} in
+                     ({"equivalent", "better"}, {"equivalent", "worse"})) for label in fixed)
+    return same, compatible, len(fixed), sum(counts.values())
 
 
 def main() -> None:
@@ -72,20 +79,21 @@ def main() -> None:
     means, spreads, baseline, margin, higher = fitted(args.study)
     rounds = validate(StudySpec, {"name": "replay", "seeds": {"min": args.min_seeds, "max": args.max_seeds, "step": args.step}}, "replay")
     rng = np.random.default_rng(args.seed)
-    same = total = runs = 0
+    same = compatible = total = runs = 0
     for _ in range(args.replays):
-        agreed, compared, trained = replay(rng, means, spreads, baseline, margin, higher, rounds)
-        same, total, runs = same + agreed, total + compared, runs + trained
+        agreed, fits, compared, trained = replay(rng, means, spreads, baseline, margin, higher, rounds)
+        same, compatible, total, runs = same + agreed, compatible + fits, total + compared, runs + trained
     grid_runs = args.replays * len(means) * args.max_seeds
-    agreement, share = same / total, runs / grid_runs
+    agreement, share, compatible_share = same / total, runs / grid_runs, compatible / total
     print(f"{args.study}: {len(means)} configurations, baseline {baseline}, margin ±{margin:g}, {args.replays} replays")
     for label in means:
         print(f"  {label:<28} mean {means[label]:.4f}  sd of differences {spreads[label]:.4f}")
-    print(f"same verdict as the fixed {args.max_seeds}-seed grid: {100 * agreement:.1f}% of comparisons; "
-          f"runs trained: {100 * share:.1f}% of the grid's")
+    print(f"same verdict as the fixed {args.max_seeds}-seed grid: {100 * agreement:.1f}% of comparisons "
+          f"(compatible: {100 * compatible_share:.1f}%); runs trained: {100 * share:.1f}% of the grid's")
     append_result("time_to_answer", {"study": str(args.study), "replays": args.replays, "min_seeds": args.min_seeds,
                                      "max_seeds": args.max_seeds, "step": args.step, "margin": margin, "means": means,
-                                     "spreads": spreads, "agreement": agreement, "share_of_runs": share})
+                                     "spreads": spreads, "agreement": agreement, "compatible": compatible_share,
+                                     "share_of_runs": share})
 
 
 if __name__ == "__main__":
