@@ -11,7 +11,7 @@ Bonferroni over the looks (alpha / looks) also holds but wastes the looks' corre
 it tests at 0.005 where 0.0106 keeps the same error.
 
 A comparison whose runs failed can have fewer pairs at a look than planned; its p-value is still read
-against the planned schedule (an approximation: the looks it did reach are a subset of the planned ones).
+against the planned schedule, an approximation.
 
 The simulation is Monte Carlo: a sequential p-value is (crossings + 1) / (simulations + 1), which errs on the
 conservative side. `tests/test_adaptive.py` checks the whole procedure on thousands of null studies.
