@@ -83,3 +83,23 @@ def test_role_map_resolves_an_unknown_architecture():
 def test_role_map_matching_nothing_is_an_error():
     with pytest.raises(PeftlabError, match="role_map matched no linear module"):
         resolve_sites(Mystery(), {r"nothing\.here": Role.Q})
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-llama"])
+def test_the_family_record_holds_what_the_model_needs(name):
+    """Encoder or decoder, the head a sequence classifier adds, where the last layer can be cut: one record
+    per family, and each of its module names exists in a model of the family."""
+    from peftlab.config import ModelSpec
+    from peftlab.models.architectures import family_for
+    from peftlab.models.load import head_modules, is_encoder, load_model
+    from peftlab.models.sites import layer_blocks
+
+    model = load_model(ModelSpec(name=name, head="sequence-classification", num_labels=2), seed=0)
+    family = family_for(model.config.model_type)
+    assert is_encoder(model.config.model_type) == family.encoder == (name in ("tiny-bert", "tiny-distilbert"))
+    assert head_modules(model) == list(family.head_modules)  # every named head module exists
+    blocks, _ = layer_blocks(model)
+    if family.encoder:
+        assert blocks[-1].get_submodule(family.sliced_from) is not None
+    else:
+        assert family.sliced_from is None

@@ -39,6 +39,7 @@ from peftlab.methods.sparse_channels import (
     narrow_lora,
     split_ffn,
 )
+from peftlab.models.architectures import family_named
 from peftlab.models.load import cache_dir
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site, resolve_sites
@@ -110,10 +111,11 @@ def _holder(base: nn.Module, path: str) -> tuple[nn.Module, str]:
     return base.get_submodule(parent), child
 
 
-def _normalizes_heads(base: nn.Module, q_path: str) -> bool:
-    """Whether the attention module holding q normalizes q or k after projecting (q_norm / k_norm)."""
+def _normalizes_heads(base: nn.Module, q_path: str, norms: tuple[str, ...]) -> bool:
+    """Whether the attention module holding q normalizes q or k per head after projecting (the family's
+    `qk_norms`, where this model has them)."""
     attention = base.get_submodule(q_path.rpartition(".")[0])
-    return any(isinstance(getattr(attention, name, None), nn.Module) for name in ("q_norm", "k_norm"))
+    return any(isinstance(getattr(attention, name, None), nn.Module) for name in norms)
 
 
 def _activation(config) -> nn.Module:
@@ -143,7 +145,8 @@ class SparseLoraMethod(LoraMethod):
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         resolved = resolve_sites(model)  # before LoRA wraps the modules
         sites = [s for s in resolved.sites if not s.is_slice]
-        self.head_reads_first = resolved.family in ("bert", "distilbert")  # [CLS]; decoders read the last token
+        family = family_named(resolved.family)
+        self.head_reads_first = family is not None and family.encoder  # [CLS]; decoders read the last token
         model = super().apply(model, plan, head)
         if next(model.parameters()).device.type == "meta":  # parameter counting: sparsity adds none
             return model
@@ -154,7 +157,8 @@ class SparseLoraMethod(LoraMethod):
             by_layer.setdefault(site.layer, {})[site.role] = site
         # q and k normalized per head after the projection (Gemma 3, Qwen 3): zeroed channels would shrink
         # the head's norm and rescale the kept ones, so these layers' q and k stay dense
-        self.dense_qk = sorted({s.layer for s in sites if s.role is Role.Q and _normalizes_heads(base, s.path)})
+        norms = family.qk_norms if family is not None else ()
+        self.dense_qk = sorted({s.layer for s in sites if s.role is Role.Q and _normalizes_heads(base, s.path, norms)})
         estimated = (Role.V, Role.QKV, Role.UP, Role.GATE)  # what the estimator reads
         factors = self._factors(base, [s for s in sites if self._level(s) > 0 and (
             s.role in estimated or (s.role in (Role.Q, Role.K) and s.layer not in self.dense_qk))])

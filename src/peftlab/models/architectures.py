@@ -1,8 +1,10 @@
-"""Role tables per architecture family: where the layers are and which module plays which role.
+"""One record per architecture family: every fact peftlab needs about it, in one place.
 
-One small table per family. A model is matched by `config.model_type`; layer blocks are found by
-a regex over module paths, and roles by each module's path *relative to its layer block*, so
-`mlp.c_proj` (ffn.down) can never be mistaken for `attn.c_proj` (attn.o).
+A model is matched by `config.model_type`; layer blocks are found by a regex over module paths, and roles
+by each module's path *relative to its layer block*, so `mlp.c_proj` (ffn.down) can never be mistaken for
+`attn.c_proj` (attn.o). The record also says whether the family is an encoder (and so where a sequence
+classifier's head reads), which modules a sequence classifier adds, where the last layer can be cut to
+the head's position, and which per-head q/k norms follow the projections.
 """
 
 from __future__ import annotations
@@ -18,6 +20,16 @@ class Family:
     model_types: tuple[str, ...]
     layer_pattern: str  # regex, group 1 = layer index, matched at the end of a layer block's path
     roles: dict[str, Role | tuple[Role, ...]]  # path inside a layer -> role, or fused roles in output order
+    encoder: bool = False
+    """Bidirectional encoder: sequence classification by default, and its head reads position 0 ([CLS]).
+    Otherwise a decoder: causal LM by default, a sequence classifier's head reads the last token."""
+    head_modules: tuple[str, ...] = ("score",)
+    """Modules a sequence-classification model of the family adds on top of the pretrained body."""
+    sliced_from: str | None = None
+    """Encoders: the module of a layer block from whose input on only [CLS] matters (train.last_layer_at_head)."""
+    qk_norms: tuple[str, ...] = ()
+    """Attributes of the attention module that normalize q or k per head after the projection, where a
+    model of the family has them (Gemma 3, Qwen 3)."""
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -44,6 +56,9 @@ FAMILIES: tuple[Family, ...] = (
             "intermediate.dense": Role.UP,
             "output.dense": Role.DOWN,
         },
+        encoder=True,
+        head_modules=("classifier",),
+        sliced_from="attention.output",  # output projection, residual, layer norm, then the FFN
     ),
     Family(
         name="distilbert",
@@ -57,6 +72,9 @@ FAMILIES: tuple[Family, ...] = (
             "ffn.lin1": Role.UP,
             "ffn.lin2": Role.DOWN,
         },
+        encoder=True,
+        head_modules=("pre_classifier", "classifier"),
+        sliced_from="sa_layer_norm",  # the layer norm after attention, then the FFN
     ),
     Family(
         name="llama",
@@ -74,6 +92,7 @@ FAMILIES: tuple[Family, ...] = (
             "mlp.up_proj": Role.UP,
             "mlp.down_proj": Role.DOWN,
         },
+        qk_norms=("q_norm", "k_norm"),
     ),
 )
 
@@ -83,6 +102,10 @@ def family_for(model_type: str) -> Family | None:
         if model_type in family.model_types:
             return family
     return None
+
+
+def family_named(name: str) -> Family | None:
+    return next((family for family in FAMILIES if family.name == name), None)
 
 
 def supported_model_types() -> list[str]:

