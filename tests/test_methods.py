@@ -267,3 +267,27 @@ def test_loss_falls_on_a_tiny_memorisation_task(name, head, label, spec):
     # a random 30k-vocabulary LM starts near ln(30522) = 10.3 nats; the classifier near ln(2)
     assert losses[-1] < (losses[0] - 0.1 if kind == "instruction" else 0.9 * losses[0]), losses
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if n in frozen)  # only the method's parameters changed
+
+
+def test_lora_on_unequal_slices_of_phi3_writes_only_their_outputs():
+    from peftlab.methods.fused_slices import slice_modules
+
+    plan = make_plan("tiny-phi3", placement="k,gate", allocation=4)
+    method = make_method(LoraSpec())
+    model = method.apply(tiny("tiny-phi3", "causal-lm"), plan, [])
+    assert logits(model).equal(logits(tiny("tiny-phi3", "causal-lm")))  # B = 0
+    assert trainable_counts(model, [])["adapter"] == plan.trainable_params
+    modules = slice_modules(model)
+    qkv, gate_up = modules["model.layers.0.self_attn.qkv_proj"], modules["model.layers.0.mlp.gate_up_proj"]
+    with torch.no_grad():
+        for b in [*qkv.lora_B, *gate_up.lora_B]:
+            b.normal_(0, 0.5)
+    x = torch.randn(2, 5, 64)
+    out, base_out = qkv(x), qkv.base(x)
+    assert out[..., :64].equal(base_out[..., :64]) and out[..., 96:].equal(base_out[..., 96:])  # q and v untouched
+    assert not torch.allclose(out[..., 64:96], base_out[..., 64:96])  # k, 32 wide
+    out, base_out = gate_up(x), gate_up.base(x)
+    assert out[..., 96:].equal(base_out[..., 96:]) and not torch.allclose(out[..., :96], base_out[..., :96])
+    unmerged = logits(model)
+    method.merge(model)
+    assert torch.allclose(logits(model), unmerged, atol=1e-5)

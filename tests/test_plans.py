@@ -165,3 +165,20 @@ def test_plan_json_shape():
     assert set(data["totals"]) >= {"trainable_params", "base_params", "sites"}
     assert data["totals"]["trainable_params"] == sum(s["params"] for s in data["sites"])
     assert set(data["sites"][0]) >= {"layer", "role", "path", "in_features", "out_features", "rank", "alpha", "params"}
+
+
+def test_phi3_placements_take_fused_modules_whole_or_as_slices():
+    def layer0(placement):
+        return [(p.site.role, p.site.out_slice) for p in make_plan("tiny-phi3", placement=placement, allocation=4).sites
+                if p.site.layer == 0]
+
+    assert layer0("all") == [(Role.QKV, None), (Role.O, None), (Role.GATE_UP, None), (Role.DOWN, None)]
+    assert layer0("ffn") == [(Role.GATE_UP, None), (Role.DOWN, None)]
+    assert layer0("q,v") == [(Role.Q, (0, 64)), (Role.V, (96, 128))]
+    assert layer0("up") == [(Role.UP, (96, 192))]
+    # the parameters follow each slice's own width: v is half as wide as q
+    plan = make_plan("tiny-phi3", placement="q,v", allocation=4)
+    assert plan.trainable_params == 2 * (lora_params(4, 64, 64) + lora_params(4, 64, 32))
+    weighted = make_plan("tiny-phi3", placement="all", allocation="role-weighted(4, attn=2, ffn=1)")
+    assert {p.site.role: p.rank for p in weighted.sites if p.site.layer == 0} == {
+        Role.QKV: 8, Role.O: 8, Role.GATE_UP: 4, Role.DOWN: 4}

@@ -103,3 +103,15 @@ def test_the_family_record_holds_what_the_model_needs(name):
         assert blocks[-1].get_submodule(family.sliced_from) is not None
     else:
         assert family.sliced_from is None
+
+
+def test_phi3_fused_projections_split_at_their_own_widths():
+    """Grouped-query attention makes k and v narrower than q inside Phi-3's fused qkv_proj; gate_up_proj
+    holds gate then up. Each part is a slice of its own width, and the whole modules have their own roles."""
+    layer0 = {s.role: s for s in sites_of("tiny-phi3").sites if s.layer == 0}
+    assert set(layer0) == {Role.QKV, Role.Q, Role.K, Role.V, Role.O, Role.GATE_UP, Role.GATE, Role.UP, Role.DOWN}
+    # 4 heads and 2 key-value heads of width 16: q 64, k 32, v 32
+    assert [layer0[r].out_slice for r in (Role.Q, Role.K, Role.V)] == [(0, 64), (64, 96), (96, 128)]
+    assert layer0[Role.QKV].out_features == 128 and layer0[Role.K].out_features == 32
+    assert [layer0[r].out_slice for r in (Role.GATE, Role.UP)] == [(0, 96), (96, 192)]
+    assert layer0[Role.GATE_UP].path == layer0[Role.UP].path == "model.layers.0.mlp.gate_up_proj"

@@ -368,3 +368,10 @@ def test_split_ffn_equals_the_per_projection_path(name, head):
         assert torch.count_nonzero(g[rows]) > 0
         checked += 1
     assert checked == sum(2 if b.gate is not None else 1 for b in method.blocks)
+
+
+def test_a_fused_gate_up_projection_is_a_clear_error():
+    plan = make_plan("tiny-phi3", placement="all", allocation=4)
+    model = load_model(ModelSpec(name="tiny-phi3", head="causal-lm"), seed=0)
+    with pytest.raises(PeftlabError, match="fuses the FFN's gate and up projections"):
+        make_method(SparseLoraSpec(), total_steps=10).apply(model, plan, [])

@@ -147,6 +147,9 @@ class SparseLoraMethod(LoraMethod):
         sites = [s for s in resolved.sites if not s.is_slice]
         family = family_named(resolved.family)
         self.head_reads_first = family is not None and family.encoder  # [CLS]; decoders read the last token
+        if any(s.role is Role.GATE_UP for s in sites):
+            raise PeftlabError(f"sparselora: {resolved.model_type} fuses the FFN's gate and up projections into one "
+                               "module, whose channels SparseLoRA cannot select yet; use lora on this model")
         model = super().apply(model, plan, head)
         if next(model.parameters()).device.type == "meta":  # parameter counting: sparsity adds none
             return model

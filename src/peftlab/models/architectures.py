@@ -9,9 +9,29 @@ the head's position, and which per-head q/k norms follow the projections.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from peftlab.models.roles import Role
+
+
+@dataclass(frozen=True)
+class Fused:
+    """A module whose output concatenates several roles' outputs, in this order. `widths` gives each part's
+    width from the model's config (grouped-query attention makes k and v narrower than q); without it, the
+    parts are equally wide."""
+
+    parts: tuple[Role, ...]
+    widths: Callable[[Any], tuple[int, ...]] | None = None
+
+
+def grouped_qkv_widths(config: Any) -> tuple[int, int, int]:
+    """q, k, v widths of a fused projection under grouped-query attention."""
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    return heads * head_dim, kv_heads * head_dim, kv_heads * head_dim
 
 
 @dataclass(frozen=True)
@@ -19,7 +39,7 @@ class Family:
     name: str
     model_types: tuple[str, ...]
     layer_pattern: str  # regex, group 1 = layer index, matched at the end of a layer block's path
-    roles: dict[str, Role | tuple[Role, ...]]  # path inside a layer -> role, or fused roles in output order
+    roles: dict[str, Role | Fused]  # path inside a layer -> its role, or the parts of a fused module
     encoder: bool = False
     """Bidirectional encoder: sequence classification by default, and its head reads position 0 ([CLS]).
     Otherwise a decoder: causal LM by default, a sequence classifier's head reads the last token."""
@@ -38,7 +58,7 @@ FAMILIES: tuple[Family, ...] = (
         model_types=("gpt2",),
         layer_pattern=r"(?:^|\.)h\.(\d+)$",
         roles={
-            "attn.c_attn": (Role.Q, Role.K, Role.V),  # Conv1D, output = [q | k | v]
+            "attn.c_attn": Fused((Role.Q, Role.K, Role.V)),  # Conv1D, output = [q | k | v]
             "attn.c_proj": Role.O,
             "mlp.c_fc": Role.UP,
             "mlp.c_proj": Role.DOWN,
@@ -93,6 +113,17 @@ FAMILIES: tuple[Family, ...] = (
             "mlp.down_proj": Role.DOWN,
         },
         qk_norms=("q_norm", "k_norm"),
+    ),
+    Family(
+        name="phi3",
+        model_types=("phi3",),
+        layer_pattern=r"(?:^|\.)layers\.(\d+)$",
+        roles={
+            "self_attn.qkv_proj": Fused((Role.Q, Role.K, Role.V), grouped_qkv_widths),  # [q | k | v], k and v narrower
+            "self_attn.o_proj": Role.O,
+            "mlp.gate_up_proj": Fused((Role.GATE, Role.UP)),  # [gate | up]
+            "mlp.down_proj": Role.DOWN,
+        },
     ),
 )
 

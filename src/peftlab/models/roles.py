@@ -11,6 +11,7 @@ class Role(StrEnum):
     O = "attn.o"
     UP = "ffn.up"
     GATE = "ffn.gate"
+    GATE_UP = "ffn.gate_up"  # a fused gate/up projection adapted as a whole (Phi-3's gate_up_proj)
     DOWN = "ffn.down"
 
     @property
@@ -18,12 +19,22 @@ class Role(StrEnum):
         return self.value.split(".", 1)[1]
 
 
-# Roles a user selects; `attn.qkv` is never selected directly: it appears when q, k and v of a
-# fused projection are all selected.
+# Roles a user selects; a whole fused module's role (`attn.qkv`, `ffn.gate_up`) is never selected directly:
+# it appears when every part of the fused projection is selected.
 SELECTABLE = (Role.Q, Role.K, Role.V, Role.O, Role.UP, Role.GATE, Role.DOWN)
 ATTENTION = frozenset({Role.Q, Role.K, Role.V, Role.O})
 FFN = frozenset({Role.UP, Role.GATE, Role.DOWN})
 QKV_PARTS = (Role.Q, Role.K, Role.V)
+# a fused module's whole role -> the roles of its parts (in the usual output order)
+FUSED_PARTS: dict[Role, tuple[Role, ...]] = {Role.QKV: QKV_PARTS, Role.GATE_UP: (Role.GATE, Role.UP)}
+
+
+def whole_role(parts: tuple[Role, ...]) -> Role:
+    """The role of a fused module adapted whole, from its parts in any order."""
+    for whole, members in FUSED_PARTS.items():
+        if set(parts) == set(members):
+            return whole
+    raise ValueError(f"no role for a module fusing {', '.join(p.value for p in parts)}")
 
 GROUPS: dict[str, frozenset[Role]] = {
     "all": ATTENTION | FFN,
@@ -59,7 +70,7 @@ def parse_roles(text: str | list[str]) -> frozenset[Role]:
             roles |= GROUPS[item.lower()]
             continue
         role = parse_role(item)
-        roles |= set(QKV_PARTS) if role is Role.QKV else {role}
+        roles |= set(FUSED_PARTS.get(role, (role,)))
     if not roles:
         raise ValueError("no roles given; use all, attention, ffn or a list such as q,v")
     return frozenset(roles)

@@ -10,8 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from peftlab.errors import PeftlabError
-from peftlab.models.architectures import Family, family_for, supported_model_types
-from peftlab.models.roles import QKV_PARTS, Role
+from peftlab.models.architectures import Family, Fused, family_for, supported_model_types
+from peftlab.models.roles import FUSED_PARTS, Role, whole_role
 
 
 @dataclass(frozen=True)
@@ -54,22 +54,31 @@ def linear_shape(module: nn.Module) -> tuple[int, int, str] | None:
     return None
 
 
-def _fused_sites(path: str, layer: int, parts: tuple[Role, ...], fan_in: int, fan_out: int, kind: str) -> list[Site]:
-    if fan_out % len(parts):
-        raise PeftlabError(f"{path}: fused output width {fan_out} does not split into {len(parts)} equal parts")
-    width = fan_out // len(parts)
-    sites = [Site(path, layer, Role.QKV, fan_in, fan_out, kind)]
-    for i, role in enumerate(parts):
-        sites.append(Site(path, layer, role, fan_in, width, kind, (i * width, (i + 1) * width)))
+def _fused_sites(path: str, layer: int, fused: Fused, fan_in: int, fan_out: int, kind: str, config) -> list[Site]:
+    """The whole module, then one slice per part at its own offset and width."""
+    if fused.widths is not None:
+        widths = tuple(fused.widths(config))
+        if sum(widths) != fan_out:
+            raise PeftlabError(f"{path}: fused output width {fan_out} is not the parts' "
+                               f"{' + '.join(map(str, widths))} computed from the model's config")
+    else:
+        if fan_out % len(fused.parts):
+            raise PeftlabError(f"{path}: fused output width {fan_out} does not split into {len(fused.parts)} equal parts")
+        widths = (fan_out // len(fused.parts),) * len(fused.parts)
+    sites = [Site(path, layer, whole_role(fused.parts), fan_in, fan_out, kind)]
+    start = 0
+    for role, width in zip(fused.parts, widths):
+        sites.append(Site(path, layer, role, fan_in, width, kind, (start, start + width)))
+        start += width
     return sites
 
 
-def _site_rows(path: str, layer: int, role: Role | tuple[Role, ...], shape: tuple[int, int, str]) -> list[Site]:
+def _site_rows(path: str, layer: int, role: Role | Fused, shape: tuple[int, int, str], config=None) -> list[Site]:
     fan_in, fan_out, kind = shape
-    if isinstance(role, tuple):
-        return _fused_sites(path, layer, role, fan_in, fan_out, kind)
-    if role is Role.QKV:
-        return _fused_sites(path, layer, QKV_PARTS, fan_in, fan_out, kind)
+    if isinstance(role, Fused):
+        return _fused_sites(path, layer, role, fan_in, fan_out, kind, config)
+    if role in FUSED_PARTS:  # a role_map naming a fused module: equal parts in the usual order
+        return _fused_sites(path, layer, Fused(FUSED_PARTS[role]), fan_in, fan_out, kind, config)
     return [Site(path, layer, role, fan_in, fan_out, kind)]
 
 
@@ -86,7 +95,7 @@ def _resolve_family(model: nn.Module, family: Family) -> list[Site]:
             module = modules.get(f"{block_path}.{rel}")
             shape = linear_shape(module) if module is not None else None
             if shape is not None:
-                sites.extend(_site_rows(f"{block_path}.{rel}", layer, role, shape))
+                sites.extend(_site_rows(f"{block_path}.{rel}", layer, role, shape, model.config))
     return sites
 
 

@@ -17,7 +17,7 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.errors import PeftlabError
-from peftlab.models.roles import GROUPS, QKV_PARTS, Role, parse_role
+from peftlab.models.roles import FUSED_PARTS, GROUPS, Role, parse_role
 from peftlab.models.sites import Site
 
 
@@ -79,7 +79,7 @@ class RoleWeightedAllocation(_Allocation):
         return value
 
     def weight(self, role: Role) -> float:
-        members = set(QKV_PARTS) if role is Role.QKV else {role}
+        members = set(FUSED_PARTS.get(role, (role,)))
         for key, weight in self.weights.items():  # a role named directly wins over its group
             if key not in GROUPS and parse_role(key) in members | {role}:
                 return weight
@@ -282,8 +282,9 @@ def _score_for(site: Site, scores: dict[tuple[Any, ...], float], path: Path) -> 
     for key in ((site.key,), (site.layer, site.role)):
         if key in scores:
             return scores[key]
-    if site.role is Role.QKV and all((site.layer, r) in scores for r in QKV_PARTS):
-        return sum(scores[(site.layer, r)] for r in QKV_PARTS) / 3
+    parts = FUSED_PARTS.get(site.role, ())
+    if parts and all((site.layer, r) in scores for r in parts):  # a fused module adapted whole: its parts' mean
+        return sum(scores[(site.layer, r)] for r in parts) / len(parts)
     raise PeftlabError(f"{path}: no score for layer {site.layer} {site.role} ({site.path})")
 
 

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from peftlab.errors import PeftlabError
-from peftlab.models.roles import GROUPS, Role, parse_roles
+from peftlab.models.roles import FUSED_PARTS, GROUPS, parse_roles
 from peftlab.models.sites import ModelSites, Site
 
 if TYPE_CHECKING:
@@ -132,7 +132,7 @@ def select_sites(model_sites: ModelSites, spec: PlacementSpec) -> tuple[list[Sit
         module = next(s for s in sites if not s.is_slice)
         if module.layer not in layers or (allowed is not None and path not in allowed):
             continue
-        if module.role is Role.QKV:
+        if module.role in FUSED_PARTS:
             parts = [s for s in sites if s.is_slice and s.role in roles]
             chosen.extend([module] if len(parts) == len(sites) - 1 else parts)
         elif module.role in roles:
