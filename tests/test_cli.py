@@ -103,3 +103,11 @@ def test_models_lists_presets_and_catalog(cli):
     assert code == 0
     for name in ("minilm-l6", "gemma-3-270m", "tiny-llama", "llama-3-8b", "dialogpt-medium"):
         assert name in out
+
+
+def test_run_help_names_every_registered_method(cli, monkeypatch):
+    from peftlab.methods.registry import METHODS
+
+    monkeypatch.setenv("COLUMNS", "400")  # one line per option: the names are not wrapped apart
+    code, out, _ = cli("run", "--help")
+    assert code == 0 and all(name in out for name in METHODS) and "sparselora" in out

@@ -14,6 +14,7 @@ from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import PlanConfig, load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
+from peftlab.methods.registry import METHODS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
 
 app = typer.Typer(
@@ -114,7 +115,7 @@ def run(
     task: TaskOption = None,
     data: DataOption = None,
     kind: KindOption = None,
-    method: Annotated[Optional[str], typer.Option(help="lora | qlora | adalora | hira | bottleneck | prefix | full | bitfit")] = None,
+    method: Annotated[Optional[str], typer.Option(help=" | ".join(METHODS))] = None,
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
