@@ -345,3 +345,24 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
     assert sorted(seeds["placement=ffn"]) == [0, 1, 2, 3]  # unresolved: seeds up to the maximum, no further
     assert sorted(seeds["placement=all"]) == [0, 1, 2, 3]  # the baseline keeps every comparison paired
     assert all(r["status"] == "done" for r in store.rows())
+
+
+def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(data_file, tmp_path):
+    from peftlab.studies.runner import open_study, recover
+    from peftlab.studies.worker import RESULT_KEYS, execute_study_run, run_dir
+
+    spec = tiny_spec(data_file, axes={"placement": {"all": "all"}}, seeds=[0, 1])
+    spec.base["budget"] = 2_000
+    study_dir = tmp_path / "study"
+    store, _ = open_study(spec, study_dir)
+    first, second = store.rows()
+    status, stored, error = execute_study_run(study_dir, first["id"], json.loads(first["config"]), threads=1)
+    assert status == "done" and error is None and set(stored) == set(RESULT_KEYS)
+    assert stored["budget"]["target"] == 2_000  # the equal-budget match a report reads
+    # a run killed after writing its directory is adopted with the same keys
+    store.mark_running(second["id"], None)
+    out = run_dir(study_dir, second["id"])
+    out.mkdir(parents=True)
+    (out / "result.json").write_text(json.dumps({**stored, "config": {"unrelated": True}}))
+    assert recover(store, study_dir) == 1
+    assert json.loads(store.get(second["id"])["result"]) == stored

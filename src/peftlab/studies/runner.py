@@ -32,7 +32,7 @@ from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
 from peftlab.studies.store import Store
 from peftlab.studies.tuning import chosen_rates
-from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
+from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process, stored_result
 
 
 @contextmanager
@@ -74,7 +74,7 @@ def recover(store: Store, study_dir: Path) -> int:
         result_file = run_dir(study_dir, row["id"]) / "result.json"
         if result_file.is_file():
             result = json.loads(result_file.read_text())
-            store.finish(row["id"], result["status"], result, result.get("error"))
+            store.finish(row["id"], result["status"], stored_result(result), result.get("error"))
         else:
             store.reset(row["id"])
         recovered += 1

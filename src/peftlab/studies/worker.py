@@ -21,7 +21,15 @@ from typing import Any
 # first: its package quiets a library's import-time log before peft imports that library.
 PRELOAD = ("peftlab", "torch", "transformers", "peft", "accelerate", "peftlab.train.run", "peftlab.cli")
 
-RESULT_KEYS = ("status", "error", "metrics", "cost", "data", "final_train_loss", "method", "prefix_cache", "environment")
+# What the store keeps of a run's result (result.json in the run's directory has everything)
+RESULT_KEYS = ("status", "error", "metrics", "cost", "data", "final_train_loss", "method", "budget", "prefix_cache",
+               "environment")
+
+
+def stored_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run's result the study store keeps: the same whether the worker records it or a later
+    study process adopts it from the run's directory."""
+    return {k: result.get(k) for k in RESULT_KEYS}
 
 
 def run_dir(study_dir: Path, run_id: str) -> Path:
@@ -47,7 +55,7 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
     except Exception as exc:  # a crash in one run must not take the study down
         traceback.print_exc()  # into the run's log
         return "failed", None, traceback.format_exception_only(exc)[-1].strip()
-    return result["status"], {k: result.get(k) for k in RESULT_KEYS}, result.get("error")
+    return result["status"], stored_result(result), result.get("error")
 
 
 def run_process(study_dir: Path, run_id: str, threads: int, log: Path, env: dict[str, str]) -> None:
