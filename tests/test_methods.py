@@ -12,9 +12,8 @@ from peftlab.methods.hira import HiraSpec
 from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
 from peftlab.methods.sparselora import SparseLoraSpec
-from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.load import count_params, head_modules, load_model, unwrap
 from peftlab.models.roles import Role
-from peftlab.train.loss import unwrap
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
          ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]

@@ -11,10 +11,9 @@ from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
 from peftlab.methods.qlora import QLoraSpec
 from peftlab.methods.registry import make_method
-from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.load import count_params, head_modules, load_model, unwrap
 from peftlab.models.quantize import is_4bit, quantize_4bit, weight_bytes
 from peftlab.train.loop import make_optimizer
-from peftlab.train.loss import unwrap
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
          ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]

@@ -11,10 +11,10 @@ from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
 from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
 from peftlab.methods.sparselora import SparseLoraSpec, layer_sparsity
-from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.load import count_params, head_modules, load_model, unwrap
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
-from peftlab.train.loss import batch_nll, unwrap
+from peftlab.train.loss import batch_nll
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
          ("tiny-distilbert", "sequence-classification"), ("tiny-llama", "causal-lm")]

@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from peftlab import quiet_libraries
 from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import PlanConfig, load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError
@@ -502,17 +503,6 @@ def models() -> None:
 
 def _layers(values: dict[str, Any]) -> int:
     return values.get("num_hidden_layers") or values.get("n_layer") or values.get("n_layers")
-
-
-def quiet_libraries() -> None:
-    """Our own progress bars and tables only: no load reports or per-file progress from libraries."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
 
 
 def main() -> None:

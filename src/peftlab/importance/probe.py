@@ -41,14 +41,15 @@ from peftlab.importance.measures import (
 from peftlab.methods.adalora import AdaLoraSpec
 from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
-from peftlab.models.load import cache_dir, count_params, head_modules, load_model, load_tokenizer, model_spec_for_task
+from peftlab.models.load import (cache_dir, count_params, head_modules, load_model, load_tokenizer, model_spec_for_task,
+                                 unwrap)
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.allocation import MEASURES, BudgetAllocation, ImportanceAllocation, UniformAllocation
 from peftlab.plans.plan import Plan, build_plan
 from peftlab.tasks.prepare import collate_indexed, load_task
 from peftlab.train.batching import Batches
 from peftlab.train.loop import train_loop
-from peftlab.train.loss import batch_nll, unwrap
+from peftlab.train.loss import batch_nll
 
 VERSION = 1  # bump when a measure changes, so cached scores are recomputed
 # Training settings the update / adalora probes train with (the rest of a run's settings do not matter to them).

@@ -20,9 +20,9 @@ from peftlab.methods.fused_slices import (
     wrap_slices,
 )
 from peftlab.methods.low_rank import use_low_rank_linears
+from peftlab.models.load import unwrap
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
-from peftlab.train.loss import unwrap
 
 
 def peft_task_type(model: nn.Module) -> str | None:

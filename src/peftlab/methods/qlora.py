@@ -20,6 +20,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.models.load import unwrap
 from peftlab.models.quantize import (
     DTYPES,
     Quantized,
@@ -28,7 +29,6 @@ from peftlab.models.quantize import (
     quantize_4bit,
 )
 from peftlab.plans.plan import Plan
-from peftlab.train.loss import unwrap
 
 
 class QLoraSpec(LoraSpec):

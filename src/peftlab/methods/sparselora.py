@@ -40,12 +40,11 @@ from peftlab.methods.sparse_channels import (
     split_ffn,
 )
 from peftlab.models.architectures import family_named
-from peftlab.models.load import cache_dir
+from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site, resolve_sites
 from peftlab.plans.plan import Plan
 from peftlab.tasks.prepare import IGNORE
-from peftlab.train.loss import unwrap
 
 ESTIMATOR_VERSION = 1
 

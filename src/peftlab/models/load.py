@@ -261,6 +261,11 @@ def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec
 HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The transformers model inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 def head_modules(model: nn.Module) -> list[str]:
     """Names of the task-head modules (trained by every method, counted separately): the family record's,
     where the model is an encoder or a sequence classifier."""

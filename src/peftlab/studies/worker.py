@@ -61,7 +61,7 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
 def run_process(study_dir: Path, run_id: str, threads: int, log: Path, env: dict[str, str]) -> None:
     """The body of a run process: the study's environment as it is now (the fork server's dates from its
     start), output into the run's log, the run, its outcome into the store."""
-    from peftlab.cli import quiet_libraries
+    from peftlab import quiet_libraries
     from peftlab.studies.store import Store
 
     os.environ.clear()

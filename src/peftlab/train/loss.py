@@ -11,12 +11,8 @@ import torch.nn.functional as F
 from peft import PeftModel
 from torch import nn
 
+from peftlab.models.load import unwrap
 from peftlab.tasks.prepare import IGNORE
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The transformers model inside a PEFT wrapper (or the model itself)."""
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def is_prompt_learning(model: nn.Module) -> bool:
