@@ -39,10 +39,9 @@ from peftlab.methods.sparse_channels import (
     narrow_lora,
     split_ffn,
 )
-from peftlab.models.architectures import family_named
 from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.roles import Role
-from peftlab.models.sites import Site, resolve_sites
+from peftlab.models.sites import Site, model_family, resolve_sites
 from peftlab.plans.plan import Plan
 from peftlab.tasks.prepare import IGNORE
 
@@ -144,7 +143,7 @@ class SparseLoraMethod(LoraMethod):
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         resolved = resolve_sites(model)  # before LoRA wraps the modules
         sites = [s for s in resolved.sites if not s.is_slice]
-        family = family_named(resolved.family)
+        family = model_family(model)
         self.head_reads_first = family is not None and family.encoder  # [CLS]; decoders read the last token
         if any(s.role is Role.GATE_UP for s in sites):
             raise PeftlabError(f"sparselora: {resolved.model_type} fuses the FFN's gate and up projections into one "

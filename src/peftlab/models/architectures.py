@@ -135,9 +135,5 @@ def family_for(model_type: str) -> Family | None:
     return None
 
 
-def family_named(name: str) -> Family | None:
-    return next((family for family in FAMILIES if family.name == name), None)
-
-
 def supported_model_types() -> list[str]:
     return sorted(t for f in FAMILIES for t in f.model_types)
