@@ -18,8 +18,8 @@ from peftlab.analysis.stats import (
     Comparison,
     Summary,
     Verdict,
+    adjusted,
     compare,
-    holm,
     summarize,
     verdict,
 )
@@ -140,7 +140,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         c.comparison = compare(c.quality, chosen.quality, test)
     margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
     design = _design(spec, study_dir)
-    for c, p in zip(others, holm([design.p(c.comparison.p) for c in others])):
+    for c, p in zip(others, adjusted([c.comparison for c in others], design)):
         c.p_holm = p
         c.verdict = verdict(c.comparison, p, margin, higher, len(others), design)
     front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
@@ -187,7 +187,7 @@ def recommend(analysis: Analysis) -> list[str]:
     one (paired test Holm-corrected over these steps, TOST for equivalence)."""
     front = [c for c in analysis.configurations if c.on_front]
     steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
-    corrected = holm([analysis.design.p(s.p) for s in steps])
+    corrected = adjusted(steps, analysis.design)
     verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, len(steps), analysis.design)
                 for s, p in zip(steps, corrected)]
     unit = COST_UNITS[analysis.cost]

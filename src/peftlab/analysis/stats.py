@@ -114,6 +114,12 @@ def holm(pvalues: Sequence[float]) -> list[float]:
     return adjusted
 
 
+def adjusted(comparisons: Sequence[Comparison], design: Design = FIXED) -> list[float]:
+    """The p-values a verdict compares with the design's alpha: each comparison's sequential p-value over
+    the design's looks (the plain one with one look), Holm-corrected across `comparisons`."""
+    return holm([design.p(c.p) for c in comparisons])
+
+
 POWER = 0.8  # of the detectable differences and the seeds needed
 MAX_SEEDS = 1000  # beyond this, "seeds needed" is reported as out of reach
 

@@ -82,7 +82,7 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
     """(rank shape, placement, method) of the study's best configuration within the budget when it trains a
     ranked method; and lines saying what the study showed."""
     from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
-    from peftlab.analysis.stats import CONSTANT, compare, holm, verdict
+    from peftlab.analysis.stats import CONSTANT, adjusted, compare, verdict
     from peftlab.methods.registry import METHODS
 
     analysis = analyze(study)
@@ -105,7 +105,7 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
             f"({best.summary.mean:.4f}, {best.summary.n} seeds)")
     if rivals:
         tests = [compare(best.quality, c.quality, analysis.test) for c in rivals]
-        corrected = holm([analysis.design.p(t.p) for t in tests])
+        corrected = adjusted(tests, analysis.design)
         verdicts = [verdict(t, p, analysis.margin, analysis.higher_is_better, len(rivals), analysis.design)
                     for t, p in zip(tests, corrected)]
         beaten = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "better"]

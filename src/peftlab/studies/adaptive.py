@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.analysis.sequential import ALPHA, Design
-from peftlab.analysis.stats import compare, holm, outcome
+from peftlab.analysis.stats import adjusted, compare, outcome
 from peftlab.config import StudySpec
 from peftlab.errors import PeftlabError
 from peftlab.studies.store import Store
@@ -55,8 +55,8 @@ def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float,
     """Label -> better | worse | equivalent | unresolved against the baseline at this look."""
     others = [label for label in quality if label != baseline]
     comparisons = [compare(quality[label], quality[baseline]) for label in others]
-    adjusted = holm([design.p(c.p) for c in comparisons])
-    return {label: outcome(c, p, margin, higher_is_better, design) for label, c, p in zip(others, comparisons, adjusted)}
+    corrected = adjusted(comparisons, design)
+    return {label: outcome(c, p, margin, higher_is_better, design) for label, c, p in zip(others, comparisons, corrected)}
 
 
 def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int] | None:
