@@ -49,7 +49,8 @@ def main() -> None:
             result = peftlab_run(config, work, name, env={"PEFTLAB_CACHE": str(work / directory)})
             cost = result["cost"]
             rows[name] = {"step_ms": 1000 * cost["step_seconds"] / cost["steps"],
-                          "cache_seconds": cost["prefix_cache_seconds"], "cache": result["prefix_cache"],
+                          "cache_seconds": (result["speed"].get("prefix_cache") or {}).get("build_seconds", 0.0),
+                          "cache": result["speed"].get("prefix_cache"),
                           "train_examples": result["data"]["train"], "padding_fraction": cost["padding_fraction"]}
 
     per_epoch = math.ceil(rows["all"]["train_examples"] / args.batch_size)

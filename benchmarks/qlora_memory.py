@@ -38,8 +38,8 @@ def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-    from peftlab.config import ModelSpec
     from peftlab.models.load import load_config, load_tokenizer
+    from peftlab.specs import ModelSpec
 
     source = load_config(ModelSpec(name=name))
     config = LlamaConfig(

@@ -39,7 +39,8 @@ DEFAULT = "trainer,bare,peftlab-random,peftlab"
 
 
 def run_config(args: argparse.Namespace):
-    from peftlab.config import RunConfig, validate
+    from peftlab.config import validate
+    from peftlab.specs import RunConfig
 
     task = task_spec(args)
     return validate(RunConfig, {
@@ -86,13 +87,12 @@ def measure(harness: str, config) -> dict:
 
     spec = config.train
     if harness.startswith("peftlab"):
-        from peftlab.train.run import execute_run
+        from peftlab.api import run as run_peftlab
 
         changes = {"peftlab-random": {"batching": "random"}, "peftlab-compile": {"compile": True}}.get(harness, {})
         config = config.model_copy(update={"train": spec.model_copy(update=changes)})
         with tempfile.TemporaryDirectory() as tmp:
-            result = execute_run(config, Path(tmp) / "run")
-        cost = result["cost"]
+            cost = run_peftlab(config, Path(tmp) / "run").cost
         return {"tokens": cost["train_tokens"], "seconds": cost["train_seconds"], "steps": cost["steps"],
                 "padding_fraction": cost["padding_fraction"],
                 "peak_memory_bytes": cost["peak_memory_bytes"], "peak_memory_kind": cost["peak_memory_kind"]}

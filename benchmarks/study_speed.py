@@ -39,7 +39,8 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
     from speed import peft_model_and_data
     from transformers import Trainer, TrainingArguments
 
-    from peftlab.config import RunConfig, StudySpec, load_spec
+    from peftlab.config import load_spec
+    from peftlab.specs import RunConfig, StudySpec
     from peftlab.studies.grid import expand
     from peftlab.tasks.prepare import collate
     from peftlab.train.run import _precision
@@ -120,7 +121,7 @@ def main() -> None:
         subprocess.run([sys.executable, "-m", "peftlab", "study", "run", str(spec_file), "--dir", str(work / "study"),
                         "--jobs", str(args.jobs)], check=True, env=env, stdout=subprocess.DEVNULL)
         peftlab_seconds = time.perf_counter() - start
-        from peftlab.studies.store import Store
+        from peftlab.records.store import Store
 
         done = [r for r in Store(work / "study" / "study.db").rows() if r["status"] == "done"]
         ours = mean_by_label([{"label": r["label"], "test": json.loads(r["result"])["metrics"]["test"]["accuracy"]}

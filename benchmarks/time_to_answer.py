@@ -23,9 +23,10 @@ import numpy as np
 from common import append_result
 
 from peftlab.analysis.analyze import analyze
-from peftlab.analysis.sequential import Design
-from peftlab.config import StudySpec, validate
-from peftlab.studies.adaptive import design, next_counts, outcomes
+from peftlab.analysis.sequential import Design, study_design
+from peftlab.config import validate
+from peftlab.specs import StudySpec
+from peftlab.studies.adaptive import next_counts, outcomes
 
 
 def fitted(study: Path) -> tuple[dict[str, float], dict[str, float], str, float, bool]:
@@ -50,7 +51,7 @@ def replay(rng, means, spreads, baseline, margin, higher, rounds: StudySpec) -> 
                      for s in range(most)} for label in means}
     fixed = outcomes(draws, baseline, margin, higher, Design((most,)))
     counts = {label: len(rounds.seeds) for label in means}
-    looks = design(rounds)
+    looks = study_design(rounds)
     while True:
         seen = {label: {s: draws[label][s] for s in range(counts[label])} for label in means}
         adaptive = outcomes(seen, baseline, margin, higher, looks)

@@ -9,19 +9,23 @@ import sys
 
 import pytest
 
-from peftlab.config import ModelSpec, PlanSpec, validate
-from peftlab.models.load import build_skeleton, count_params
-from peftlab.models.sites import resolve_sites
-from peftlab.plans.plan import build_plan
+from peftlab.config import validate
+from peftlab.plans.plan import plan_on
+from peftlab.specs import ModelSpec, PlanSpec
 
 TINY = ("tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-llama")
 
 
 def make_plan(model: str, **plan):
     """Plan on a model skeleton from plain values, e.g. make_plan("tiny-gpt2", placement="attention")."""
-    skeleton = build_skeleton(ModelSpec(name=model))
-    spec = validate(PlanSpec, plan, "test")
-    return build_plan(resolve_sites(skeleton), count_params(skeleton), spec, model)
+    return plan_on(ModelSpec(name=model), validate(PlanSpec, plan, "test"))
+
+
+def run_to_dict(config, output_dir):
+    """A run through the library's entry point (resolve, then execute), its result as result.json holds it."""
+    from peftlab.api import run
+
+    return run(config, output_dir).to_dict()
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import math
 import numpy as np
 import pytest
 
-from peftlab.analysis.sequential import Design
-from peftlab.config import StudySpec, validate
-from peftlab.studies.adaptive import design, next_counts, outcomes, planned_looks
+from peftlab.analysis.sequential import Design, planned_looks, study_design
+from peftlab.config import validate
+from peftlab.specs import StudySpec
+from peftlab.studies.adaptive import next_counts, outcomes
 from peftlab.studies.grid import seeds_of
 
 
@@ -33,7 +34,7 @@ def test_seeds_go_only_to_unresolved_comparisons_and_stop_at_the_maximum():
         "same": {k: v + 0.0001 * (-1) ** k for k, v in base.items()},  # equivalent within 0.01
         "noisy": {k: v + 0.05 * (-1) ** k for k, v in base.items()},  # cannot be told apart yet
     }
-    verdicts = outcomes(quality, "base", 0.01, True, design(s))
+    verdicts = outcomes(quality, "base", 0.01, True, study_design(s))
     assert verdicts == {"clear": "better", "same": "equivalent", "noisy": "unresolved"}
     assert next_counts(quality, "base", verdicts, s) == {"base": 4, "clear": 3, "same": 3, "noisy": 4}
     at_max = {label: {**values, 3: values[0], 4: values[1]} for label, values in quality.items()}
@@ -44,7 +45,7 @@ def simulate_null_study(rng, looks_spec, configurations=3, margin=0.01, plan=Non
     """One study whose configurations all have the same true accuracy; True when any look declared a
     configuration better or worse than the baseline."""
     labels = ["base", *(f"c{i}" for i in range(configurations))]
-    plan = plan or design(looks_spec)
+    plan = plan or study_design(looks_spec)
     seed_effect = rng.normal(0, 0.03, 64)  # a seed moves every configuration alike: what pairing removes
     noise = rng.normal(0, 0.02, (len(labels), 64))
     counts = {label: len(looks_spec.seeds) for label in labels}

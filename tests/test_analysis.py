@@ -76,7 +76,8 @@ def test_pareto_on_hand_made_points():
 def synthetic_study(tmp_path):
     """A finished study with known results: 3 placements x 3 seeds on tiny-bert."""
     from peftlab.api import make_plan
-    from peftlab.config import PlanConfig, RunConfig, StudySpec, validate
+    from peftlab.config import validate
+    from peftlab.specs import PlanConfig, RunConfig, StudySpec
     from peftlab.studies.grid import expand
     from peftlab.studies.runner import open_study
 
@@ -214,7 +215,7 @@ def test_relative_change_divides_by_the_baseline_over_the_matched_seeds():
 def test_a_constant_difference_is_named_in_the_report_not_called_significant(synthetic_study):
     from peftlab.analysis.analyze import analyze
     from peftlab.analysis.report import main_table
-    from peftlab.studies.store import open_existing
+    from peftlab.records.store import open_existing
 
     store = open_existing(synthetic_study)
     for row in store.rows():  # ffn collapses: exactly 0.1 below `all` on every seed
@@ -298,7 +299,7 @@ def test_the_report_carries_a_verdict_per_comparison(synthetic_study):
 def test_degenerate_runs_are_named_counted_and_can_be_left_out(synthetic_study, cli):
     from peftlab.analysis.analyze import analyze
     from peftlab.analysis.report import main_table, write_report
-    from peftlab.studies.store import open_existing
+    from peftlab.records.store import open_existing
 
     # runs that recorded no predicted classes, majority rate or base loss cannot be checked, and the limits say so
     assert any(line.startswith("Degenerate runs not checked for") for line in analyze(synthetic_study).limits)

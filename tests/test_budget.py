@@ -2,14 +2,15 @@
 
 import pytest
 
-from peftlab.config import ModelSpec, RunConfig, validate
+from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
-from peftlab.methods.budget import match_budget, method_params, with_size
+from peftlab.resolve.budget import match_budget, method_params, with_size
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
+from peftlab.specs import ModelSpec, RunConfig
 
 ENCODER = ("tiny-bert", "sequence-classification")
 DECODER = ("tiny-llama", "causal-lm")
@@ -55,7 +56,7 @@ def test_an_unreachable_budget_is_a_clear_error():
 
 
 def test_a_run_with_a_budget_records_its_size(tmp_path):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     rows = [{"text": f"row {i} {'good' if i % 2 else 'bad'}", "label": i % 2} for i in range(40)]
     data = tmp_path / "d.csv"
@@ -65,6 +66,6 @@ def test_a_run_with_a_budget_records_its_size(tmp_path):
         "method": {"name": "bottleneck", "variant": "houlsby"}, "budget": 5_000,
         "train": {"max_steps": 2, "batch_size": 8, "latency_batches": 0},
     }, "test")
-    result = execute_run(run, tmp_path / "run")
+    result = run_to_dict(run, tmp_path / "run")
     assert result["budget"]["parameter"] == "rank" and result["budget"]["target"] == 5_000
     assert result["cost"]["adapter_params"] == result["budget"]["params"]

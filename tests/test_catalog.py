@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError
 from peftlab.models.load import build_skeleton, catalog, count_params, load_config, load_model, load_tokenizer
+from peftlab.specs import ModelSpec
 
 # Parameter counts as published with the weights: encoders without a task head, decoders with their
 # LM head (tied to the embeddings in GPT-2, Qwen2.5 and Gemma 3, untied in LLaMA and Mistral).

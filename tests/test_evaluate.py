@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from peftlab.config import ModelSpec
 from peftlab.models.load import load_model
+from peftlab.specs import ModelSpec
 from peftlab.tasks.prepare import IGNORE, collate
 from peftlab.train.evaluate import evaluate, macro_f1
 

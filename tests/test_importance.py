@@ -8,13 +8,14 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from peftlab.config import ModelSpec, PlanSpec, RunConfig, TrainSpec, validate
+from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.importance.measures import pooled_ranks, update_spectrum
 from peftlab.importance.probe import activation_probe, gradient_probe, probe, training_probe
 from peftlab.models.load import count_params, load_model, load_tokenizer
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
+from peftlab.specs import ModelSpec, PlanSpec, RunConfig, TrainSpec
 from peftlab.tasks.prepare import collate, collate_indexed, load_task
 from peftlab.train.batching import Batches
 
@@ -114,11 +115,11 @@ def test_pooled_ranks_give_the_budget_to_the_most_concentrated_inputs():
 
 def test_importance_allocation_in_a_run(tmp_path, reviews_file, monkeypatch):
     from peftlab.importance import probe as probe_module
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     config = config_for(reviews_file, allocation="budget(6000, importance(fisher, steps=4))")
     config = config.model_copy(update={"train": TrainSpec(max_steps=3, batch_size=8, latency_batches=0)})
-    result = execute_run(config, tmp_path / "a")
+    result = run_to_dict(config, tmp_path / "a")
     plan = json.loads((tmp_path / "a" / "plan.json").read_text())
     ranks = [s["rank"] for s in plan["sites"]]
     assert len(set(ranks)) > 1  # shaped by the scores
@@ -132,7 +133,7 @@ def test_importance_allocation_in_a_run(tmp_path, reviews_file, monkeypatch):
 
     monkeypatch.setattr(probe_module, "probe", no_probe)
     other = config.model_copy(update={"train": TrainSpec(max_steps=3, batch_size=8, latency_batches=0, seed=1)})
-    execute_run(other, tmp_path / "b")  # another training seed, the same probe
+    run_to_dict(other, tmp_path / "b")  # another training seed, the same probe
     assert json.loads((tmp_path / "b" / "plan.json").read_text())["sites"] == plan["sites"]
 
 
@@ -177,8 +178,8 @@ def test_cli_recommend_writes_a_config_under_the_budget(cli, tmp_path, reviews_f
 
 def test_recommend_follows_a_study_that_measured_a_clear_winner(tmp_path, reviews_file):
     from peftlab.api import make_plan
-    from peftlab.config import PlanConfig, StudySpec
-    from peftlab.importance.recommend import recommend
+    from peftlab.analysis.recommend import recommend
+    from peftlab.specs import PlanConfig, StudySpec
     from peftlab.studies.grid import expand
     from peftlab.studies.runner import open_study
 

@@ -6,11 +6,11 @@ import torch.nn.functional as F
 from conftest import make_plan
 from peft import get_peft_model_state_dict
 
-from peftlab.config import ModelSpec
-from peftlab.methods.lora import LoraSpec
 from peftlab.methods.low_rank import LowRankLinear, low_rank_linear
 from peftlab.methods.registry import make_method
+from peftlab.methods.specs import LoraSpec
 from peftlab.models.load import head_modules, load_model
+from peftlab.specs import ModelSpec
 
 
 @pytest.mark.parametrize("shape", [(96, 4), (4, 96), (6, 6)], ids=["B-like", "A-like", "square"])

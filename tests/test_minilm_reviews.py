@@ -2,18 +2,19 @@
 
 import pytest
 
-from peftlab.config import RunConfig, validate
+from peftlab.config import validate
+from peftlab.specs import RunConfig
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # about 4.5 minutes alone on 2 cores; generous for a shared, noisy machine
 def test_minilm_attention_lora_beats_the_majority_class(tmp_path, monkeypatch):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
     config = validate(RunConfig, {"model": "minilm-l6", "task": "reviews",
                                   "plan": {"placement": "attention", "allocation": 8}}, "test")
-    result = execute_run(config, tmp_path / "run")
+    result = run_to_dict(config, tmp_path / "run")
     assert result["status"] == "done"
     assert result["data"]["test"] == 1000
     assert result["metrics"]["test"]["accuracy"] >= 0.80  # majority class: 65.8%

@@ -6,8 +6,9 @@ import json
 
 import pytest
 
-from peftlab.config import RunConfig, StudySpec, load_spec, set_dotted, validate
+from peftlab.config import load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError
+from peftlab.specs import RunConfig, StudySpec
 from peftlab.studies.grid import expand
 
 # (file's setting, dotted override, value, what the resolved config must hold)

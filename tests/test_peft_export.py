@@ -4,7 +4,6 @@ import pytest
 from conftest import make_plan
 from peft import LoraConfig, get_peft_model
 
-from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError, PlanMismatchError
 from peftlab.models.load import load_model
 from peftlab.plans.peft_export import (
@@ -12,6 +11,7 @@ from peftlab.plans.peft_export import (
     verify_wrapped,
     wrapped_modules,
 )
+from peftlab.specs import ModelSpec
 
 CASES = [
     ("tiny-gpt2", {"placement": "attention", "allocation": 8}),
@@ -66,7 +66,7 @@ def test_slices_of_a_fused_projection_cannot_go_to_peft():
 
 def test_readme_example():
     from peftlab.api import make_plan as api_make_plan
-    from peftlab.config import PlanConfig
+    from peftlab.specs import PlanConfig
 
     plan = api_make_plan(PlanConfig.model_validate({"model": "tiny-llama", "plan": {"allocation": "linear(16->4)"}}))
     model = get_peft_model(load_model(ModelSpec(name="tiny-llama")), LoraConfig(**lora_config_kwargs(plan)))

@@ -5,12 +5,12 @@ import torch
 from conftest import make_plan
 from peft import PeftModel
 
-from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
-from peftlab.methods.prefix import PrefixSpec
 from peftlab.methods.registry import make_method
+from peftlab.methods.specs import PrefixSpec
 from peftlab.models.load import load_model
+from peftlab.specs import ModelSpec
 from peftlab.train.loss import batch_nll
 
 CAUSAL = ["tiny-gpt2", "tiny-llama"]
@@ -25,8 +25,9 @@ def batch():
     return {"input_ids": ids, "attention_mask": torch.ones(2, 12, dtype=torch.long), "labels": ids.clone()}
 
 
-def loss(model):
-    nll, count, _ = batch_nll(model, batch(), "instruction")
+def loss(model, method=None):
+    """The causal-LM loss through the method's forward (the prompt in front), or the backbone's."""
+    nll, count, _ = batch_nll(model, batch(), "instruction", method.hidden_states if method else None)
     return nll / count
 
 
@@ -57,7 +58,7 @@ def test_loss_falls_and_only_the_prefix_changes(name, variant):
     model.train()
     losses = []
     for _ in range(20):
-        value = loss(model)
+        value = loss(model, method)
         value.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -72,14 +73,14 @@ def test_bypassed_is_the_bare_base_and_save_load_round_trips(name, tmp_path):
     method, model = applied(name, projection=True, projection_hidden=16)
     model.eval()
     with torch.no_grad():
-        with_prefix = loss(model)
+        with_prefix = loss(model, method)
         with method.bypassed(model):
-            assert torch.allclose(loss(model), base_loss, atol=1e-6)
+            assert torch.allclose(loss(model, method), base_loss, atol=1e-6)
     assert not torch.allclose(with_prefix, base_loss, atol=1e-4)  # the prefix changes what is predicted
     method.save(model, tmp_path / "adapter")
     loaded = PeftModel.from_pretrained(tiny(name), tmp_path / "adapter").eval()
     with torch.no_grad():
-        assert torch.allclose(loss(loaded), with_prefix, atol=1e-5)
+        assert torch.allclose(loss(loaded, method), with_prefix, atol=1e-5)
 
 
 def test_encoders_are_a_clear_error():

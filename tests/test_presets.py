@@ -7,10 +7,10 @@ import torch
 from conftest import make_plan
 from peft import LoraConfig, get_peft_model
 
-from peftlab.config import ModelSpec
 from peftlab.models.load import count_params, load_model
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
+from peftlab.specs import ModelSpec
 
 
 def test_minilm_l6_loads_with_a_seeded_classifier_head():

@@ -6,13 +6,13 @@ from conftest import make_plan
 from peft import PeftModel
 from torch import nn
 
-from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
-from peftlab.methods.qlora import QLoraSpec
 from peftlab.methods.registry import make_method
+from peftlab.methods.specs import QLoraSpec
 from peftlab.models.load import count_params, head_modules, load_model, unwrap
 from peftlab.models.quantize import is_4bit, quantize_4bit, weight_bytes
+from peftlab.specs import ModelSpec
 from peftlab.train.loop import make_optimizer
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),

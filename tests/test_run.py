@@ -7,8 +7,9 @@ import torch
 from peft import PeftModel
 
 from peftlab.analysis.degenerate import degenerate_reason
-from peftlab.config import ModelSpec, RunConfig, validate
+from peftlab.config import validate
 from peftlab.models.load import load_model, load_tokenizer
+from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import collate, load_task
 from peftlab.train.evaluate import evaluate
 
@@ -33,10 +34,10 @@ def classification_config(path, **train):
 
 
 def test_run_writes_every_output_and_reloads(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     out = tmp_path / "run"
-    result = execute_run(classification_config(reviews_file), out)
+    result = run_to_dict(classification_config(reviews_file), out)
     assert result["status"] == "done"
     assert {p.name for p in out.iterdir()} == {"config.yaml", "plan.json", "metrics.jsonl", "result.json", "adapter"}
     assert not (tmp_path / "run.partial").exists()
@@ -61,11 +62,11 @@ def test_run_writes_every_output_and_reloads(tmp_path, reviews_file):
 
 
 def test_same_seed_same_metrics(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
-    first = execute_run(classification_config(reviews_file), tmp_path / "a")
-    second = execute_run(classification_config(reviews_file), tmp_path / "b")
-    other = execute_run(classification_config(reviews_file, seed=1), tmp_path / "c")
+    first = run_to_dict(classification_config(reviews_file), tmp_path / "a")
+    second = run_to_dict(classification_config(reviews_file), tmp_path / "b")
+    other = run_to_dict(classification_config(reviews_file, seed=1), tmp_path / "c")
     assert first["metrics"] == second["metrics"]
     assert first["final_train_loss"] == second["final_train_loss"]
     assert first["metrics"] != other["metrics"]
@@ -82,10 +83,10 @@ def test_native_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypat
 
 
 def test_bf16_autocast_on_cpu_trains_and_evaluates_in_bf16(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
-    fp32 = execute_run(classification_config(reviews_file), tmp_path / "fp32")
-    bf16 = execute_run(classification_config(reviews_file, precision="bf16"), tmp_path / "bf16")
+    fp32 = run_to_dict(classification_config(reviews_file), tmp_path / "fp32")
+    bf16 = run_to_dict(classification_config(reviews_file, precision="bf16"), tmp_path / "bf16")
     assert fp32["environment"]["mixed_precision"] == "no" and bf16["environment"]["mixed_precision"] == "bf16"
     assert bf16["status"] == "done" and bf16["final_train_loss"] != fp32["final_train_loss"]
     # bf16 rounding, not another model: the losses stay close
@@ -116,9 +117,9 @@ def test_cli_fp16_on_cpu_is_a_clear_error(tmp_path, reviews_file, cli):
 
 
 def test_lora_learns_the_tiny_task(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
-    result = execute_run(classification_config(reviews_file, max_steps=60, lr=2e-2), tmp_path / "r")
+    result = run_to_dict(classification_config(reviews_file, max_steps=60, lr=2e-2), tmp_path / "r")
     history = [json.loads(line) for line in (tmp_path / "r" / "metrics.jsonl").read_text().splitlines()]
     losses = [h["train_loss"] for h in history if "train_loss" in h]
     assert losses[-1] < losses[0] * 0.5
@@ -132,10 +133,10 @@ def flat(result):
 
 
 def test_a_collapsed_classifier_is_flagged(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     # a learning rate far too large for the head: every example ends in one class
-    result = execute_run(classification_config(reviews_file, max_steps=30, lr=3.0), tmp_path / "r")
+    result = run_to_dict(classification_config(reviews_file, max_steps=30, lr=3.0), tmp_path / "r")
     test = result["metrics"]["test"]
     assert result["status"] == "done" and test["predicted_classes"] == 1
     assert test["accuracy"] == pytest.approx(test["majority_rate"]) or test["accuracy"] == pytest.approx(1 - test["majority_rate"])
@@ -143,14 +144,14 @@ def test_a_collapsed_classifier_is_flagged(tmp_path, reviews_file):
 
 
 def test_a_causal_lm_that_learned_nothing_keeps_the_base_loss_and_is_flagged(tmp_path, alpaca_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     def run(lr, name):
         config = validate(RunConfig, {
             "model": "tiny-llama", "task": {"path": str(alpaca_file), "kind": "instruction"},
             "plan": {"allocation": 4}, "train": {"max_steps": 12, "batch_size": 4, "lr": lr, "latency_batches": 0},
         }, "test")
-        return execute_run(config, tmp_path / name)
+        return run_to_dict(config, tmp_path / name)
 
     still = run(1e-9, "still")
     assert still["metrics"]["test"]["base_loss"] == pytest.approx(still["metrics"]["test"]["loss"], rel=1e-4)
@@ -172,17 +173,17 @@ def test_degenerate_reasons_on_hand_made_rows():
 
 @pytest.mark.parametrize("method", ["full", "bitfit"])
 def test_other_methods_run(tmp_path, reviews_file, method):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     config = classification_config(reviews_file).model_copy(update={"method": validate(RunConfig, {"method": method}, "t").method})
-    result = execute_run(config, tmp_path / method)
+    result = run_to_dict(config, tmp_path / method)
     assert result["status"] == "done"
     assert result["cost"]["total_params"] == result["cost"]["base_params"]
     assert "merged" not in result["cost"]["latency_ms_per_batch"]
 
 
 def test_instruction_run_reports_perplexity(tmp_path, alpaca_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     config = validate(RunConfig, {
         "model": "tiny-llama",
@@ -190,7 +191,7 @@ def test_instruction_run_reports_perplexity(tmp_path, alpaca_file):
         "plan": {"allocation": 4},
         "train": {"max_steps": 4, "batch_size": 4, "latency_batches": 1},
     }, "test")
-    result = execute_run(config, tmp_path / "instr")
+    result = run_to_dict(config, tmp_path / "instr")
     test = result["metrics"]["test"]
     assert test["perplexity"] == pytest.approx(torch.tensor(test["loss"]).exp().item(), rel=1e-6)
     assert result["data"]["kind"] == "instruction"
@@ -198,18 +199,18 @@ def test_instruction_run_reports_perplexity(tmp_path, alpaca_file):
 
 def test_non_finite_loss_is_a_failure_record(tmp_path, reviews_file, monkeypatch):
     import peftlab.train.loop as loop
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     real = loop.batch_nll
     calls = {"n": 0}
 
-    def poisoned(model, batch, kind):
+    def poisoned(model, batch, kind, hidden_states=None):
         calls["n"] += 1
-        nll, count, logits = real(model, batch, kind)
+        nll, count, logits = real(model, batch, kind, hidden_states)
         return (nll * float("nan"), count, logits) if calls["n"] == 3 else (nll, count, logits)
 
     monkeypatch.setattr(loop, "batch_nll", poisoned)
-    result = execute_run(classification_config(reviews_file), tmp_path / "nan")
+    result = run_to_dict(classification_config(reviews_file), tmp_path / "nan")
     assert result["status"] == "failed" and "non-finite loss (nan) at step 3" in result["error"]
     saved = json.loads((tmp_path / "nan" / "result.json").read_text())
     assert saved["status"] == "failed" and saved["cost"]["steps"] == 2
@@ -241,10 +242,10 @@ def test_cli_run_prints_the_result(tmp_path, reviews_file, cli):
 
 
 def test_eval_every_and_gradient_accumulation(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
-    one = execute_run(classification_config(reviews_file, max_steps=4, eval_every=2), tmp_path / "one")
-    two = execute_run(classification_config(reviews_file, max_steps=4, grad_accum=2), tmp_path / "two")
+    one = run_to_dict(classification_config(reviews_file, max_steps=4, eval_every=2), tmp_path / "one")
+    two = run_to_dict(classification_config(reviews_file, max_steps=4, grad_accum=2), tmp_path / "two")
     history = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [(h["step"], h["split"]) for h in history if "split" in h] == [(2, "validation"), (4, "validation"), (4, "test")]
     # an optimizer step over two micro-batches sees twice the data
@@ -255,11 +256,11 @@ def test_eval_every_and_gradient_accumulation(tmp_path, reviews_file):
 @pytest.mark.parametrize("method", [{"name": "hira"}, {"name": "lora", "use_dora": True, "loraplus": True},
                                     {"name": "bottleneck", "variant": "pfeiffer"}])
 def test_adapter_variants_run_end_to_end(tmp_path, reviews_file, method):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     override = validate(RunConfig, {"method": method, "plan": {"placement": "all", "allocation": 4}}, "t")
     config = classification_config(reviews_file).model_copy(update={"method": override.method, "plan": override.plan})
-    result = execute_run(config, tmp_path / "variant")
+    result = run_to_dict(config, tmp_path / "variant")
     cost = result["cost"]
     merged_or_base = "base" if method["name"] == "bottleneck" else "merged"  # adapters report their overhead
     assert result["status"] == "done" and set(cost["latency_ms_per_batch"]) == {"unmerged", merged_or_base}
@@ -269,7 +270,7 @@ def test_adapter_variants_run_end_to_end(tmp_path, reviews_file, method):
 
 
 def test_gpt2_q_v_slices_run_end_to_end(tmp_path, alpaca_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     config = validate(RunConfig, {
         "model": "tiny-gpt2",
@@ -277,7 +278,7 @@ def test_gpt2_q_v_slices_run_end_to_end(tmp_path, alpaca_file):
         "plan": {"placement": "q,v", "allocation": 4},
         "train": {"max_steps": 3, "batch_size": 4, "latency_batches": 1},
     }, "test")
-    result = execute_run(config, tmp_path / "qv")
+    result = run_to_dict(config, tmp_path / "qv")
     assert result["status"] == "done"
     assert result["cost"]["adapter_params"] == result["cost"]["plan_params"] == 2 * 2 * 4 * (64 + 64)
     assert {"fused_slices.safetensors", "fused_slices.json"} <= {p.name for p in (tmp_path / "qv" / "adapter").iterdir()}
@@ -285,12 +286,12 @@ def test_gpt2_q_v_slices_run_end_to_end(tmp_path, alpaca_file):
 
 
 def test_adalora_reallocates_ranks_within_the_budget(tmp_path, reviews_file):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     override = validate(RunConfig, {"method": "adalora", "plan": {"placement": "all", "allocation": 4}}, "t")
     config = classification_config(reviews_file, max_steps=40).model_copy(
         update={"method": override.method, "plan": override.plan})
-    result = execute_run(config, tmp_path / "adalora")
+    result = run_to_dict(config, tmp_path / "adalora")
     assert result["status"] == "done"
     ranks = result["method"]["final_ranks"]
     plan = json.loads((tmp_path / "adalora" / "plan.json").read_text())
@@ -301,7 +302,7 @@ def test_adalora_reallocates_ranks_within_the_budget(tmp_path, reviews_file):
 
 @pytest.mark.parametrize("kind", ["classification", "instruction"])
 def test_qlora_runs_end_to_end_with_an_8bit_optimizer(tmp_path, reviews_file, alpaca_file, kind):
-    from peftlab.train.run import execute_run
+    from conftest import run_to_dict
 
     model, path = ("tiny-bert", reviews_file) if kind == "classification" else ("tiny-llama", alpaca_file)
     config = validate(RunConfig, {
@@ -309,7 +310,7 @@ def test_qlora_runs_end_to_end_with_an_8bit_optimizer(tmp_path, reviews_file, al
         "plan": {"placement": "all", "allocation": 4},
         "train": {"max_steps": 3, "batch_size": 4, "latency_batches": 1, "optimizer": "adamw-8bit"},
     }, "test")
-    result = execute_run(config, tmp_path / "qlora")
+    result = run_to_dict(config, tmp_path / "qlora")
     cost = result["cost"]
     assert result["status"] == "done"
     assert cost["adapter_params"] == cost["plan_params"]

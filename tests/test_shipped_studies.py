@@ -6,7 +6,8 @@ import random
 import pytest
 
 from peftlab.api import make_plan
-from peftlab.config import PlanConfig, RunConfig, StudySpec, load_spec
+from peftlab.config import load_spec
+from peftlab.specs import PlanConfig, RunConfig, StudySpec
 from peftlab.studies.grid import expand
 from peftlab.studies.shipped import shipped_studies
 
@@ -83,8 +84,8 @@ def test_placement_study_compares_at_equal_rank():
 
 
 def test_methods_study_compares_at_an_equal_budget():
-    from peftlab.config import ModelSpec
-    from peftlab.methods.budget import match_budget
+    from peftlab.resolve.budget import match_budget
+    from peftlab.specs import ModelSpec
 
     spec = load_spec(StudySpec, shipped_studies()["methods"])
     sizes = {}

@@ -2,11 +2,11 @@ import pytest
 from torch import nn
 from transformers import PretrainedConfig
 
-from peftlab.config import ModelSpec
 from peftlab.errors import PeftlabError
 from peftlab.models.load import build_skeleton
 from peftlab.models.roles import Role
 from peftlab.models.sites import resolve_sites
+from peftlab.specs import ModelSpec
 
 
 def sites_of(name):
@@ -89,10 +89,10 @@ def test_role_map_matching_nothing_is_an_error():
 def test_the_family_record_holds_what_the_model_needs(name):
     """Encoder or decoder, the head a sequence classifier adds, where the last layer can be cut: one record
     per family, and each of its module names exists in a model of the family."""
-    from peftlab.config import ModelSpec
     from peftlab.models.architectures import family_for
     from peftlab.models.load import head_modules, is_encoder, load_model
     from peftlab.models.sites import layer_blocks
+    from peftlab.specs import ModelSpec
 
     model = load_model(ModelSpec(name=name, head="sequence-classification", num_labels=2), seed=0)
     family = family_for(model.config.model_type)

@@ -5,15 +5,16 @@ import torch
 from conftest import make_plan
 from peft.tuners.tuners_utils import BaseTunerLayer
 
-from peftlab.config import ModelSpec, PlanSpec, validate
+from peftlab.config import validate
 from peftlab.errors import PeftlabError
-from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
 from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
-from peftlab.methods.sparselora import SparseLoraSpec, layer_sparsity
+from peftlab.methods.sparselora import layer_sparsity
+from peftlab.methods.specs import LoraSpec, SparseLoraSpec
 from peftlab.models.load import count_params, head_modules, load_model, unwrap
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
+from peftlab.specs import ModelSpec, PlanSpec
 from peftlab.train.loss import batch_nll
 
 ARCHS = [("tiny-gpt2", "causal-lm"), ("tiny-bert", "sequence-classification"),
@@ -233,8 +234,9 @@ def test_merge_reaches_the_frozen_weights_under_the_sparse_wrapper():
 def test_a_run_reports_executed_flops_per_step(tmp_path):
     import json
 
-    from peftlab.config import RunConfig, validate
-    from peftlab.train.run import execute_run
+    from peftlab.config import validate
+    from peftlab.specs import RunConfig
+    from conftest import run_to_dict
 
     rows = [{"instruction": f"Repeat the word {w} twice.", "input": "", "output": f"{w} {w}"}
             for w in ["apple", "river", "stone", "cloud"] * 6]
@@ -246,7 +248,7 @@ def test_a_run_reports_executed_flops_per_step(tmp_path):
         "method": {"name": "sparselora", "profile": "uniform", "dense_fraction": 0.25},
         "train": {"max_steps": 8, "batch_size": 4, "latency_batches": 1},
     }, "test")
-    result = execute_run(config, tmp_path / "run")
+    result = run_to_dict(config, tmp_path / "run")
     assert result["status"] == "done"
     flops = result["method"]["flops"]
     assert flops["per_step_share"][:2] == [1.0, 1.0] and max(flops["per_step_share"][2:]) < 1.0

@@ -5,18 +5,21 @@ from contextlib import nullcontext
 
 import pytest
 import torch
+from conftest import run_to_dict
 
 import peftlab.train.run as run_module
-from peftlab.config import ModelSpec, RunConfig, validate
+from peftlab.config import validate
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.sites import layer_blocks, resolve_sites
 from peftlab.plans.plan import build_plan
+from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import collate
 from peftlab.train.batching import Batches
-from peftlab.train.head_positions import last_layer_at_head
 from peftlab.train.loss import batch_nll
-from peftlab.train.prefix_cache import build_prefix_cache, lowest_trainable_layer
+from peftlab.train.speed.compile import CompiledLayers
+from peftlab.train.speed.head_positions import last_layer_at_head
+from peftlab.train.speed.prefix_cache import build_prefix_cache, lowest_trainable_layer
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
@@ -83,7 +86,7 @@ def run_losses(tmp_path, model, data, kind, placement, cache, name, **train):
                   "prefix_cache": cache, **train},
     }, "test")
     out = tmp_path / name
-    result = run_module.execute_run(config, out)
+    result = run_to_dict(config, out)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["train_loss"] for r in rows if "train_loss" in r], result
 
@@ -99,9 +102,9 @@ def test_cached_prefix_gives_the_uncached_losses(tmp_path, no_dropout, varied_re
     plain, plain_result = run_losses(tmp_path, model, data, kind, UPPER, False, "plain")
     cached, result = run_losses(tmp_path, model, data, kind, UPPER, True, "cached")
     layers = 4 if model == "tiny-llama" else 2
-    assert plain_result["prefix_cache"] is None
-    assert result["prefix_cache"]["layer"] == layers // 2 and not result["prefix_cache"]["loaded"]
-    assert result["prefix_cache"]["examples"] == result["data"]["train"]
+    assert plain_result["speed"].get("prefix_cache") is None
+    assert result["speed"]["prefix_cache"]["layer"] == layers // 2 and not result["speed"]["prefix_cache"]["loaded"]
+    assert result["speed"]["prefix_cache"]["examples"] == result["data"]["train"]
     assert cached == pytest.approx(plain, abs=1e-5)
     assert result["metrics"]["test"]["loss"] == pytest.approx(plain_result["metrics"]["test"]["loss"], abs=1e-5)
     assert len(set(cached)) > 1  # the loss moved: the steps trained something
@@ -110,12 +113,12 @@ def test_cached_prefix_gives_the_uncached_losses(tmp_path, no_dropout, varied_re
 def test_a_second_run_loads_the_cache_and_trains_the_same(tmp_path, no_dropout, varied_reviews):
     first, one = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "one")
     second, two = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "two")
-    assert not one["prefix_cache"]["loaded"] and two["prefix_cache"]["loaded"]
-    assert two["prefix_cache"]["file"] == one["prefix_cache"]["file"]
+    assert not one["speed"]["prefix_cache"]["loaded"] and two["speed"]["prefix_cache"]["loaded"]
+    assert two["speed"]["prefix_cache"]["file"] == one["speed"]["prefix_cache"]["file"]
     assert second == first
     # another seed of a tiny model has other lower weights: its own cache
     _, other = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "three", seed=1)
-    assert other["prefix_cache"]["file"] != one["prefix_cache"]["file"]
+    assert other["speed"]["prefix_cache"]["file"] != one["speed"]["prefix_cache"]["file"]
 
 
 def test_bucketing_reports_less_padding(tmp_path, varied_reviews):
@@ -123,7 +126,7 @@ def test_bucketing_reports_less_padding(tmp_path, varied_reviews):
     _, bucketed = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", True, "b", **epoch)
     _, plain = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", True, "r", batching="random",
                           **epoch)
-    assert bucketed["prefix_cache"] is None  # adapters on layer 0: nothing to skip
+    assert bucketed["speed"]["prefix_cache"] is None  # adapters on layer 0: nothing to skip
     assert bucketed["cost"]["padding_fraction"] < plain["cost"]["padding_fraction"]
     assert bucketed["cost"]["train_tokens"] == plain["cost"]["train_tokens"]  # one epoch: every example once
 
@@ -160,17 +163,17 @@ def test_compiled_layers_train_like_eager_ones(tmp_path, no_dropout, varied_revi
 
 
 def test_a_cache_too_large_for_memory_is_skipped_with_a_note(tmp_path, no_dropout, varied_reviews, monkeypatch):
-    import peftlab.train.prefix_cache as prefix_cache
+    import peftlab.train.speed.prefix_cache as prefix_cache
 
     monkeypatch.setattr(prefix_cache, "memory_limit", lambda: 1000)  # bytes
     _, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "big")
-    assert result["status"] == "done" and not result["prefix_cache"]["used"]
-    assert "quarter of this machine's memory" in result["prefix_cache"]["note"]
+    assert result["status"] == "done" and not result["speed"]["prefix_cache"]["used"]
+    assert "quarter of this machine's memory" in result["speed"]["prefix_cache"]["note"]
 
 
 def test_compile_wraps_every_layer_block():
     model = load_model(ModelSpec(name="tiny-llama", head="causal-lm"))
-    run_module._compile_layers(model)
+    CompiledLayers().install(model, None, None)
     assert [layer._compiled_call_impl is not None for layer in model.model.layers] == [True] * 4
 
 
@@ -225,7 +228,7 @@ def test_runs_with_and_without_last_layer_at_head_learn_the_same(tmp_path, no_dr
                              latency_batches=1)
     full, off = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "off",
                            latency_batches=1, last_layer_at_head=False)
-    assert on["cost"]["last_layer_at_head"] and not off["cost"]["last_layer_at_head"]
+    assert on["speed"]["last_layer_at_head"]["used"] and "last_layer_at_head" not in off["speed"]
     assert trimmed == pytest.approx(full, abs=1e-5) and len(set(full)) > 1
     assert on["metrics"]["test"]["loss"] == pytest.approx(off["metrics"]["test"]["loss"], abs=1e-5)
     assert on["metrics"]["test"]["accuracy"] == off["metrics"]["test"]["accuracy"]
@@ -237,14 +240,14 @@ def test_dropout_below_the_adapters_turns_the_cache_off_so_nothing_learned_chang
     # run does not; placement would then be confounded with regularization
     plain, plain_result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, False, "plain")
     cached, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "cached")
-    assert not result["prefix_cache"]["used"] and not result["cost"]["prefix_cache_used"]
-    assert "dropout runs below layer 1" in result["prefix_cache"]["note"]
+    assert not result["speed"]["prefix_cache"]["used"]
+    assert "dropout runs below layer 1" in result["speed"]["prefix_cache"]["note"]
     assert cached == plain
     assert result["metrics"]["test"]["loss"] == plain_result["metrics"]["test"]["loss"]
     # every dropout of the model at 0 (for every configuration compared): the cache is exact, and used
     _, zero = run_losses(tmp_path, {"name": "tiny-bert", "dropout": 0.0}, varied_reviews, "classification", UPPER,
                          True, "zero")
-    assert zero["prefix_cache"]["used"] and zero["cost"]["prefix_cache_used"]
+    assert zero["speed"]["prefix_cache"]["used"]
 
 
 def test_model_dropout_sets_every_dropout_of_the_model():
@@ -259,14 +262,14 @@ def test_model_dropout_sets_every_dropout_of_the_model():
 def test_building_the_cache_is_not_training_time(tmp_path, no_dropout, varied_reviews, monkeypatch):
     from types import SimpleNamespace
 
-    import peftlab.train.prefix_cache as prefix_cache
+    import peftlab.train.speed.prefix_cache as prefix_cache
 
     ticks = iter(range(0, 10**9, 1000))  # every clock reading in the cache code is 1,000 s after the last
     monkeypatch.setattr(prefix_cache, "time", SimpleNamespace(perf_counter=lambda: next(ticks)))
     _, built = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "built")
     _, loaded = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", UPPER, True, "loaded")
-    assert not built["prefix_cache"]["loaded"] and loaded["prefix_cache"]["loaded"]
-    assert built["cost"]["prefix_cache_seconds"] == 1000
+    assert not built["speed"]["prefix_cache"]["loaded"] and loaded["speed"]["prefix_cache"]["loaded"]
+    assert built["speed"]["prefix_cache"]["build_seconds"] == 1000
     for result in (built, loaded):  # the seed that built the cache is not charged for it
         cost = result["cost"]
         assert cost["train_seconds"] == cost["step_seconds"] < 1000

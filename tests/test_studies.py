@@ -12,10 +12,11 @@ import time
 import pytest
 import yaml
 
-from peftlab.config import StudySpec, validate
+from peftlab.config import validate
 from peftlab.errors import PeftlabError
+from peftlab.specs import StudySpec
 from peftlab.studies.grid import expand
-from peftlab.studies.results import export, run_rows
+from peftlab.records.results import export, run_rows
 from peftlab.studies.runner import run_study
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
@@ -219,7 +220,7 @@ def finish(store, run_id, validation, test):
 def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     from peftlab.analysis.analyze import analyze
     from peftlab.studies.runner import add_runs, open_study
-    from peftlab.studies.tuning import chosen_rates, rate_choices
+    from peftlab.records.tuning import chosen_rates, rate_choices
 
     spec = tuned_spec(data_file)
     store, added = open_study(spec, tmp_path / "study")
@@ -249,7 +250,7 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
 
 def test_a_tie_over_the_whole_grid_is_named_not_taken_for_a_choice(data_file, tmp_path):
     from peftlab.studies.runner import open_study
-    from peftlab.studies.tuning import rate_choices
+    from peftlab.records.tuning import rate_choices
 
     store, _ = open_study(tuned_spec(data_file), tmp_path / "study")
     for row in store.rows():  # every rate collapsed to the majority class
@@ -349,7 +350,8 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
 
 def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(data_file, tmp_path):
     from peftlab.studies.runner import open_study, recover
-    from peftlab.studies.worker import RESULT_KEYS, execute_study_run, run_dir
+    from peftlab.studies.worker import execute_study_run, run_dir
+    from peftlab.train.result import RunResult
 
     spec = tiny_spec(data_file, axes={"placement": {"all": "all"}}, seeds=[0, 1])
     spec.base["budget"] = 2_000
@@ -357,7 +359,7 @@ def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(da
     store, _ = open_study(spec, study_dir)
     first, second = store.rows()
     status, stored, error = execute_study_run(study_dir, first["id"], json.loads(first["config"]), threads=1)
-    assert status == "done" and error is None and set(stored) == set(RESULT_KEYS)
+    assert status == "done" and error is None and set(stored) == set(RunResult("done").to_dict()) - {"config"}
     assert stored["budget"]["target"] == 2_000  # the equal-budget match a report reads
     # a run killed after writing its directory is adopted with the same keys
     store.mark_running(second["id"], None)

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from peftlab.config import ModelSpec, TaskSpec
 from peftlab.errors import PeftlabError
 from peftlab.models.load import load_tokenizer
+from peftlab.specs import ModelSpec, TaskSpec
 from peftlab.tasks.prepare import IGNORE, collate, load_task
 
 

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-from peftlab.config import PlanConfig
-from peftlab.models.load import build_skeleton, count_params
-from peftlab.models.sites import resolve_sites
-from peftlab.plans.plan import Plan, build_plan
+from pathlib import Path
+
+from peftlab.plans.plan import Plan, plan_on
+from peftlab.resolve.run import resolve_run
+from peftlab.specs import PlanConfig, RunConfig
+from peftlab.train.result import RunResult
+from peftlab.train.run import execute_run
 
 
 def make_plan(config: PlanConfig) -> Plan:
     """Resolve the model's sites on the meta device and build the plan (no weights loaded)."""
-    skeleton = build_skeleton(config.model)
-    sites = resolve_sites(skeleton, config.model.role_map)
-    return build_plan(sites, count_params(skeleton), config.plan, config.model.name)
+    return plan_on(config.model, config.plan)
+
+
+def run(config: RunConfig, output_dir: Path) -> RunResult:
+    """Decide what `config` trains, then build, train, evaluate and measure it into `output_dir`."""
+    return execute_run(resolve_run(config), output_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -12,11 +12,15 @@ from rich.table import Table
 
 from peftlab import quiet_libraries
 from peftlab.analysis.degenerate import degenerate_reason
-from peftlab.config import PlanConfig, load_spec, set_dotted, validate
+from peftlab.config import load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
-from peftlab.methods.registry import METHODS
+from peftlab.methods.specs import SPECS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
+from peftlab.specs import PlanConfig
+
+if TYPE_CHECKING:
+    from peftlab.train.result import RunResult
 
 app = typer.Typer(
     help="peftlab: where to adapt, how much rank, which method, and what it costs.",
@@ -116,7 +120,7 @@ def run(
     task: TaskOption = None,
     data: DataOption = None,
     kind: KindOption = None,
-    method: Annotated[Optional[str], typer.Option(help=" | ".join(METHODS))] = None,
+    method: Annotated[Optional[str], typer.Option(help=" | ".join(SPECS))] = None,
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
@@ -131,8 +135,8 @@ def run(
     output: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<model>-<task>-<method>-<hash>).")] = None,
 ) -> None:
     """Train and evaluate one configuration; write config, plan, metrics, result and adapter."""
-    from peftlab.config import RunConfig, config_id
-    from peftlab.train.run import execute_run
+    from peftlab.api import run as run_config
+    from peftlab.specs import RunConfig, config_id
 
     overrides: dict[str, Any] = {
         "model.name": model,
@@ -155,43 +159,43 @@ def run(
     if output is None:
         task_name = spec.task.name or (spec.task.path.stem if spec.task.path else "data")
         output = Path("runs") / f"{Path(spec.model.name).name}-{task_name}-{spec.method.name}-{config_id(spec)}"
-    result = execute_run(spec, output)
+    result = run_config(spec, output)
     _print_result(result, output)
-    if result["status"] != "done":
+    if not result.done:
         raise typer.Exit(1)
 
 
-def _print_result(result: dict[str, Any], output: Path) -> None:
+def _print_result(result: RunResult, output: Path) -> None:
     console = _console()
-    if result["status"] != "done":
-        console.print(f"[red]run failed:[/] {result['error']} (record in {output}/result.json)", highlight=False)
+    if not result.done:
+        console.print(f"[red]run failed:[/] {result.error} (record in {output}/result.json)", highlight=False)
         return
     table = Table(title=f"result: {output}", title_justify="left")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for split, values in result["metrics"].items():
+    for split, values in result.metrics.items():
         for name, value in values.items():
             if name != "count":
                 table.add_row(f"{split} {name.replace('_', ' ')}", f"{value:.4f}" if isinstance(value, float) else str(value))
-    cost = result["cost"]
+    cost = result.cost
     table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
     table.add_row("% of total params", f"{100 * cost['trainable_share']:.3f}%")
-    if result.get("budget"):
-        match = result["budget"]
+    if result.budget:
+        match = result.budget
         chosen = f"{match['parameter']} {match['size']}" if match["size"] else "fixed size"
         table.add_row("budget (chosen size)", f"{match['target']:,} ({chosen})")
     if cost.get("quantized_weight_bytes"):
         table.add_row("4-bit weights (MiB)", f"{cost['quantized_weight_bytes'] / 2**20:,.1f}")
     table.add_row("training time (s, optimizer steps)", f"{cost['train_seconds']:.1f}")
-    cache = result.get("prefix_cache") or {}
+    cache = result.speed.get("prefix_cache") or {}
     if cache.get("used"):
         how = "loaded" if cache["loaded"] else "built"
         table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s, not in training time)",
-                      f"{cost['prefix_cache_seconds']:.1f}")
+                      f"{cache['build_seconds']:.1f}")
     if cost.get("importance_probe_seconds") is not None:  # once per study, then cached
         table.add_row("importance probe (s, not in training time)", f"{cost['importance_probe_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
-    flops = (result.get("method") or {}).get("flops")
+    flops = result.method.get("flops")
     if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included
         table.add_row("frozen FLOPs executed (% of dense)", f"{100 * flops['executed_share']:.1f}%")
     table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
@@ -205,7 +209,7 @@ def _print_result(result: dict[str, Any], output: Path) -> None:
     console.print(table)
     if cache.get("note"):
         console.print(f"prefix cache {cache['note']}", highlight=False)
-    reason = degenerate_reason({f"metrics.test.{k}": v for k, v in result["metrics"].get("test", {}).items()})
+    reason = degenerate_reason({f"metrics.test.{k}": v for k, v in result.metrics.get("test", {}).items()})
     if reason:
         console.print(f"[yellow]warning:[/] degenerate run: {reason}; try another learning rate", highlight=False)
 
@@ -220,7 +224,7 @@ def _load(cls, config: Path | None, overrides: dict[str, Any]):
 
 
 def _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr):
-    from peftlab.config import RunConfig
+    from peftlab.specs import RunConfig
 
     overrides = {"model.name": model, "task.name": task, "task.path": str(data) if data else None, "task.kind": kind,
                  "task.max_length": max_length, "plan.placement.roles": placement, "plan.placement.layers": layers,
@@ -296,7 +300,7 @@ def recommend(
     output: Annotated[Optional[Path], typer.Option(help="Write a run config (YAML) that trains the proposed plan.")] = None,
 ) -> None:
     """Propose a plan under a parameter budget and say why."""
-    from peftlab.importance.recommend import recommend as propose
+    from peftlab.analysis.recommend import recommend as propose
     from peftlab.plans.allocation import MEASURES
 
     if measure not in MEASURES:
@@ -320,7 +324,7 @@ app.add_typer(study_app, name="study")
 
 def _study_spec(source: str, study_dir: Path | None):
     """A spec file, a shipped study name (placement, allocation, methods), or a study directory to resume."""
-    from peftlab.config import StudySpec
+    from peftlab.specs import StudySpec
     from peftlab.studies.shipped import shipped_study
 
     path = Path(source)
@@ -408,8 +412,8 @@ def _print_main_table(analysis) -> None:
 @study_app.command("status")
 def study_status(directory: Annotated[Path, typer.Argument(help="Study directory.")]) -> None:
     """Runs of a study by status, with their errors, main metric and degenerate runs named."""
-    from peftlab.studies.results import primary_metric, run_rows
-    from peftlab.studies.store import open_existing
+    from peftlab.records.results import primary_metric, run_rows
+    from peftlab.records.store import open_existing
 
     store = open_existing(directory)
     rows = run_rows(store)
@@ -438,8 +442,8 @@ def study_export(
     output: Annotated[Optional[list[Path]], typer.Option(help="Files to write (.csv or .parquet).")] = None,
 ) -> None:
     """Export every run (config axes, status, metrics, costs) to CSV and Parquet."""
-    from peftlab.studies.results import export
-    from peftlab.studies.store import open_existing
+    from peftlab.records.results import export
+    from peftlab.records.store import open_existing
 
     store = open_existing(directory)
     for path in output or [directory / "runs.csv", directory / "runs.parquet"]:

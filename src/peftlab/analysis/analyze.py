@@ -11,7 +11,7 @@ from typing import Any
 
 from peftlab.analysis.degenerate import checkable, degenerate_reason
 from peftlab.analysis.pareto import pareto_front
-from peftlab.analysis.sequential import FIXED, Design
+from peftlab.analysis.sequential import FIXED, Design, study_design
 from peftlab.analysis.stats import (
     BOOTSTRAP_MIN_SEEDS,
     CONSTANT,
@@ -24,9 +24,9 @@ from peftlab.analysis.stats import (
     verdict,
 )
 from peftlab.errors import PeftlabError
-from peftlab.studies.results import primary_metric, run_rows
-from peftlab.studies.store import open_existing
-from peftlab.studies.tuning import RateChoice, rate_choices
+from peftlab.records.results import primary_metric, run_rows
+from peftlab.records.store import open_existing
+from peftlab.records.tuning import RateChoice, rate_choices
 
 COSTS = {
     "trainable": "cost.trainable_params",
@@ -159,10 +159,10 @@ def _design(spec: dict[str, Any], study_dir: Path) -> Design:
     """The planned looks of a study with seeds until resolved; a fixed design otherwise."""
     if not spec.get("until_resolved"):
         return FIXED
-    from peftlab.config import StudySpec, validate
-    from peftlab.studies.adaptive import design
+    from peftlab.config import validate
+    from peftlab.specs import StudySpec
 
-    return design(validate(StudySpec, spec, str(study_dir / "study.yaml")))
+    return study_design(validate(StudySpec, spec, str(study_dir / "study.yaml")))
 
 
 def default_margin(metric: str, baseline_mean: float) -> float:
@@ -309,10 +309,11 @@ def _degenerate_limits(analysis: Analysis) -> list[str]:
 def _cache_limits(analysis: Analysis) -> list[str]:
     """Which configurations trained with the frozen-prefix cache (it never changes what is learned; its
     build time is reported apart from the training time)."""
-    used = [c.label for c in analysis.configurations if any(r.get("cost.prefix_cache_used") for r in c.runs)]
+    used = [c.label for c in analysis.configurations if any(r.get("speed.prefix_cache.used") for r in c.runs)]
     if not used:
         return []
-    seconds = sum(r.get("cost.prefix_cache_seconds") or 0.0 for c in analysis.configurations for r in c.runs)
+    seconds = sum(r.get("speed.prefix_cache.build_seconds") or 0.0 for c in analysis.configurations for r in c.runs
+                  if r.get("speed.prefix_cache.used"))
     return [f"Frozen-prefix cache used by {', '.join(used)} (no dropout below the adapted layers, so training is "
             f"unchanged); building and loading it took {seconds:.1f} s in all, not counted in training time."]
 

@@ -22,8 +22,12 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from peftlab.specs import StudySpec
 
 ALPHA = 0.05  # the family-wise level of a study's tests
 SIMULATIONS = 200_000
@@ -61,6 +65,20 @@ class Design:
 
 
 FIXED = Design()
+
+
+def planned_looks(spec: StudySpec) -> tuple[int, ...]:
+    """The seeds of each look: the first seeds, then `step` more per round, up to `max`."""
+    first = len(spec.seeds)
+    if spec.until_resolved is None:
+        return (first,)
+    rounds = spec.until_resolved
+    return (*range(first, rounds.max, rounds.step), rounds.max)
+
+
+def study_design(spec: StudySpec, alpha: float = ALPHA) -> Design:
+    """The sequential design of a study: its planned looks at level alpha."""
+    return Design(planned_looks(spec), alpha)
 
 
 @lru_cache(maxsize=16)

@@ -26,7 +26,6 @@ from rich.progress import track
 from torch import nn
 from torch.utils.data import DataLoader
 
-from peftlab.config import PlanSpec, RunConfig, TrainSpec
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.importance.measures import (
@@ -38,14 +37,13 @@ from peftlab.importance.measures import (
     site_matrix,
     update_spectrum,
 )
-from peftlab.methods.adalora import AdaLoraSpec
-from peftlab.methods.lora import LoraSpec
 from peftlab.methods.registry import make_method
-from peftlab.models.load import (cache_dir, count_params, head_modules, load_model, load_tokenizer, model_spec_for_task,
+from peftlab.methods.specs import AdaLoraSpec, LoraSpec
+from peftlab.models.load import (cache_dir, head_modules, load_model, load_tokenizer, model_spec_for_task,
                                  unwrap)
-from peftlab.models.sites import resolve_sites
 from peftlab.plans.allocation import MEASURES, BudgetAllocation, ImportanceAllocation, UniformAllocation
-from peftlab.plans.plan import Plan, build_plan
+from peftlab.plans.plan import Plan, plan_on
+from peftlab.specs import PlanSpec, RunConfig, TrainSpec
 from peftlab.tasks.prepare import collate_indexed, load_task
 from peftlab.train.batching import Batches
 from peftlab.train.loop import train_loop
@@ -102,7 +100,7 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     model = load_model(model_spec, seed=seed)
     uniform = PlanSpec(placement=config.plan.placement, allocation=UniformAllocation(rank=max(1, round(rank))),
                        alpha=config.plan.alpha)
-    plan = build_plan(resolve_sites(model, model_spec.role_map), count_params(model), uniform, model_spec.name)
+    plan = plan_on(model_spec, uniform)
     lengths = [len(e["input_ids"]) for e in data.train]
     loader = DataLoader(range(len(data.train)), batch_sampler=Batches(lengths, config.train.batch_size, seed, bucketed=False),
                         collate_fn=partial(collate_indexed, examples=data.train, pad_id=tokenizer.pad_token_id))

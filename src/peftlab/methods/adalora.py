@@ -5,31 +5,18 @@ per-step hook; the final per-module ranks are reported with the run (an empirica
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import AdaLoraConfig, get_peft_model
 from peft.tuners.adalora import AdaLoraLayer
-from pydantic import Field
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, MethodSpecBase
+from peftlab.methods.base import Method
 from peftlab.methods.lora import peft_task_type
 from peftlab.plans.peft_export import lora_config_kwargs
 from peftlab.plans.plan import Plan
-
-
-class AdaLoraSpec(MethodSpecBase):
-    name: Literal["adalora"] = "adalora"
-    init_ratio: float = Field(1.5, ge=1.0)
-    """Initial rank = init_ratio x the plan's mean rank (the paper's 1.5)."""
-    warmup_fraction: float = Field(0.1, ge=0, lt=1)
-    """Steps before pruning starts (tinit), as a fraction of the run."""
-    final_fraction: float = Field(0.3, ge=0, lt=1)
-    """Steps with the final ranks fixed (tfinal), as a fraction of the run."""
-    orth_reg_weight: float = Field(0.5, ge=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class AdaLoraMethod(Method):
@@ -62,6 +49,11 @@ class AdaLoraMethod(Method):
         if wrapped != {p.site.path for p in plan.sites}:
             raise PeftlabError(f"adalora wrapped {len(wrapped)} modules, the plan has {len(plan.sites)}")
         return peft_model
+
+    def site_params(self, site, rank: int) -> int:
+        """At the planned (final) rank: P (r x in), Q (out x r) and the r singular values; training starts
+        from `init_ratio` times that rank and prunes down to it."""
+        return rank * (site.in_features + site.out_features + 1)
 
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         model.base_model.update_and_allocate(step)

@@ -13,14 +13,20 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from peftlab.errors import PeftlabError
+from peftlab.models.load import unwrap
+from peftlab.models.sites import Site
 from peftlab.plans.plan import Plan
 
 
-class MethodSpecBase(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+def backbone_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The backbone's last hidden states at the batch's positions (adapters inside it still apply)."""
+    base = unwrap(model)
+    backbone = getattr(base, base.base_model_prefix)
+    return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False).last_hidden_state  # no key/value cache: nothing generates
 
 
 class Method(ABC):
@@ -60,6 +66,11 @@ class Method(ABC):
     def on_step(self, model: nn.Module, step: int, total_steps: int) -> None:
         """Called after every optimizer step, before gradients are cleared (step counts from 1)."""
 
+    def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The last hidden states at the batch's own positions, from which the causal-LM loss runs the head
+        where tokens are supervised. Methods that add positions (prefix and prompt tuning) override it."""
+        return backbone_hidden(model, batch)
+
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the training loss (AdaLoRA's orthogonality penalty); None for most methods."""
         return None
@@ -90,6 +101,11 @@ class Method(ABC):
         finally:
             self.unmerge(model)
 
+    def site_params(self, site: Site, rank: int) -> int:
+        """Trainable parameters the method adds at one planned site of rank `rank` (a rank method's plan count;
+        LoRA's A is r x in, B is out x r)."""
+        return rank * (site.in_features + site.out_features)
+
     def trainable_for(self, skeleton: nn.Module, plan: Plan, head: list[str]) -> int:
         """The method's own trainable parameters on `skeleton` (a model on the meta device)."""
         return trainable_counts(self.apply(skeleton, plan, head), head)["adapter"]
@@ -97,6 +113,17 @@ class Method(ABC):
     @abstractmethod
     def save(self, model: nn.Module, directory: Path) -> None:
         """Write what was trained, in a format that loads back (PEFT format for adapters)."""
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        """What `save` wrote, loaded into `model`, to which this method was applied with the same plan. PEFT
+        format by default (PEFT's own wrapper: LoRA, QLoRA, AdaLoRA, HiRA, prefixes)."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        if result.unexpected_keys:
+            raise PeftlabError(f"{directory}: weights for modules this model does not have: {result.unexpected_keys[:3]}")
+        return model
 
 
 def trainable_counts(model: nn.Module, head: list[str]) -> dict[str, int]:

@@ -3,21 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
-from pydantic import Field
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, MethodSpecBase, set_head_trainable
+from peftlab.methods.base import Method, set_head_trainable
 from peftlab.plans.plan import Plan
-
-
-class BitFitSpec(MethodSpecBase):
-    name: Literal["bitfit"] = "bitfit"
-    scope: Literal["all", "plan"] = Field("all")
-    """all: every bias of the model (as published); plan: biases of the planned sites only."""
 
 
 class BitFitMethod(Method):
@@ -43,3 +35,10 @@ class BitFitMethod(Method):
         directory.mkdir(parents=True, exist_ok=True)
         trained = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
         save_file(trained, str(directory / "bitfit.safetensors"))
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        saved = load_file(str(directory / "bitfit.safetensors"))
+        unexpected = model.load_state_dict(saved, strict=False).unexpected_keys
+        if unexpected:
+            raise PeftlabError(f"{directory}: weights for parameters this model does not have: {unexpected[:3]}")
+        return model

@@ -8,27 +8,17 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, MethodSpecBase, set_head_trainable
+from peftlab.methods.base import Method, set_head_trainable
 from peftlab.models.roles import Role
 from peftlab.plans.plan import Plan
 
 AFTER = {"houlsby": (Role.O, Role.DOWN), "pfeiffer": (Role.DOWN,)}
-
-
-class BottleneckSpec(MethodSpecBase):
-    name: Literal["bottleneck"] = "bottleneck"
-    variant: Literal["houlsby", "pfeiffer"] = "houlsby"
-    """houlsby: after attention and after the FFN; pfeiffer: after the FFN only."""
-    activation: Literal["relu", "gelu", "silu"] = "relu"
-    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class Bottleneck(nn.Module):
@@ -75,6 +65,13 @@ class BottleneckMethod(Method):
     name = "bottleneck"
     adds_parameters = True
 
+    def site_params(self, site, rank: int) -> int:
+        """After the variant's roles: down (hidden x width + width) and up (width x hidden + hidden), width
+        the planned rank; other planned sites get no adapter."""
+        if site.role not in AFTER[self.spec.variant]:
+            return 0
+        return 2 * site.out_features * rank + rank + site.out_features
+
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         """Adapters after the planned o / down projections; width = the planned rank there."""
         model.requires_grad_(False)
@@ -105,6 +102,10 @@ class BottleneckMethod(Method):
         save_file(trained, str(directory / "bottleneck.safetensors"))
         layout = {path: {"width": m.down.out_features, "hidden": m.down.in_features} for path, m in adapters(model).items()}
         (directory / "bottleneck.json").write_text(json.dumps({"spec": self.spec.model_dump(), "adapters": layout}, indent=2))
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        load_bottleneck(model, directory)
+        return model
 
 
 def load_bottleneck(model: nn.Module, directory: Path) -> None:

@@ -3,16 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from torch import nn
 
-from peftlab.methods.base import Method, MethodSpecBase
+from peftlab.methods.base import Method
 from peftlab.plans.plan import Plan
-
-
-class FullSpec(MethodSpecBase):
-    name: Literal["full"] = "full"
 
 
 class FullMethod(Method):
@@ -25,3 +20,10 @@ class FullMethod(Method):
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        """The saved weights (safetensors; tied weights are saved once and stay tied)."""
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+        return model

@@ -108,9 +108,12 @@ def save_slices(model: nn.Module, directory: Path) -> None:
 
 
 def load_slices(model: nn.Module, directory: Path) -> None:
-    """Load saved slice weights into a model whose slices were wrapped from the same plan."""
+    """Load saved slice weights into a model whose slices were wrapped from the same plan (none: nothing)."""
+    modules = slice_modules(model)
+    if not modules:
+        return
     tensors = load_file(str(directory / WEIGHTS))
-    for path, m in slice_modules(model).items():
+    for path, m in modules.items():
         for i, (a, b) in enumerate(zip(m.lora_A, m.lora_B)):
             a.data.copy_(tensors[f"{path}.lora_A.{i}"])
             b.data.copy_(tensors[f"{path}.lora_B.{i}"])

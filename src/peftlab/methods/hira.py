@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from peft import HiraConfig, get_peft_model
 from peft.tuners.hira import HiraLayer
-from pydantic import Field
 from torch import nn
 
-from peftlab.methods.base import Method, MethodSpecBase
+from peftlab.methods.base import Method
 from peftlab.methods.lora import peft_task_type
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
-
-
-class HiraSpec(MethodSpecBase):
-    name: Literal["hira"] = "hira"
-    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 class HiraMethod(Method):

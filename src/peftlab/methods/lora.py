@@ -5,16 +5,16 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from pydantic import Field
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, MethodSpecBase, set_head_trainable
+from peftlab.methods.base import Method, set_head_trainable
 from peftlab.methods.fused_slices import (
+    load_slices,
     save_slices,
     slice_modules,
     wrap_slices,
@@ -33,18 +33,6 @@ def peft_task_type(model: nn.Module) -> str | None:
     if "ForCausalLM" in name or "LMHeadModel" in name:
         return "CAUSAL_LM"
     return None
-
-
-class LoraSpec(MethodSpecBase):
-    name: Literal["lora"] = "lora"
-    dropout: float = Field(0.0, ge=0, lt=1)
-    use_dora: bool = False
-    """DoRA (Liu et al., 2024): a trained magnitude per output channel on top of the LoRA direction."""
-    use_rslora: bool = False
-    """rsLoRA (Kalajdzievski, 2023): scale the update by alpha / sqrt(r) instead of alpha / r."""
-    loraplus: bool = False
-    """LoRA+ (Hayou et al., 2024): the B matrices learn `loraplus_lr_ratio` times faster than A."""
-    loraplus_lr_ratio: float = Field(16.0, gt=0)
 
 
 class LoraMethod(Method):
@@ -74,6 +62,18 @@ class LoraMethod(Method):
                 raise PeftlabError("method.use_dora / use_rslora: not available for slices of a fused projection "
                                    "(GPT-2 q/v); select q, k and v together or drop the option")
             wrap_slices(unwrap(model), slices, self.spec.dropout)
+        return model
+
+    def site_params(self, site, rank: int) -> int:
+        """A and B, and DoRA's magnitude per output channel."""
+        return super().site_params(site, rank) + (site.out_features if self.spec.use_dora else 0)
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        if isinstance(model, PeftModel):
+            model = super().load(model, directory)
+        elif (directory / "head.safetensors").is_file():
+            model.load_state_dict(load_file(str(directory / "head.safetensors")), strict=False)
+        load_slices(unwrap(model), directory)
         return model
 
     def peft_overrides(self) -> dict[str, Any]:

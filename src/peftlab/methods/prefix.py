@@ -12,33 +12,23 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
+import torch
 from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
-from pydantic import Field
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, MethodSpecBase
+from peftlab.methods.base import Method
 from peftlab.methods.lora import peft_task_type
+from peftlab.models.load import unwrap
 from peftlab.plans.plan import Plan
-
-
-class PrefixSpec(MethodSpecBase):
-    name: Literal["prefix"] = "prefix"
-    variant: Literal["prefix", "prompt"] = "prefix"
-    """prefix: keys and values at every layer; prompt: input embeddings before the text."""
-    num_virtual_tokens: int = Field(16, ge=1, le=4096)
-    projection: bool = False
-    """Prefix only: train the prefix through a two-layer MLP (Li & Liang's reparametrisation); more
-    parameters while training, the same prefix at inference."""
-    projection_hidden: int = Field(512, ge=1)
 
 
 class PrefixMethod(Method):
     name = "prefix"
     size_parameter = "num_virtual_tokens"
     adds_parameters = True
+    position_wise = False  # the learned tokens sit in front of every sequence
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         if peft_task_type(model) != "CAUSAL_LM":
@@ -65,6 +55,35 @@ class PrefixMethod(Method):
     def bypassed(self, model: nn.Module):
         return self._without_prompt(model)
 
+    def hidden_states(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The backbone's last hidden states at the batch's own positions, with the learned prefix (keys and
+        values at every layer) or prompt (embeddings) in front."""
+        if getattr(model, "prompt_disabled", False):  # bypassed: the bare base
+            return super().hidden_states(model, batch)
+        config = model.active_peft_config
+        base = unwrap(model)
+        backbone = getattr(base, base.base_model_prefix)
+        size, n = batch["input_ids"].shape[0], config.num_virtual_tokens
+        mask = torch.cat([batch["attention_mask"].new_ones(size, n), batch["attention_mask"]], dim=1)
+        if config.peft_type == "PREFIX_TUNING":
+            return backbone(input_ids=batch["input_ids"], attention_mask=mask,
+                            past_key_values=model.get_prompt(size)).last_hidden_state
+        embeds = backbone.get_input_embeddings()(batch["input_ids"])
+        prompts = model.get_prompt(size).to(embeds.dtype)
+        hidden = backbone(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask).last_hidden_state
+        return hidden[:, n:]
+
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
+
+    def load(self, model: nn.Module, directory: Path) -> nn.Module:
+        """PEFT loads the prompt into its encoder itself; it still lists the key as unexpected."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
+        unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
+        if unexpected:
+            raise PeftlabError(f"{directory}: weights for modules this model does not have: {unexpected[:3]}")
+        return model
 

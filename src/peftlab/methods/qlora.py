@@ -11,15 +11,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft import get_peft_model_state_dict, set_peft_model_state_dict
-from pydantic import Field
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.methods.lora import LoraMethod
 from peftlab.models.load import unwrap
 from peftlab.models.quantize import (
     DTYPES,
@@ -29,19 +28,6 @@ from peftlab.models.quantize import (
     quantize_4bit,
 )
 from peftlab.plans.plan import Plan
-
-
-class QLoraSpec(LoraSpec):
-    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    """Quantize the per-block scales too (about 0.37 bits per parameter saved)."""
-    blocksize: Literal[32, 64, 128, 256] = 64
-    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """dtype of the 4-bit matmuls; auto: bf16 on a GPU that supports it, fp32 otherwise."""
-    merge_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
-    """dtype of the merged copy (`merged_model`)."""
-    dropout: float = Field(0.0, ge=0, lt=1)
 
 
 def compute_dtype(name: str) -> torch.dtype:

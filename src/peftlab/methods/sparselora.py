@@ -13,20 +13,18 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from peft.tuners.tuners_utils import BaseTunerLayer
-from pydantic import Field, model_validator
 from safetensors.torch import load_file
 from torch import nn
 from transformers.activations import ACT2FN
 
 from peftlab.errors import PeftlabError
 from peftlab.files import save_tensors_atomic, tensor_bytes
-from peftlab.methods.base import MethodSpecBase
 from peftlab.methods.fused_slices import SliceLoRA
-from peftlab.methods.lora import LoraMethod, LoraSpec
+from peftlab.methods.lora import LoraMethod
 from peftlab.methods.low_rank import LowRankLinear
 from peftlab.methods.sparse_channels import (
     AttentionBlock,
@@ -39,6 +37,7 @@ from peftlab.methods.sparse_channels import (
     narrow_lora,
     split_ffn,
 )
+from peftlab.methods.specs import SparseLoraSpec
 from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site, model_family, resolve_sites
@@ -46,36 +45,6 @@ from peftlab.plans.plan import Plan
 from peftlab.tasks.prepare import IGNORE
 
 ESTIMATOR_VERSION = 1
-
-
-class LayerSparsity(MethodSpecBase):
-    ffn: float | None = Field(None, ge=0, lt=1)
-    attention: float | None = Field(None, ge=0, lt=1)
-
-
-class SparseLoraSpec(LoraSpec):
-    name: Literal["sparselora"] = "sparselora"
-    ffn_sparsity: float = Field(0.9, ge=0, lt=1)
-    """Fraction of FFN channels skipped for context tokens, at the sparsest layers."""
-    attention_sparsity: float = Field(0.5, ge=0, lt=1)
-    """Fraction of q/k and v/o channels skipped for context tokens, at the sparsest layers."""
-    profile: Literal["published", "deeper", "uniform"] = "published"
-    """How sparsity spreads over depth. published: the first tenth of the layers (at least one) and the
-    last layer dense, the rest at the set sparsity (the paper's LLaMA configurations); deeper: rises
-    linearly from dense at layer 0 to the set sparsity at the last layer; uniform: every layer."""
-    layers: dict[int, LayerSparsity] = {}
-    """Per-layer overrides, e.g. {5: {ffn: 0.5, attention: 0}}."""
-    estimator_rank: int = Field(8, ge=1)
-    dense_fraction: float = Field(0.05, ge=0, le=1)
-    """Share of the optimizer steps at the start that run dense."""
-    sparse_outputs: bool = False
-    """Run every token sparse, the ones the loss reads (output tokens; the classifier's token) too."""
-
-    @model_validator(mode="after")
-    def _lora_only(self) -> SparseLoraSpec:
-        if self.use_dora:
-            raise ValueError("use_dora is not available with sparselora (DoRA rescales the base output)")
-        return self
 
 
 def layer_sparsity(spec: SparseLoraSpec, n_layers: int) -> dict[str, list[float]]:

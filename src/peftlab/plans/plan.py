@@ -7,12 +7,15 @@ import json
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from peftlab.models.sites import ModelSites, Site
+from torch import nn
+
+from peftlab.models.load import build_skeleton, count_params
+from peftlab.models.sites import ModelSites, Site, resolve_sites
 from peftlab.plans.allocation import allocate_ranks
 from peftlab.plans.placement import select_sites
 
 if TYPE_CHECKING:
-    from peftlab.config import PlanSpec
+    from peftlab.specs import ModelSpec, PlanSpec
 
 
 @dataclass(frozen=True)
@@ -99,3 +102,10 @@ def build_plan(model_sites: ModelSites, base_params: int, spec: PlanSpec, model_
         spec=spec.model_dump(mode="json", by_alias=True),
         warnings=tuple(warnings),
     )
+
+
+def plan_on(model: ModelSpec, spec: PlanSpec, skeleton: nn.Module | None = None) -> Plan:
+    """The plan of `spec` on `model`, resolved on its skeleton (the meta device: no weights loaded, the same
+    sites and counts as the loaded model); pass `skeleton` where the caller has built it already."""
+    skeleton = skeleton if skeleton is not None else build_skeleton(model)
+    return build_plan(resolve_sites(skeleton, model.role_map), count_params(skeleton), spec, model.name)

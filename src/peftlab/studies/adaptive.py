@@ -13,25 +13,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from peftlab.analysis.sequential import ALPHA, Design
+from peftlab.analysis.sequential import Design
 from peftlab.analysis.stats import adjusted, compare, outcome
-from peftlab.config import StudySpec
 from peftlab.errors import PeftlabError
-from peftlab.studies.store import Store
-
-
-def planned_looks(spec: StudySpec) -> tuple[int, ...]:
-    """The seeds of each look: the first seeds, then `step` more per round, up to `max`."""
-    first = len(spec.seeds)
-    if spec.until_resolved is None:
-        return (first,)
-    rounds = spec.until_resolved
-    return (*range(first, rounds.max, rounds.step), rounds.max)
-
-
-def design(spec: StudySpec, alpha: float = ALPHA) -> Design:
-    """The sequential design of a study: its planned looks at level alpha."""
-    return Design(planned_looks(spec), alpha)
+from peftlab.specs import StudySpec
+from peftlab.records.store import Store
 
 
 def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: dict[str, str], spec: StudySpec,

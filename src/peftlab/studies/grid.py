@@ -14,15 +14,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from peftlab.config import (
-    AXIS_PATHS,
-    RunConfig,
-    StudySpec,
-    config_id,
-    set_dotted,
-    validate,
-)
+from peftlab.config import set_dotted, validate
 from peftlab.errors import PeftlabError
+from peftlab.specs import AXIS_PATHS, RunConfig, StudySpec, config_id
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from peftlab.config import RunConfig, StudySpec
 from peftlab.errors import PeftlabError
+from peftlab.specs import RunConfig, StudySpec
 from peftlab.studies.grid import configurations, planned_run, tuning_rates
 
 
@@ -44,9 +44,9 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
 def describe(config: RunConfig) -> tuple[str, int | None]:
     """(one line, trainable adapter parameters) for `config`'s plan and method."""
     from peftlab.api import make_plan
-    from peftlab.config import PlanConfig
-    from peftlab.methods.budget import match_budget, method_params
+    from peftlab.resolve.budget import match_budget, method_params
     from peftlab.methods.registry import METHODS
+    from peftlab.specs import PlanConfig
 
     model = config.model
     allocation = config.plan.allocation

@@ -25,14 +25,15 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from peftlab.config import StudySpec
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
+from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
-from peftlab.studies.store import Store
-from peftlab.studies.tuning import chosen_rates
-from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process, stored_result
+from peftlab.records.store import Store
+from peftlab.records.tuning import chosen_rates
+from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
+from peftlab.train.result import RunResult
 
 
 @contextmanager
@@ -73,8 +74,8 @@ def recover(store: Store, study_dir: Path) -> int:
     for row in store.stale():
         result_file = run_dir(study_dir, row["id"]) / "result.json"
         if result_file.is_file():
-            result = json.loads(result_file.read_text())
-            store.finish(row["id"], result["status"], stored_result(result), result.get("error"))
+            result = RunResult.from_dict(json.loads(result_file.read_text()))
+            store.finish(row["id"], result.status, result.stored(), result.error)
         else:
             store.reset(row["id"])
         recovered += 1

@@ -19,17 +19,7 @@ from typing import Any
 
 # What the fork server imports before it forks run processes (the heavy part of a run's start). peftlab
 # first: its package quiets a library's import-time log before peft imports that library.
-PRELOAD = ("peftlab", "torch", "transformers", "peft", "accelerate", "peftlab.train.run", "peftlab.cli")
-
-# What the store keeps of a run's result (result.json in the run's directory has everything)
-RESULT_KEYS = ("status", "error", "metrics", "cost", "data", "final_train_loss", "method", "budget", "prefix_cache",
-               "environment")
-
-
-def stored_result(result: dict[str, Any]) -> dict[str, Any]:
-    """The part of a run's result the study store keeps: the same whether the worker records it or a later
-    study process adopts it from the run's directory."""
-    return {k: result.get(k) for k in RESULT_KEYS}
+PRELOAD = ("peftlab", "torch", "transformers", "peft", "accelerate", "peftlab.api", "peftlab.cli")
 
 
 def run_dir(study_dir: Path, run_id: str) -> Path:
@@ -40,29 +30,29 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
     """Run one config into STUDY_DIR/runs/RUN_ID; (status, result summary, error). Never raises."""
     import torch
 
-    from peftlab.config import RunConfig
+    from peftlab.api import run
     from peftlab.errors import PeftlabError
-    from peftlab.train.run import execute_run
+    from peftlab.specs import RunConfig
 
     torch.set_num_threads(threads)
     out = run_dir(study_dir, run_id)
     for stale in (out, out.with_name(out.name + ".partial")):  # left by an attempt that did not finish
         shutil.rmtree(stale, ignore_errors=True)
     try:
-        result = execute_run(RunConfig.model_validate(config), out)
+        result = run(RunConfig.model_validate(config), out)
     except PeftlabError as exc:
         return "failed", None, str(exc)
     except Exception as exc:  # a crash in one run must not take the study down
         traceback.print_exc()  # into the run's log
         return "failed", None, traceback.format_exception_only(exc)[-1].strip()
-    return result["status"], stored_result(result), result.get("error")
+    return result.status, result.stored(), result.error
 
 
 def run_process(study_dir: Path, run_id: str, threads: int, log: Path, env: dict[str, str]) -> None:
     """The body of a run process: the study's environment as it is now (the fork server's dates from its
     start), output into the run's log, the run, its outcome into the store."""
     from peftlab import quiet_libraries
-    from peftlab.studies.store import Store
+    from peftlab.records.store import Store
 
     os.environ.clear()
     os.environ.update(env)

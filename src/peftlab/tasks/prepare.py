@@ -18,7 +18,7 @@ from peftlab.tasks.bundled import BUNDLED
 from peftlab.tasks.data import load_hf_dataset, read_records, require_columns
 
 if TYPE_CHECKING:
-    from peftlab.config import TaskSpec
+    from peftlab.specs import TaskSpec
 
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 

@@ -9,7 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from peftlab.train.loss import batch_nll
+from peftlab.train.loss import HiddenStates, batch_nll
 
 
 def macro_f1(predictions: list[int], golds: list[int], n_labels: int) -> float:
@@ -24,9 +24,10 @@ def macro_f1(predictions: list[int], golds: list[int], n_labels: int) -> float:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind: str, n_labels: int, device,
-             autocast: Callable[[], AbstractContextManager] = nullcontext) -> dict[str, float]:
+             autocast: Callable[[], AbstractContextManager] = nullcontext,
+             hidden_states: HiddenStates | None = None) -> dict[str, float]:
     """Loss = total NLL / total predictions over the whole split (never a mean of batch means), at the
-    training's precision (`autocast`)."""
+    training's precision (`autocast`); `hidden_states`: the method's causal-LM forward (see `batch_nll`)."""
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0
@@ -35,7 +36,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            nll, count, logits = batch_nll(model, batch, kind)
+            nll, count, logits = batch_nll(model, batch, kind, hidden_states)
         total_nll += nll.item()
         total_count += int(count)
         if logits is not None:

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +21,7 @@ from transformers import get_scheduler
 
 from peftlab.methods.base import Method
 from peftlab.train.loss import batch_nll
-from peftlab.train.prefix_cache import PrefixCache
+from peftlab.train.speed.base import SpeedFeature, batch_context
 
 
 @dataclass
@@ -62,9 +61,10 @@ def train_loop(
     accelerator: Accelerator,
     on_log: Callable[[dict], None],
     on_eval: Callable[[int], None],
-    prefix: PrefixCache | None = None,
+    features: Sequence[SpeedFeature] = (),
 ) -> LoopResult:
-    """Batches carry their examples' `index` (for the prefix cache); the model never sees it."""
+    """Batches carry their examples' `index` (for speed features such as the prefix cache); the model never
+    sees it. Each micro-batch runs in the context of every installed speed feature."""
     optimizer = make_optimizer(spec.optimizer, method.param_groups(model, spec.lr, spec.weight_decay))
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
@@ -85,9 +85,8 @@ def train_loop(
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 length = batch["input_ids"].shape[1]
                 method.prepare_batch(batch)
-                bypass = prefix.feeding(index, length, accelerator.device) if prefix else nullcontext()
-                with accelerator.autocast(), bypass:
-                    nll, count, _ = batch_nll(model, batch, kind)
+                with accelerator.autocast(), batch_context(features, index, length, accelerator.device):
+                    nll, count, _ = batch_nll(model, batch, kind, method.hidden_states)
                 loss = nll / count  # mean over this micro-batch's predictions
                 penalty = method.regularization(model)
                 loss = (loss if penalty is None else loss + penalty) / spec.grad_accum

@@ -1,22 +1,24 @@
-"""One run end to end: data, model, plan, method, loop, evaluation, costs, outputs.
+"""One resolved run end to end: model, method, loop with its speed features, evaluation, costs, outputs.
 
-The run directory is written as `<dir>.partial` and renamed when the run ends, so a crash never
-leaves a directory that looks like a result. A NaN/inf loss ends the run with status `failed`.
+What to train (plan, budget match, importance scores, data) is decided before, in `peftlab.resolve`. The run
+directory is written as `<dir>.partial` and renamed when the run ends, so a crash never leaves a directory
+that looks like a result. A NaN/inf loss ends the run with status `failed`.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import random
 import shutil
 import warnings
+from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate import Accelerator
@@ -24,30 +26,33 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from peftlab.config import RunConfig
 from peftlab.errors import PeftlabError
-from peftlab.importance.probe import resolve_importance
-from peftlab.methods.base import trainable_counts
-from peftlab.methods.budget import match_budget
+from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
-from peftlab.models.load import count_params, head_modules, load_model, load_tokenizer, model_spec_for_task
+from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.quantize import DTYPES, weight_bytes
-from peftlab.models.sites import layer_blocks, resolve_sites
-from peftlab.plans.plan import build_plan
-from peftlab.tasks.prepare import collate, collate_indexed, load_task
+from peftlab.plans.plan import Plan
+from peftlab.specs import ModelSpec, RunConfig
+from peftlab.tasks.prepare import TaskData, collate, collate_indexed
 from peftlab.train.batching import Batches
 from peftlab.train.evaluate import evaluate
-from peftlab.train.head_positions import last_layer_at_head
-from peftlab.train.loop import train_loop
+from peftlab.train.loop import LoopResult, train_loop
 from peftlab.train.loss import batch_nll
 from peftlab.train.measure import (
+    PeakMemory,
     directory_bytes,
     latency_ms,
     memory_in_use,
     peak_memory,
     reset_peak_memory,
 )
-from peftlab.train.prefix_cache import build_prefix_cache
+from peftlab.train.result import RunResult
+from peftlab.train.speed import switched_on
+from peftlab.train.speed.base import RunSetting, installed
+
+if TYPE_CHECKING:
+    from peftlab.methods.specs import MethodSpec
+    from peftlab.resolve.budget import BudgetMatch
 
 
 def _precision(requested: str) -> str:
@@ -76,67 +81,139 @@ def _cpu_has_bf16() -> bool:
     return any(probe() for probe in probes if probe is not None)
 
 
-def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
-    """Run `config`, write its outputs to `output_dir` and return the result record."""
+@dataclass(frozen=True)
+class ResolvedRun:
+    """Everything a run decided before it trains (see `peftlab.resolve`)."""
+
+    config: RunConfig  # as given: saved with the run
+    model: ModelSpec  # with the task's head
+    method: MethodSpec  # with its size chosen where a budget is matched
+    plan: Plan
+    data: TaskData  # tokenized
+    pad_id: int
+    total_steps: int
+    budget: BudgetMatch | None = None
+    scores: Path | None = None  # the importance scores the ranks came from
+
+
+def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
+    """Build, train, evaluate and measure `run`; write its outputs to `output_dir` (nothing there if it
+    raises) and return its result."""
     if output_dir.exists() and any(output_dir.iterdir()):
         raise PeftlabError(f"{output_dir}: already exists and is not empty; choose another --output")
-    spec = config.train
-    # An importance allocation probes the model first (its own seed, cached), before the run's seed is set.
-    planned, scores = resolve_importance(config)
+    partial_dir = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial_dir, ignore_errors=True)
+    try:
+        result = _execute(run, partial_dir)
+    except BaseException:
+        shutil.rmtree(partial_dir, ignore_errors=True)
+        raise
+    if output_dir.exists():
+        output_dir.rmdir()  # empty, checked above
+    partial_dir.rename(output_dir)
+    return result
+
+
+def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
+    spec, data = run.config.train, run.data
     set_seed(spec.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     # accelerate keeps one precision per process; a run sets its own (runs of one process may differ).
     # The process-wide distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
     accelerator = Accelerator(mixed_precision=_precision(spec.precision), cpu=not torch.cuda.is_available())
-
-    # Everything that can reject the input happens before anything is written.
-    tokenizer = load_tokenizer(config.model)
-    data = load_task(config.task, tokenizer)
-    model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))
     before_model = memory_in_use()  # imports and data: not what training costs
-    model = load_model(model_spec, seed=spec.seed, dtype=DTYPES[model_spec.dtype])
+    model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype])
     base_params = count_params(model)
-    sized, budget = planned, None
-    if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
-        sized, budget = match_budget(planned, model_spec, config.budget)
-    plan = build_plan(resolve_sites(model, model_spec.role_map), base_params, sized.plan, model_spec.name)
     head = head_modules(model)
-    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
-    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
-    method = make_method(sized.method, total_steps)
-    model = method.apply(model, plan, head).to(accelerator.device)
+    method = make_method(run.method, run.total_steps)
+    model = method.apply(model, run.plan, head).to(accelerator.device)
     counts = trainable_counts(model, head)
-    if spec.compile:
-        _compile_layers(model)
     frozen = weight_bytes(model)
 
-    partial_dir = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial_dir, ignore_errors=True)
     partial_dir.mkdir(parents=True)
-    (partial_dir / "config.yaml").write_text(config.to_yaml())
-    (partial_dir / "plan.json").write_text(plan.to_json() + "\n")
-    if scores:  # the importance scores the ranks came from
-        shutil.copyfile(scores, partial_dir / "importance.json")
-    history = (partial_dir / "metrics.jsonl").open("a")
+    (partial_dir / "config.yaml").write_text(run.config.to_yaml())
+    (partial_dir / "plan.json").write_text(run.plan.to_json() + "\n")
+    if run.scores:  # the importance scores the ranks came from
+        shutil.copyfile(run.scores, partial_dir / "importance.json")
+    with (partial_dir / "metrics.jsonl").open("a") as history:
+        def record(row: dict[str, Any]) -> None:
+            history.write(json.dumps(row) + "\n")
+            history.flush()
 
-    def record(row: dict[str, Any]) -> None:
-        history.write(json.dumps(row) + "\n")
-        history.flush()
+        outcome = _train_and_measure(run, model, method, accelerator, before_model, record, partial_dir)
+    trainable = counts["adapter"] + counts["head"]
+    total = base_params + (counts["adapter"] if method.adds_parameters else 0)
+    loop = outcome.loop
+    result = RunResult(
+        status="failed" if loop.failure else "done",
+        error=loop.failure,
+        metrics=outcome.metrics,
+        cost={
+            "trainable_params": trainable,
+            "adapter_params": counts["adapter"],
+            "head_params": counts["head"],
+            "plan_params": (sum(method.site_params(p.site, p.rank) for p in run.plan.sites)
+                            if method.size_parameter == "rank" else None),
+            "base_params": base_params,
+            "total_params": total,
+            "trainable_share": trainable / total,
+            "steps": loop.steps,
+            # optimizer steps only: the same work for every seed of a configuration, whichever built a cache
+            "train_seconds": loop.train_seconds,
+            "step_seconds": loop.train_seconds,
+            # the probe an importance allocation came from (run once per study, then read from the cache)
+            "importance_probe_seconds": json.loads(run.scores.read_text())["seconds"] if run.scores else None,
+            "train_tokens": loop.train_tokens,
+            "tokens_per_second": loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
+            "padding_fraction": 1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
+            "peak_memory_bytes": outcome.memory.training,
+            "peak_memory_kind": outcome.memory.kind,
+            "peak_memory_process_bytes": outcome.memory.process,
+            "adapter_bytes": outcome.adapter_bytes,
+            "frozen_weight_bytes": frozen["quantized"] + frozen["other"],
+            "quantized_weight_bytes": frozen["quantized"],
+            "quantized_params": frozen["quantized_params"],
+            "latency_ms_per_batch": outcome.latency,
+            "latency_padded_length": outcome.latency_length,  # positions per timed example
+        },
+        final_train_loss=loop.final_loss,
+        method=method.report(model),
+        budget=run.budget.to_dict() if run.budget else None,
+        speed=outcome.speed,
+        data={"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
+              "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
+        environment=_environment(accelerator),
+        config=run.config.model_dump(mode="json", by_alias=True),
+    )
+    (partial_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    return result
 
-    pad_id = tokenizer.pad_token_id
+
+@dataclass
+class _Outcome:
+    loop: LoopResult
+    memory: PeakMemory
+    metrics: dict[str, dict[str, Any]]
+    speed: dict[str, dict[str, Any] | None]
+    latency: dict[str, float]
+    latency_length: float | None
+    adapter_bytes: int | None
+
+
+def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Accelerator, before_model: int,
+                       record: Callable[[dict[str, Any]], None], partial_dir: Path) -> _Outcome:
+    """Train with the speed features installed, then evaluate, time inference and save the adapter."""
+    spec, data, pad_id = run.config.train, run.data, run.pad_id
     lengths = [len(e["input_ids"]) for e in data.train]
     sampler = Batches(lengths, spec.batch_size, spec.seed, bucketed=spec.batching == "bucketed")
     train_loader = DataLoader(range(len(data.train)), batch_sampler=sampler,
                               collate_fn=partial(collate_indexed, examples=data.train, pad_id=pad_id))
-
     eval_batches = {"validation": _eval_batches(data.validation, spec.eval_batch_size, pad_id),
                     "test": _eval_batches(data.test, spec.eval_batch_size, pad_id) if spec.evaluate_test else []}
     timed = latency_sample(data.test or data.validation, spec.latency_batches, spec.eval_batch_size, pad_id)
-
-    n_labels = len(data.labels)
-    evaluate_split = partial(evaluate, kind=data.kind, n_labels=n_labels, device=accelerator.device,
-                             autocast=accelerator.autocast)
+    evaluate_split = partial(evaluate, kind=data.kind, n_labels=len(data.labels), device=accelerator.device,
+                             autocast=accelerator.autocast, hidden_states=method.hidden_states)
 
     # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
     base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
@@ -144,83 +221,29 @@ def execute_run(config: RunConfig, output_dir: Path) -> dict[str, Any]:
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
-    # encoder classification: the last layer, after attention, only at [CLS] (training and evaluation)
-    head_hook = last_layer_at_head(model, data.kind, method) if spec.last_layer_at_head else None
     reset_peak_memory()
-    prefix, prefix_note = None, None
-    if spec.prefix_cache:  # the frozen layers below the lowest adapter, computed once per example
-        prefix, prefix_note = build_prefix_cache(model, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size,
-                                                 accelerator.device, accelerator.autocast, accelerator.mixed_precision)
-    cache_seconds = prefix.info.build_seconds if prefix else 0.0
-    loop = train_loop(model, method, train_loader, data.kind, total_steps, spec, accelerator, record, on_eval, prefix)
+    setting = RunSetting(data.kind, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size, accelerator.device,
+                         accelerator.autocast, accelerator.mixed_precision)
+    features, speed = installed(switched_on(spec), model, method, setting)
+    loop = train_loop(model, method, train_loader, data.kind, run.total_steps, spec, accelerator, record, on_eval,
+                      features)
     memory = peak_memory(before_model)  # the training peak, before evaluation adds its own
-    result: dict[str, Any] = {"status": "failed" if loop.failure else "done", "error": loop.failure}
-    metrics: dict[str, Any] = {}
-    latency: dict[str, float] = {}
-    adapter_bytes = None
-    if not loop.failure:
-        for split_name, split_batches in eval_batches.items():
-            if split_batches:
-                metrics[split_name] = evaluate_split(model, split_batches)
-                record({"step": loop.steps, "split": split_name, **metrics[split_name]})
-        if base_loss is not None and "test" in metrics:
-            metrics["test"]["base_loss"] = base_loss
-        if head_hook is not None:
-            head_hook.remove()  # latency: the model's own forward, as it would be served
-        with accelerator.autocast():  # inference at the training's precision
-            latency = _latencies(model, method, timed, data.kind, accelerator.device)
-        method.save(model, partial_dir / "adapter")
-        adapter_bytes = directory_bytes(partial_dir / "adapter")
-    history.close()
-    trainable = counts["adapter"] + counts["head"]
-    total = base_params + (counts["adapter"] if method.adds_parameters else 0)
-    result.update({
-        "metrics": metrics,
-        "cost": {
-            "trainable_params": trainable,
-            "adapter_params": counts["adapter"],
-            "head_params": counts["head"],
-            "plan_params": plan.trainable_params if method.size_parameter == "rank" else None,
-            "base_params": base_params,
-            "total_params": total,
-            "trainable_share": trainable / total,
-            "steps": loop.steps,
-            # optimizer steps only: the same work for every seed of a configuration, whichever built the cache
-            "train_seconds": loop.train_seconds,
-            "step_seconds": loop.train_seconds,
-            "prefix_cache_seconds": cache_seconds,  # building (the first run) or loading the cache, not in the above
-            "prefix_cache_used": prefix is not None,
-            "last_layer_at_head": head_hook is not None,
-            # the probe an importance allocation came from (run once per study, then read from the cache)
-            "importance_probe_seconds": json.loads(scores.read_text())["seconds"] if scores else None,
-            "train_tokens": loop.train_tokens,
-            "tokens_per_second": loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
-            "padding_fraction": 1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
-            "peak_memory_bytes": memory.training,
-            "peak_memory_kind": memory.kind,
-            "peak_memory_process_bytes": memory.process,
-            "adapter_bytes": adapter_bytes,
-            "frozen_weight_bytes": frozen["quantized"] + frozen["other"],
-            "quantized_weight_bytes": frozen["quantized"],
-            "quantized_params": frozen["quantized_params"],
-            "latency_ms_per_batch": latency,
-            "latency_padded_length": _mean_length(timed) if timed else None,  # positions per timed example
-        },
-        "final_train_loss": loop.final_loss,
-        "method": method.report(model),
-        "budget": budget.to_dict() if budget else None,
-        "prefix_cache": {"used": True, **prefix.info.to_dict()} if prefix else (
-            {"used": False, "note": prefix_note} if prefix_note else None),
-        "data": {"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
-                 "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
-        "environment": _environment(accelerator),
-        "config": config.model_dump(mode="json", by_alias=True),
-    })
-    (partial_dir / "result.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
-    if output_dir.exists():
-        output_dir.rmdir()  # empty, checked above
-    partial_dir.rename(output_dir)
-    return result
+    outcome = _Outcome(loop, memory, {}, speed, {}, _mean_length(timed) if timed else None, None)
+    if loop.failure:
+        return outcome
+    for split_name, split_batches in eval_batches.items():
+        if split_batches:
+            outcome.metrics[split_name] = evaluate_split(model, split_batches)
+            record({"step": loop.steps, "split": split_name, **outcome.metrics[split_name]})
+    if base_loss is not None and "test" in outcome.metrics:
+        outcome.metrics["test"]["base_loss"] = base_loss
+    for feature in features:
+        feature.remove()  # latency: the model's own forward, as it would be served
+    with accelerator.autocast():  # inference at the training's precision
+        outcome.latency = _latencies(model, method, timed, data.kind, accelerator.device)
+    method.save(model, partial_dir / "adapter")
+    outcome.adapter_bytes = directory_bytes(partial_dir / "adapter")
+    return outcome
 
 
 def _eval_batches(split: list[dict[str, Any]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
@@ -255,22 +278,11 @@ def _mean_length(batches: list[dict[str, torch.Tensor]]) -> float:
     return sum(b["input_ids"].shape[1] for b in batches) / len(batches)
 
 
-def _compile_layers(model) -> None:
-    """Regional compilation: every layer block runs one compiled graph (the layers share their code), so
-    compiling costs the same for 6 layers as for 60; sequence lengths vary, hence dynamic shapes."""
-    found = layer_blocks(model)
-    if found is None:
-        raise PeftlabError(f"train.compile: peftlab cannot find the layer blocks of {model.config.model_type!r}; "
-                           "use it with the gpt2, bert, distilbert or llama families")
-    for layer in found[0]:
-        layer.compile(dynamic=True)
-
-
 def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[str, float]:
     if not batches:
         return {}
     on_device = [{k: v.to(device) for k, v in b.items()} for b in batches]
-    forward = partial(batch_nll, model, kind=kind)
+    forward = partial(batch_nll, model, kind=kind, hidden_states=method.hidden_states)
     was_training = model.training
     model.eval()
     timings = {"unmerged": latency_ms(forward, on_device)}
@@ -280,7 +292,8 @@ def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[st
             timings["base"] = latency_ms(forward, on_device)
     if method.mergeable:
         with method.merged(model) as merged:
-            timings["merged"] = latency_ms(partial(batch_nll, merged, kind=kind), on_device)
+            timings["merged"] = latency_ms(partial(batch_nll, merged, kind=kind, hidden_states=method.hidden_states),
+                                           on_device)
     model.train(was_training)
     return timings
 

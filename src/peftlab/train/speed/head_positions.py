@@ -22,19 +22,33 @@ from torch.utils.hooks import RemovableHandle
 
 from peftlab.methods.base import Method
 from peftlab.models.sites import layer_blocks, model_family
-from peftlab.train.loss import is_prompt_learning
+from peftlab.train.speed.base import RunSetting, SpeedFeature
+
+
+class LastLayerAtHead(SpeedFeature):
+    name = "last_layer_at_head"
+
+    def __init__(self) -> None:
+        self.handle: RemovableHandle | None = None
+
+    def install(self, model: nn.Module, method: Method, run: RunSetting) -> dict[str, Any] | None:
+        self.handle = last_layer_at_head(model, run.kind, method)
+        return {"used": True} if self.handle is not None else None
+
+    def remove(self) -> None:
+        if self.handle is not None:
+            self.handle.remove()
 
 
 def last_layer_at_head(model: nn.Module, kind: str, method: Method) -> RemovableHandle | None:
     """Hook the model so its last layer runs at [CLS] only after attention; the hook's handle (remove it
     for the model's own forward), or None where it does not apply: other tasks and families (decoders
-    read the last token), methods that route positions themselves (SparseLoRA), prompts that shift the
-    positions."""
+    read the last token), methods that route or add positions (SparseLoRA, prompts)."""
     family = model_family(model)
     found = layer_blocks(model)
     if kind != "classification" or family is None or family.sliced_from is None or found is None:
         return None
-    if not method.position_wise or is_prompt_learning(model):
+    if not method.position_wise:
         return None
     try:
         target = found[0][-1].get_submodule(family.sliced_from)

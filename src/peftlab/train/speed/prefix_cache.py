@@ -36,7 +36,8 @@ from peftlab.files import save_tensors_atomic, tensor_bytes
 from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.sites import layer_blocks
 from peftlab.tasks.prepare import collate
-from peftlab.train.loss import is_prompt_learning
+from peftlab.methods.base import Method
+from peftlab.train.speed.base import RunSetting, SpeedFeature
 
 VERSION = 1
 
@@ -67,9 +68,10 @@ class _Bypass(nn.Module):
 
 def lowest_trainable_layer(model: nn.Module) -> int:
     """L: the lowest layer block with a trainable parameter; 0 when there is none to skip (the
-    adapters start at layer 0, prefix/prompt tuning, an architecture whose layers peftlab cannot find)."""
+    adapters start at layer 0, prefix/prompt tuning (trained outside the layers), an architecture whose layers
+    peftlab cannot find)."""
     found = layer_blocks(model)
-    if found is None or is_prompt_learning(model):
+    if found is None:
         return 0
     trainable = [any(p.requires_grad for p in layer.parameters()) for layer in found[0]]
     return trainable.index(True) if any(trainable) else 0
@@ -120,6 +122,23 @@ class PrefixCache:
             for i, original in enumerate(originals):
                 self.layers[i] = original
             self.current = None
+
+
+class PrefixCacheFeature(SpeedFeature):
+    name = "prefix_cache"
+
+    def __init__(self) -> None:
+        self.cache: PrefixCache | None = None
+
+    def install(self, model: nn.Module, method: Method, run: RunSetting) -> dict[str, Any] | None:
+        self.cache, note = build_prefix_cache(model, run.train, run.data_key, run.pad_id, run.batch_size, run.device,
+                                              run.autocast, run.precision)
+        if self.cache is not None:
+            return {"used": True, **self.cache.info.to_dict()}
+        return {"used": False, "note": note} if note else None
+
+    def batch(self, index: torch.Tensor, length: int, device: torch.device):
+        return self.cache.feeding(index, length, device)
 
 
 def _digest(model: nn.Module, layers: nn.ModuleList, layer: int) -> str:

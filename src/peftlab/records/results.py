@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
-from peftlab.studies.store import Store
+from peftlab.records.store import Store
+from peftlab.train.result import RunResult
 
 
 def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
@@ -19,7 +20,7 @@ def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
 
 
 def run_rows(store: Store) -> list[dict[str, Any]]:
-    """One flat dict per run: identity, status, axes, metrics.*, cost.*."""
+    """One flat dict per run: identity, status, axes, metrics.*, cost.*, speed.*."""
     rows = []
     for r in store.rows():
         row: dict[str, Any] = {
@@ -28,10 +29,10 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
             "phase": r["phase"],
         }
         _flatten("axis", json.loads(r["axes"]), row)
-        result = json.loads(r["result"]) if r["result"] else {}
-        for section in ("metrics", "cost"):
-            _flatten(section, result.get(section) or {}, row)
-        row["kind"] = (result.get("data") or {}).get("kind")
+        result = RunResult.from_dict(json.loads(r["result"])) if r["result"] else RunResult(r["status"])
+        for section in ("metrics", "cost", "speed"):
+            _flatten(section, getattr(result, section), row)
+        row["kind"] = result.data.get("kind")
         rows.append(row)
     return rows
 

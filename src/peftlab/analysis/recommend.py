@@ -8,12 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from peftlab.config import PlanSpec, RunConfig, validate
+from peftlab.config import validate
 from peftlab.importance.probe import resolve_importance
-from peftlab.models.load import build_skeleton, count_params
-from peftlab.models.sites import resolve_sites
 from peftlab.plans.allocation import parse_allocation
-from peftlab.plans.plan import Plan, build_plan
+from peftlab.plans.plan import Plan, plan_on
+from peftlab.specs import PlanSpec, RunConfig
 
 TOLERANCE = 0.05  # a study configuration within 5% of the budget counts as within it (budgets match ranks, not params)
 
@@ -27,15 +26,12 @@ class Recommendation:
 
 def recommend(config: RunConfig, budget: int, measure: str, steps: int = 64, study: Path | None = None) -> Recommendation:
     """The importance-shaped plan at `budget`, or the shape of the study's best configuration within it."""
-    skeleton = build_skeleton(config.model)
-    sites, base = resolve_sites(skeleton, config.model.role_map), count_params(skeleton)
-
     def planned(placement: Any, shape: Any) -> tuple[PlanSpec, Plan]:
         """The plan spec as given (an importance shape unresolved) and its plan (scores probed or cached)."""
         spec = PlanSpec.model_validate({"placement": placement, "alpha": config.plan.alpha,
                                         "allocation": {"kind": "budget", "params": budget, "shape": shape}})
         resolved, _ = resolve_importance(config.model_copy(update={"plan": spec}))
-        return spec, build_plan(sites, base, resolved.plan, config.model.name)
+        return spec, plan_on(config.model, resolved.plan)
 
     placement = config.plan.placement.model_dump(mode="json")
     _, uniform = planned(placement, {"kind": "uniform"})

@@ -12,13 +12,12 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from peftlab.config import ModelSpec, RunConfig
 from peftlab.errors import PeftlabError
 from peftlab.methods.registry import METHODS, make_method
-from peftlab.models.load import build_skeleton, count_params, head_modules
-from peftlab.models.sites import resolve_sites
+from peftlab.models.load import build_skeleton, head_modules
 from peftlab.plans.allocation import UniformAllocation
-from peftlab.plans.plan import build_plan
+from peftlab.plans.plan import plan_on
+from peftlab.specs import ModelSpec, RunConfig
 
 MAX_SIZE = 4096
 
@@ -37,7 +36,7 @@ class BudgetMatch:
 def method_params(config: RunConfig, model: ModelSpec) -> int:
     """Trainable parameters of `config`'s method and plan on `model` (head excluded), on the meta device."""
     skeleton = build_skeleton(model)
-    plan = build_plan(resolve_sites(skeleton, model.role_map), count_params(skeleton), config.plan, model.name)
+    plan = plan_on(model, config.plan, skeleton)
     return make_method(config.method, total_steps=100).trainable_for(skeleton, plan, head_modules(skeleton))
 
 

@@ -12,10 +12,12 @@ import sqlite3
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import PeftlabError
-from peftlab.studies.grid import PlannedRun
+
+if TYPE_CHECKING:
+    from peftlab.studies.grid import PlannedRun
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (

@@ -13,8 +13,8 @@ import json
 import math
 from dataclasses import dataclass
 
-from peftlab.studies.results import primary_metric, run_rows
-from peftlab.studies.store import Store
+from peftlab.records.results import primary_metric, run_rows
+from peftlab.records.store import Store
 
 
 @dataclass(frozen=True)

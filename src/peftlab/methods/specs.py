@@ -1,0 +1,128 @@
+"""Each method's spec: the fields a config sets under `method:`, validated without importing torch or peft.
+
+A spec class registers itself by its `name` when defined; `MethodSpec` is the union over the registry,
+so the run config validates every method without listing them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class MethodSpecBase(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    registry: ClassVar[dict[str, type[MethodSpecBase]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        field = cls.model_fields.get("name")
+        if field is not None:  # a method's spec (LayerSparsity is a part of one)
+            MethodSpecBase.registry[field.default] = cls
+
+
+class LoraSpec(MethodSpecBase):
+    name: Literal["lora"] = "lora"
+    dropout: float = Field(0.0, ge=0, lt=1)
+    use_dora: bool = False
+    """DoRA (Liu et al., 2024): a trained magnitude per output channel on top of the LoRA direction."""
+    use_rslora: bool = False
+    """rsLoRA (Kalajdzievski, 2023): scale the update by alpha / sqrt(r) instead of alpha / r."""
+    loraplus: bool = False
+    """LoRA+ (Hayou et al., 2024): the B matrices learn `loraplus_lr_ratio` times faster than A."""
+    loraplus_lr_ratio: float = Field(16.0, gt=0)
+
+
+class QLoraSpec(LoraSpec):
+    name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    """Quantize the per-block scales too (about 0.37 bits per parameter saved)."""
+    blocksize: Literal[32, 64, 128, 256] = 64
+    compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """dtype of the 4-bit matmuls; auto: bf16 on a GPU that supports it, fp32 otherwise."""
+    merge_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
+    """dtype of the merged copy (`merged_model`)."""
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class LayerSparsity(MethodSpecBase):
+    ffn: float | None = Field(None, ge=0, lt=1)
+    attention: float | None = Field(None, ge=0, lt=1)
+
+
+class SparseLoraSpec(LoraSpec):
+    name: Literal["sparselora"] = "sparselora"
+    ffn_sparsity: float = Field(0.9, ge=0, lt=1)
+    """Fraction of FFN channels skipped for context tokens, at the sparsest layers."""
+    attention_sparsity: float = Field(0.5, ge=0, lt=1)
+    """Fraction of q/k and v/o channels skipped for context tokens, at the sparsest layers."""
+    profile: Literal["published", "deeper", "uniform"] = "published"
+    """How sparsity spreads over depth. published: the first tenth of the layers (at least one) and the
+    last layer dense, the rest at the set sparsity (the paper's LLaMA configurations); deeper: rises
+    linearly from dense at layer 0 to the set sparsity at the last layer; uniform: every layer."""
+    layers: dict[int, LayerSparsity] = {}
+    """Per-layer overrides, e.g. {5: {ffn: 0.5, attention: 0}}."""
+    estimator_rank: int = Field(8, ge=1)
+    dense_fraction: float = Field(0.05, ge=0, le=1)
+    """Share of the optimizer steps at the start that run dense."""
+    sparse_outputs: bool = False
+    """Run every token sparse, the ones the loss reads (output tokens; the classifier's token) too."""
+
+    @model_validator(mode="after")
+    def _lora_only(self) -> SparseLoraSpec:
+        if self.use_dora:
+            raise ValueError("use_dora is not available with sparselora (DoRA rescales the base output)")
+        return self
+
+
+class AdaLoraSpec(MethodSpecBase):
+    name: Literal["adalora"] = "adalora"
+    init_ratio: float = Field(1.5, ge=1.0)
+    """Initial rank = init_ratio x the plan's mean rank (the paper's 1.5)."""
+    warmup_fraction: float = Field(0.1, ge=0, lt=1)
+    """Steps before pruning starts (tinit), as a fraction of the run."""
+    final_fraction: float = Field(0.3, ge=0, lt=1)
+    """Steps with the final ranks fixed (tfinal), as a fraction of the run."""
+    orth_reg_weight: float = Field(0.5, ge=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class HiraSpec(MethodSpecBase):
+    name: Literal["hira"] = "hira"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class BottleneckSpec(MethodSpecBase):
+    name: Literal["bottleneck"] = "bottleneck"
+    variant: Literal["houlsby", "pfeiffer"] = "houlsby"
+    """houlsby: after attention and after the FFN; pfeiffer: after the FFN only."""
+    activation: Literal["relu", "gelu", "silu"] = "relu"
+    dropout: float = Field(0.0, ge=0, lt=1)
+
+
+class PrefixSpec(MethodSpecBase):
+    name: Literal["prefix"] = "prefix"
+    variant: Literal["prefix", "prompt"] = "prefix"
+    """prefix: keys and values at every layer; prompt: input embeddings before the text."""
+    num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    projection: bool = False
+    """Prefix only: train the prefix through a two-layer MLP (Li & Liang's reparametrisation); more
+    parameters while training, the same prefix at inference."""
+    projection_hidden: int = Field(512, ge=1)
+
+
+class BitFitSpec(MethodSpecBase):
+    name: Literal["bitfit"] = "bitfit"
+    scope: Literal["all", "plan"] = Field("all")
+    """all: every bias of the model (as published); plan: biases of the planned sites only."""
+
+
+class FullSpec(MethodSpecBase):
+    name: Literal["full"] = "full"
+
+
+SPECS = MethodSpecBase.registry
+MethodSpec = Annotated[Union[tuple(SPECS.values())], Field(discriminator="name")]  # noqa: UP007

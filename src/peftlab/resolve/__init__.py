@@ -1,0 +1,1 @@
+"""What a run will train, decided before it trains: the plan, the budget match, the importance scores."""

@@ -1,0 +1,33 @@
+"""RunConfig -> ResolvedRun: everything a run decides before it trains, in one place.
+
+In order: an importance allocation's scores (probed once with their own seed, then cached), the tokenized
+data and the head it needs, the method's size where a budget is matched, the plan, and the number of
+optimizer steps. Nothing here loads weights; `train.run.execute_run` builds and trains what this decided.
+"""
+
+from __future__ import annotations
+
+import math
+
+from peftlab.importance.probe import resolve_importance
+from peftlab.models.load import load_tokenizer, model_spec_for_task
+from peftlab.plans.plan import plan_on
+from peftlab.resolve.budget import match_budget
+from peftlab.specs import RunConfig
+from peftlab.tasks.prepare import load_task
+from peftlab.train.run import ResolvedRun
+
+
+def resolve_run(config: RunConfig) -> ResolvedRun:
+    planned, scores = resolve_importance(config)
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    model = model_spec_for_task(config.model, data.kind, len(data.labels))
+    sized, budget = planned, None
+    if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
+        sized, budget = match_budget(planned, model, config.budget)
+    spec = config.train
+    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
+    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
+    return ResolvedRun(config, model, sized.method, plan_on(model, sized.plan), data, tokenizer.pad_token_id,
+                       total_steps, budget, scores)

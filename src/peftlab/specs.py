@@ -1,0 +1,388 @@
+"""Validated, frozen specs: what a plan, a run and a study are made of. Reading them from YAML is `config`."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from peftlab.methods.specs import LoraSpec, MethodSpec
+from peftlab.models.roles import Role, parse_role, parse_roles
+from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
+from peftlab.plans.placement import validate_layer_selector
+
+class Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+class ModelSpec(Spec):
+    name: str = "minilm-l6"
+    """A preset (minilm-l6, gemma-3-270m, tiny-*), a catalog architecture, a local directory or a Hugging Face id."""
+    head: Literal["auto", "causal-lm", "sequence-classification", "base"] = "auto"
+    """Which head to build: auto = sequence classification for encoders, causal LM for decoders."""
+    num_labels: int = Field(2, ge=2)
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """dtype of the weights as loaded (16-bit halves the base's memory); PEFT keeps adapters in fp32."""
+    revision: str | None = None
+    trust_remote_code: bool = False
+    """Run code shipped with a hub model. Off unless the user turns it on."""
+    role_map: dict[str, Role] | None = None
+    """For architectures peftlab does not know: regex over full module paths -> role."""
+    dropout: float | None = Field(None, ge=0, lt=1)
+    """Set every dropout probability of the model (hidden, attention, classifier) to this value; default:
+    the model's own. 0 lets the prefix cache skip the frozen lower layers without changing the result."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+    @field_validator("role_map", mode="before")
+    @classmethod
+    def _check_role_map(cls, value: Any) -> Any:
+        if value is None:
+            return value
+        if not isinstance(value, dict):
+            raise ValueError("must be a mapping of regex -> role")
+        checked = {}
+        for pattern, role in value.items():
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise ValueError(f"invalid regex {pattern!r}: {exc}") from None
+            checked[pattern] = parse_role(str(role))
+        return checked
+
+
+class PlacementSpec(Spec):
+    roles: str | list[str] | None = None
+    """`all`, `attention`, `ffn`, or roles such as `q,v` or [o, down]. Default: all (or what `modules` names)."""
+    layers: str | list[int] = "all"
+    """`all`, `lower-half`, `upper-half`, `lower-third`, `middle-third`, `upper-third`, `every-2nd`,
+    `first-4`, `last-4`, or explicit indices (`0,2,5`, `0-3`, [0, 2, 5])."""
+    modules: list[str] | None = None
+    """PEFT-style module names matched as path suffixes (warned when a name spans several roles)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_roles(cls, value: Any) -> Any:
+        return {"roles": value} if isinstance(value, (str, list)) else value
+
+    @field_validator("roles")
+    @classmethod
+    def _check_roles(cls, value: Any) -> Any:
+        if value is not None:
+            parse_roles(value)
+        return value
+
+    @field_validator("layers")
+    @classmethod
+    def _check_layers(cls, value: Any) -> Any:
+        validate_layer_selector(value)
+        return value
+
+    @field_validator("modules")
+    @classmethod
+    def _check_modules(cls, value: Any) -> Any:
+        if value is not None and not [m for m in value if m.strip()]:
+            raise ValueError("empty list; give module names such as [c_attn] or leave it out")
+        return value
+
+
+class AlphaSpec(Spec):
+    policy: Literal["ratio", "fixed"] = "ratio"
+    """ratio: alpha = value x r (constant alpha/r; 2 gives alpha = 2r). fixed: alpha = value everywhere."""
+    value: float = Field(2.0, gt=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return {"policy": "fixed", "value": value}
+        if not isinstance(value, str):
+            return value
+        text = value.strip().replace(" ", "")
+        if m := re.fullmatch(r"(?:ratio\()?([0-9.]+)r\)?|ratio\(([0-9.]+)\)", text):
+            return {"policy": "ratio", "value": float(m.group(1) or m.group(2))}
+        if m := re.fullmatch(r"(?:fixed\()?([0-9.]+)\)?", text):
+            return {"policy": "fixed", "value": float(m.group(1))}
+        raise ValueError(f"invalid alpha {value!r}; use 2r / ratio(2) (alpha = 2r) or 16 / fixed(16)")
+
+    def alpha_for(self, rank: int) -> float:
+        return self.value * rank if self.policy == "ratio" else self.value
+
+
+class PlanSpec(Spec):
+    placement: PlacementSpec = PlacementSpec()
+    allocation: AllocationSpec = UniformAllocation()
+    alpha: AlphaSpec = AlphaSpec()
+
+    @field_validator("allocation", mode="before")
+    @classmethod
+    def _parse_allocation(cls, value: Any) -> Any:
+        return parse_allocation(value) if isinstance(value, (str, int)) else value
+
+
+class PlanConfig(Spec):
+    """What `peftlab plan --config` reads: a model and a plan."""
+
+    model: ModelSpec = ModelSpec()
+    plan: PlanSpec = PlanSpec()
+
+
+class TaskSpec(Spec):
+    name: Literal["reviews", "reviews-instruct"] | None = None
+    """A bundled task. Without `path` or `dataset`, the default is `reviews`."""
+    kind: Literal["classification", "instruction"] | None = None
+    """Required with `path` or `dataset`."""
+    path: Path | None = None
+    """CSV, JSON (a list of objects) or JSONL with the training rows."""
+    test_path: Path | None = None
+    """Test rows; without it a `test_fraction` of the training rows is held out."""
+    dataset: str | None = None
+    """A `datasets` id or local path, read with `datasets.load_dataset`."""
+    train_split: str = "train"
+    test_split: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    labels: list[str] | None = None
+    """Class names in order; default: the sorted labels found in training."""
+    format: Literal["auto", "alpaca", "dolly"] = "auto"
+    """Instruction columns: alpaca = instruction/input/output, dolly = instruction/context/response."""
+    template: str | None = None
+    """Prompt template with {instruction}, {input}, {input_block}, {with_input}; default: Alpaca's."""
+    max_length: int = Field(128, ge=8)
+    validation_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    split_seed: int = 0
+    """Seed of the train/validation/test split; fixed across training seeds so runs pair up."""
+    max_train_examples: int | None = Field(None, ge=1)
+    max_eval_examples: int | None = Field(None, ge=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"name": value}
+        if isinstance(value, dict) and not any(value.get(k) is not None for k in ("name", "path", "dataset")):
+            return {**value, "name": "reviews"}
+        return value
+
+    @model_validator(mode="after")
+    def _one_source(self) -> TaskSpec:
+        sources = [s for s in (self.name, self.path, self.dataset) if s is not None]
+        if len(sources) > 1:
+            raise ValueError("give one of name, path or dataset")
+        if self.name is None and self.kind is None:
+            raise ValueError("kind is required with path or dataset: classification or instruction")
+        return self
+
+    @property
+    def resolved_kind(self) -> str:
+        from peftlab.tasks.bundled import BUNDLED
+
+        return BUNDLED[self.name][0] if self.name else self.kind
+
+
+class TrainSpec(Spec):
+    seed: int = 0
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps; overrides epochs."""
+    batch_size: int = Field(16, ge=1)
+    batching: Literal["bucketed", "random"] = "bucketed"
+    """bucketed: examples of similar length train together (less padding; a fresh random mix every epoch).
+    random: uniformly random batches, as most trainers draw them."""
+    eval_batch_size: int = Field(64, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
+    """adamw: torch's; the others are bitsandbytes' 8-bit and paged AdamW (QLoRA's memory savers)."""
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_every: int = Field(0, ge=0)
+    """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
+    log_every: int = Field(10, ge=1)
+    precision: Literal["auto", "native", "fp32", "bf16", "fp16"] = "auto"
+    """auto: bf16 autocast on a GPU that supports it (else fp16), fp32 on a CPU. native: as auto, and bf16 on a
+    CPU that has bf16 instructions (AVX512-BF16 or AMX), where it runs 1.5-2x faster; fp32 on other CPUs.
+    bf16 autocasts on any CPU (slow without those instructions); fp16 needs a GPU."""
+    prefix_cache: bool = True
+    """When every adapter is at or above layer L > 0: compute the frozen layers below L once per example
+    (deterministically, dropout off there) and reuse their output across epochs and study runs."""
+    last_layer_at_head: bool = True
+    """Classification with a BERT-family or DistilBERT encoder: after attention, the last layer runs at [CLS]
+    only, the one position the head reads (same logits and gradients, fewer FLOPs)."""
+    compile: bool = False
+    """torch.compile each layer block (one graph shared by all layers, dynamic sequence lengths). Costs a
+    compilation up front (~45 s for MiniLM on 2 CPU cores); pays off on long runs and GPUs."""
+    latency_batches: int = Field(5, ge=0)
+    """Batches timed for inference latency, merged and unmerged (0: skip)."""
+    evaluate_test: bool = True
+    """Evaluate on the test split at the end. A study's tuning runs turn it off: they are judged on the
+    validation split alone, so the test split plays no part in choosing the learning rate."""
+
+
+class RunConfig(Spec):
+    """What `peftlab run` reads: model, task, plan, method and training settings."""
+
+    model: ModelSpec = ModelSpec()
+    task: TaskSpec = TaskSpec(name="reviews")
+    plan: PlanSpec = PlanSpec()
+    method: MethodSpec = LoraSpec()
+    train: TrainSpec = TrainSpec()
+    budget: int | None = Field(None, ge=1)
+    """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the
+    placement, bottleneck width, prefix length) is chosen to come closest, for equal-budget comparisons."""
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method_from_name(cls, value: Any) -> Any:
+        return {"name": value} if isinstance(value, str) else value
+
+
+def config_id(config: Spec | dict[str, Any]) -> str:
+    """A short stable hash of a resolved config: equal configs get equal ids."""
+    import hashlib
+    import json
+
+    data = config.model_dump(mode="json", by_alias=True) if isinstance(config, BaseModel) else config
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+# Axis shortcuts in a study spec; any dotted path into a run config works too.
+AXIS_PATHS = {
+    "placement": "plan.placement",
+    "layers": "plan.placement.layers",
+    "allocation": "plan.allocation",
+    "rank": "plan.allocation.rank",  # the base rank of the allocation in `base` (uniform by default)
+    "alpha": "plan.alpha",
+    "method": "method",
+    "model": "model",
+    "task": "task",
+    "lr": "train.lr",
+    "budget": "budget",
+    "variant": "",  # each value is a mapping of dotted paths -> values, set together
+}
+
+
+class TuneSpec(Spec):
+    """The learning rate chosen per configuration on the validation split, before its seed runs: every rate
+    of the grid trains with each tuning seed, and the rate with the best mean validation metric (accuracy for
+    classification, loss for instruction tuning) trains the study's seeds. The test split is never read."""
+
+    lr: list[float] | None = None
+    """Rates to try, e.g. [3.0e-4, 1.0e-3, 3.0e-3]."""
+    lr_factors: list[float] | None = None
+    """Or factors of each configuration's own train.lr, e.g. [0.3, 1, 3] (a range around each method's rate)."""
+    seeds: list[int] = Field(default_factory=lambda: [1000], min_length=1)
+    """Tuning seeds, kept apart from the study's seeds so that no tuning run is reused as a result."""
+
+    @model_validator(mode="after")
+    def _one_grid(self) -> TuneSpec:
+        grid = self.lr if self.lr is not None else self.lr_factors
+        if (self.lr is None) == (self.lr_factors is None):
+            raise ValueError("give the rates as lr: [3.0e-4, 1.0e-3] or as lr_factors: [0.3, 1, 3], not both")
+        if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
+            raise ValueError(f"the grid needs positive finite values, got {grid}")
+        if len(set(grid)) != len(grid) or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("the grid and the tuning seeds must not repeat")
+        return self
+
+    def rates(self, own: float) -> list[float]:
+        """The grid for a configuration whose train.lr is `own`."""
+        return sorted(self.lr) if self.lr is not None else sorted(own * f for f in self.lr_factors)
+
+
+class SeedRounds(Spec):
+    """Seeds until resolved: after the study's seeds, configurations whose comparison with the baseline is
+    still unresolved get `step` more seeds per round, up to `max` (see `studies.adaptive`)."""
+
+    max: int = Field(12, ge=2, le=1000)
+    """Seeds per configuration at most."""
+    step: int = Field(1, ge=1)
+    """Seeds added per round to each unresolved configuration."""
+
+
+class StudySpec(Spec):
+    """A study: a base run config, axes whose values are combined, and seeds for each combination."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    description: str = ""
+    base: dict[str, Any] = {}
+    """A run config (model, task, plan, method, train) shared by every run."""
+    axes: dict[str, dict[str, Any] | list[Any]] = {}
+    """axis (a shortcut such as placement, or a dotted path such as train.lr) -> values,
+    as a list or as a mapping name -> value (names label the configurations)."""
+    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    margin: float | None = Field(None, gt=0)
+    """Equivalence margin in the units of the quality metric (e.g. 0.01 accuracy, 0.02 loss): a difference
+    from the baseline whose confidence interval lies within ±margin is a verdict of `equivalent`.
+    Default: 0.01 for accuracy and macro-F1, 0.02 for loss, 2% of the baseline's mean otherwise."""
+    tune: TuneSpec | None = None
+    """Choose each configuration's learning rate on validation first (see TuneSpec)."""
+    until_resolved: SeedRounds | None = None
+    """Add seeds where comparisons are unresolved; `seeds: {min: 3, max: 12}` is short for seeds [0, 1, 2]
+    with until_resolved {max: 12}."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _seed_range(cls, value: Any) -> Any:
+        seeds = value.get("seeds") if isinstance(value, dict) else None
+        if not isinstance(seeds, dict):
+            return value
+        unknown = set(seeds) - {"min", "max", "step"}
+        if unknown or not isinstance(seeds.get("min"), int) or seeds["min"] < 2:
+            raise ValueError("seeds: a list of seeds, or {min: 3, max: 12, step: 1} with min >= 2")
+        rounds = {k: seeds[k] for k in ("max", "step") if k in seeds}
+        return {**value, "seeds": list(range(seeds["min"])), "until_resolved": rounds}
+
+    @field_validator("axes")
+    @classmethod
+    def _check_axes(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for axis, values in value.items():
+            if not values:
+                raise ValueError(f"axis {axis!r} has no values")
+            paths = [AXIS_PATHS.get(axis, axis)]
+            if axis == "variant":
+                variants = values.values() if isinstance(values, dict) else values
+                if not all(isinstance(v, dict) for v in variants):
+                    raise ValueError("each variant is a mapping of dotted paths to values, e.g. {method: full, train.lr: 5.0e-5}")
+                paths = [AXIS_PATHS.get(k, k) for v in variants for k in v]
+            for path in paths:
+                if path.split(".")[0] not in RunConfig.model_fields:
+                    valid = ", ".join(AXIS_PATHS)
+                    raise ValueError(f"unknown axis {path!r}; use {valid} or a dotted path such as train.lr")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _unique_seeds(cls, value: list[int]) -> list[int]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"seeds repeat: {value}")
+        return value
+
+    @model_validator(mode="after")
+    def _rounds_above_the_first_seeds(self) -> StudySpec:
+        if self.until_resolved is not None and self.until_resolved.max <= len(self.seeds):
+            raise ValueError(f"until_resolved.max ({self.until_resolved.max}) must exceed the {len(self.seeds)} "
+                             "first seeds")
+        if self.until_resolved is not None and len(self.seeds) < 2:
+            raise ValueError("seeds until resolved start from at least 2 seeds (a paired test needs two)")
+        return self
+
+    @model_validator(mode="after")
+    def _tuning_owns_the_rate(self) -> StudySpec:
+        if self.tune is not None and self.tune.lr is not None and any(
+                AXIS_PATHS.get(axis, axis) == "train.lr" for axis in self.axes):
+            raise ValueError("tune.lr chooses the learning rate: remove the lr axis, or tune with lr_factors")
+        return self
