@@ -69,3 +69,22 @@ def test_a_run_with_a_budget_records_its_size(tmp_path):
     result = run_to_dict(run, tmp_path / "run")
     assert result["budget"]["parameter"] == "rank" and result["budget"]["target"] == 5_000
     assert result["cost"]["adapter_params"] == result["budget"]["params"]
+
+
+def test_a_budget_match_does_not_change_what_the_run_initializes(tmp_path):
+    """Searching the size builds skeletons, which draw from the random generator; it happens before the
+    run's seed is set, so a budget that lands on the configured rank trains exactly the unbudgeted run."""
+    from conftest import run_to_dict
+
+    rows = [{"text": f"row {i} {'good' if i % 2 else 'bad'} {'x' * (i % 7)}", "label": i % 2} for i in range(40)]
+    data = tmp_path / "d.csv"
+    data.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    base = {"model": ENCODER[0], "task": {"path": str(data), "kind": "classification"},
+            "plan": {"placement": "all", "allocation": 4}, "train": {"max_steps": 3, "batch_size": 8, "latency_batches": 0}}
+    plain = validate(RunConfig, base, "test")
+    exact = method_params(plain, ModelSpec(name=ENCODER[0], head=ENCODER[1]))
+    budgeted = validate(RunConfig, {**base, "budget": exact}, "test")
+    one, two = run_to_dict(plain, tmp_path / "plain"), run_to_dict(budgeted, tmp_path / "budget")
+    assert two["budget"]["size"] == 4
+    assert two["final_train_loss"] == one["final_train_loss"]
+    assert two["metrics"]["test"]["loss"] == one["metrics"]["test"]["loss"]
