@@ -96,11 +96,16 @@ class ResolvedRun:
     scores: Path | None = None  # the importance scores the ranks came from
 
 
+def check_output_dir(output_dir: Path) -> None:
+    """A run writes only into a new or empty directory."""
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise PeftlabError(f"{output_dir}: already exists and is not empty; choose another --output")
+
+
 def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     """Build, train, evaluate and measure `run`; write its outputs to `output_dir` (nothing there if it
     raises) and return its result."""
-    if output_dir.exists() and any(output_dir.iterdir()):
-        raise PeftlabError(f"{output_dir}: already exists and is not empty; choose another --output")
+    check_output_dir(output_dir)
     partial_dir = output_dir.with_name(output_dir.name + ".partial")
     shutil.rmtree(partial_dir, ignore_errors=True)
     try:
