@@ -153,8 +153,6 @@ def test_q_and_v_slices_of_gpt2_c_attn():
 
 
 def test_slices_and_whole_modules_together_save_and_load(tmp_path):
-    from peftlab.methods.fused_slices import load_slices
-
     plan = make_plan("tiny-gpt2", placement="q,v,o,up", allocation=4)
     method = make_method(LoraSpec())
     model = method.apply(tiny("tiny-gpt2", "causal-lm"), plan, [])
@@ -167,12 +165,8 @@ def test_slices_and_whole_modules_together_save_and_load(tmp_path):
     method.save(model, tmp_path / "adapter")
     assert (tmp_path / "adapter" / "adapter_config.json").is_file() and (tmp_path / "adapter" / "fused_slices.json").is_file()
     # a fresh base with the same plan, then the saved weights: the same outputs
-    fresh = make_method(LoraSpec()).apply(tiny("tiny-gpt2", "causal-lm"), plan, [])
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    set_peft_model_state_dict(fresh, load_file(str(tmp_path / "adapter" / "adapter_model.safetensors")))
-    load_slices(fresh, tmp_path / "adapter")
+    fresh_method = make_method(LoraSpec())
+    fresh = fresh_method.load(fresh_method.apply(tiny("tiny-gpt2", "causal-lm"), plan, []), tmp_path / "adapter")
     assert torch.allclose(logits(fresh), expected, atol=1e-6)
 
 
@@ -189,7 +183,6 @@ BOTTLENECK = [("houlsby", (Role.O, Role.DOWN)), ("pfeiffer", (Role.DOWN,))]
 @pytest.mark.parametrize("name, head", ARCHS)
 @pytest.mark.parametrize("variant, roles", BOTTLENECK)
 def test_bottleneck_adapters(name, head, variant, roles, tmp_path):
-    from peftlab.methods.bottleneck import load_bottleneck
     from peftlab.methods.specs import BottleneckSpec
 
     base = tiny(name, head)
@@ -212,8 +205,8 @@ def test_bottleneck_adapters(name, head, variant, roles, tmp_path):
     with method.bypassed(model):
         assert torch.allclose(logits(model), expected, atol=1e-6)
     method.save(model, tmp_path / "adapter")
-    fresh = make_method(BottleneckSpec(variant=variant)).apply(tiny(name, head), plan, heads)
-    load_bottleneck(fresh, tmp_path / "adapter")
+    fresh_method = make_method(BottleneckSpec(variant=variant))
+    fresh = fresh_method.load(fresh_method.apply(tiny(name, head), plan, heads), tmp_path / "adapter")
     assert torch.allclose(logits(fresh), trained, atol=1e-6)
 
 

@@ -116,14 +116,27 @@ class Method(ABC):
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
         """What `save` wrote, loaded into `model`, to which this method was applied with the same plan. PEFT
-        format by default (PEFT's own wrapper: LoRA, QLoRA, AdaLoRA, HiRA, prefixes)."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
-        if result.unexpected_keys:
-            raise PeftlabError(f"{directory}: weights for modules this model does not have: {result.unexpected_keys[:3]}")
+        format by default (PEFT's own wrapper: LoRA, QLoRA, AdaLoRA, HiRA)."""
+        load_weights(model, directory / "adapter_model.safetensors", peft=True)
         return model
+
+
+def load_weights(model: nn.Module, file: Path, peft: bool = False, loaded_elsewhere: tuple[str, ...] = ()) -> None:
+    """Saved tensors into `model` by name (PEFT's naming with `peft`). Parameters the file leaves out keep
+    their values (frozen weights are not saved); a name the model does not have is an error, except those
+    `loaded_elsewhere` (PEFT loads a prompt into its encoder itself and still lists it)."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(file))
+    if peft:
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, tensors)
+    else:
+        result = model.load_state_dict(tensors, strict=False)
+    unexpected = [k for k in result.unexpected_keys if k not in loaded_elsewhere]
+    if unexpected:
+        raise PeftlabError(f"{file}: weights for modules this model does not have: {unexpected[:3]}")
 
 
 def trainable_counts(model: nn.Module, head: list[str]) -> dict[str, int]:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, set_head_trainable
+from peftlab.methods.base import Method, load_weights, set_head_trainable
 from peftlab.plans.plan import Plan
 
 
@@ -37,8 +37,5 @@ class BitFitMethod(Method):
         save_file(trained, str(directory / "bitfit.safetensors"))
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
-        saved = load_file(str(directory / "bitfit.safetensors"))
-        unexpected = model.load_state_dict(saved, strict=False).unexpected_keys
-        if unexpected:
-            raise PeftlabError(f"{directory}: weights for parameters this model does not have: {unexpected[:3]}")
+        load_weights(model, directory / "bitfit.safetensors")
         return model

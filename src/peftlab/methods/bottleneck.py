@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, set_head_trainable
+from peftlab.methods.base import Method, load_weights, set_head_trainable
 from peftlab.models.roles import Role
 from peftlab.plans.plan import Plan
 
@@ -104,14 +104,5 @@ class BottleneckMethod(Method):
         (directory / "bottleneck.json").write_text(json.dumps({"spec": self.spec.model_dump(), "adapters": layout}, indent=2))
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
-        load_bottleneck(model, directory)
+        load_weights(model, directory / "bottleneck.safetensors")
         return model
-
-
-def load_bottleneck(model: nn.Module, directory: Path) -> None:
-    """Load saved adapter (and head) weights into a model the method was applied to with the same plan."""
-    from safetensors.torch import load_file
-
-    missing, unexpected = model.load_state_dict(load_file(str(directory / "bottleneck.safetensors")), strict=False)
-    if unexpected:
-        raise PeftlabError(f"{directory}: weights for modules this model does not have: {unexpected[:3]}")

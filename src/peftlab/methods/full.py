@@ -6,7 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
-from peftlab.methods.base import Method
+from peftlab.methods.base import Method, load_weights
 from peftlab.plans.plan import Plan
 
 
@@ -22,8 +22,6 @@ class FullMethod(Method):
         model.save_pretrained(directory)
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
-        """The saved weights (safetensors; tied weights are saved once and stay tied)."""
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(str(directory / "model.safetensors")), strict=False)
+        """The saved weights (tied weights are saved once and stay tied)."""
+        load_weights(model, directory / "model.safetensors")
         return model

@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import Any
 
 from peft import LoraConfig, PeftModel, get_peft_model
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, set_head_trainable
+from peftlab.methods.base import Method, load_weights, set_head_trainable
 from peftlab.methods.fused_slices import (
     load_slices,
     save_slices,
@@ -72,8 +72,8 @@ class LoraMethod(Method):
         if isinstance(model, PeftModel):
             model = super().load(model, directory)
         elif (directory / "head.safetensors").is_file():
-            model.load_state_dict(load_file(str(directory / "head.safetensors")), strict=False)
-        load_slices(unwrap(model), directory)
+            load_weights(model, directory / "head.safetensors")
+        load_slices(model, directory)  # named as `save` named them
         return model
 
     def peft_overrides(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method
+from peftlab.methods.base import Method, load_weights
 from peftlab.methods.lora import peft_task_type
 from peftlab.models.load import unwrap
 from peftlab.plans.plan import Plan
@@ -77,13 +77,6 @@ class PrefixMethod(Method):
         model.save_pretrained(directory)
 
     def load(self, model: nn.Module, directory: Path) -> nn.Module:
-        """PEFT loads the prompt into its encoder itself; it still lists the key as unexpected."""
-        from peft import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        result = set_peft_model_state_dict(model, load_file(str(directory / "adapter_model.safetensors")))
-        unexpected = [k for k in result.unexpected_keys if k != "prompt_embeddings"]
-        if unexpected:
-            raise PeftlabError(f"{directory}: weights for modules this model does not have: {unexpected[:3]}")
+        load_weights(model, directory / "adapter_model.safetensors", peft=True, loaded_elsewhere=("prompt_embeddings",))
         return model
 
