@@ -5,11 +5,11 @@ import pytest
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import trainable_counts
-from peftlab.resolve.budget import match_budget, method_params, with_size
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.sites import resolve_sites
 from peftlab.plans.plan import build_plan
+from peftlab.resolve.budget import match_budget, method_params, with_size
 from peftlab.specs import ModelSpec, RunConfig
 
 ENCODER = ("tiny-bert", "sequence-classification")

@@ -14,9 +14,9 @@ import yaml
 
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
+from peftlab.records.results import export, run_rows
 from peftlab.specs import StudySpec
 from peftlab.studies.grid import expand
-from peftlab.records.results import export, run_rows
 from peftlab.studies.runner import run_study
 
 pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
@@ -219,8 +219,8 @@ def finish(store, run_id, validation, test):
 
 def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     from peftlab.analysis.analyze import analyze
-    from peftlab.studies.runner import add_runs, open_study
     from peftlab.records.tuning import chosen_rates, rate_choices
+    from peftlab.studies.runner import add_runs, open_study
 
     spec = tuned_spec(data_file)
     store, added = open_study(spec, tmp_path / "study")
@@ -249,8 +249,8 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
 
 
 def test_a_tie_over_the_whole_grid_is_named_not_taken_for_a_choice(data_file, tmp_path):
-    from peftlab.studies.runner import open_study
     from peftlab.records.tuning import rate_choices
+    from peftlab.studies.runner import open_study
 
     store, _ = open_study(tuned_spec(data_file), tmp_path / "study")
     for row in store.rows():  # every rate collapsed to the majority class

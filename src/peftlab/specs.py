@@ -15,6 +15,7 @@ from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
 
+
 class Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 

@@ -8,8 +8,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
+from peftlab.analysis.stats import CONSTANT, adjusted, compare, verdict
 from peftlab.config import validate
 from peftlab.importance.probe import resolve_importance
+from peftlab.methods.registry import METHODS
 from peftlab.plans.allocation import parse_allocation
 from peftlab.plans.plan import Plan, plan_on
 from peftlab.specs import PlanSpec, RunConfig
@@ -77,10 +80,6 @@ def _share(plan: Plan, chosen) -> float:
 def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any, Any, Any] | None, list[str]]:
     """(rank shape, placement, method) of the study's best configuration within the budget when it trains a
     ranked method; and lines saying what the study showed."""
-    from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
-    from peftlab.analysis.stats import CONSTANT, adjusted, compare, verdict
-    from peftlab.methods.registry import METHODS
-
     analysis = analyze(study)
     params = {c.label: c.every_metric.get("cost.adapter_params") for c in analysis.configurations}
     within = [c for c in analysis.configurations if params[c.label] and params[c.label].mean <= budget * (1 + TOLERANCE)]

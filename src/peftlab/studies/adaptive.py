@@ -16,8 +16,8 @@ from pathlib import Path
 from peftlab.analysis.sequential import Design
 from peftlab.analysis.stats import adjusted, compare, outcome
 from peftlab.errors import PeftlabError
-from peftlab.specs import StudySpec
 from peftlab.records.store import Store
+from peftlab.specs import StudySpec
 
 
 def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: dict[str, str], spec: StudySpec,

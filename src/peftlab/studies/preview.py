@@ -44,8 +44,8 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
 def describe(config: RunConfig) -> tuple[str, int | None]:
     """(one line, trainable adapter parameters) for `config`'s plan and method."""
     from peftlab.api import make_plan
-    from peftlab.resolve.budget import match_budget, method_params
     from peftlab.methods.registry import METHODS
+    from peftlab.resolve.budget import match_budget, method_params
     from peftlab.specs import PlanConfig
 
     model = config.model

@@ -33,10 +33,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peftlab.files import save_tensors_atomic, tensor_bytes
+from peftlab.methods.base import Method
 from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.sites import layer_blocks
 from peftlab.tasks.prepare import collate
-from peftlab.methods.base import Method
 from peftlab.train.speed.base import RunSetting, SpeedFeature
 
 VERSION = 1
