@@ -155,8 +155,13 @@ class TaskSpec(Spec):
     label_column: str = "label"
     labels: list[str] | None = None
     """Class names in order; default: the sorted labels found in training."""
-    format: Literal["auto", "alpaca", "dolly"] = "auto"
-    """Instruction columns: alpaca = instruction/input/output, dolly = instruction/context/response."""
+    format: Literal["auto", "alpaca", "dolly", "chat"] = "auto"
+    """Instruction rows: alpaca = instruction/input/output, dolly = instruction/context/response, chat =
+    `messages` ([{role, content}]) or ShareGPT `conversations` ([{from, value}]) formatted with the chat
+    template, loss on the assistant turns only. auto: chat when rows have messages or conversations, dolly
+    when they have response, else alpaca."""
+    chat_template: str | None = None
+    """Chat rows: a Jinja chat template to use instead of the tokenizer's own (needed where it has none)."""
     template: str | None = None
     """Prompt template with {instruction}, {input}, {input_block}, {with_input}; default: Alpaca's."""
     max_length: int = Field(128, ge=8)
@@ -233,6 +238,54 @@ class TrainSpec(Spec):
     validation split alone, so the test split plays no part in choosing the learning rate."""
 
 
+class GenerateSpec(Spec):
+    """Generation-based evaluation of an instruction task: the adapted model (and, once, the base model)
+    completes test prompts; ROUGE-L and exact match score the completions against the references."""
+
+    examples: int = Field(200, ge=1)
+    """Test examples completed: the first N of the (seeded, shuffled) test split, the same for every run."""
+    max_new_tokens: int = Field(128, ge=1, le=4096)
+    batch_size: int = Field(16, ge=1)
+    greedy: bool = True
+    """Greedy decoding (deterministic); off: sampled with temperature and top_p from `seed`."""
+    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0, le=1)
+    seed: int = Field(0, ge=0)
+    base: bool = True
+    """Also complete the prompts with the base model (cached, so a study pays for it once) and score it."""
+
+
+class ForgettingSpec(Spec):
+    """Forgetting: the loss on a general text before and after adaptation (PEFT's method comparison reports
+    it too). The text is cut into chunks of task.max_length tokens; every token is predicted."""
+
+    path: Path
+    """A .txt file, or CSV / JSON / JSONL rows whose `text` column is read."""
+    text_column: str = "text"
+    max_tokens: int = Field(32768, ge=16)
+    """Tokens read from the text at most (its start)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_path(cls, value: Any) -> Any:
+        return {"path": value} if isinstance(value, (str, Path)) else value
+
+
+class EvalSpec(Spec):
+    generate: GenerateSpec | None = None
+    """Score generated completions of the test prompts (instruction tasks), e.g. {examples: 200,
+    max_new_tokens: 128}; `true` takes the defaults."""
+    forgetting: ForgettingSpec | None = None
+    """A general text (FILE) whose loss before and after adaptation measures forgetting (causal LMs)."""
+
+    @field_validator("generate", mode="before")
+    @classmethod
+    def _generate_switch(cls, value: Any) -> Any:
+        if value is True:
+            return {}
+        return None if value is False else value
+
+
 class RunConfig(Spec):
     """What `peftlab run` reads: model, task, plan, method and training settings."""
 
@@ -241,9 +294,18 @@ class RunConfig(Spec):
     plan: PlanSpec = PlanSpec()
     method: MethodSpec = LoraSpec()
     train: TrainSpec = TrainSpec()
+    eval: EvalSpec = EvalSpec()
+    """Evaluation beyond loss and accuracy: generation scores and forgetting (instruction tasks)."""
     budget: int | None = Field(None, ge=1)
     """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the
     placement, bottleneck width, prefix length) is chosen to come closest, for equal-budget comparisons."""
+
+    @model_validator(mode="after")
+    def _evaluation_fits_the_task(self) -> RunConfig:
+        if (self.eval.generate or self.eval.forgetting) and self.task.resolved_kind != "instruction":
+            raise ValueError("eval.generate and eval.forgetting apply to instruction tasks (a causal LM); "
+                             f"this task is {self.task.resolved_kind}")
+        return self
 
     @field_validator("method", mode="before")
     @classmethod

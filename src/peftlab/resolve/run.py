@@ -14,7 +14,8 @@ from peftlab.models.load import load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
-from peftlab.tasks.prepare import load_task
+from peftlab.tasks.prepare import load_task, text_chunks
+from peftlab.train.generation import generation_prompts
 from peftlab.train.run import ResolvedRun
 
 
@@ -29,5 +30,13 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     spec = config.train
     per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
     total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
+    evaluation = config.eval
+    prompts = None
+    if evaluation.generate and spec.evaluate_test:  # tuning runs never read the test split
+        prompts = generation_prompts(data.test, evaluation.generate.examples, tokenizer, tokenizer.pad_token_id)
+    forgetting = None
+    if evaluation.forgetting and spec.evaluate_test:
+        f = evaluation.forgetting
+        forgetting = text_chunks(f.path, f.text_column, tokenizer, config.task.max_length, f.max_tokens)
     return ResolvedRun(config, model, sized.method, plan_on(model, sized.plan), data, tokenizer.pad_token_id,
-                       total_steps, budget, scores)
+                       total_steps, budget, scores, tokenizer, prompts, forgetting)

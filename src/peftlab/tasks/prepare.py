@@ -15,6 +15,13 @@ from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.models.load import cache_dir
 from peftlab.tasks.bundled import BUNDLED
+from peftlab.tasks.chat import (
+    CHAT_COLUMNS,
+    chat_column,
+    check_template,
+    encode_chat,
+    turns,
+)
 from peftlab.tasks.data import load_hf_dataset, read_records, require_columns
 
 if TYPE_CHECKING:
@@ -68,7 +75,8 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
     encode = _encoder(spec, kind, tokenizer, labels, columns)
     splits, dropped = {}, 0
     for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows)):
-        encoded = [encode(row) for _, row in rows]
+        source = (test or train).source if name == "test" else train.source
+        encoded = [encode(row, f"{source}: row {i}") for i, row in rows]
         splits[name] = [e for e in encoded if e is not None]
         dropped += len(encoded) - len(splits[name])
     if not splits["train"]:
@@ -97,8 +105,10 @@ def _columns(spec: TaskSpec, kind: str, train: _Rows) -> tuple[str, ...]:
     if kind == "classification":
         return (spec.text_column, spec.label_column)
     fmt = spec.format
+    first = train.rows[0]
+    if fmt == "chat" or (fmt == "auto" and chat_column(first)):
+        return (chat_column(first) or "messages",)
     if fmt == "auto":
-        first = train.rows[0]
         fmt = "dolly" if "response" in first and "output" not in first else "alpaca"
     instruction, context, response = FORMATS[fmt]
     return (instruction, response, context) if all(context in r for r in train.rows[:1]) else (instruction, response)
@@ -159,7 +169,8 @@ def _cache_key(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], *sp
         "max_length": spec.max_length,
         "labels": labels,
         "columns": [spec.text_column, spec.label_column, spec.format],
-        "version": 1,
+        "chat_template": spec.chat_template,
+        "version": 2,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -178,18 +189,27 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
     if kind == "classification":
         index = {name: i for i, name in enumerate(labels)}
 
-        def encode_classification(row):
+        def encode_classification(row, where):
             ids = tokenizer(str(row[spec.text_column]), truncation=True, max_length=spec.max_length)["input_ids"]
             return {"input_ids": ids, "labels": index[str(row[spec.label_column])]}
 
         return encode_classification
+
+    if columns[0] in CHAT_COLUMNS:
+        check_template(tokenizer, spec.chat_template, getattr(tokenizer, "name_or_path", "the model"))
+
+        def encode_conversation(row, where):
+            conversation = turns(row[columns[0]], f"{where}: {columns[0]}")
+            return encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where, IGNORE)
+
+        return encode_conversation
 
     instruction_col, response_col = columns[0], columns[1]
     context_col = columns[2] if len(columns) > 2 else None
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     template = spec.template or ALPACA_TEMPLATE
 
-    def encode_instruction(row):
+    def encode_instruction(row, where):
         if not str(row[response_col]).strip():
             return None  # an empty response teaches nothing but an immediate stop: dropped and counted
         prompt = render_prompt(template, str(row[instruction_col]), str(row.get(context_col) or "") if context_col else "")
@@ -201,7 +221,7 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
             # keep the prompt's start and its end (the `### Response:` marker); drop its middle
             tail = min(16, room // 2)
             prompt_ids = prompt_ids[: room - tail] + prompt_ids[len(prompt_ids) - tail :]
-        if not response_ids:
+        if not response_ids or not prompt_ids:  # the first token is never predicted: it needs a prompt before it
             return None
         return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
 
@@ -229,3 +249,27 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
 def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
     """`collate` of the examples at `index`, which the batch carries along as `index`."""
     return {**collate([examples[i] for i in index], pad_id), "index": torch.tensor(index, dtype=torch.long)}
+
+
+def text_chunks(path: Path, text_column: str, tokenizer: Any, max_length: int, max_tokens: int) -> list[dict[str, Any]]:
+    """A general text as examples of `max_length` tokens whose every token after the first is predicted (the
+    forgetting probe): a .txt file whole, or the `text_column` of CSV / JSON / JSONL rows joined by blank lines."""
+    if path.suffix.lower() == ".txt":
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise PeftlabError(f"{path}: no such file") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PeftlabError(f"{path}: cannot read as UTF-8 text: {exc}") from None
+    else:
+        rows = read_records(path)
+        require_columns(rows, (text_column,), str(path), 2 if path.suffix.lower() == ".csv" else 1)
+        text = "\n\n".join(str(row[text_column]) for row in rows)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
+    start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    size = max_length - len(start)
+    chunks = [start + ids[i : i + size] for i in range(0, len(ids), size)]
+    examples = [{"input_ids": c, "labels": [IGNORE] * len(start) + c[len(start):]} for c in chunks if len(c) > len(start) + 1]
+    if not examples:
+        raise PeftlabError(f"{path}: eval.forgetting needs at least two tokens of text")
+    return examples

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any
+
+SAMPLES_FILE = "samples.jsonl"  # a run's generated completions (instruction tasks with eval.generate)
 
 
 @dataclass
@@ -47,3 +51,18 @@ class RunResult:
             cost.pop(old, None)
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in {**data, "cost": cost, "speed": speed}.items() if k in known})
+
+
+def read_samples(run_dir: Path, count: int) -> list[dict[str, Any]]:
+    """The first `count` rows of a run's samples file (none when it has none): prompt, reference, the base
+    model's and the adapted model's completions, and their scores."""
+    path = run_dir / SAMPLES_FILE
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(encoding="utf-8") as lines:
+        for line in lines:
+            if len(rows) == count:
+                break
+            rows.append(json.loads(line))
+    return rows

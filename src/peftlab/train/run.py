@@ -29,13 +29,24 @@ from torch.utils.data import DataLoader
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
-from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.load import cache_dir, count_params, head_modules, load_model
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import TaskData, collate, collate_indexed
 from peftlab.train.batching import Batches
 from peftlab.train.evaluate import evaluate
+from peftlab.train.generation import (
+    SAMPLES_FILE,
+    Completions,
+    Prompts,
+    base_cache_key,
+    generate,
+    read_cached,
+    score,
+    write_cached,
+    write_samples,
+)
 from peftlab.train.loop import LoopResult, train_loop
 from peftlab.train.loss import batch_nll
 from peftlab.train.measure import (
@@ -94,6 +105,9 @@ class ResolvedRun:
     total_steps: int
     budget: BudgetMatch | None = None
     scores: Path | None = None  # the importance scores the ranks came from
+    tokenizer: Any = None  # decodes generated completions
+    prompts: Prompts | None = None  # test prompts to complete (eval.generate)
+    forgetting: list[dict[str, Any]] | None = None  # a general text's chunks (eval.forgetting)
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -181,6 +195,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
             "quantized_params": frozen["quantized_params"],
             "latency_ms_per_batch": outcome.latency,
             "latency_padded_length": outcome.latency_length,  # positions per timed example
+            **(outcome.generation or {}),
         },
         final_train_loss=loop.final_loss,
         method=method.report(model),
@@ -204,6 +219,7 @@ class _Outcome:
     latency: dict[str, float]
     latency_length: float | None
     adapter_bytes: int | None
+    generation: dict[str, Any] | None = None  # completions' count, tokens and timing
 
 
 def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Accelerator, before_model: int,
@@ -222,6 +238,9 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
 
     # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
     base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
+    forgetting_batches = _eval_batches(run.forgetting, spec.eval_batch_size, pad_id) if run.forgetting else []
+    forgetting_base = _base_loss(model, method, forgetting_batches, evaluate_split)
+    base_completions = _base_completions(run, model, method, accelerator) if run.prompts else None
 
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
@@ -242,6 +261,13 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
             record({"step": loop.steps, "split": split_name, **outcome.metrics[split_name]})
     if base_loss is not None and "test" in outcome.metrics:
         outcome.metrics["test"]["base_loss"] = base_loss
+    if forgetting_batches:
+        loss = evaluate_split(model, forgetting_batches)
+        outcome.metrics["forgetting"] = {"base_loss": forgetting_base, "loss": loss["loss"],
+                                         "increase": loss["loss"] - forgetting_base, "count": loss["count"]}
+    if run.prompts:
+        outcome.generation = _generation(run, model, method, accelerator, base_completions, partial_dir)
+        outcome.metrics.setdefault("test", {}).update(outcome.generation.pop("scores"))
     for feature in features:
         feature.remove()  # latency: the model's own forward, as it would be served
     with accelerator.autocast():  # inference at the training's precision
@@ -265,6 +291,45 @@ def _base_loss(model, method, batches: list[dict[str, torch.Tensor]], evaluate_s
     bypass = method.bypassed(model)
     with bypass if bypass is not None else nullcontext():
         return evaluate_split(model, batches)["loss"]
+
+
+def _base_completions(run: ResolvedRun, model, method: Method, accelerator: Accelerator) -> Completions | None:
+    """The base model's completions of the test prompts, before training (adapters that change the output
+    at initialization are bypassed). Cached: every run of a study on the same base computes the same ones."""
+    spec = run.config.eval.generate
+    if not spec.base:
+        return None
+    quantization = run.method.model_dump(mode="json", include={"quant_type", "double_quant", "blocksize",
+                                                                "compute_dtype"})  # QLoRA's 4-bit base
+    identity = {"model": run.model.model_dump(mode="json"), "method": run.method.name, "quantization": quantization,
+                "precision": accelerator.mixed_precision, "device": accelerator.device.type}
+    file = cache_dir() / "generations" / f"{base_cache_key(identity, run.prompts, spec)}.json"
+    if (cached := read_cached(file)) is not None:
+        return cached
+    bypass = method.bypassed(model)
+    with bypass if bypass is not None else nullcontext():
+        completions = generate(model, run.prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast)
+    write_cached(file, completions)
+    return completions
+
+
+def _generation(run: ResolvedRun, model, method: Method, accelerator: Accelerator, base: Completions | None,
+                partial_dir: Path) -> dict[str, Any]:
+    """Complete the test prompts with the adapted model (merged where the method merges), score the
+    completions (and the base model's), write the samples file; the mean scores under `scores`, the rest for
+    the run's costs."""
+    prompts, spec = run.prompts, run.config.eval.generate
+    with method.merged(model) if method.mergeable else nullcontext(model) as serving:  # as it would be served
+        adapted = generate(serving, prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast)
+    adapted_scores = score(adapted.texts, prompts.references)
+    base_scores = score(base.texts, prompts.references) if base is not None else None
+    write_samples(partial_dir / SAMPLES_FILE, prompts, adapted, adapted_scores, base, base_scores)
+    scores = {**adapted_scores.means(), "generated": len(adapted.texts),
+              "mean_new_tokens": sum(adapted.new_tokens) / max(len(adapted.new_tokens), 1)}
+    if base_scores is not None:
+        scores.update(base_scores.means("base_"))
+    return {"scores": scores, "generation_seconds": adapted.seconds, "generated_tokens": sum(adapted.new_tokens),
+            "generation_tokens_per_second": adapted.tokens_per_second}
 
 
 LATENCY_SEED = 0  # not the training seed: every configuration and seed of a study times the same batches

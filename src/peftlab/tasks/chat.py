@@ -1,0 +1,98 @@
+"""Chat and conversation rows: `messages` ([{role, content}], as chat models take them) or ShareGPT's
+`conversations` ([{from, value}]), formatted with the tokenizer's own chat template and supervised on the
+assistant turns only.
+
+Which tokens are the assistant's is read from the template itself: the conversation up to an assistant turn
+is rendered with the generation prompt (`add_generation_prompt=True`), and the text the turn then adds
+(its content and the template's end-of-turn marker, trailing whitespace excluded) is supervised. A template
+that renders earlier turns differently once a later turn follows cannot be split that way, and is refused.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from peftlab.errors import PeftlabError
+
+CHAT_COLUMNS = ("messages", "conversations")
+ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # messages
+         "human": "user", "gpt": "assistant"}  # ShareGPT
+
+
+def chat_column(row: dict[str, Any]) -> str | None:
+    """The conversation column of a row, if it has one."""
+    return next((c for c in CHAT_COLUMNS if c in row), None)
+
+
+def turns(value: Any, where: str) -> list[dict[str, str]]:
+    """A row's conversation as [{role, content}] with roles system / user / assistant; an error naming the
+    row and turn for anything else."""
+    if not isinstance(value, list) or not value:
+        raise PeftlabError(f"{where}: expected a non-empty list of turns ({{role, content}} or ShareGPT's "
+                           "{from, value})")
+    result = []
+    for number, turn in enumerate(value, start=1):
+        if not isinstance(turn, dict):
+            raise PeftlabError(f"{where}: turn {number}: expected an object with role and content")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if role not in ROLES:
+            raise PeftlabError(f"{where}: turn {number}: unknown role {role!r}; valid: system, user, assistant "
+                               "(ShareGPT: human, gpt)")
+        if not isinstance(content, str) or not content.strip():
+            raise PeftlabError(f"{where}: turn {number} ({ROLES[role]}) is empty")
+        result.append({"role": ROLES[role], "content": content})
+    if not any(t["role"] == "assistant" for t in result):
+        raise PeftlabError(f"{where}: no assistant turn to learn from")
+    return result
+
+
+def check_template(tokenizer: Any, template: str | None, model: str) -> None:
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise PeftlabError(f"task: chat rows need a chat template and the tokenizer of {model!r} has none; give one "
+                           "as task.chat_template (a Jinja template, as in a tokenizer_config.json)")
+
+
+def segments(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, where: str) -> list[tuple[str, bool]]:
+    """The rendered conversation, up to its last assistant turn, as (text, supervised) pieces."""
+    def render(messages, prompt):
+        try:
+            return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=prompt)
+        except Exception as exc:  # jinja raises its own errors (e.g. a template that refuses system turns)
+            raise PeftlabError(f"{where}: the chat template cannot render this conversation: "
+                               f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+
+    pieces: list[tuple[str, bool]] = []
+    done = ""  # the text rendered so far
+    last = max(i for i, t in enumerate(conversation) if t["role"] == "assistant")
+    for i, turn in enumerate(conversation[: last + 1]):
+        if turn["role"] != "assistant":
+            continue
+        prompt = render(conversation[:i], True)
+        full = render(conversation[: i + 1], False)
+        if not prompt.startswith(done) or not full.startswith(prompt):
+            raise PeftlabError(f"{where}: the chat template renders earlier turns differently once a later turn "
+                               "follows, so the assistant's tokens cannot be told apart; use another "
+                               "task.chat_template")
+        answer = full[len(prompt):]
+        kept = answer.rstrip()
+        pieces += [(prompt[len(done):], False), (kept, True)]
+        done = prompt + kept
+    return [(text, supervised) for text, supervised in pieces if text]
+
+
+def encode_chat(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, max_length: int,
+                where: str, ignore: int) -> dict[str, list[int]] | None:
+    """Token ids and labels (the assistant's tokens supervised, everything else `ignore`), truncated to
+    `max_length`; None when no supervised token is left."""
+    input_ids: list[int] = []
+    labels: list[int] = []
+    for text, supervised in segments(conversation, tokenizer, template, where):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        input_ids += ids
+        labels += ids if supervised else [ignore] * len(ids)
+    input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if all(label == ignore for label in labels[1:]):  # the first position is never predicted
+        return None
+    return {"input_ids": input_ids, "labels": labels}

@@ -1,0 +1,108 @@
+"""Chat rows: formatted with the tokenizer's chat template, supervised on the assistant's tokens only."""
+
+import json
+
+import pytest
+
+from peftlab.errors import PeftlabError
+from peftlab.specs import TaskSpec
+from peftlab.tasks.prepare import IGNORE, load_task
+from peftlab.train.generation import generation_prompts
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<start> {{ m['role'] }} {{ m['content'] }} <end>\n{% endfor %}"
+            "{% if add_generation_prompt %}<start> assistant {% endif %}")
+WORDS = ["user", "assistant", "system", "hello", "there", "hi", "friend", "bye", "see", "you", "be", "brief", "[UNK]"]
+
+
+@pytest.fixture
+def tokenizer():
+    """A word-level tokenizer built here (nothing downloaded) with a chat template whose turns end in <end>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["[PAD]", "<bos>", "<eos>", "<start>", "<end>"]
+    vocab = {token: i for i, token in enumerate(specials + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="[PAD]",
+                                  unk_token="[UNK]", additional_special_tokens=["<start>", "<end>"])
+    tok.chat_template = TEMPLATE
+    return tok
+
+
+def write_rows(tmp_path, rows, name="chat.jsonl"):
+    path = tmp_path / name
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CONVERSATION = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello there"},
+                {"role": "assistant", "content": "hi friend"}, {"role": "user", "content": "bye"},
+                {"role": "assistant", "content": "see you"}]
+
+
+def task(path, **more):
+    return TaskSpec(path=path, kind="instruction", test_fraction=0.25, validation_fraction=0.0, **more)
+
+
+def test_only_the_assistant_tokens_are_supervised_token_by_token(tmp_path, tokenizer):
+    path = write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)
+    example = load_task(task(path), tokenizer).train[0]
+    tokens = tokenizer.convert_ids_to_tokens(example["input_ids"])
+    assert tokens == ["<bos>", "<start>", "system", "be", "brief", "<end>", "<start>", "user", "hello", "there", "<end>",
+                      "<start>", "assistant", "hi", "friend", "<end>", "<start>", "user", "bye", "<end>",
+                      "<start>", "assistant", "see", "you", "<end>"]
+    supervised = [t for t, label in zip(tokens, example["labels"]) if label != IGNORE]
+    assert supervised == ["hi", "friend", "<end>", "see", "you", "<end>"]
+    for token_id, label in zip(example["input_ids"], example["labels"]):
+        assert label in (IGNORE, token_id)
+
+
+def test_sharegpt_rows_read_like_messages(tmp_path, tokenizer):
+    share = [{"from": {"system": "system", "user": "human", "assistant": "gpt"}[t["role"]], "value": t["content"]}
+             for t in CONVERSATION]
+    messages = load_task(task(write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)), tokenizer).train[0]
+    sharegpt = load_task(task(write_rows(tmp_path, [{"conversations": share}] * 8, "share.jsonl")), tokenizer).train[0]
+    assert sharegpt == messages
+
+
+def test_generation_completes_the_last_assistant_turn_and_stops_at_the_end_of_turn(tmp_path, tokenizer):
+    data = load_task(task(write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)), tokenizer)
+    prompts = generation_prompts(data.test, 5, tokenizer, tokenizer.pad_token_id)
+    assert tokenizer.convert_ids_to_tokens(prompts.ids[0])[-2:] == ["<start>", "assistant"]
+    assert prompts.references[0] == "see you"
+    assert tokenizer.convert_tokens_to_ids("<end>") in prompts.stop_ids
+
+
+@pytest.mark.parametrize("turns, message", [
+    ([{"role": "bot", "content": "hi"}], "row 1: messages: turn 1: unknown role 'bot'"),
+    ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "row 1: messages: turn 2 (assistant) is empty"),
+    ([{"role": "user", "content": "hello"}], "row 1: messages: no assistant turn to learn from"),
+    ("hello", "row 1: messages: expected a non-empty list of turns"),
+])
+def test_a_bad_row_is_one_line_naming_the_row(tmp_path, tokenizer, turns, message):
+    rows = [{"messages": turns}] + [{"messages": CONVERSATION}] * 7
+    path = write_rows(tmp_path, rows)
+    with pytest.raises(PeftlabError) as error:
+        load_task(TaskSpec(path=path, kind="instruction", test_fraction=0.25, split_seed=1), tokenizer)
+    assert str(error.value).startswith(f"{path}: {message}")
+    assert "\n" not in str(error.value)
+
+
+def test_a_tokenizer_without_a_chat_template_is_told_how_to_give_one(tmp_path, tokenizer):
+    tokenizer.chat_template = None
+    path = write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)
+    with pytest.raises(PeftlabError, match="has none; give one as task.chat_template"):
+        load_task(task(path), tokenizer)
+    assert load_task(task(path, chat_template=TEMPLATE), tokenizer).train  # given in the task, it is used
+
+
+def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path, tokenizer):
+    # renders only the last two turns: earlier text changes as the conversation grows
+    shifting = "{% for m in messages[-2:] %}{{ m['role'] }} {{ m['content'] }} <end>\n{% endfor %}" \
+               "{% if add_generation_prompt %}assistant {% endif %}"
+    path = write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)
+    with pytest.raises(PeftlabError, match="renders earlier turns differently"):
+        load_task(task(path, chat_template=shifting), tokenizer)
