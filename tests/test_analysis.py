@@ -329,3 +329,66 @@ def test_degenerate_runs_are_named_counted_and_can_be_left_out(synthetic_study, 
     assert code == 0 and out.count("degenerate: predicts a single class") == 4 and "(4 of the done runs degenerate)" in out
     code, out, _ = cli("report", synthetic_study, "--exclude-degenerate")
     assert code == 0 and "placement=ffn" not in out.split("Quality:")[0]
+
+
+@pytest.fixture
+def instruction_study(tmp_path):
+    """A finished instruction study with generation scores and samples files: 2 placements x 3 seeds."""
+    import math
+
+    from peftlab.api import make_plan
+    from peftlab.config import validate
+    from peftlab.specs import PlanConfig, RunConfig, StudySpec
+    from peftlab.studies.grid import expand
+    from peftlab.studies.runner import open_study
+
+    spec = validate(StudySpec, {
+        "name": "instruct", "base": {"model": "tiny-llama", "task": {"path": "data.jsonl", "kind": "instruction"},
+                                     "eval": {"generate": {"examples": 2}}},
+        "axes": {"placement": {"all": "all", "attention": "attention"}}, "seeds": [0, 1, 2],
+    }, "test")
+    study_dir = tmp_path / "study"
+    store, _ = open_study(spec, study_dir)
+    loss = {"all": [1.50, 1.52, 1.49], "attention": [1.60, 1.63, 1.58]}
+    rouge = {"all": [0.40, 0.42, 0.41], "attention": [0.30, 0.33, 0.29]}
+    for run in expand(spec):
+        config = RunConfig.model_validate(run.config)
+        plan = make_plan(PlanConfig(model=config.model, plan=config.plan))
+        out = study_dir / "runs" / run.id
+        out.mkdir(parents=True)
+        name = run.axes["placement"]
+        (out / "samples.jsonl").write_text("".join(json.dumps(
+            {"index": i, "prompt": f"Repeat {w}.", "reference": w, "base": "", "base_rouge_l": 0.0,
+             "adapted": f"{w} ({name}, seed {run.seed})", "rouge_l": 0.5}) + "\n" for i, w in enumerate(["apple", "river"])))
+        l, r = loss[name][run.seed], rouge[name][run.seed]
+        result = {"status": "done", "metrics": {"test": {"loss": l, "perplexity": math.exp(l), "base_loss": 2.0,
+                                                         "rouge_l": r, "exact_match": r / 2}},
+                  "cost": {"trainable_params": plan.trainable_params, "base_params": plan.base_params,
+                           "total_params": plan.base_params + plan.trainable_params, "train_seconds": 10.0,
+                           "peak_memory_bytes": 2**29, "adapter_bytes": 4 * plan.trainable_params},
+                  "data": {"kind": "instruction"}}
+        store.mark_running(run.id, None)
+        store.finish(run.id, "done", result, None)
+    return study_dir
+
+
+def test_an_instruction_report_shows_generation_scores_beside_loss_and_a_few_samples(instruction_study):
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import write_report
+
+    analysis, outputs = write_report(instruction_study)
+    assert analysis.metric == "metrics.test.loss" and not analysis.higher_is_better
+    markdown = outputs["markdown"].read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| configuration"))
+    assert "perplexity (mean, 95% CI)" in header and "ROUGE-L (mean, 95% CI)" in header
+    assert "exact match (mean, 95% CI)" in header
+    row = next(line for line in markdown.splitlines() if line.startswith("| placement=attention"))
+    assert "0.3067 ±" in row  # the attention configuration's mean ROUGE-L, (0.30 + 0.33 + 0.29) / 3
+    assert "## Samples" in markdown and "### placement=all" in markdown
+    assert "`apple (all, seed 0)`" in markdown and "seed 1)" not in markdown  # the first seed's run
+    assert "apple (attention, seed 0)" in outputs["html"].read_text()
+    # ROUGE-L as the quality metric: higher is better, the verdict's margin 0.01
+    by_rouge = analyze(instruction_study, metric="rouge_l")
+    assert by_rouge.metric == "metrics.test.rouge_l" and by_rouge.higher_is_better and by_rouge.margin == 0.01
+    attention = next(c for c in by_rouge.configurations if c.label == "placement=attention")
+    assert attention.verdict.outcome == "worse"

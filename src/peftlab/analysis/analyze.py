@@ -25,8 +25,9 @@ from peftlab.analysis.stats import (
 )
 from peftlab.errors import PeftlabError
 from peftlab.records.results import primary_metric, run_rows
-from peftlab.records.store import open_existing
+from peftlab.records.store import open_existing, run_dir
 from peftlab.records.tuning import RateChoice, rate_choices
+from peftlab.train.result import read_samples
 
 COSTS = {
     "trainable": "cost.trainable_params",
@@ -35,7 +36,8 @@ COSTS = {
     "size": "cost.adapter_bytes",
 }
 LOWER_IS_BETTER = ("loss", "perplexity")
-DEFAULT_MARGINS = {"accuracy": 0.01, "macro_f1": 0.01, "loss": 0.02}  # metric units
+DEFAULT_MARGINS = {"accuracy": 0.01, "macro_f1": 0.01, "loss": 0.02, "rouge_l": 0.01, "exact_match": 0.01}  # metric units
+SAMPLES_SHOWN = 3  # generated completions shown per configuration in the report
 RELATIVE_MARGIN = 0.02  # of the baseline's mean, for other metrics (perplexity)
 
 
@@ -74,6 +76,7 @@ class Analysis:
     design: Design = FIXED  # the looks and level of the tests (several looks: seeds until resolved)
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # label -> completions of its first seed
 
 
 def _is_uniform_all_lora(config: dict[str, Any]) -> tuple[bool, float]:
@@ -152,6 +155,10 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     analysis.recommendations = recommend(analysis)
     analysis.tuning = rate_choices(store)
     analysis.limits = limits(analysis, rows)
+    for c in configurations:
+        first = min(c.runs, key=lambda r: r["seed"])
+        if shown := read_samples(run_dir(study_dir, first["id"]), SAMPLES_SHOWN):
+            analysis.samples[c.label] = shown
     return analysis
 
 

@@ -15,6 +15,21 @@ from peftlab.files import write_atomic
 
 COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "verdict", "trainable params (% of base)",
            "parameter reduction", "training time (s)", "peak memory (MiB)"]
+# Metrics shown beside the quality metric where every configuration has them (instruction tasks): column -> row key
+SECONDARY = {"perplexity": "metrics.test.perplexity", "ROUGE-L": "metrics.test.rouge_l",
+             "exact match": "metrics.test.exact_match"}
+
+
+def secondary_metrics(analysis: Analysis) -> dict[str, str]:
+    """The secondary metrics of this study: present for every configuration, and not its quality metric."""
+    return {name: key for name, key in SECONDARY.items() if key != analysis.metric
+            and all(key in c.every_metric and c.every_metric[key].n for c in analysis.configurations)}
+
+
+def columns(analysis: Analysis) -> list[str]:
+    """The main table's columns: COLUMNS with the secondary metrics after the verdict."""
+    extra = [f"{name} (mean, 95% CI)" for name in secondary_metrics(analysis)]
+    return COLUMNS[:4] + extra + COLUMNS[4:]
 
 
 def _p(p: float) -> str:
@@ -44,8 +59,33 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
             "training time (s)": f"{c.costs['time'].mean:.1f}",
             "peak memory (MiB)": f"{c.costs['memory'].mean / 2**20:,.0f}",
+            **{f"{name} (mean, 95% CI)": _summary_cell(c.every_metric[key], analysis.interval)
+               for name, key in secondary_metrics(analysis).items()},
         })
     return rows
+
+
+def _summary_cell(s, interval: str) -> str:
+    return f"{s.mean:.4f}" + (_interval(s, interval) if s.n > 1 else "")
+
+
+def samples_lines(analysis: Analysis) -> list[str]:
+    """Markdown: per configuration, a few test prompts with the reference, the base model's and the adapted
+    model's completions (its first seed's run)."""
+    lines = []
+    for label, samples in analysis.samples.items():
+        lines += ["", f"### {label}", ""]
+        for s in samples:
+            lines += [f"- **prompt** (end): {_quote(s['prompt'][-300:])}", f"  - reference: {_quote(s['reference'])}"]
+            if "base" in s:
+                lines.append(f"  - base model (ROUGE-L {s['base_rouge_l']:.3f}): {_quote(s['base'])}")
+            lines.append(f"  - adapted (ROUGE-L {s['rouge_l']:.3f}): {_quote(s['adapted'])}")
+    return lines
+
+
+def _quote(text: str, limit: int = 400) -> str:
+    text = " ".join(text.split())
+    return "`" + (text[:limit] + " …" if len(text) > limit else text).replace("`", "'") + "`"
 
 
 def tuning_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
@@ -143,12 +183,16 @@ def _memory_label(analysis: Analysis) -> str:
 
 
 def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
-    table = main_table(analysis)
+    table, names = main_table(analysis), columns(analysis)
     lines = [f"# Study report: {analysis.name}", "", analysis.description.strip(), "", "## Results", "", _test_note(analysis), "",
-             "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(row[c] for c in COLUMNS) + " |" for row in table]
+             "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
+    lines += ["| " + " | ".join(row[c] for c in names) + " |" for row in table]
     lines += ["", "Every metric of every configuration (n, mean, sd, 95% CI) is in `summary.csv`."]
     lines += _tuning_markdown(analysis)
+    if analysis.samples:
+        lines += ["", "## Samples", "", "Greedy completions of the first test prompts (first seed of each "
+                  "configuration); all of them, with per-example scores, are in each run's samples.jsonl."]
+        lines += samples_lines(analysis)
     lines += ["", "## Degenerate runs", ""] + [f"- {line}" for line in degenerate_lines(analysis)]
     lines += ["", "## Recommendations", ""] + [f"- {r}" for r in analysis.recommendations]
     lines += ["", "## Limits", ""] + [f"- {r}" for r in analysis.limits]
@@ -165,14 +209,14 @@ def _latex_escape(text: str) -> str:
 
 
 def write_latex(analysis: Analysis, out: Path) -> Path:
-    table = main_table(analysis)
+    table, names = main_table(analysis), columns(analysis)
     lines = [
         "% requires \\usepackage{booktabs}",
         "\\begin{table}[t]", "\\centering", "\\small",
-        "\\begin{tabular}{l" + "r" * (len(COLUMNS) - 1) + "}", "\\toprule",
-        " & ".join(_latex_escape(c) for c in COLUMNS) + " \\\\", "\\midrule",
+        "\\begin{tabular}{l" + "r" * (len(names) - 1) + "}", "\\toprule",
+        " & ".join(_latex_escape(c) for c in names) + " \\\\", "\\midrule",
     ]
-    lines += [" & ".join(_latex_escape(row[c]) for c in COLUMNS) + " \\\\" for row in table]
+    lines += [" & ".join(_latex_escape(row[c]) for c in names) + " \\\\" for row in table]
     caption = _latex_escape(_test_note(analysis).replace("**", ""))
     lines += ["\\bottomrule", "\\end{tabular}", f"\\caption{{{_latex_escape(analysis.name)}: {caption}}}",
               f"\\label{{tab:{analysis.name}}}", "\\end{table}"]
@@ -183,7 +227,7 @@ def write_latex(analysis: Analysis, out: Path) -> Path:
 CSS = """body{font-family:system-ui,-apple-system,Segoe UI,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
 table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{padding:6px 10px;border-bottom:1px solid #ddd;text-align:right}
 th:first-child,td:first-child{text-align:left}th{border-bottom:2px solid #444}figure{margin:1.5em 0}
-img{max-width:100%;border:1px solid #eee}.note{color:#555;font-size:14px}"""
+img{max-width:100%;border:1px solid #eee}table.samples td{text-align:left;vertical-align:top;white-space:pre-wrap;max-width:320px}.note{color:#555;font-size:14px}"""
 # After load, the page records how many figures decoded to real images (read back by the render check).
 CHECK = """<script>window.addEventListener('load',()=>{const imgs=[...document.images];
 const ok=imgs.filter(i=>i.complete&&i.naturalWidth>0&&i.naturalHeight>0).length;
@@ -196,9 +240,9 @@ def _md_inline(text: str) -> str:
 
 
 def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
-    table = main_table(analysis)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in COLUMNS)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in COLUMNS) + "</tr>" for row in table)
+    table, names = main_table(analysis), columns(analysis)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in names)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(row[c])}</td>" for c in names) + "</tr>" for row in table)
     figs = "".join(
         f'<figure><img alt="{html.escape(title)}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
         f"<figcaption>{html.escape(title)}</figcaption></figure>"
@@ -209,11 +253,27 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
 <style>{CSS}</style></head><body><h1>Study report: {html.escape(analysis.name)}</h1>
 <p>{html.escape(analysis.description)}</p><h2>Results</h2><p class="note">{_md_inline(_test_note(analysis))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-{_tuning_html(analysis)}<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
+{_tuning_html(analysis)}{_samples_html(analysis)}<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
 <h2>Recommendations</h2><ul>{items(analysis.recommendations)}</ul><h2>Limits</h2><ul>{items(analysis.limits)}</ul>
 <h2>Figures</h2>{figs}{CHECK}</body></html>"""
     write_atomic(out, page)
     return out
+
+
+def _samples_html(analysis: Analysis) -> str:
+    if not analysis.samples:
+        return ""
+    parts = ["<h2>Samples</h2><p class=\"note\">Greedy completions of the first test prompts (first seed of each "
+             "configuration); all of them, with per-example scores, are in each run's samples.jsonl.</p>"]
+    for label, samples in analysis.samples.items():
+        rows = "".join(
+            f"<tr><td>{html.escape(s['prompt'][-300:])}</td><td>{html.escape(s['reference'])}</td>"
+            + (f"<td>{html.escape(s['base'])} ({s['base_rouge_l']:.3f})</td>" if "base" in s else "<td>-</td>")
+            + f"<td>{html.escape(s['adapted'])} ({s['rouge_l']:.3f})</td></tr>" for s in samples)
+        parts.append(f"<h3>{html.escape(label)}</h3><table class=\"samples\"><thead><tr><th>prompt (end)</th>"
+                     f"<th>reference</th><th>base model (ROUGE-L)</th><th>adapted (ROUGE-L)</th></tr></thead>"
+                     f"<tbody>{rows}</tbody></table>")
+    return "".join(parts)
 
 
 def write_summary_csv(analysis: Analysis, out: Path) -> Path:

@@ -140,3 +140,8 @@ def open_existing(study_dir: Path) -> Store:
     if not (study_dir / "study.db").is_file():
         raise PeftlabError(f"{study_dir}: not a study directory (no study.db)")
     return Store(study_dir / "study.db")
+
+
+def run_dir(study_dir: Path, run_id: str) -> Path:
+    """Where a study's run writes its outputs (result, adapter, samples)."""
+    return study_dir / "runs" / run_id

@@ -27,12 +27,12 @@ from rich.progress import (
 
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
-from peftlab.records.store import Store
+from peftlab.records.store import Store, run_dir
 from peftlab.records.tuning import chosen_rates
 from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
-from peftlab.studies.worker import PRELOAD, execute_study_run, run_dir, run_process
+from peftlab.studies.worker import PRELOAD, execute_study_run, run_process
 from peftlab.train.result import RunResult
 
 

@@ -22,16 +22,13 @@ from typing import Any
 PRELOAD = ("peftlab", "torch", "transformers", "peft", "accelerate", "peftlab.api", "peftlab.cli")
 
 
-def run_dir(study_dir: Path, run_id: str) -> Path:
-    return study_dir / "runs" / run_id
-
-
 def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], threads: int) -> tuple[str, dict | None, str | None]:
     """Run one config into STUDY_DIR/runs/RUN_ID; (status, result summary, error). Never raises."""
     import torch
 
     from peftlab.api import run
     from peftlab.errors import PeftlabError
+    from peftlab.records.store import run_dir
     from peftlab.specs import RunConfig
 
     torch.set_num_threads(threads)
