@@ -26,11 +26,12 @@ def with_probe_scores(config: RunConfig, path) -> RunConfig:
 
 @pytest.fixture
 def random_scores(tmp_path):
-    """A score for every (layer, role) of a 6-layer BERT, drawn at random."""
+    """A score for every (layer, role) of the shipped studies' models (6-layer BERT, 18-layer Gemma 3), drawn
+    at random."""
     rng = random.Random(0)
     path = tmp_path / "scores.json"
-    roles = ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.down"]
-    path.write_text(json.dumps([{"layer": i, "role": r, "score": rng.uniform(0.1, 3)} for i in range(6) for r in roles]))
+    roles = ["attn.q", "attn.k", "attn.v", "attn.o", "ffn.up", "ffn.gate", "ffn.down"]
+    path.write_text(json.dumps([{"layer": i, "role": r, "score": rng.uniform(0.1, 3)} for i in range(18) for r in roles]))
     return path
 
 
@@ -101,3 +102,36 @@ def test_methods_study_compares_at_an_equal_budget():
         assert abs(sizes[variant].params - sizes["lora"].params) / sizes["lora"].params <= 1 / 16, (variant, sizes[variant])
     assert sizes["houlsby"].size != 8 and sizes["pfeiffer"].size > sizes["houlsby"].size  # widths, not ranks
     assert sizes["bitfit"].size is None and sizes["bitfit"].params < sizes["lora"].params
+
+
+@pytest.mark.parametrize("name", ["instruct-placement", "instruct-allocation"])
+def test_instruct_studies_tune_a_causal_lm_on_the_bundled_data_and_score_generations(name):
+    spec = load_spec(StudySpec, shipped_studies()[name])
+    config = RunConfig.model_validate(expand(spec)[0].config)
+    assert config.model.name == "gemma-3-270m" and config.task.name == "reviews-instruct"
+    assert config.eval.generate is not None and config.method.name == "lora" and config.method.dropout == 0.1
+
+
+def test_study_data_and_settings_override_the_base(tmp_path, cli):
+    from peftlab.errors import PeftlabError
+    from peftlab.studies.grid import with_base_overrides
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": "Say hi.", "input": "", "output": "hi"}] * 10))
+    spec = load_spec(StudySpec, shipped_studies()["instruct-placement"])
+    changed = with_base_overrides(spec, data, ["task.max_train_examples=40", "seeds=[0, 1, 2, 3]", "until_resolved=null",
+                                               "eval.generate.max_new_tokens=64"])
+    assert changed.seeds == [0, 1, 2, 3] and changed.until_resolved is None and changed.tune == spec.tune
+    config = RunConfig.model_validate(expand(changed)[0].config)
+    assert config.task.name is None and config.task.path == data and config.task.kind == "instruction"
+    assert config.task.max_train_examples == 40 and config.task.max_length == 128  # the rest of the task is kept
+    assert config.eval.generate.max_new_tokens == 64 and config.eval.generate.examples == 100
+    with pytest.raises(PeftlabError, match="use KEY=VALUE"):
+        with_base_overrides(spec, None, ["task.max_train_examples"])
+    with pytest.raises(PeftlabError, match="has no field 'max_train_exmaples'"):
+        with_base_overrides(spec, None, ["task.max_train_exmaples=3"])
+
+    code, out, err = cli("study", "run", "instruct-placement", "--data", data, "--set", "task.max_train_examples=40",
+                         "--dry-run")
+    assert code == 0, err
+    assert "studies/instruct-placement-alpaca" in out.replace("\n", "") and "nothing was written" in out

@@ -132,6 +132,8 @@ def run(
     batch_size: Annotated[Optional[int], typer.Option(help="Training batch size.")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
+    generate: Annotated[Optional[int], typer.Option(
+        help="Instruction tasks: complete this many test prompts and score them (ROUGE-L, exact match).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<model>-<task>-<method>-<hash>).")] = None,
 ) -> None:
     """Train and evaluate one configuration; write config, plan, metrics, result and adapter."""
@@ -154,6 +156,7 @@ def run(
         "train.max_steps": max_steps,
         "train.batch_size": batch_size,
         "train.seed": seed,
+        "eval.generate.examples": generate,
     }
     spec = _load(RunConfig, config, {k: v for k, v in overrides.items() if v is not None})
     if output is None:
@@ -322,9 +325,11 @@ study_app = typer.Typer(help="Studies: grids of runs x seeds in a resumable stor
 app.add_typer(study_app, name="study")
 
 
-def _study_spec(source: str, study_dir: Path | None):
-    """A spec file, a shipped study name (placement, allocation, methods), or a study directory to resume."""
+def _study_spec(source: str, study_dir: Path | None, data: Path | None = None, settings: list[str] | None = None):
+    """A spec file, a shipped study name (placement, allocation, methods), or a study directory to resume;
+    with the base run config's data replaced by `data` and `settings` (KEY=VALUE) applied."""
     from peftlab.specs import StudySpec
+    from peftlab.studies.grid import with_base_overrides
     from peftlab.studies.shipped import shipped_study
 
     path = Path(source)
@@ -332,11 +337,11 @@ def _study_spec(source: str, study_dir: Path | None):
         spec_file = path / "study.yaml"
         if not spec_file.is_file():
             raise PeftlabError(f"{path}: not a study directory (no study.yaml)")
-        return load_spec(StudySpec, spec_file), study_dir or path
+        return with_base_overrides(load_spec(StudySpec, spec_file), data, settings or []), study_dir or path
     if not path.exists() and path.suffix == "":
         path = shipped_study(source)
-    spec = load_spec(StudySpec, path)
-    return spec, study_dir or Path("studies") / spec.name
+    spec = with_base_overrides(load_spec(StudySpec, path), data, settings or [])
+    return spec, study_dir or Path("studies") / (spec.name + (f"-{data.stem}" if data else ""))
 
 
 @study_app.command("run")
@@ -350,12 +355,18 @@ def study_run(
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per run (default cores / jobs).")] = None,
     gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray task declares.")] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each configuration will train, then stop.")] = False,
+    data: Annotated[Optional[Path], typer.Option(
+        help="Train and test on this data file instead of the study's (CSV / JSON / JSONL; Alpaca, Dolly or chat "
+             "rows for an instruction study); default directory studies/<name>-<file stem>.")] = None,
+    settings: Annotated[Optional[list[str]], typer.Option(
+        "--set", help="KEY=VALUE into the study's base run config, e.g. task.max_train_examples=2000 (repeatable; "
+                      "VALUE is read as YAML).")] = None,
 ) -> None:
     """Run a study, or resume one: done runs are skipped, new runs of an edited spec are added."""
     from peftlab.studies.preview import preview
     from peftlab.studies.runner import run_study
 
-    spec, study_dir = _study_spec(source, directory)
+    spec, study_dir = _study_spec(source, directory, data, settings)
     previews = preview(spec)
     _print_preview(spec, previews)
     if dry_run:
@@ -398,14 +409,15 @@ def _print_summary(counts: dict[str, int], study_dir: Path) -> None:
 
 
 def _print_main_table(analysis) -> None:
-    from peftlab.analysis.report import COLUMNS, _test_note, main_table
+    from peftlab.analysis.report import _test_note, columns, main_table
 
     table = Table(title=f"study {analysis.name}", title_justify="left", caption=_test_note(analysis).replace("**", ""),
                   caption_justify="left")
-    for column in COLUMNS:
+    names = columns(analysis)
+    for column in names:
         table.add_column(column, justify="left" if column == "configuration" else "right")
     for row in main_table(analysis):
-        table.add_row(*(row[c] for c in COLUMNS))
+        table.add_row(*(row[c] for c in names))
     _console().print(table)
 
 

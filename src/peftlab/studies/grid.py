@@ -12,7 +12,10 @@ import itertools
 import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import yaml
 
 from peftlab.config import set_dotted, validate
 from peftlab.errors import PeftlabError
@@ -142,3 +145,37 @@ def seeds_of(spec: StudySpec, n: int) -> list[int]:
     """The first `n` seeds of a configuration: the spec's, then max + 1, max + 2, ... (seeds until resolved)."""
     extra = max(spec.seeds) + 1
     return [*spec.seeds, *range(extra, extra + max(0, n - len(spec.seeds)))]
+
+
+def with_base_overrides(spec: StudySpec, data: Path | None, settings: list[str]) -> StudySpec:
+    """`spec` with its base run config trained on `data` (the task's other settings kept) and each
+    KEY=VALUE of `settings` set (VALUE read as YAML), for `study run --data/--set`. A KEY that is a field of
+    the study itself (seeds, margin, until_resolved, tune) sets that field; any other is a dotted path into
+    the base run config."""
+    if data is None and not settings:
+        return spec
+    study = spec.model_dump(mode="json", exclude={"base"})
+    base = copy.deepcopy(spec.base)
+    if data is not None:
+        kind = validate(RunConfig, {"task": base.get("task")} if base.get("task") else {}, "study base").task.resolved_kind
+        set_dotted(RunConfig, base, "task.kind", kind, "--data")
+        for source in ("name", "dataset", "test_path"):
+            base["task"].pop(source, None)
+        base["task"]["path"] = str(data)
+    for setting in settings:
+        key, equals, value = setting.partition("=")
+        if not equals or not key.strip():
+            raise PeftlabError(f"--set {setting!r}: use KEY=VALUE, e.g. task.max_train_examples=2000")
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError:
+            raise PeftlabError(f"--set {setting!r}: VALUE is not valid YAML") from None
+        key = key.strip()
+        if key in STUDY_SETTINGS:
+            study[key] = parsed
+        else:
+            set_dotted(RunConfig, base, key, parsed, "--set")
+    return validate(StudySpec, {**study, "base": base}, "study (after --data/--set)")
+
+
+STUDY_SETTINGS = ("seeds", "margin", "until_resolved", "tune", "description")  # `--set` keys of the study itself
