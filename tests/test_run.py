@@ -325,10 +325,13 @@ METHODS_ON_LLAMA = ["lora", "qlora", "adalora", "hira", "bottleneck", "prefix", 
 @pytest.mark.parametrize("method", METHODS_ON_LLAMA)
 def test_cli_runs_every_method_on_tiny_llama(tmp_path, alpaca_file, cli, method):
     code, out, err = cli("run", "--model", "tiny-llama", "--data", alpaca_file, "--kind", "instruction",
-                         "--method", method, "--max-steps", 6, "--batch-size", 4, "--output", tmp_path / method)
+                         "--method", method, "--max-steps", 6, "--batch-size", 4, "--generate", 3,
+                         "--output", tmp_path / method)
     assert code == 0, err
     result = json.loads((tmp_path / method / "result.json").read_text())
     assert result["status"] == "done" and result["metrics"]["test"]["perplexity"] > 1
+    assert result["metrics"]["test"]["generated"] == 3  # every method generates (prefixes through PEFT's cache)
+    assert "ROUGE-L" in out
     assert result["config"]["method"]["name"] == method
 
 

@@ -168,6 +168,10 @@ def run(
         raise typer.Exit(1)
 
 
+METRIC_NAMES = {"rouge_l": "ROUGE-L", "base_rouge_l": "base model ROUGE-L", "base_exact_match": "base model exact match",
+                "base_loss": "base model loss", "mean_new_tokens": "tokens per completion"}
+
+
 def _print_result(result: RunResult, output: Path) -> None:
     console = _console()
     if not result.done:
@@ -179,7 +183,8 @@ def _print_result(result: RunResult, output: Path) -> None:
     for split, values in result.metrics.items():
         for name, value in values.items():
             if name != "count":
-                table.add_row(f"{split} {name.replace('_', ' ')}", f"{value:.4f}" if isinstance(value, float) else str(value))
+                shown = METRIC_NAMES.get(name, name.replace("_", " "))
+                table.add_row(f"{split} {shown}", f"{value:.4f}" if isinstance(value, float) else str(value))
     cost = result.cost
     table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
     table.add_row("% of total params", f"{100 * cost['trainable_share']:.3f}%")
@@ -198,6 +203,9 @@ def _print_result(result: RunResult, output: Path) -> None:
     if cost.get("importance_probe_seconds") is not None:  # once per study, then cached
         table.add_row("importance probe (s, not in training time)", f"{cost['importance_probe_seconds']:.1f}")
     table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
+    if cost.get("generated_tokens") is not None:
+        table.add_row("generation (s, tokens/s; completions in samples.jsonl)",
+                      f"{cost['generation_seconds']:.1f}, {cost['generation_tokens_per_second']:,.1f}")
     flops = result.method.get("flops")
     if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included
         table.add_row("frozen FLOPs executed (% of dense)", f"{100 * flops['executed_share']:.1f}%")
