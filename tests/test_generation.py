@@ -101,7 +101,8 @@ def alpaca_rows():
 def instruction_config(path, **more):
     return validate(RunConfig, {
         "model": "tiny-llama", "task": {"path": str(path), "kind": "instruction", "max_eval_examples": 6},
-        "plan": {"allocation": 4}, "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-2, "latency_batches": 0},
+        "plan": {"allocation": 4}, "method": {"name": "lora", "dropout": 0.1},  # dropout: training draws randoms
+        "train": {"max_steps": 6, "batch_size": 4, "lr": 2e-2, "latency_batches": 0},
         **more,
     }, "test")
 
@@ -122,6 +123,11 @@ def test_the_samples_file_holds_base_and_adapted_completions_and_the_base_is_the
     assert {"prompt", "reference", "base", "adapted", "rouge_l", "exact_match", "base_rouge_l"} <= set(samples[0])
     assert result["metrics"]["test"]["rouge_l"] == pytest.approx(sum(s["rouge_l"] for s in samples) / 4)
     assert result["cost"]["generated_tokens"] > 0 and result["cost"]["generation_tokens_per_second"] > 0
+
+    # generating (the base model's completions come before training) changes nothing the run learns
+    plain = run_to_dict(instruction_config(data), tmp_path / "plain")
+    assert plain["final_train_loss"] == result["final_train_loss"]
+    assert plain["metrics"]["test"]["loss"] == result["metrics"]["test"]["loss"]
 
     # the base column is the bare model's completion of the same prompts ...
     resolved = resolve_run(config)

@@ -103,22 +103,23 @@ def generate(model: nn.Module, prompts: Prompts, spec: GenerateSpec, tokenizer: 
     new_tokens: list[int] = [0] * len(order)
     was_training = model.training
     model.eval()
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(spec.seed)
+    cuda = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     start = time.perf_counter()
+    # generation never shifts the training's random streams (the base model's completions come before training)
     try:
-        for first in range(0, len(order), spec.batch_size):
-            chosen = order[first : first + spec.batch_size]
-            input_ids, attention_mask = _left_padded([prompts.ids[i] for i in chosen], prompts.pad_id)
-            with autocast():
-                output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                        generation_config=config)
-            for row, i in enumerate(chosen):
-                tokens = _until_stop(output[row, input_ids.shape[1]:].tolist(), prompts.stop_ids)
-                new_tokens[i] = len(tokens)
-                texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+        with torch.random.fork_rng(devices=cuda):
+            torch.manual_seed(spec.seed)
+            for first in range(0, len(order), spec.batch_size):
+                chosen = order[first : first + spec.batch_size]
+                input_ids, attention_mask = _left_padded([prompts.ids[i] for i in chosen], prompts.pad_id)
+                with autocast():
+                    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                            generation_config=config)
+                for row, i in enumerate(chosen):
+                    tokens = _until_stop(output[row, input_ids.shape[1]:].tolist(), prompts.stop_ids)
+                    new_tokens[i] = len(tokens)
+                    texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     finally:
-        torch.random.set_rng_state(generator_state)  # generation never shifts the training's random stream
         model.train(was_training)
     return Completions(texts, new_tokens, time.perf_counter() - start)
 

@@ -265,11 +265,11 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
         loss = evaluate_split(model, forgetting_batches)
         outcome.metrics["forgetting"] = {"base_loss": forgetting_base, "loss": loss["loss"],
                                          "increase": loss["loss"] - forgetting_base, "count": loss["count"]}
+    for feature in features:
+        feature.remove()  # generation and latency: the model's own forward, as it would be served
     if run.prompts:
         outcome.generation = _generation(run, model, method, accelerator, base_completions, partial_dir)
         outcome.metrics.setdefault("test", {}).update(outcome.generation.pop("scores"))
-    for feature in features:
-        feature.remove()  # latency: the model's own forward, as it would be served
     with accelerator.autocast():  # inference at the training's precision
         outcome.latency = _latencies(model, method, timed, data.kind, accelerator.device)
     method.save(model, partial_dir / "adapter")
