@@ -19,7 +19,7 @@ WORDS = ["user", "assistant", "system", "hello", "there", "hi", "friend", "bye",
 @pytest.fixture
 def tokenizer():
     """A word-level tokenizer built here (nothing downloaded) with a chat template whose turns end in <end>."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["[PAD]", "<bos>", "<eos>", "<start>", "<end>"]
@@ -27,7 +27,10 @@ def tokenizer():
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<bos>", eos_token="<eos>", pad_token="[PAD]",
-                                  unk_token="[UNK]", additional_special_tokens=["<start>", "<end>"])
+                                  unk_token="[UNK]")
+    # special added tokens that are not among the named special tokens, as Gemma's <start_of_turn> / <end_of_turn>
+    tok.add_tokens([AddedToken("<start>", special=True), AddedToken("<end>", special=True)])
+    assert tok.convert_tokens_to_ids("<end>") not in tok.all_special_ids
     tok.chat_template = TEMPLATE
     return tok
 
@@ -106,3 +109,15 @@ def test_a_template_that_rewrites_earlier_turns_is_refused(tmp_path, tokenizer):
     path = write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)
     with pytest.raises(PeftlabError, match="renders earlier turns differently"):
         load_task(task(path, chat_template=shifting), tokenizer)
+
+
+def test_the_bundled_gemma_template_renders_gemma_turns_and_splits_into_assistant_segments(tokenizer):
+    from peftlab.models.load import GEMMA3_CHAT_TEMPLATE
+    from peftlab.tasks.chat import segments
+
+    text = tokenizer.apply_chat_template(CONVERSATION, chat_template=GEMMA3_CHAT_TEMPLATE, tokenize=False)
+    assert text == ("<bos><start_of_turn>user\nbe brief\n\nhello there<end_of_turn>\n<start_of_turn>model\nhi friend"
+                    "<end_of_turn>\n<start_of_turn>user\nbye<end_of_turn>\n<start_of_turn>model\nsee you<end_of_turn>\n")
+    pieces = segments(CONVERSATION, tokenizer, GEMMA3_CHAT_TEMPLATE, "row 1")
+    assert [p for p, supervised in pieces if supervised] == ["hi friend<end_of_turn>", "see you<end_of_turn>"]
+    assert "".join(p for p, _ in pieces) == text.rstrip()

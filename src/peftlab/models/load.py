@@ -246,7 +246,25 @@ def load_tokenizer(spec: ModelSpec):
         raise PeftlabError(f"model {spec.name!r}: cannot load its tokenizer: {str(exc).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if spec.name == "gemma-3-270m" and not tokenizer.chat_template:  # the GGUF packages carry none
+        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
     return tokenizer
+
+
+# Gemma 3's turn format (<start_of_turn>user / model ... <end_of_turn>; a system message opens the first user
+# turn), for the bundled Gemma 3 270M, whose GGUF tokenizer has no chat template.
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- if messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') + message['content'] | trim"
+    " + '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
 
 
 def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec:

@@ -169,7 +169,7 @@ def _cache_key(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], *sp
         "max_length": spec.max_length,
         "labels": labels,
         "columns": [spec.text_column, spec.label_column, spec.format],
-        "chat_template": spec.chat_template,
+        "chat_template": spec.chat_template or getattr(tokenizer, "chat_template", None),
         "version": 2,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]

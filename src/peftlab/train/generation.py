@@ -57,7 +57,8 @@ def last_supervised_span(labels: list[int]) -> tuple[int, int] | None:
 def generation_prompts(examples: list[dict[str, Any]], count: int, tokenizer: Any, pad_id: int) -> Prompts:
     """The first `count` examples (the split is already a seeded shuffle) as prompts and references."""
     ids, texts, references, enders = [], [], [], set()
-    special = set(tokenizer.all_special_ids)
+    special = set(tokenizer.all_special_ids) | {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                                                if getattr(token, "special", False)}  # e.g. <end_of_turn>
     for example in examples:
         if len(ids) == count:
             break
