@@ -122,6 +122,10 @@ def test_study_data_and_settings_override_the_base(tmp_path, cli):
     changed = with_base_overrides(spec, data, ["task.max_train_examples=40", "seeds=[0, 1, 2, 3]", "until_resolved=null",
                                                "eval.generate.max_new_tokens=64"])
     assert changed.seeds == [0, 1, 2, 3] and changed.until_resolved is None and changed.tune == spec.tune
+    assert changed.description.startswith(spec.description.rstrip())  # the report says what was changed
+    assert changed.description.endswith(f"Changed from its spec by: --data {data}; --set task.max_train_examples=40; "
+                                        "--set seeds=[0, 1, 2, 3]; --set until_resolved=null; "
+                                        "--set eval.generate.max_new_tokens=64.")
     config = RunConfig.model_validate(expand(changed)[0].config)
     assert config.task.name is None and config.task.path == data and config.task.kind == "instruction"
     assert config.task.max_train_examples == 40 and config.task.max_length == 128  # the rest of the task is kept

@@ -175,6 +175,11 @@ def with_base_overrides(spec: StudySpec, data: Path | None, settings: list[str])
             study[key] = parsed
         else:
             set_dotted(RunConfig, base, key, parsed, "--set")
+    # the report states how this study departs from the spec it was written from
+    changes = ([f"--data {data}"] if data is not None else []) + [f"--set {s}" for s in settings]
+    note = f"Changed from its spec by: {'; '.join(changes)}."
+    if note not in (study.get("description") or ""):
+        study["description"] = f"{(study.get('description') or '').rstrip()} {note}".strip()
     return validate(StudySpec, {**study, "base": base}, "study (after --data/--set)")
 
 
