@@ -149,9 +149,9 @@ def seeds_of(spec: StudySpec, n: int) -> list[int]:
 
 def with_base_overrides(spec: StudySpec, data: Path | None, settings: list[str]) -> StudySpec:
     """`spec` with its base run config trained on `data` (the task's other settings kept) and each
-    KEY=VALUE of `settings` set (VALUE read as YAML), for `study run --data/--set`. A KEY that is a field of
-    the study itself (seeds, margin, until_resolved, tune) sets that field; any other is a dotted path into
-    the base run config."""
+    KEY=VALUE of `settings` set (VALUE read as YAML), for `study run --data/--set`. A KEY in STUDY_SETTINGS
+    sets that field of the study; any other is a dotted path into the base run config. The description
+    records the changes."""
     if data is None and not settings:
         return spec
     study = spec.model_dump(mode="json", exclude={"base"})
