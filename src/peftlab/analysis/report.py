@@ -190,7 +190,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
     lines += ["", "Every metric of every configuration (n, mean, sd, 95% CI) is in `summary.csv`."]
     lines += _tuning_markdown(analysis)
     if analysis.samples:
-        lines += ["", "## Samples", "", "Greedy completions of the first test prompts (first seed of each "
+        lines += ["", "## Samples", "", "Completions of the first test prompts (first seed of each "
                   "configuration); all of them, with per-example scores, are in each run's samples.jsonl."]
         lines += samples_lines(analysis)
     lines += ["", "## Degenerate runs", ""] + [f"- {line}" for line in degenerate_lines(analysis)]
@@ -263,7 +263,7 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
 def _samples_html(analysis: Analysis) -> str:
     if not analysis.samples:
         return ""
-    parts = ["<h2>Samples</h2><p class=\"note\">Greedy completions of the first test prompts (first seed of each "
+    parts = ["<h2>Samples</h2><p class=\"note\">Completions of the first test prompts (first seed of each "
              "configuration); all of them, with per-example scores, are in each run's samples.jsonl.</p>"]
     for label, samples in analysis.samples.items():
         rows = "".join(
