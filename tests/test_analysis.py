@@ -100,14 +100,20 @@ def synthetic_study(tmp_path):
             json.dumps({"step": s, "train_loss": 1.0 / s + 0.01 * run.seed}) + "\n" for s in (10, 20, 30)))
         name = run.axes["placement"]
         acc = accuracy[name][run.seed]
-        result = {"status": "done", "metrics": {"test": {"accuracy": acc, "loss": 1 - acc}},
-                  "cost": {"trainable_params": plan.trainable_params + 130, "base_params": plan.base_params,
-                           "total_params": plan.base_params + plan.trainable_params, "train_seconds": 10.0 + run.seed,
-                           "peak_memory_bytes": 2**29, "adapter_bytes": 4 * plan.trainable_params},
-                  "data": {"kind": "classification"}}
-        store.mark_running(run.id, None)
-        store.finish(run.id, "done", result, None)
+        finish(store, run.id, plan, {"accuracy": acc, "loss": 1 - acc}, "classification",
+               head=130, seconds=10.0 + run.seed)
     return study_dir
+
+
+def finish(store, run_id, plan, test_metrics, kind, head=0, seconds=10.0):
+    """Record a finished run with these test metrics and the plan's costs (plus `head` trainable params)."""
+    result = {"status": "done", "metrics": {"test": test_metrics},
+              "cost": {"trainable_params": plan.trainable_params + head, "base_params": plan.base_params,
+                       "total_params": plan.base_params + plan.trainable_params, "train_seconds": seconds,
+                       "peak_memory_bytes": 2**29, "adapter_bytes": 4 * plan.trainable_params},
+              "data": {"kind": kind}}
+    store.mark_running(run_id, None)
+    store.finish(run_id, "done", result, None)
 
 
 def test_analysis_of_known_results(synthetic_study):
@@ -361,14 +367,8 @@ def instruction_study(tmp_path):
             {"index": i, "prompt": f"Repeat {w}.", "reference": w, "base": "", "base_rouge_l": 0.0,
              "adapted": f"{w} ({name}, seed {run.seed})", "rouge_l": 0.5}) + "\n" for i, w in enumerate(["apple", "river"])))
         l, r = loss[name][run.seed], rouge[name][run.seed]
-        result = {"status": "done", "metrics": {"test": {"loss": l, "perplexity": math.exp(l), "base_loss": 2.0,
-                                                         "rouge_l": r, "exact_match": r / 2}},
-                  "cost": {"trainable_params": plan.trainable_params, "base_params": plan.base_params,
-                           "total_params": plan.base_params + plan.trainable_params, "train_seconds": 10.0,
-                           "peak_memory_bytes": 2**29, "adapter_bytes": 4 * plan.trainable_params},
-                  "data": {"kind": "instruction"}}
-        store.mark_running(run.id, None)
-        store.finish(run.id, "done", result, None)
+        finish(store, run.id, plan, {"loss": l, "perplexity": math.exp(l), "base_loss": 2.0, "rouge_l": r,
+                                     "exact_match": r / 2}, "instruction")
     return study_dir
 
 

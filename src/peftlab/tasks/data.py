@@ -11,8 +11,8 @@ from typing import Any
 from peftlab.errors import PeftlabError
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV, JSON (a list of objects) or JSONL file."""
+def read_text(path: Path) -> str:
+    """A UTF-8 file's text (a byte-order mark dropped); errors name the file and the line."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -20,10 +20,15 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     except OSError as exc:
         raise PeftlabError(f"{path}: cannot read: {exc.strerror}") from None
     try:
-        text = raw.decode("utf-8-sig")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
         raise PeftlabError(f"{path}: line {line}: invalid UTF-8 (byte offset {exc.start})") from None
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV, JSON (a list of objects) or JSONL file."""
+    text = read_text(path)
     if not text.strip():
         raise PeftlabError(f"{path}: the file is empty")
     suffix = path.suffix.lower()

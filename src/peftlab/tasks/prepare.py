@@ -22,7 +22,7 @@ from peftlab.tasks.chat import (
     encode_chat,
     turns,
 )
-from peftlab.tasks.data import load_hf_dataset, read_records, require_columns
+from peftlab.tasks.data import load_hf_dataset, read_records, read_text, require_columns
 
 if TYPE_CHECKING:
     from peftlab.specs import TaskSpec
@@ -255,12 +255,7 @@ def text_chunks(path: Path, text_column: str, tokenizer: Any, max_length: int, m
     """A general text as examples of `max_length` tokens whose every token after the first is predicted (the
     forgetting probe): a .txt file whole, or the `text_column` of CSV / JSON / JSONL rows joined by blank lines."""
     if path.suffix.lower() == ".txt":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except FileNotFoundError:
-            raise PeftlabError(f"{path}: no such file") from None
-        except (OSError, UnicodeDecodeError) as exc:
-            raise PeftlabError(f"{path}: cannot read as UTF-8 text: {exc}") from None
+        text = read_text(path)
     else:
         rows = read_records(path)
         require_columns(rows, (text_column,), str(path), 2 if path.suffix.lower() == ".csv" else 1)
