@@ -55,6 +55,8 @@ def read_yaml(path: Path) -> Any:
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise PeftlabError(f"{path}:{where}: malformed YAML: {problem}") from None
+    except RecursionError:
+        raise PeftlabError(f"{path}: nested too deeply to be a config") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -15,9 +15,13 @@ from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
 
+MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
+MAX_SEEDS = 1000  # seeds per configuration of a study, at most
+
 
 class Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_none=True), sort_keys=False)
@@ -164,10 +168,11 @@ class TaskSpec(Spec):
     """Chat rows: a Jinja chat template to use instead of the tokenizer's own (needed where it has none)."""
     template: str | None = None
     """Prompt template with {instruction}, {input}, {input_block}, {with_input}; default: Alpaca's."""
-    max_length: int = Field(128, ge=8)
+    max_length: int = Field(128, ge=8, le=1_048_576)
+    """Tokens per example; at most the model's position limit (checked before the data is read)."""
     validation_fraction: float = Field(0.1, ge=0, lt=1)
     test_fraction: float = Field(0.2, gt=0, lt=1)
-    split_seed: int = 0
+    split_seed: Seed = 0
     """Seed of the train/validation/test split; fixed across training seeds so runs pair up."""
     max_train_examples: int | None = Field(None, ge=1)
     max_eval_examples: int | None = Field(None, ge=1)
@@ -198,8 +203,8 @@ class TaskSpec(Spec):
 
 
 class TrainSpec(Spec):
-    seed: int = 0
-    epochs: float = Field(1.0, gt=0)
+    seed: Seed = 0
+    epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides epochs."""
     batch_size: int = Field(16, ge=1)
@@ -248,9 +253,9 @@ class GenerateSpec(Spec):
     batch_size: int = Field(16, ge=1)
     greedy: bool = True
     """Greedy decoding (deterministic); off: sampled with temperature and top_p from `seed`."""
-    temperature: float = Field(1.0, gt=0, allow_inf_nan=False)
+    temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int = Field(0, ge=0)
+    seed: Seed = 0
     base: bool = True
     """Also complete the prompts with the base model (cached, so a study pays for it once) and score it."""
 
@@ -347,7 +352,7 @@ class TuneSpec(Spec):
     """Rates to try, e.g. [3.0e-4, 1.0e-3, 3.0e-3]."""
     lr_factors: list[float] | None = None
     """Or factors of each configuration's own train.lr, e.g. [0.3, 1, 3] (a range around each method's rate)."""
-    seeds: list[int] = Field(default_factory=lambda: [1000], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [1000], min_length=1, max_length=MAX_SEEDS)
     """Tuning seeds, kept apart from the study's seeds so that no tuning run is reused as a result."""
 
     @model_validator(mode="after")
@@ -370,7 +375,7 @@ class SeedRounds(Spec):
     """Seeds until resolved: after the study's seeds, configurations whose comparison with the baseline is
     still unresolved get `step` more seeds per round, up to `max` (see `studies.adaptive`)."""
 
-    max: int = Field(12, ge=2, le=1000)
+    max: int = Field(12, ge=2, le=MAX_SEEDS)
     """Seeds per configuration at most."""
     step: int = Field(1, ge=1)
     """Seeds added per round to each unresolved configuration."""
@@ -386,7 +391,7 @@ class StudySpec(Spec):
     axes: dict[str, dict[str, Any] | list[Any]] = {}
     """axis (a shortcut such as placement, or a dotted path such as train.lr) -> values,
     as a list or as a mapping name -> value (names label the configurations)."""
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS)
     margin: float | None = Field(None, gt=0)
     """Equivalence margin in the units of the quality metric (e.g. 0.01 accuracy, 0.02 loss): a difference
     from the baseline whose confidence interval lies within ±margin is a verdict of `equivalent`.
@@ -404,8 +409,8 @@ class StudySpec(Spec):
         if not isinstance(seeds, dict):
             return value
         unknown = set(seeds) - {"min", "max", "step"}
-        if unknown or not isinstance(seeds.get("min"), int) or seeds["min"] < 2:
-            raise ValueError("seeds: a list of seeds, or {min: 3, max: 12, step: 1} with min >= 2")
+        if unknown or not isinstance(seeds.get("min"), int) or not 2 <= seeds["min"] <= MAX_SEEDS:
+            raise ValueError(f"seeds: a list of seeds, or {{min: 3, max: 12, step: 1}} with 2 <= min <= {MAX_SEEDS}")
         rounds = {k: seeds[k] for k in ("max", "step") if k in seeds}
         return {**value, "seeds": list(range(seeds["min"])), "until_resolved": rounds}
 

@@ -24,7 +24,7 @@ if TYPE_CHECKING:  # sites are torch-side; validating an allocation must not imp
 
 
 class _Allocation(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     positional: ClassVar[tuple[str, ...]] = ()  # field names filled by `kind(a, b)` in compact form
 
     def shape(self, sites: Sequence[Site]) -> list[float]:
@@ -140,7 +140,7 @@ class ImportanceAllocation(_Allocation):
     max: int = Field(64, ge=1)
     steps: int = Field(64, ge=1)
     """Probe batches (gradient, fisher, activation) or optimizer steps (update, adalora)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
     """The probe's seed: fixed across training seeds, so every seed of a study trains the same plan."""
     scores: Path | None = None
     positional: ClassVar = ("measure",)
@@ -174,7 +174,8 @@ class BudgetAllocation(_Allocation):
         Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, FromScoresAllocation, ImportanceAllocation],
         Field(discriminator="kind", alias="shape"),
     ] = UniformAllocation()
-    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True, serialize_by_alias=True)
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True,
+                              serialize_by_alias=True)
     positional: ClassVar = ("params", "shape")
 
     @field_validator("shape_", mode="before")
@@ -263,19 +264,23 @@ def read_scores(path: Path) -> dict[tuple[Any, ...], float]:
         else:
             data = json.loads(text)
             rows = data["sites"] if isinstance(data, dict) else data
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+    except (json.JSONDecodeError, KeyError, TypeError, csv.Error, RecursionError) as exc:
         raise PeftlabError(f"{path}: not a scores file (JSON list or {{'sites': [...]}}, or CSV): {exc}") from None
     scores: dict[tuple[Any, ...], float] = {}
+    if not isinstance(rows, list):
+        raise PeftlabError(f"{path}: not a scores file: expected a list of sites (JSON list or {{'sites': [...]}}, or CSV)")
     for i, row in enumerate(rows, start=1):
         try:
+            if not isinstance(row, dict):
+                raise TypeError(f"expected an object, got {type(row).__name__}")
             score = float(row["score"])
-            if not score >= 0:
-                raise ValueError("score must be >= 0")
+            if not (math.isfinite(score) and score >= 0):
+                raise ValueError(f"score must be finite and >= 0, got {row['score']!r}")
             if row.get("path"):
                 scores[(str(row["path"]),)] = score
             if row.get("layer") not in (None, "") and row.get("role"):
                 scores[(int(row["layer"]), parse_role(str(row["role"])))] = score
-        except (KeyError, ValueError, TypeError) as exc:
+        except (KeyError, ValueError, TypeError, OverflowError) as exc:
             raise PeftlabError(f"{path}: row {i}: needs layer+role or path, and a score >= 0 ({exc})") from None
     return scores
 

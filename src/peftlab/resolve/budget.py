@@ -85,5 +85,8 @@ def match_budget(config: RunConfig, model: ModelSpec, budget: int) -> tuple[RunC
             raise PeftlabError(f"budget: method {config.method.name} has no valid {parameter} on this plan")
         raise PeftlabError(f"budget: {budget:,} parameters is out of reach for method {config.method.name} on this "
                            f"plan (at most {count(low):,}, with {parameter} {low}); lower the budget")
+    if high == 1 and count(1) > 2 * budget:  # "closest" would more than double what was asked for
+        raise PeftlabError(f"budget: {budget:,} parameters is below the smallest {config.method.name} on this plan "
+                           f"({count(1):,}, with {parameter} 1); raise the budget or adapt fewer sites")
     size = low if low >= 1 and budget - count(low) <= count(high) - budget else high
     return with_size(config, size), BudgetMatch(budget, parameter, size, count(size))
