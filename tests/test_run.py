@@ -226,7 +226,7 @@ def test_cli_bad_data_exits_2_and_writes_no_run(tmp_path, cli):
                            "--kind", "classification", "--output", str(out))
     assert code == 2
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and "bad.csv: row 3: column 'label' is missing" in lines[0]
+    assert len(lines) == 1 and "bad.csv: line 3: 1 fields, the header has 2 (text, label)" in lines[0]
     assert not out.exists() and not (tmp_path / "run.partial").exists()
 
 

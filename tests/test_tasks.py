@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.models.load import load_tokenizer
 from peftlab.specs import ModelSpec, TaskSpec
 from peftlab.tasks.prepare import IGNORE, collate, load_task
@@ -126,11 +126,15 @@ def test_bad_jsonl_line(tmp_path, tokenizer):
         load_task(TaskSpec(path=path, kind="classification"), tokenizer)
 
 
-def test_test_label_absent_from_training(tmp_path, tokenizer):
+def test_a_class_only_in_the_test_split_is_kept_with_a_warning(tmp_path, tokenizer):
     train = write_rows(tmp_path / "train.csv", ROWS)
     test = write_rows(tmp_path / "test.csv", [{"text": "a", "label": "pos"}, {"text": "b", "label": "meh"}])
-    with pytest.raises(PeftlabError, match=r"test.csv: row 3: test label 'meh' never occurs in training"):
-        load_task(TaskSpec(path=train, test_path=test, kind="classification"), tokenizer)
+    with pytest.warns(PeftlabWarning, match=r"train.csv: class\(es\) 'meh' never occur in training"):
+        data = load_task(TaskSpec(path=train, test_path=test, kind="classification"), tokenizer)
+    assert data.labels == ["neg", "pos", "meh"]  # the head has an output for it: its examples count as errors
+    assert sorted(e["labels"] for e in data.test) == [1, 2]
+    with pytest.raises(PeftlabError, match=r"test.csv: row 3: label 'meh' is not in task.labels \['neg', 'pos'\]"):
+        load_task(TaskSpec(path=train, test_path=test, kind="classification", labels=["neg", "pos"]), tokenizer)
 
 
 def test_unreadable_and_unsupported_files(tmp_path, tokenizer):

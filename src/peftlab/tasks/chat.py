@@ -83,16 +83,17 @@ def segments(conversation: list[dict[str, str]], tokenizer: Any, template: str |
 
 
 def encode_chat(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, max_length: int,
-                where: str, ignore: int) -> dict[str, list[int]] | None:
-    """Token ids and labels (the assistant's tokens supervised, everything else `ignore`), truncated to
-    `max_length`; None when no supervised token is left."""
+                where: str, ignore: int) -> tuple[dict[str, list[int]] | None, bool]:
+    """(token ids and labels, truncated): the assistant's tokens supervised, everything else `ignore`, cut
+    to `max_length`; None when no supervised token is left."""
     input_ids: list[int] = []
     labels: list[int] = []
     for text, supervised in segments(conversation, tokenizer, template, where):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
         labels += ids if supervised else [ignore] * len(ids)
+    truncated = len(input_ids) > max_length
     input_ids, labels = input_ids[:max_length], labels[:max_length]
     if all(label == ignore for label in labels[1:]):  # the first position is never predicted
-        return None
-    return {"input_ids": input_ids, "labels": labels}
+        return None, truncated
+    return {"input_ids": input_ids, "labels": labels}, truncated

@@ -5,10 +5,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, warn
 
 
 def read_text(path: Path) -> str:
@@ -27,31 +28,89 @@ def read_text(path: Path) -> str:
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV, JSON (a list of objects) or JSONL file."""
+    """Rows of a CSV, JSON (a list of objects) or JSONL file. NUL bytes and other control characters in
+    text values are removed, with a warning that counts them."""
     text = read_text(path)
     if not text.strip():
         raise PeftlabError(f"{path}: the file is empty")
     suffix = path.suffix.lower()
-    if suffix == ".csv":
-        rows = list(csv.DictReader(io.StringIO(text)))
-    elif suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                rows.append(_json_row(path, line, number))
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise PeftlabError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
-        rows = data if isinstance(data, list) else None
-        if rows is None or not all(isinstance(r, dict) for r in rows):
-            raise PeftlabError(f"{path}: expected a JSON list of objects")
-    else:
-        raise PeftlabError(f"{path}: unsupported file type {suffix!r}; use .csv, .json or .jsonl")
+    try:
+        if suffix == ".csv":
+            rows = _csv_rows(path, text)
+        elif suffix == ".jsonl":
+            rows = [_json_row(path, line, number) for number, line in enumerate(text.splitlines(), start=1)
+                    if line.strip()]
+        elif suffix == ".json":
+            try:
+                data = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise PeftlabError(f"{path}: line {exc.lineno}: invalid JSON: {exc.msg}") from None
+            rows = data if isinstance(data, list) else None
+            if rows is None or not all(isinstance(r, dict) for r in rows):
+                raise PeftlabError(f"{path}: expected a JSON list of objects")
+        else:
+            raise PeftlabError(f"{path}: unsupported file type {suffix!r}; use .csv, .json or .jsonl")
+    except RecursionError:
+        raise PeftlabError(f"{path}: nested too deeply to be rows of data") from None
     if not rows:
         raise PeftlabError(f"{path}: no rows")
-    return rows
+    return _without_control_characters(rows, path)
+
+
+def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
+    """A CSV's rows as header -> value. A row with more or fewer fields than the header is refused (a
+    misplaced comma or quote shifts every column after it); fields may be as long as the file."""
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        header = next(reader)
+        duplicates = sorted({name for name in header if header.count(name) > 1 and name})
+        if duplicates:
+            raise PeftlabError(f"{path}: line 1: column {duplicates[0]!r} appears twice in the header")
+        rows = []
+        for fields in reader:
+            if not any(field.strip() for field in fields):
+                continue  # a blank line
+            if len(fields) != len(header):
+                raise PeftlabError(f"{path}: line {reader.line_num}: {len(fields)} fields, the header has "
+                                   f"{len(header)} ({', '.join(header)}); quote fields that hold commas")
+            rows.append(dict(zip(header, fields)))
+        return rows
+    except csv.Error as exc:
+        raise PeftlabError(f"{path}: line {reader.line_num}: malformed CSV: {exc}") from None
+    finally:
+        csv.field_size_limit(limit)
+
+
+# C0 control characters and DEL, except tab, newline and carriage return: never meant in a text field
+_CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def _without_control_characters(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
+    removed, first = 0, None
+
+    def clean(value: Any) -> Any:
+        nonlocal removed
+        if isinstance(value, str):
+            cleaned, n = _CONTROL.subn("", value)
+            removed += n
+            return cleaned
+        if isinstance(value, list):
+            return [clean(v) for v in value]
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    out = []
+    for number, row in enumerate(rows, start=1):
+        before = removed
+        out.append(clean(row))
+        if first is None and removed > before:
+            first = number
+    if removed:
+        warn(f"{path}: removed {removed} NUL or control character(s) from text values (first in data row {first})")
+    return out
 
 
 def _json_row(path: Path, line: str, number: int) -> dict[str, Any]:

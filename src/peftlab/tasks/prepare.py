@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, warn
 from peftlab.files import write_atomic
 from peftlab.models.load import cache_dir
 from peftlab.tasks.bundled import BUNDLED
@@ -48,6 +48,7 @@ class TaskData:
     validation: list[dict[str, Any]]
     test: list[dict[str, Any]]
     dropped: int = 0  # examples with no supervised token: an empty response, or nothing left after truncation
+    truncated: int = 0  # examples longer than task.max_length, cut to it
     cache_file: Path | None = field(default=None, repr=False)
 
 
@@ -66,13 +67,18 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
             require_columns(part.rows, columns, part.source, part.row_offset,
                             may_be_empty=columns[1:] if kind == "instruction" else ())
     train_rows, validation_rows, test_rows = _split(spec, train, test)
-    labels = _labels(spec, kind, train_rows, test_rows, train, test or train)
+    held_out = [(validation_rows, train), (test_rows, test or train)]
+    labels = _labels(spec, kind, train_rows, held_out, train)
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
     cache_file = cache_dir() / "tokenized" / f"{key}.json"
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
-        return TaskData(kind, labels, cached["train"], cached["validation"], cached["test"], cached["dropped"], cache_file)
-    encode = _encoder(spec, kind, tokenizer, labels, columns)
+        if cached["truncated"]:
+            _warn_truncated(spec, train, cached["truncated"])
+        return TaskData(kind, labels, cached["train"], cached["validation"], cached["test"], cached["dropped"],
+                        cached["truncated"], cache_file)
+    truncated: list[str] = []  # where examples were cut to max_length
+    encode = _encoder(spec, kind, tokenizer, labels, columns, truncated)
     splits, dropped = {}, 0
     for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows)):
         source = (test or train).source if name == "test" else train.source
@@ -81,8 +87,17 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
         dropped += len(encoded) - len(splits[name])
     if not splits["train"]:
         raise PeftlabError(f"{train.source}: no training example has a supervised token left at max_length={spec.max_length}")
-    write_atomic(cache_file, json.dumps({**splits, "dropped": dropped}))
-    return TaskData(kind, labels, splits["train"], splits["validation"], splits["test"], dropped, cache_file)
+    if truncated:
+        _warn_truncated(spec, train, len(truncated), truncated[0])
+    write_atomic(cache_file, json.dumps({**splits, "dropped": dropped, "truncated": len(truncated)}))
+    return TaskData(kind, labels, splits["train"], splits["validation"], splits["test"], dropped, len(truncated),
+                    cache_file)
+
+
+def _warn_truncated(spec: TaskSpec, train: _Rows, count: int, first: str | None = None) -> None:
+    where = f" (first: {first.rsplit(': ', 1)[-1]})" if first else ""
+    warn(f"{train.source}: {count} example(s) longer than task.max_length={spec.max_length} tokens were "
+         f"truncated{where}")
 
 
 def _raw(spec: TaskSpec) -> tuple[str, _Rows, _Rows | None]:
@@ -135,23 +150,48 @@ def _split(spec: TaskSpec, train: _Rows, test: _Rows | None):
     return train_rows, validation_rows, test_rows
 
 
-def _labels(spec: TaskSpec, kind: str, train_rows, test_rows, train_source: _Rows, test_source: _Rows) -> list[str]:
+def _labels(spec: TaskSpec, kind: str, train_rows, held_out: list[tuple[list, _Rows]], train: _Rows) -> list[str]:
+    """The class names: `task.labels`, else every label found (training first). A class that occurs only
+    in the validation or test split is kept with a warning: the model cannot learn it, and every example of
+    it counts as an error."""
     if kind != "classification":
         return []
-    seen = sorted({str(row[spec.label_column]) for _, row in train_rows})
-    labels = [str(x) for x in spec.labels] if spec.labels else seen
-    unknown = [(i, str(row[spec.label_column])) for i, row in train_rows if str(row[spec.label_column]) not in labels]
-    if unknown:
-        raise PeftlabError(f"{train_source.source}: row {unknown[0][0]}: label {unknown[0][1]!r} is not in task.labels {labels}")
-    for i, row in test_rows:
-        if str(row[spec.label_column]) not in seen:
-            raise PeftlabError(
-                f"{test_source.source}: row {i}: test label {row[spec.label_column]!r} never occurs in training "
-                f"(training labels: {', '.join(seen)})"
-            )
-    if len(labels) < 2:
-        raise PeftlabError(f"task: classification needs at least 2 labels, the training data has {labels}")
+    column = spec.label_column
+    parts = [(train_rows, train), *held_out]
+    _check_label_types(column, parts)
+    seen = sorted({str(row[column]) for _, row in train_rows})
+    found = sorted({str(row[column]) for rows, _ in held_out for _, row in rows} - set(seen))
+    labels = [str(x) for x in spec.labels] if spec.labels else seen + found
+    for rows, source in parts:
+        unknown = [(i, str(row[column])) for i, row in rows if str(row[column]) not in labels]
+        if unknown:
+            raise PeftlabError(f"{source.source}: row {unknown[0][0]}: label {unknown[0][1]!r} is not in task.labels {labels}")
+    if len(seen) < 2:
+        raise PeftlabError(f"{train.source}: classification needs at least 2 classes in training, found {seen}")
+    untrained = [label for label in labels if label not in seen]
+    if untrained:
+        warn(f"{train.source}: class(es) {', '.join(map(repr, untrained))} never occur in training (only in "
+             "validation, test or task.labels): the model cannot learn them and their examples count as errors")
     return labels
+
+
+def _check_label_types(column: str, parts: list[tuple[list, _Rows]]) -> None:
+    """Labels are all text or all integers: `1` and `"1"` (or a number among names) are one mistake away from
+    silently becoming separate classes or one."""
+    first: dict[str, tuple[str, int, Any]] = {}
+    for rows, source in parts:
+        for i, row in sorted(rows, key=lambda indexed: indexed[0]):
+            value = row[column]
+            kind = "integer" if isinstance(value, int) and not isinstance(value, bool) else \
+                "text" if isinstance(value, str) else None
+            if kind is None:
+                raise PeftlabError(f"{source.source}: row {i}: label {value!r} is a {type(value).__name__}; labels are "
+                                   "class names (text) or integers")
+            first.setdefault(kind, (source.source, i, value))
+    if len(first) > 1:
+        (a_source, a_row, a), (b_source, b_row, b) = first["integer"], first["text"]
+        raise PeftlabError(f"column {column!r} mixes integer and text labels ({a_source}: row {a_row}: {a!r}; "
+                           f"{b_source}: row {b_row}: {b!r}); write every label the same way")
 
 
 def _fingerprint(tokenizer: Any) -> str:
@@ -170,7 +210,7 @@ def _cache_key(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], *sp
         "labels": labels,
         "columns": [spec.text_column, spec.label_column, spec.format],
         "chat_template": spec.chat_template or getattr(tokenizer, "chat_template", None),
-        "version": 2,
+        "version": 3,
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -185,12 +225,17 @@ def render_prompt(template: str, instruction: str, context: str) -> str:
     )
 
 
-def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], columns: tuple[str, ...]):
+def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], columns: tuple[str, ...],
+             truncated: list[str]):
+    """row, where -> example (None: dropped); where an example is cut to max_length, `where` joins `truncated`."""
     if kind == "classification":
         index = {name: i for i, name in enumerate(labels)}
 
         def encode_classification(row, where):
-            ids = tokenizer(str(row[spec.text_column]), truncation=True, max_length=spec.max_length)["input_ids"]
+            text = str(row[spec.text_column])
+            ids = tokenizer(text, truncation=True, max_length=spec.max_length)["input_ids"]
+            if len(ids) == spec.max_length and len(tokenizer(text)["input_ids"]) > spec.max_length:
+                truncated.append(where)
             return {"input_ids": ids, "labels": index[str(row[spec.label_column])]}
 
         return encode_classification
@@ -200,7 +245,10 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
 
         def encode_conversation(row, where):
             conversation = turns(row[columns[0]], f"{where}: {columns[0]}")
-            return encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where, IGNORE)
+            example, cut = encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where, IGNORE)
+            if cut:
+                truncated.append(where)
+            return example
 
         return encode_conversation
 
@@ -215,8 +263,10 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
         prompt = render_prompt(template, str(row[instruction_col]), str(row.get(context_col) or "") if context_col else "")
         prompt_ids = tokenizer(prompt)["input_ids"]
         response_ids = tokenizer(str(row[response_col]), add_special_tokens=False)["input_ids"] + [eos]
+        room = spec.max_length - min(len(response_ids), spec.max_length // 2)
+        if len(response_ids) > spec.max_length // 2 or len(prompt_ids) > room:
+            truncated.append(where)
         response_ids = response_ids[: spec.max_length // 2]
-        room = spec.max_length - len(response_ids)
         if len(prompt_ids) > room:
             # keep the prompt's start and its end (the `### Response:` marker); drop its middle
             tail = min(16, room // 2)
