@@ -4,7 +4,14 @@ import pytest
 import torch
 
 from peftlab.errors import PeftlabError
-from peftlab.models.load import build_skeleton, catalog, count_params, load_config, load_model, load_tokenizer
+from peftlab.models.load import (
+    build_skeleton,
+    catalog,
+    count_params,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
 from peftlab.specs import ModelSpec
 
 # Parameter counts as published with the weights: encoders without a task head, decoders with their
@@ -57,9 +64,12 @@ def test_local_directory_without_config_is_an_error(tmp_path):
         load_config(ModelSpec(name=str(tmp_path)))
 
 
-def test_unknown_model_lists_valid_names():
-    with pytest.raises(PeftlabError, match=r"unknown model 'no-such/model-xyz'.*minilm-l6"):
+def test_unknown_model_names_the_closest_ones_offline():
+    with pytest.raises(PeftlabError, match=r"unknown model 'llama3-8b' .*offline.*did you mean llama-3-8b"):
+        load_config(ModelSpec(name="llama3-8b"))
+    with pytest.raises(PeftlabError, match=r"unknown model 'no-such/model-xyz' .*`peftlab models` lists them") as err:
         load_config(ModelSpec(name="no-such/model-xyz"))
+    assert "did you mean" not in str(err.value)
     with pytest.raises(PeftlabError, match="not a preset"):
         load_config(ModelSpec(name="not a model!"))
 

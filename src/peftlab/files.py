@@ -5,6 +5,24 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from peftlab.errors import PeftlabError
+
+
+def check_output(path: Path, option: str, *, directory: bool) -> None:
+    """Before any work: `path` can be written as a file (`directory` False) or made a directory. Names the
+    option and what is in the way (a file where a folder is needed, a folder where a file is, no write access)."""
+    if path.exists() and directory and not path.is_dir():
+        raise PeftlabError(f"{option} {path}: is a file; give a directory")
+    if path.exists() and not directory and path.is_dir():
+        raise PeftlabError(f"{option} {path}: is a directory; give a file name, e.g. {path / 'out.json'}")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise PeftlabError(f"{option} {path}: {parent} is a file, not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PeftlabError(f"{option} {path}: no permission to write in {parent}")
+
 
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""

@@ -39,9 +39,21 @@ from peftlab.importance.measures import (
 )
 from peftlab.methods.registry import make_method
 from peftlab.methods.specs import AdaLoraSpec, LoraSpec
-from peftlab.models.load import (cache_dir, head_modules, load_model, load_tokenizer, model_spec_for_task,
-                                 unwrap)
-from peftlab.plans.allocation import MEASURES, BudgetAllocation, ImportanceAllocation, UniformAllocation
+from peftlab.models.load import (
+    cache_dir,
+    check_lengths,
+    head_modules,
+    load_model,
+    load_tokenizer,
+    model_spec_for_task,
+    unwrap,
+)
+from peftlab.plans.allocation import (
+    MEASURES,
+    BudgetAllocation,
+    ImportanceAllocation,
+    UniformAllocation,
+)
 from peftlab.plans.plan import Plan, plan_on
 from peftlab.specs import PlanSpec, RunConfig, TrainSpec
 from peftlab.tasks.prepare import collate_indexed, load_task
@@ -94,6 +106,7 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     start = time.perf_counter()
     set_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    check_lengths(config.model, config.task.max_length)
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)
     model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))

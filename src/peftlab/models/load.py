@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import shutil
@@ -100,11 +101,35 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
         config = _read_config(name, spec)
     else:
         raise _unknown_model(name, "not a preset, catalog entry, local directory or Hugging Face id")
+    _check_sizes(config, name)
     if _head(config, spec) == "sequence-classification":
         config.num_labels = spec.num_labels
     if spec.dropout is not None:
         set_dropout(config, spec.dropout)
     return config
+
+
+def position_limit(config: PretrainedConfig) -> int | None:
+    """Positions the model can embed (learned position tables index out of range beyond it)."""
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def check_lengths(spec: ModelSpec, max_length: int, new_tokens: int = 0) -> None:
+    """Examples of `max_length` tokens (and completions `new_tokens` longer) fit the model's positions:
+    checked before any data is read or weights are loaded."""
+    limit = position_limit(load_config(spec))
+    if limit is None:
+        return
+    if max_length > limit:
+        raise PeftlabError(f"task.max_length: {max_length} exceeds the {limit} positions of model {spec.name!r}; "
+                           f"use at most {limit}")
+    if max_length + new_tokens > limit:
+        raise PeftlabError(f"eval.generate.max_new_tokens: task.max_length {max_length} + {new_tokens} new tokens "
+                           f"exceed the {limit} positions of model {spec.name!r}; use at most {limit - max_length}")
 
 
 def set_dropout(config: PretrainedConfig, p: float) -> None:
@@ -125,18 +150,90 @@ def _is_config_file(name: str) -> bool:
 
 
 def _read_config(name: str, spec: ModelSpec) -> PretrainedConfig:
+    """A local directory's or file's config, or a hub id's: from the local cache first. Online, one request
+    asks the hub whether the id exists before anything is downloaded, so that a typo or an unreachable hub is
+    one line within seconds, not minutes of download retries."""
+    local = Path(name).expanduser().exists()
+    try:
+        return AutoConfig.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code,
+                                          local_files_only=True)
+    except (OSError, ValueError) as exc:
+        if local:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _unknown_model(name, reason) from None
+    what = "not a preset, catalog name or local directory, and"
+    if _offline():
+        raise _unknown_model(name, f"{what} not in the local Hugging Face cache (offline)")
+    reason = _hub_lookup(name, spec.revision)
+    if reason is not None:
+        raise _unknown_model(name, f"{what} {reason}")
     try:
         return AutoConfig.from_pretrained(name, revision=spec.revision, trust_remote_code=spec.trust_remote_code)
     except (OSError, ValueError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise _unknown_model(name, reason) from None
+        raise PeftlabError(f"model {name!r}: cannot read its config from the hub: "
+                           f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from None
+
+
+def _hub_lookup(name: str, revision: str | None) -> str | None:
+    """Why `name` cannot be read from the Hugging Face hub, or None when it can."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        HfApi().model_info(name, revision=revision, timeout=10)
+    except GatedRepoError:
+        return "gated on the Hugging Face hub (accept its terms and log in with `hf auth login`)"
+    except RevisionNotFoundError:
+        return f"the Hugging Face hub has no revision {revision!r} of it"
+    except RepositoryNotFoundError:
+        return "not found on the Hugging Face hub"
+    except Exception as exc:  # the hub's transport errors (no network, DNS, timeout) come from its HTTP library
+        return (f"the Hugging Face hub cannot be reached ({type(exc).__name__}); set HF_HUB_OFFLINE=1 to use only "
+                "the local cache")
+    return None
 
 
 def _unknown_model(name: str, reason: str) -> PeftlabError:
+    close = difflib.get_close_matches(name, known_names(), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
     return PeftlabError(
-        f"unknown model {name!r} ({reason}); valid: a preset or catalog name ({', '.join(known_names())}), "
-        "a local directory with config.json, or a Hugging Face id available locally or online"
+        f"unknown model {name!r} ({reason}){hint} Valid: one of the {len(known_names())} presets and catalog names "
+        "(`peftlab models` lists them), a local directory with config.json, or a Hugging Face id available locally "
+        "or online"
     )
+
+
+def _offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+
+
+# Sizes a model's config must have as positive integers (a negative width fails deep inside torch otherwise)
+SIZE_FIELDS = ("hidden_size", "n_embd", "dim", "num_hidden_layers", "n_layer", "n_layers", "num_attention_heads",
+               "n_head", "n_heads", "intermediate_size", "n_inner", "hidden_dim", "vocab_size",
+               "max_position_embeddings", "n_positions", "num_key_value_heads", "head_dim")
+
+
+def _check_sizes(config: PretrainedConfig, name: str) -> None:
+    for field in SIZE_FIELDS:
+        value = getattr(config, field, None) if field in config.to_dict() else None
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PeftlabError(f"model {name!r}: config field {field} is {value!r}; it must be a positive integer")
+
+
+def _build(head_class, config: PretrainedConfig, name: str, **kwargs) -> nn.Module:
+    """`head_class.from_config`, where a config that passes `_check_sizes` may still describe no buildable model
+    (heads that do not divide the width, a negative dropout): one line naming the model."""
+    try:
+        return head_class.from_config(config, **kwargs)
+    except (ValueError, RuntimeError, TypeError, AttributeError, ZeroDivisionError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftlabError(f"model {name!r}: cannot build the model its config describes: {reason}") from None
 
 
 def _head(config: PretrainedConfig, spec: ModelSpec) -> str:
@@ -154,7 +251,7 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
     """The model's modules on the meta device: shapes and counts, no memory, no download."""
     config = load_config(spec)
     with torch.device("meta"):
-        return HEAD_CLASSES[_head(config, spec)].from_config(config, trust_remote_code=spec.trust_remote_code)
+        return _build(HEAD_CLASSES[_head(config, spec)], config, spec.name, trust_remote_code=spec.trust_remote_code)
 
 
 def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -165,7 +262,7 @@ def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float3
     if spec.name in tiny_configs() or _is_config_file(spec.name):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return head_class.from_config(config, dtype=dtype)
+            return _build(head_class, config, spec.name, dtype=dtype)
     source: str | Path = spec.name
     if spec.name == "minilm-l6":
         source = minilm_path()

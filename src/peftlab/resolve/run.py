@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 
 from peftlab.importance.probe import resolve_importance
-from peftlab.models.load import load_tokenizer, model_spec_for_task
+from peftlab.models.load import check_lengths, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
@@ -20,6 +20,8 @@ from peftlab.train.run import ResolvedRun
 
 
 def resolve_run(config: RunConfig) -> ResolvedRun:
+    generate = config.eval.generate
+    check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     planned, scores = resolve_importance(config)
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)

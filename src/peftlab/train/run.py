@@ -8,6 +8,7 @@ that looks like a result. A NaN/inf loss ends the run with status `failed`.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import random
@@ -27,6 +28,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from peftlab.errors import PeftlabError
+from peftlab.files import check_output
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
 from peftlab.models.load import cache_dir, count_params, head_modules, load_model
@@ -111,7 +113,8 @@ class ResolvedRun:
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """A run writes only into a new or empty directory."""
+    """A run writes only into a new or empty directory (and its `.partial` sibling while it runs)."""
+    check_output(output_dir, "--output", directory=True)
     if output_dir.exists() and any(output_dir.iterdir()):
         raise PeftlabError(f"{output_dir}: already exists and is not empty; choose another --output")
 
@@ -164,9 +167,10 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     trainable = counts["adapter"] + counts["head"]
     total = base_params + (counts["adapter"] if method.adds_parameters else 0)
     loop = outcome.loop
+    failure = loop.failure or non_finite(outcome.metrics)
     result = RunResult(
-        status="failed" if loop.failure else "done",
-        error=loop.failure,
+        status="failed" if failure else "done",
+        error=failure,
         metrics=outcome.metrics,
         cost={
             "trainable_params": trainable,
@@ -202,12 +206,22 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
         budget=run.budget.to_dict() if run.budget else None,
         speed=outcome.speed,
         data={"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
-              "dropped": data.dropped, "labels": data.labels, "kind": data.kind},
+              "dropped": data.dropped, "truncated": data.truncated, "labels": data.labels, "kind": data.kind},
         environment=_environment(accelerator),
         config=run.config.model_dump(mode="json", by_alias=True),
     )
     (partial_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     return result
+
+
+def non_finite(metrics: dict[str, dict[str, Any]]) -> str | None:
+    """Why a run whose training finished is still a failure: a NaN or infinite metric (a diverged evaluation
+    would otherwise flow into a study's statistics as a number)."""
+    for split, values in metrics.items():
+        for name, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f"non-finite {split} {name} ({value}) after training"
+    return None
 
 
 @dataclass
