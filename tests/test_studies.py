@@ -89,16 +89,26 @@ def test_local_study_resumes_and_grows(tmp_path, data_file):
 
 
 def test_failures_are_recorded_and_the_study_goes_on(tmp_path, data_file):
-    spec = tiny_spec(data_file, axes={"rank": [2, 0], "train.lr": {"ok": 1e-3, "explodes": 1e30}}, seeds=[0])
+    spec = tiny_spec(data_file, axes={"train.lr": {"ok": 1e-3, "explodes": 1e30}}, seeds=[0])
     study_dir = tmp_path / "study"
-    rows = {(r["axis.rank"], r["axis.train.lr"]): r for r in run_rows(run_study(spec, study_dir, threads=1))}
-    assert rows[("2", "ok")]["status"] == "done"
-    assert rows[("2", "explodes")]["status"] == "failed" and "non-finite loss" in rows[("2", "explodes")]["error"]
-    assert rows[("0", "ok")]["status"] == "failed" and "rank" in rows[("0", "ok")]["error"]
+    rows = {r["axis.train.lr"]: r for r in run_rows(run_study(spec, study_dir, threads=1))}
+    assert rows["ok"]["status"] == "done"
+    assert rows["explodes"]["status"] == "failed" and "non-finite loss" in rows["explodes"]["error"]
     # --retry-failed runs the failed ones again (they fail again, deterministically)
     again = {r["id"]: r for r in run_rows(run_study(spec, study_dir, retry_failed=True, threads=1))}
-    exploded = rows[("2", "explodes")]["id"]
-    assert again[exploded]["attempts"] == 2 and again[rows[("2", "ok")]["id"]]["attempts"] == 1
+    assert again[rows["explodes"]["id"]]["attempts"] == 2 and again[rows["ok"]["id"]]["attempts"] == 1
+
+
+def test_invalid_configurations_stop_the_study_before_anything_is_written(tmp_path, data_file):
+    spec = tiny_spec(data_file, axes={"rank": [2, 0, 99], "train.lr": [1e-3]}, seeds=[0])
+    study_dir = tmp_path / "study"
+    with pytest.raises(PeftlabError) as err:
+        run_study(spec, study_dir, threads=1)
+    message = str(err.value)
+    assert "2 of 3 configurations are invalid, so nothing was run" in message
+    assert "[rank=0, train.lr=0.001]: plan.allocation.rank: Input should be greater than or equal to 1" in message
+    assert "rank 99 at" in message  # found on the model's skeleton, not only by the spec's validation
+    assert not study_dir.exists()
 
 
 def test_run_processes_get_the_environment_of_their_study(tmp_path, data_file, monkeypatch):

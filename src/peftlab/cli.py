@@ -2,26 +2,34 @@
 
 from __future__ import annotations
 
+import math
 import sys
+import traceback
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape as rich_escape
 from rich.table import Table
+from typer import TyperException
+from typer._click.exceptions import NoArgsIsHelpError
 
-from peftlab import quiet_libraries
+from peftlab import __version__, quiet_libraries
 from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import load_spec, set_dotted, validate
-from peftlab.errors import PeftlabError
-from peftlab.files import write_atomic
+from peftlab.errors import PeftlabError, PeftlabWarning
+from peftlab.files import check_output, write_atomic
 from peftlab.methods.specs import SPECS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
+from peftlab.records.store import check_study_dir
 from peftlab.specs import PlanConfig
 
 if TYPE_CHECKING:
     from peftlab.train.result import RunResult
 
+_library_warning = warnings.showwarning
 app = typer.Typer(
     help="peftlab: where to adapt, how much rank, which method, and what it costs.",
     no_args_is_help=True,
@@ -84,6 +92,8 @@ def plan(
         "plan.alpha": alpha,
     }
     spec = _load(PlanConfig, config, {k: v for k, v in overrides.items() if v is not None})
+    if output is not None:
+        check_output(output, "--output", directory=False)
     result = make_plan(spec)
     for warning in result.warnings:
         _console(stderr=True).print(f"[yellow]warning:[/] {warning}", highlight=False)
@@ -269,10 +279,12 @@ def importance(
     from peftlab.plans.allocation import MEASURES
 
     measures = [m.strip() for m in measure.split(",") if m.strip()]
-    for name in measures:
+    for name in measures or [measure]:
         if name not in MEASURES:
             raise PeftlabError(f"--measure {name!r}: valid measures are {', '.join(MEASURES)}")
+        _probe_settings(name, rank, steps, seed)
     spec = _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr)
+    check_output(output, "--output", directory=True)
     records = []
     for name in measures:
         record = json.loads(importance_scores(spec, name, rank, steps, seed).read_text())
@@ -281,6 +293,14 @@ def importance(
     figure = importance_heatmaps(records, output)
     _print_importance(records)
     _console().print(f"wrote {output}/importance-<measure>.json and .csv for {', '.join(measures)}; {figure}", highlight=False)
+
+
+def _probe_settings(measure: str, rank: float, steps: int, seed: int) -> None:
+    """--rank, --steps and --seed of a probe, validated as an importance allocation's fields."""
+    from peftlab.plans.allocation import ImportanceAllocation
+
+    values = {"kind": "importance", "measure": measure, "rank": rank, "steps": steps, "seed": seed}
+    validate(ImportanceAllocation, values, "command line")
 
 
 def _print_importance(records: list[dict[str, Any]]) -> None:
@@ -316,9 +336,14 @@ def recommend(
 
     if measure not in MEASURES:
         raise PeftlabError(f"--measure {measure!r}: valid measures are {', '.join(MEASURES)}")
+    if budget < 1:
+        raise PeftlabError(f"--budget {budget}: give the trainable parameters to spend, a positive number")
+    _probe_settings(measure, 8.0, steps, 0)
     if study is not None and not (study / "study.yaml").is_file():
         raise PeftlabError(f"--study {study}: not a study directory (no study.yaml)")
     spec = _probe_config(config, model, task, data, kind, placement, layers, None, None, None)
+    if output is not None:
+        check_output(output, "--output", directory=False)
     result = propose(spec, budget, measure, steps, study)
     _print_plan(result.plan)
     console = _console()
@@ -375,6 +400,8 @@ def study_run(
     from peftlab.studies.runner import run_study
 
     spec, study_dir = _study_spec(source, directory, data, settings)
+    if not dry_run:
+        check_study_dir(study_dir)
     previews = preview(spec)
     _print_preview(spec, previews)
     if dry_run:
@@ -388,9 +415,28 @@ def study_run(
         _console().print(f"dry run: {len(previews)} configurations x {seeds}{tuning}, {invalid} invalid; "
                          f"nothing was written ({study_dir})", highlight=False)
         return
+    if not spec.axes:
+        _console().print(f"study {spec.name} has no axes: one configuration (its base) x {len(spec.seeds)} seed(s)",
+                         highlight=False)
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
                       threads=threads, gpus=gpus_per_run)
     _print_summary(store.counts(), study_dir)
+    failed = store.counts().get("failed", 0)
+    if failed:
+        _error(f"{failed} of {store.count()} runs failed: {_failure_reasons(store)}; "
+               f"see `peftlab study status {study_dir}`, and --retry-failed runs them again")
+        raise typer.Exit(1)
+
+
+def _failure_reasons(store, shown: int = 3) -> str:
+    """The commonest reasons runs failed, counted, e.g. `2 x non-finite loss (nan) at step N`."""
+    import re
+    from collections import Counter
+
+    reasons = Counter(re.sub(r"\d+", "N", row["error"] or "no error recorded")[:120]
+                      for row in store.rows() if row["status"] == "failed")
+    listed = "; ".join(f"{n} x {reason}" for reason, n in reasons.most_common(shown))
+    return listed + (f"; {len(reasons) - shown} other reason(s)" if len(reasons) > shown else "")
 
 
 def _print_preview(spec, previews) -> None:
@@ -465,8 +511,13 @@ def study_export(
     from peftlab.records.results import export
     from peftlab.records.store import open_existing
 
+    paths = output or [directory / "runs.csv", directory / "runs.parquet"]
+    for path in paths:
+        if path.suffix not in (".csv", ".parquet"):
+            raise PeftlabError(f"--output {path}: unsupported file type {path.suffix!r}; use .csv or .parquet")
+        check_output(path, "--output", directory=False)
     store = open_existing(directory)
-    for path in output or [directory / "runs.csv", directory / "runs.parquet"]:
+    for path in paths:
         _console().print(f"wrote {export(store, path)}", highlight=False)
 
 
@@ -491,7 +542,7 @@ def report(
         raise PeftlabError(f"--test {test!r}: valid tests are t and wilcoxon")
     if interval not in ("t", "bootstrap"):
         raise PeftlabError(f"--interval {interval!r}: valid intervals are t and bootstrap")
-    if margin is not None and not margin > 0:
+    if margin is not None and not (margin > 0 and math.isfinite(margin)):
         raise PeftlabError(f"--margin {margin}: must be a positive difference in the metric's units, e.g. 0.01")
     analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval,
                                      margin=margin, exclude_degenerate=exclude_degenerate)
@@ -529,10 +580,45 @@ def _layers(values: dict[str, Any]) -> int:
     return values.get("num_hidden_layers") or values.get("n_layer") or values.get("n_layers")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """`peftlab ...`: bad input (a PeftlabError, a malformed option) is one line on stderr and exit code 2;
+    anything else is a bug in peftlab, shown with its traceback and where to report it (exit code 1)."""
     quiet_libraries()
+    warnings.simplefilter("always", PeftlabWarning)
+    warnings.showwarning = _show_warning
     try:
-        app()
+        code = app(args=argv, prog_name="peftlab", standalone_mode=False)
     except PeftlabError as exc:
-        _console(stderr=True).print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        _error(str(exc))
         raise SystemExit(2) from None
+    except NoArgsIsHelpError as exc:
+        exc.show()
+        raise SystemExit(exc.exit_code) from None
+    except TyperException as exc:  # click's: an unknown option, a value of the wrong type, a missing argument
+        if not hasattr(exc, "format_message"):  # Abort (Ctrl-C at a prompt)
+            raise SystemExit(1) from None
+        command = exc.ctx.command_path if getattr(exc, "ctx", None) else "peftlab"
+        _error(f"{exc.format_message()} (see {command} --help)")
+        raise SystemExit(getattr(exc, "exit_code", 2)) from None
+    except KeyboardInterrupt:
+        _error("interrupted")
+        raise SystemExit(130) from None
+    except Exception:
+        traceback.print_exc()
+        _error(f"internal error: this is a bug in peftlab {__version__}, not in your input; please report it with "
+               "the command line and the traceback above")
+        raise SystemExit(1) from None
+    raise SystemExit(code or 0)
+
+
+def _error(message: str) -> None:
+    text = " ".join(message.split())  # one line, whatever the message holds
+    _console(stderr=True).print(f"[red]error:[/] {rich_escape(text)}", highlight=False, soft_wrap=True)
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    if issubclass(category, PeftlabWarning):
+        text = " ".join(str(message).split())
+        _console(stderr=True).print(f"[yellow]warning:[/] {rich_escape(text)}", highlight=False, soft_wrap=True)
+    else:
+        _library_warning(message, category, filename, lineno, file, line)

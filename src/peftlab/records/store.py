@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import PeftlabError
+from peftlab.files import check_output
 
 if TYPE_CHECKING:
     from peftlab.studies.grid import PlannedRun
@@ -56,15 +57,27 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+COLUMNS = {"id", "grp", "label", "seed", "axes", "config", "status", "attempts", "pid", "created", "started",
+           "finished", "result", "error"}
+
+
 class Store:
     def __init__(self, path: Path):
         self.path = path
-        self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one statement, one commit
-        self.db.row_factory = sqlite3.Row
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA busy_timeout=60000")
-        self.db.execute(SCHEMA)
-        columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        try:
+            self.db = sqlite3.connect(path, timeout=60, isolation_level=None)  # autocommit: one statement, one commit
+            self.db.row_factory = sqlite3.Row
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA busy_timeout=60000")
+            self.db.execute(SCHEMA)
+            columns = {row[1] for row in self.db.execute("PRAGMA table_info(runs)")}
+        except sqlite3.DatabaseError as exc:
+            raise PeftlabError(f"{path}: not a readable study database ({exc}); it was left as it is. Restore it from "
+                               "a backup, or move the study directory aside and run the study again in a new one"
+                               ) from None
+        if not COLUMNS <= columns:
+            raise PeftlabError(f"{path}: its runs table lacks {', '.join(sorted(COLUMNS - columns))}; not a peftlab "
+                               "study database (left as it is)")
         if "phase" not in columns:  # a study created before tuning runs existed: all its runs are results
             self.db.execute("ALTER TABLE runs ADD COLUMN phase TEXT NOT NULL DEFAULT 'main'")
 
@@ -140,6 +153,16 @@ def open_existing(study_dir: Path) -> Store:
     if not (study_dir / "study.db").is_file():
         raise PeftlabError(f"{study_dir}: not a study directory (no study.db)")
     return Store(study_dir / "study.db")
+
+
+def check_study_dir(study_dir: Path) -> None:
+    """`study_dir` can hold a study: a new directory, an empty one, or a study's (before anything is written)."""
+    check_output(study_dir, "--dir", directory=True)
+    if (study_dir / "study.db").exists():
+        Store(study_dir / "study.db").close()  # readable, or an error that leaves it as it is
+    elif study_dir.is_dir() and any(study_dir.iterdir()):
+        raise PeftlabError(f"--dir {study_dir}: exists, is not empty and holds no study (no study.db); choose a new "
+                           "or empty directory")
 
 
 def run_dir(study_dir: Path, run_id: str) -> Path:

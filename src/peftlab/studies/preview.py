@@ -32,6 +32,10 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
             out.append(ConfigurationPreview(run.label, spec.seeds, "?", run.error, None, False, rates))
             continue
         config = RunConfig.model_validate(run.config)
+        missing = _missing_file(config)
+        if missing:
+            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, missing, None, False, rates))
+            continue
         try:
             what, trainable = describe(config)
         except PeftlabError as exc:
@@ -39,6 +43,30 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
             continue
         out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, what, trainable, True, rates))
     return out
+
+
+def check_configurations(spec: StudySpec) -> list[ConfigurationPreview]:
+    """Every configuration of `spec` is valid and its files exist, or one error that lists each invalid one
+    (before a study writes or runs anything). Returns the previews."""
+    previews = preview(spec)
+    invalid = [p for p in previews if not p.valid]
+    if invalid:
+        listed = "; ".join(p.what if p.label in p.what else f"{spec.name} [{p.label}]: {p.what}" for p in invalid)
+        raise PeftlabError(f"study {spec.name}: {len(invalid)} of {len(previews)} configurations are invalid, so "
+                           f"nothing was run: {listed}")
+    return previews
+
+
+def _missing_file(config: RunConfig) -> str | None:
+    """The first input file a run of `config` would read that does not exist."""
+    allocation = config.plan.allocation
+    files = {"task.path": config.task.path, "task.test_path": config.task.test_path,
+             "eval.forgetting.path": config.eval.forgetting.path if config.eval.forgetting else None,
+             "plan.allocation.path": getattr(getattr(allocation, "shape_", allocation), "path", None)}
+    for name, path in files.items():
+        if path is not None and not path.is_file():
+            return f"{name}: {path}: no such file"
+    return None
 
 
 def describe(config: RunConfig) -> tuple[str, int | None]:

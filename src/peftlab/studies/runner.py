@@ -27,11 +27,12 @@ from rich.progress import (
 
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
-from peftlab.records.store import Store, run_dir
+from peftlab.records.store import Store, check_study_dir, run_dir
 from peftlab.records.tuning import chosen_rates
 from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
+from peftlab.studies.preview import check_configurations
 from peftlab.studies.worker import PRELOAD, execute_study_run, run_process
 from peftlab.train.result import RunResult
 
@@ -53,10 +54,10 @@ def study_lock(study_dir: Path):
 def open_study(spec: StudySpec, study_dir: Path) -> tuple[Store, int]:
     """Create or update the study: save the spec, add its new runs, keep the old ones."""
     study_dir.mkdir(parents=True, exist_ok=True)
+    store = Store(study_dir / "study.db")  # first: a corrupt database stops the study before anything changes
     (study_dir / "runs").mkdir(exist_ok=True)
     (study_dir / "logs").mkdir(exist_ok=True)
     write_atomic(study_dir / "study.yaml", spec.to_yaml())
-    store = Store(study_dir / "study.db")
     return store, add_runs(spec, store, study_dir)
 
 
@@ -125,6 +126,14 @@ def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads:
             queue.extend(on_done())
 
 
+def _require_ray():
+    try:
+        import ray
+    except ImportError:
+        raise PeftlabError("--executor ray needs the ray extra: pip install 'peftlab[ray]'") from None
+    return ray
+
+
 def _ray_run(study_dir: str, run_id: str, config: dict, threads: int):
     return execute_study_run(Path(study_dir), run_id, config, threads)
 
@@ -132,10 +141,7 @@ def _ray_run(study_dir: str, run_id: str, config: dict, threads: int):
 def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: float, address: str | None,
             on_done: Callable[[], list[str]]) -> None:
     """Run `ids` as Ray tasks, and the runs that `on_done` returns after each finished one."""
-    try:
-        import ray
-    except ImportError:
-        raise PeftlabError("--executor ray needs the ray extra: pip install 'peftlab[ray]'") from None
+    ray = _require_ray()
     started_here = not ray.is_initialized()
     if started_here:
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
@@ -172,6 +178,10 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
         raise PeftlabError(f"--jobs must be >= 1, got {jobs}")
     if executor not in ("local", "ray"):  # before anything is written
         raise PeftlabError(f"--executor {executor!r}: valid executors are local and ray")
+    if executor == "ray":
+        _require_ray()
+    check_study_dir(study_dir)
+    check_configurations(spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     with study_lock(study_dir):
         store, added = open_study(spec, study_dir)
