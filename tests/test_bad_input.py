@@ -367,6 +367,38 @@ def test_data_files(work, name, seed):
     assert "data." in message or "task" in message, message  # names the file (or the task setting)
 
 
+def mutated(data: bytes, rng: random.Random) -> bytes:
+    """`data` with a few random bytes replaced, inserted or deleted."""
+    out = bytearray(data)
+    for _ in range(rng.randint(1, 4)):
+        at, byte = rng.randrange(len(out)), rng.randrange(256)
+        operation = rng.choice(["replace", "insert", "delete"])
+        if operation == "replace":
+            out[at] = byte
+        elif operation == "insert":
+            out.insert(at, byte)
+        else:
+            del out[at]
+    return bytes(out)
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_randomly_mutated_csv_trains_or_is_refused_in_one_line(work, seed):
+    """A random mutation may leave a valid file (it trains) or not (one line, nothing written), never a traceback."""
+    rng = random.Random(f"mutation {seed}")
+    path = work / "mutated.csv"
+    path.write_bytes(mutated(csv_text(good_csv_rows(rng)).encode(), rng))
+    before = snapshot(work)
+    code, out, err = invoke("run", "--model", "tiny-bert", "--data", path, "--kind", "classification",
+                            "--max-steps", "1", "--output", "out")
+    assert "Traceback" not in err + out, err
+    if code == 2:
+        assert len([line for line in err.splitlines() if line.strip().startswith("error:")]) == 1, err
+        assert snapshot(work) == before
+    else:
+        assert code == 0 and (work / "out" / "result.json").is_file(), err
+
+
 # -- study specs ----------------------------------------------------------------------------------------------
 
 STUDY_VALUES = {  # a top-level field of a study spec: values invalid there
