@@ -83,7 +83,7 @@ def measure(harness: str, config) -> dict:
     import torch
 
     from peftlab.tasks.prepare import collate
-    from peftlab.train.measure import memory_in_use, peak_memory, reset_peak_memory
+    from peftlab.train.device import memory_in_use, peak_memory, reset_peak_memory
 
     spec = config.train
     if harness.startswith("peftlab"):

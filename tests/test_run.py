@@ -75,11 +75,10 @@ def test_same_seed_same_metrics(tmp_path, reviews_file):
 def test_native_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
     from peftlab.train import run
 
-    monkeypatch.setattr(run.torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(run, "_cpu_has_bf16", lambda: True)
-    assert (run._precision("native"), run._precision("auto")) == ("bf16", "no")
-    monkeypatch.setattr(run, "_cpu_has_bf16", lambda: False)
-    assert (run._precision("native"), run._precision("auto")) == ("no", "no")
+    monkeypatch.setattr(run, "cpu_has_bf16", lambda: True)
+    assert (run._precision("native", "cpu"), run._precision("auto", "cpu")) == ("bf16", "no")
+    monkeypatch.setattr(run, "cpu_has_bf16", lambda: False)
+    assert (run._precision("native", "cpu"), run._precision("auto", "cpu")) == ("no", "no")
 
 
 def test_bf16_autocast_on_cpu_trains_and_evaluates_in_bf16(tmp_path, reviews_file):
@@ -371,7 +370,7 @@ def test_latency_times_a_fixed_random_sample_of_representative_length():
 def test_cpu_training_memory_is_the_increase_over_the_process():
     import sys
 
-    from peftlab.train.measure import memory_in_use, peak_memory, reset_peak_memory
+    from peftlab.train.device import memory_in_use, peak_memory, reset_peak_memory
 
     if not sys.platform.startswith("linux") or torch.cuda.is_available():
         pytest.skip("the resident high-water mark is reset through Linux's /proc")

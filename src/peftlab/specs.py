@@ -223,8 +223,10 @@ class TrainSpec(Spec):
     eval_every: int = Field(0, ge=0)
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
     log_every: int = Field(10, ge=1)
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """auto: CUDA, then Apple's MPS, then the CPU."""
     precision: Literal["auto", "native", "fp32", "bf16", "fp16"] = "auto"
-    """auto: bf16 autocast on a GPU that supports it (else fp16), fp32 on a CPU. native: as auto, and bf16 on a
+    """auto: bf16 autocast on a GPU that supports it (else fp16), fp16 on MPS, fp32 on a CPU. native: as auto, and bf16 on a
     CPU that has bf16 instructions (AVX512-BF16 or AMX), where it runs 1.5-2x faster; fp32 on other CPUs.
     bf16 autocasts on any CPU (slow without those instructions); fp16 needs a GPU."""
     prefix_cache: bool = True

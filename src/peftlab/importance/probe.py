@@ -58,6 +58,7 @@ from peftlab.plans.plan import Plan, plan_on
 from peftlab.specs import PlanSpec, RunConfig, TrainSpec
 from peftlab.tasks.prepare import collate_indexed, load_task
 from peftlab.train.batching import Batches
+from peftlab.train.device import choose_device
 from peftlab.train.loop import train_loop
 from peftlab.train.loss import batch_nll
 
@@ -117,7 +118,7 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     lengths = [len(e["input_ids"]) for e in data.train]
     loader = DataLoader(range(len(data.train)), batch_sampler=Batches(lengths, config.train.batch_size, seed, bucketed=False),
                         collate_fn=partial(collate_indexed, examples=data.train, pad_id=tokenizer.pad_token_id))
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(choose_device(config.train.device))
     if measure in ("gradient", "fisher"):
         rows = gradient_probe(model.to(device), plan, _batches(loader, steps, device), data.kind, measure)
     elif measure == "activation":
@@ -204,7 +205,7 @@ def training_probe(model: nn.Module, plan: Plan, loader: DataLoader, kind: str, 
     method = make_method(spec, steps)
     model = method.apply(model, plan, head_modules(model))
     train = settings.model_copy(update={"seed": seed, "max_steps": steps, "log_every": steps, "eval_every": 0})
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=choose_device(settings.device) == "cpu")
     model.to(accelerator.device)
     result = train_loop(model, method, loader, kind, steps, train, accelerator, lambda row: None, lambda step: None)
     if result.failure:

@@ -37,6 +37,17 @@ from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import TaskData, collate, collate_indexed
 from peftlab.train.batching import Batches
+from peftlab.train.device import (
+    Backends,
+    PeakMemory,
+    check_method,
+    choose_device,
+    cpu_has_bf16,
+    memory_in_use,
+    mixed_precision,
+    peak_memory,
+    reset_peak_memory,
+)
 from peftlab.train.evaluate import evaluate
 from peftlab.train.generation import (
     SAMPLES_FILE,
@@ -51,14 +62,7 @@ from peftlab.train.generation import (
 )
 from peftlab.train.loop import LoopResult, train_loop
 from peftlab.train.loss import batch_nll
-from peftlab.train.measure import (
-    PeakMemory,
-    directory_bytes,
-    latency_ms,
-    memory_in_use,
-    peak_memory,
-    reset_peak_memory,
-)
+from peftlab.train.measure import directory_bytes, latency_ms
 from peftlab.train.result import RunResult
 from peftlab.train.speed import switched_on
 from peftlab.train.speed.base import RunSetting, installed
@@ -68,30 +72,14 @@ if TYPE_CHECKING:
     from peftlab.resolve.budget import BudgetMatch
 
 
-def _precision(requested: str) -> str:
-    """accelerate's mixed precision for `train.precision`. auto: bf16 autocast on a GPU that has it (else
-    fp16), fp32 on a CPU. bf16 works on a CPU too: matmuls run in bf16 (several times faster than fp32
-    where the CPU has bf16 instructions), weights, gradients and optimizer state stay fp32. native: auto,
-    except bf16 on a CPU that has bf16 instructions."""
-    if requested == "fp32":
-        return "no"
-    if torch.cuda.is_available():
-        if requested in ("auto", "native"):
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        return requested
-    if requested == "fp16":
-        raise PeftlabError("train.precision: fp16 autocast needs a GPU; on a CPU use bf16, fp32 or auto")
-    if requested == "bf16" and not _cpu_has_bf16():
+def _precision(requested: str, device: str) -> str:
+    """accelerate's mixed precision for `train.precision` on `device` (see `device.mixed_precision`); a warning
+    where bf16 autocast is asked for on a CPU without bf16 instructions."""
+    cpu_bf16 = cpu_has_bf16()
+    if device == "cpu" and requested == "bf16" and not cpu_bf16:
         warnings.warn("train.precision: bf16 on a CPU where peftlab finds no bf16 instructions (AVX512-BF16 or "
                       "AMX); it may be slower than fp32", stacklevel=2)
-    if requested == "native":
-        return "bf16" if _cpu_has_bf16() else "no"
-    return "bf16" if requested == "bf16" else "no"
-
-
-def _cpu_has_bf16() -> bool:
-    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(probe() for probe in probes if probe is not None)
+    return mixed_precision(requested, device, Backends.present(), cpu_bf16)
 
 
 @dataclass(frozen=True)
@@ -143,8 +131,10 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     # accelerate keeps one precision per process; a run sets its own (runs of one process may differ).
     # The process-wide distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
-    accelerator = Accelerator(mixed_precision=_precision(spec.precision), cpu=not torch.cuda.is_available())
-    before_model = memory_in_use()  # imports and data: not what training costs
+    device = choose_device(spec.device)
+    check_method(device, run.method.name)
+    accelerator = Accelerator(mixed_precision=_precision(spec.precision, device), cpu=device == "cpu")
+    before_model = memory_in_use(device)  # imports and data: not what training costs
     model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype])
     base_params = count_params(model)
     head = head_modules(model)
@@ -259,13 +249,13 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
 
-    reset_peak_memory()
+    reset_peak_memory(accelerator.device.type)
     setting = RunSetting(data.kind, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size, accelerator.device,
                          accelerator.autocast, accelerator.mixed_precision)
     features, speed = installed(switched_on(spec), model, method, setting)
     loop = train_loop(model, method, train_loader, data.kind, run.total_steps, spec, accelerator, record, on_eval,
                       features)
-    memory = peak_memory(before_model)  # the training peak, before evaluation adds its own
+    memory = peak_memory(before_model, accelerator.device.type)  # the training peak, before evaluation adds its own
     outcome = _Outcome(loop, memory, {}, speed, {}, _mean_length(timed) if timed else None, None)
     if loop.failure:
         return outcome
@@ -369,15 +359,15 @@ def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[st
     forward = partial(batch_nll, model, kind=kind, hidden_states=method.hidden_states)
     was_training = model.training
     model.eval()
-    timings = {"unmerged": latency_ms(forward, on_device)}
+    timings = {"unmerged": latency_ms(forward, on_device, device)}
     bypass = method.bypassed(model)  # unmergeable adapters: their overhead against the bare base
     if bypass is not None:
         with bypass:
-            timings["base"] = latency_ms(forward, on_device)
+            timings["base"] = latency_ms(forward, on_device, device)
     if method.mergeable:
         with method.merged(model) as merged:
             timings["merged"] = latency_ms(partial(batch_nll, merged, kind=kind, hidden_states=method.hidden_states),
-                                           on_device)
+                                           on_device, device)
     model.train(was_training)
     return timings
 

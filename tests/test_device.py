@@ -1,0 +1,77 @@
+"""Device choice (cuda, then mps, then cpu), the autocast each gets, and the methods that cannot run there:
+the logic is tested with the available backends given, so every branch runs on this CPU machine."""
+
+import json
+
+import pytest
+
+from peftlab.config import validate
+from peftlab.errors import PeftlabError
+from peftlab.specs import RunConfig
+from peftlab.train.device import Backends, check_method, choose_device, mixed_precision
+
+CUDA, MPS, CPU_ONLY = Backends(cuda=True, mps=False, cuda_bf16=True), Backends(cuda=False, mps=True), Backends(False, False)
+
+
+@pytest.mark.parametrize("backends, expected", [
+    (CUDA, "cuda"),
+    (MPS, "mps"),
+    (Backends(cuda=True, mps=True), "cuda"),  # CUDA first
+    (CPU_ONLY, "cpu"),
+])
+def test_auto_takes_cuda_then_mps_then_cpu(backends, expected):
+    assert choose_device("auto", backends) == expected
+
+
+@pytest.mark.parametrize("requested, backends", [("cpu", CUDA), ("cpu", MPS), ("mps", MPS), ("cuda", CUDA)])
+def test_a_named_available_device_is_kept(requested, backends):
+    assert choose_device(requested, backends) == requested
+
+
+@pytest.mark.parametrize("requested, backends, message", [
+    ("cuda", MPS, "train.device: cuda is not available on this machine (torch finds mps, cpu)"),
+    ("mps", CPU_ONLY, "train.device: mps is not available on this machine (torch finds cpu)"),
+    ("tpu", CUDA, "train.device: 'tpu' is not a device; valid: auto, cuda, mps, cpu"),
+])
+def test_an_unavailable_device_is_one_clear_error(requested, backends, message):
+    with pytest.raises(PeftlabError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        choose_device(requested, backends)
+
+
+def test_qlora_is_refused_on_mps_and_runs_elsewhere():
+    with pytest.raises(PeftlabError, match="method qlora cannot run on mps: bitsandbytes"):
+        check_method("mps", "qlora")
+    for device, method in [("mps", "lora"), ("mps", "sparselora"), ("cpu", "qlora"), ("cuda", "qlora")]:
+        check_method(device, method)
+
+
+@pytest.mark.parametrize("requested, device, backends, cpu_bf16, expected", [
+    ("auto", "cuda", CUDA, False, "bf16"),
+    ("auto", "cuda", Backends(cuda=True, mps=False, cuda_bf16=False), False, "fp16"),
+    ("fp16", "cuda", CUDA, False, "fp16"),
+    ("auto", "mps", MPS, False, "fp16"),
+    ("bf16", "mps", MPS, False, "bf16"),
+    ("fp32", "mps", MPS, False, "no"),
+    ("auto", "cpu", CPU_ONLY, True, "no"),
+    ("native", "cpu", CPU_ONLY, True, "bf16"),
+    ("native", "cpu", CPU_ONLY, False, "no"),
+    ("bf16", "cpu", CPU_ONLY, False, "bf16"),
+    ("auto", "cpu", CUDA, False, "no"),  # train.device cpu on a GPU machine: the CPU's rules
+])
+def test_mixed_precision_per_device(requested, device, backends, cpu_bf16, expected):
+    assert mixed_precision(requested, device, backends, cpu_bf16) == expected
+
+
+def test_fp16_on_a_cpu_is_refused():
+    with pytest.raises(PeftlabError, match="fp16 autocast needs a GPU"):
+        mixed_precision("fp16", "cpu", CPU_ONLY, True)
+
+
+def test_train_device_is_validated_and_recorded(tmp_path, reviews_file, cli):
+    with pytest.raises(PeftlabError, match="config: train.device: Input should be 'auto', 'cuda', 'mps' or 'cpu'"):
+        validate(RunConfig, {"train": {"device": "gpu"}}, "config")
+    code, _, err = cli("run", "--model", "tiny-bert", "--data", reviews_file, "--kind", "classification",
+                       "--max-steps", "1", "--output", tmp_path / "x", "--rank", "2")
+    assert code == 0, err
+    result = json.loads((tmp_path / "x" / "result.json").read_text())
+    assert result["environment"]["device"] == "cpu" and result["cost"]["peak_memory_kind"] == "rss_increase"
