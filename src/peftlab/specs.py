@@ -235,6 +235,9 @@ class TrainSpec(Spec):
     last_layer_at_head: bool = True
     """Classification with a BERT-family or DistilBERT encoder: after attention, the last layer runs at [CLS]
     only, the one position the head reads (same logits and gradients, fewer FLOPs)."""
+    gradient_checkpointing: bool = False
+    """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant): less
+    memory for long sequences and large models, more time per step; the same gradients."""
     compile: bool = False
     """torch.compile each layer block (one graph shared by all layers, dynamic sequence lengths). Costs a
     compilation up front (~45 s for MiniLM on 2 CPU cores); pays off on long runs and GPUs."""

@@ -1,4 +1,5 @@
-"""Speed features: plug-ins of a run that make training cheaper without changing what is learned.
+"""Speed features: plug-ins of a run that make training cheaper (in time, or in memory as gradient checkpointing)
+without changing what is learned.
 
 Each is switched by the `train:` field of its name. A run installs every switched-on feature on the
 adapted model once its starting loss is measured: `install` returns what the feature did (reported in the
@@ -12,11 +13,13 @@ Adding a feature: a class in this package and a line in `FEATURES` (plus its `tr
 from __future__ import annotations
 
 from peftlab.train.speed.base import SpeedFeature
+from peftlab.train.speed.checkpointing import GradientCheckpointing
 from peftlab.train.speed.compile import CompiledLayers
 from peftlab.train.speed.head_positions import LastLayerAtHead
 from peftlab.train.speed.prefix_cache import PrefixCacheFeature
 
-FEATURES: list[type[SpeedFeature]] = [LastLayerAtHead, PrefixCacheFeature, CompiledLayers]  # in install order
+# in install order; gradient checkpointing before compilation, so that the compiled layers are the checkpointed ones
+FEATURES: list[type[SpeedFeature]] = [LastLayerAtHead, PrefixCacheFeature, GradientCheckpointing, CompiledLayers]
 
 
 def switched_on(train_spec) -> list[SpeedFeature]:
