@@ -23,8 +23,15 @@ class GradientCheckpointing(SpeedFeature):
         self.base = unwrap(model)
         if not getattr(self.base, "supports_gradient_checkpointing", False):
             raise PeftlabError(f"train.gradient_checkpointing: {type(self.base).__name__} does not support it")
-        self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        settings = {"use_reentrant": False}
+        if hasattr(self.base, "activation_checkpointing_enable"):  # transformers >= 5.x names it so
+            self.base.activation_checkpointing_enable(settings)
+        else:
+            self.base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=settings)
         return {"used": True}
 
     def remove(self) -> None:
-        self.base.gradient_checkpointing_disable()
+        if hasattr(self.base, "activation_checkpointing_disable"):
+            self.base.activation_checkpointing_disable()
+        else:
+            self.base.gradient_checkpointing_disable()
