@@ -296,6 +296,36 @@ class EvalSpec(Spec):
         return None if value is False else value
 
 
+class TrackingSpec(Spec):
+    """Experiment trackers (through accelerate): the resolved config as parameters, the training curve, the final
+    metrics and costs. Offline by default (see `train.tracking`). `tracking: [tensorboard, mlflow]` is short for
+    {backends: [tensorboard, mlflow]}."""
+
+    backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(min_length=1)
+    project: str = "peftlab"
+    """MLflow's experiment, W&B's project."""
+    run_name: str | None = None
+    """Default: the run directory's name; in a study, `<study>/<configuration>/seed <seed>`."""
+    tags: dict[str, str] = {}
+    """In a study, `study`, `configuration`, `seed` and `phase` are added."""
+    mlflow_uri: str | None = None
+    """Default: $MLFLOW_TRACKING_URI, else a file store in ./mlruns."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_backends(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return {"backends": [value]}
+        return {"backends": value} if isinstance(value, list) else value
+
+    @field_validator("backends")
+    @classmethod
+    def _unique(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"backends repeat: {value}")
+        return value
+
+
 class RunConfig(Spec):
     """What `peftlab run` reads: model, task, plan, method and training settings."""
 
@@ -306,6 +336,8 @@ class RunConfig(Spec):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     """Evaluation beyond loss and accuracy: generation scores and forgetting (instruction tasks)."""
+    tracking: TrackingSpec | None = None
+    """Experiment trackers, e.g. [tensorboard, mlflow] (see TrackingSpec)."""
     budget: int | None = Field(None, ge=1)
     """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the
     placement, bottleneck width, prefix length) is chosen to come closest, for equal-budget comparisons."""

@@ -15,11 +15,16 @@ from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
 from peftlab.tasks.prepare import load_task, text_chunks
+from peftlab.train.device import check_method, choose_device
 from peftlab.train.generation import generation_prompts
 from peftlab.train.run import ResolvedRun
+from peftlab.train.tracking import check_backends
 
 
 def resolve_run(config: RunConfig) -> ResolvedRun:
+    if config.tracking is not None:
+        check_backends(config.tracking)
+    check_method(choose_device(config.train.device), config.method.name)  # before any data is read
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     planned, scores = resolve_importance(config)

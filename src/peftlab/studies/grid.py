@@ -98,10 +98,18 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
             config = validate(RunConfig, data, source).model_dump(mode="json", by_alias=True)
     except PeftlabError as exc:
         error = error or str(exc)
-    unseeded = copy.deepcopy(config)
+    if error is None and config.get("tracking"):  # each run named and tagged so that trackers line runs up
+        tracking = config["tracking"]
+        tracking["run_name"] = tracking["run_name"] or f"{spec.name}/{configuration.label}/seed {seed}" + (
+            f" lr {lr:g} (tuning)" if phase == "tune" else "")
+        tracking["tags"] = {**tracking["tags"], "study": spec.name, "configuration": configuration.label,
+                            "seed": str(seed), "phase": phase}
+    # what a run learns: trackers are left out, so that adding one to a study reruns nothing
+    learned = {k: v for k, v in config.items() if k != "tracking"}
+    unseeded = copy.deepcopy(learned)
     if isinstance(unseeded.get("train"), dict):
         unseeded["train"].pop("seed", None)
-    return PlannedRun(config_id(config), config_id(unseeded), configuration.label, seed, axes, config, error, phase)
+    return PlannedRun(config_id(learned), config_id(unseeded), configuration.label, seed, axes, config, error, phase)
 
 
 def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:

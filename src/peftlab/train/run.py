@@ -66,6 +66,7 @@ from peftlab.train.measure import directory_bytes, latency_ms
 from peftlab.train.result import RunResult
 from peftlab.train.speed import switched_on
 from peftlab.train.speed.base import RunSetting, installed
+from peftlab.train.tracking import flat, log_result, log_row, trackers
 
 if TYPE_CHECKING:
     from peftlab.methods.specs import MethodSpec
@@ -125,7 +126,7 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
 
 
 def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
-    spec, data = run.config.train, run.data
+    spec = run.config.train
     set_seed(spec.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
     # accelerate keeps one precision per process; a run sets its own (runs of one process may differ).
@@ -145,6 +146,22 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
 
     partial_dir.mkdir(parents=True)
     (partial_dir / "config.yaml").write_text(run.config.to_yaml())
+    tracking = run.config.tracking
+    if tracking is not None:
+        accelerator.log_with = trackers(tracking, partial_dir, partial_dir.name.removesuffix(".partial"))
+        accelerator.init_trackers(tracking.project, config=flat(run.config.model_dump(mode="json", by_alias=True)))
+    try:
+        return _train_and_record(run, model, method, accelerator, before_model, partial_dir, base_params, head,
+                                 counts, frozen)
+    finally:
+        for tracker in accelerator.trackers:  # their runs and files closed before the directory is renamed
+            tracker.finish()
+
+
+def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Accelerator, before_model: int,
+                      partial_dir: Path, base_params: int, head: list[str], counts: dict[str, int],
+                      frozen: dict[str, int]) -> RunResult:
+    data = run.data
     (partial_dir / "plan.json").write_text(run.plan.to_json() + "\n")
     if run.scores:  # the importance scores the ranks came from
         shutil.copyfile(run.scores, partial_dir / "importance.json")
@@ -152,6 +169,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
         def record(row: dict[str, Any]) -> None:
             history.write(json.dumps(row) + "\n")
             history.flush()
+            log_row(accelerator, row)
 
         outcome = _train_and_measure(run, model, method, accelerator, before_model, record, partial_dir)
     trainable = counts["adapter"] + counts["head"]
@@ -201,6 +219,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
         config=run.config.model_dump(mode="json", by_alias=True),
     )
     (partial_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
+    log_result(accelerator, result.to_dict(), loop.steps)
     return result
 
 
