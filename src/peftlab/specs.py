@@ -235,6 +235,10 @@ class TrainSpec(Spec):
     last_layer_at_head: bool = True
     """Classification with a BERT-family or DistilBERT encoder: after attention, the last layer runs at [CLS]
     only, the one position the head reads (same logits and gradients, fewer FLOPs)."""
+    checkpoint_every: int = Field(0, ge=0)
+    """Save the training state (trainable weights, optimizer, scheduler, random generators) every N optimizer
+    steps in the run's `.partial` directory; the same command (or a study's recovery) after a kill resumes
+    from it and ends with the uninterrupted run's metrics. 0: never."""
     gradient_checkpointing: bool = False
     """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant): less
     memory for long sequences and large models, more time per step; the same gradients."""

@@ -21,6 +21,7 @@ from peftlab.plans.plan import Plan
 
 class AdaLoraMethod(Method):
     name = "adalora"
+    resumable = False  # its rank allocator's importance averages live outside the parameters
     adds_parameters = True
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:

@@ -34,6 +34,9 @@ class Method(ABC):
     adds_parameters: ClassVar[bool] = False  # LoRA adds A and B; full and BitFit train existing ones
     mergeable: ClassVar[bool] = False
     size_parameter: ClassVar[str | None] = "rank"
+    # what a training checkpoint restores is all the state there is (no allocator or schedule outside the
+    # parameters, optimizer and step), so a run resumed from one trains on as if it had not stopped
+    resumable: ClassVar[bool] = True
     """What sets the method's size: the planned ranks ("rank"), a field of its spec (prefix tuning's
     "num_virtual_tokens"), or nothing (full fine-tuning, BitFit). The equal-budget helper varies it."""
     position_wise: ClassVar[bool] = True

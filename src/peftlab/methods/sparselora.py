@@ -95,6 +95,7 @@ def _activation(config) -> nn.Module:
 
 class SparseLoraMethod(LoraMethod):
     name = "sparselora"
+    resumable = False  # its dense-then-sparse schedule and FLOP counts are per-process state
     position_wise = False  # routes each batch's positions (context sparse, outputs dense)
     split_ffn = True  # run FFNs held by one module as dense and narrow sparse groups (tests turn it off)
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 
+from peftlab.errors import PeftlabError
 from peftlab.importance.probe import resolve_importance
+from peftlab.methods.registry import METHODS
 from peftlab.models.load import check_lengths, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
@@ -25,6 +27,9 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     if config.tracking is not None:
         check_backends(config.tracking)
     check_method(choose_device(config.train.device), config.method.name)  # before any data is read
+    if config.train.checkpoint_every and not METHODS[config.method.name].resumable:
+        raise PeftlabError(f"train.checkpoint_every: method {config.method.name} keeps training state that a "
+                           "checkpoint does not hold, so it cannot resume from one; leave checkpoint_every at 0")
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     planned, scores = resolve_importance(config)

@@ -33,8 +33,9 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
 
     torch.set_num_threads(threads)
     out = run_dir(study_dir, run_id)
-    for stale in (out, out.with_name(out.name + ".partial")):  # left by an attempt that did not finish
-        shutil.rmtree(stale, ignore_errors=True)
+    # left by an attempt that did not finish; its `.partial` directory is resumed where it holds a training
+    # checkpoint of this config (train.checkpoint_every), else `execute_run` removes it
+    shutil.rmtree(out, ignore_errors=True)
     try:
         result = run(RunConfig.model_validate(config), out)
     except PeftlabError as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from peftlab.methods.base import Method
+from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.loss import batch_nll
 from peftlab.train.speed.base import SpeedFeature, batch_context
 
@@ -32,6 +34,7 @@ class LoopResult:
     train_positions: int  # padded positions computed (tokens + padding)
     final_loss: float  # mean training loss over the last log window
     failure: str | None = None
+    resumed_from: int = 0  # the checkpoint's step a resumed run started after (0: from the start)
 
 
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
@@ -62,21 +65,31 @@ def train_loop(
     on_log: Callable[[dict], None],
     on_eval: Callable[[int], None],
     features: Sequence[SpeedFeature] = (),
+    checkpoints: Checkpoints | None = None,
 ) -> LoopResult:
     """Batches carry their examples' `index` (for speed features such as the prefix cache); the model never
-    sees it. Each micro-batch runs in the context of every installed speed feature."""
+    sees it. Each micro-batch runs in the context of every installed speed feature. With `checkpoints`, the
+    loop resumes after the latest one and saves one every `train.checkpoint_every` steps."""
     optimizer = make_optimizer(spec.optimizer, method.param_groups(model, spec.lr, spec.weight_decay))
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
     batches = forever(loader)
     model.train()
-    seconds, tokens, positions, window = 0.0, 0, 0, []
+    seconds, tokens, positions, window, final_loss, first = 0.0, 0, 0, [], float("nan"), 1
+    saved = checkpoints.latest() if checkpoints is not None else None
+    if saved is not None:
+        done = json.loads((saved / "state.json").read_text())["step"]
+        for _ in range(done * spec.grad_accum):  # the batches already trained on (the sampler is seeded);
+            next(batches)  # drawn before the generators are restored: a new epoch's loader draws a seed
+        state = checkpoints.restore(model, optimizer, scheduler)
+        seconds, tokens, positions = state["seconds"], state["tokens"], state["positions"]
+        window, final_loss, first = state["window"], state["final_loss"], done + 1
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True) as progress:
-        bar = progress.add_task("train", total=total_steps, loss=float("nan"), tps=0.0)
-        for step in range(1, total_steps + 1):
+        bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=final_loss, tps=0.0)
+        for step in range(first, total_steps + 1):
             start = time.perf_counter()
             step_loss = 0.0
             for _ in range(spec.grad_accum):  # micro-batches of one optimizer step
@@ -112,4 +125,7 @@ def train_loop(
                 final_loss, window = sum(window) / len(window), []
             if spec.eval_every and step % spec.eval_every == 0 and step < total_steps:
                 on_eval(step)
-    return LoopResult(total_steps, seconds, tokens, positions, final_loss)
+            if checkpoints is not None and checkpoints.due(step, total_steps):
+                checkpoints.save(step, model, optimizer, scheduler, {"seconds": seconds, "tokens": tokens,
+                                 "positions": positions, "window": window, "final_loss": final_loss})
+    return LoopResult(total_steps, seconds, tokens, positions, final_loss, resumed_from=first - 1)

@@ -37,6 +37,7 @@ from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import TaskData, collate, collate_indexed
 from peftlab.train.batching import Batches
+from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.device import (
     Backends,
     PeakMemory,
@@ -113,9 +114,14 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     raises) and return its result."""
     check_output_dir(output_dir)
     partial_dir = output_dir.with_name(output_dir.name + ".partial")
-    shutil.rmtree(partial_dir, ignore_errors=True)
+    if not _resumable(run, partial_dir):
+        shutil.rmtree(partial_dir, ignore_errors=True)
     try:
         result = _execute(run, partial_dir)
+    except KeyboardInterrupt:
+        if _checkpoints(run, partial_dir) is None or _checkpoints(run, partial_dir).latest() is None:
+            shutil.rmtree(partial_dir, ignore_errors=True)
+        raise  # with a checkpoint, the same command resumes from it
     except BaseException:
         shutil.rmtree(partial_dir, ignore_errors=True)
         raise
@@ -123,6 +129,19 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
         output_dir.rmdir()  # empty, checked above
     partial_dir.rename(output_dir)
     return result
+
+
+def _checkpoints(run: ResolvedRun, partial_dir: Path) -> Checkpoints | None:
+    every = run.config.train.checkpoint_every
+    return Checkpoints(partial_dir / "checkpoint", every) if every else None
+
+
+def _resumable(run: ResolvedRun, partial_dir: Path) -> bool:
+    """A `.partial` directory left by a killed run of the same config, with a checkpoint to resume from."""
+    checkpoints = _checkpoints(run, partial_dir)
+    config = partial_dir / "config.yaml"
+    return (checkpoints is not None and checkpoints.latest() is not None and config.is_file()
+            and config.read_text() == run.config.to_yaml())
 
 
 def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
@@ -144,7 +163,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     counts = trainable_counts(model, head)
     frozen = weight_bytes(model)
 
-    partial_dir.mkdir(parents=True)
+    partial_dir.mkdir(parents=True, exist_ok=_resumable(run, partial_dir))
     (partial_dir / "config.yaml").write_text(run.config.to_yaml())
     tracking = run.config.tracking
     if tracking is not None:
@@ -165,6 +184,11 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
     (partial_dir / "plan.json").write_text(run.plan.to_json() + "\n")
     if run.scores:  # the importance scores the ranks came from
         shutil.copyfile(run.scores, partial_dir / "importance.json")
+    checkpoints = _checkpoints(run, partial_dir)
+    if checkpoints is not None and checkpoints.latest() is not None:  # a resumed run: the rows up to its step
+        step = json.loads((checkpoints.latest() / "state.json").read_text())["step"]
+        rows = (partial_dir / "metrics.jsonl").read_text().splitlines()
+        (partial_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
     with (partial_dir / "metrics.jsonl").open("a") as history:
         def record(row: dict[str, Any]) -> None:
             history.write(json.dumps(row) + "\n")
@@ -272,8 +296,13 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
     setting = RunSetting(data.kind, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size, accelerator.device,
                          accelerator.autocast, accelerator.mixed_precision)
     features, speed = installed(switched_on(spec), model, method, setting)
+    checkpoints = _checkpoints(run, partial_dir)
     loop = train_loop(model, method, train_loader, data.kind, run.total_steps, spec, accelerator, record, on_eval,
-                      features)
+                      features, checkpoints)
+    if checkpoints is not None:
+        speed["checkpoint"] = {"every": checkpoints.every, "resumed_from_step": loop.resumed_from}
+        if not loop.failure:
+            checkpoints.remove()  # the adapter is saved with the result; optimizer state is not kept
     memory = peak_memory(before_model, accelerator.device.type)  # the training peak, before evaluation adds its own
     outcome = _Outcome(loop, memory, {}, speed, {}, _mean_length(timed) if timed else None, None)
     if loop.failure:

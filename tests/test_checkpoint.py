@@ -1,0 +1,142 @@
+"""Training checkpoints: saving them changes nothing, and a run stopped after one (Ctrl-C, or SIGKILL of the
+process) and started again ends with the uninterrupted run's metrics (fp32, CPU, same seed)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+from conftest import run_to_dict
+
+from peftlab.config import validate
+from peftlab.errors import PeftlabError
+from peftlab.specs import RunConfig
+from peftlab.train import checkpoint
+
+
+def config_dict(reviews_file, steps=9, every=2, method="lora"):
+    return {
+        "model": {"name": "tiny-bert", "dropout": 0.1},  # dropout: the random generators must be restored too
+        "task": {"path": str(reviews_file), "kind": "classification"},
+        "plan": {"placement": "all", "allocation": 4},
+        "method": method,
+        "train": {"max_steps": steps, "batch_size": 16, "lr": 5e-3, "latency_batches": 0, "log_every": 1,
+                  "eval_every": 4, "checkpoint_every": every, "batching": "random"},
+    }
+
+
+def same_learning(a, b):
+    assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-6, abs=1e-7)
+    for split in ("validation", "test"):
+        for name, value in a["metrics"][split].items():
+            assert b["metrics"][split][name] == pytest.approx(value, rel=1e-6, abs=1e-7), (split, name)
+
+
+def test_saving_checkpoints_changes_nothing(tmp_path, reviews_file):
+    plain = run_to_dict(validate(RunConfig, config_dict(reviews_file, every=0), "t"), tmp_path / "plain")
+    saved = run_to_dict(validate(RunConfig, config_dict(reviews_file, every=2), "t"), tmp_path / "saved")
+    same_learning(plain, saved)
+    assert saved["speed"]["checkpoint"] == {"every": 2, "resumed_from_step": 0}
+    assert not (tmp_path / "saved" / "checkpoint").exists()  # removed once the run is done
+
+
+def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_metrics(tmp_path, reviews_file, monkeypatch):
+    # 9 steps of 16 over 86 training reviews: the resumed run crosses an epoch boundary after its checkpoint
+    config = validate(RunConfig, config_dict(reviews_file), "t")
+    whole = run_to_dict(config, tmp_path / "whole")
+    save = checkpoint.Checkpoints.save
+
+    def save_then_stop(self, step, *args):
+        save(self, step, *args)
+        if step == 6:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_to_dict(config, tmp_path / "resumed")
+    partial = tmp_path / "resumed.partial"
+    assert (partial / "checkpoint" / "latest").read_text() == "step-00000006"
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    resumed = run_to_dict(config, tmp_path / "resumed")
+    assert resumed["speed"]["checkpoint"]["resumed_from_step"] == 6
+    same_learning(whole, resumed)
+    rows = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(line) for line in (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r.get("split")) for r in rows] == [(r["step"], r.get("split")) for r in expected]
+    losses = [[r["train_loss"] for r in table if "train_loss" in r] for table in (rows, expected)]
+    assert len(losses[0]) == 9 and losses[0] == pytest.approx(losses[1], rel=1e-6)
+
+
+def test_a_changed_config_starts_afresh(tmp_path, reviews_file, monkeypatch):
+    save = checkpoint.Checkpoints.save
+
+    def save_then_stop(self, step, *args):
+        save(self, step, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        run_to_dict(validate(RunConfig, config_dict(reviews_file), "t"), tmp_path / "run")
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    other = validate(RunConfig, {**config_dict(reviews_file), "plan": {"placement": "attention", "allocation": 4}}, "t")
+    assert run_to_dict(other, tmp_path / "run")["speed"]["checkpoint"]["resumed_from_step"] == 0
+
+
+@pytest.mark.parametrize("method", ["adalora", "sparselora"])
+def test_methods_with_state_outside_a_checkpoint_refuse_it(reviews_file, method):
+    from peftlab.resolve.run import resolve_run
+
+    with pytest.raises(PeftlabError, match=f"train.checkpoint_every: method {method} keeps training state"):
+        resolve_run(validate(RunConfig, config_dict(reviews_file, method=method), "t"))
+
+
+def test_sigkill_then_the_same_command_resumes(tmp_path, reviews_file):
+    """A real kill: the process gets SIGKILL once its checkpoint at step >= 4 exists; the same command resumes."""
+    steps = 40
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(config_dict(reviews_file, steps=steps, every=1)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "peftlab", "run", "-c", str(config), "--output"]
+    subprocess.run([*command, str(tmp_path / "whole")], check=True, env=env, capture_output=True)
+    process = subprocess.Popen([*command, str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    pointer = tmp_path / "killed.partial" / "checkpoint" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None:
+        if pointer.is_file() and int(pointer.read_text().removeprefix("step-")) >= 4:
+            process.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed"
+    subprocess.run([*command, str(tmp_path / "killed")], check=True, env=env, capture_output=True)
+    whole = json.loads((tmp_path / "whole" / "result.json").read_text())
+    resumed = json.loads((tmp_path / "killed" / "result.json").read_text())
+    assert 4 <= resumed["speed"]["checkpoint"]["resumed_from_step"] < steps
+    same_learning(whole, resumed)
+
+
+def test_a_study_run_attempted_again_resumes_from_its_checkpoint(tmp_path, reviews_file, monkeypatch):
+    """What a study's recovery does after a killed run process: the same run id, attempted again."""
+    from peftlab.studies.worker import execute_study_run
+
+    config = validate(RunConfig, config_dict(reviews_file), "t").model_dump(mode="json", by_alias=True)
+    save = checkpoint.Checkpoints.save
+
+    def save_then_stop(self, step, *args):
+        save(self, step, *args)
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        execute_study_run(tmp_path, "abc", config, threads=1)
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+    status, _, error = execute_study_run(tmp_path, "abc", config, threads=1)
+    assert status == "done", error
+    result = json.loads((tmp_path / "runs" / "abc" / "result.json").read_text())
+    assert result["speed"]["checkpoint"]["resumed_from_step"] == 4
