@@ -309,7 +309,7 @@ class TrackingSpec(Spec):
     project: str = "peftlab"
     """MLflow's experiment, W&B's project."""
     run_name: str | None = None
-    """Default: the run directory's name; in a study, `<study>/<configuration>/seed <seed>`."""
+    """Default: the run directory's name. In a study, `<run_name or study>/<configuration>/seed <seed>`."""
     tags: dict[str, str] = {}
     """In a study, `study`, `configuration`, `seed` and `phase` are added."""
     mlflow_uri: str | None = None

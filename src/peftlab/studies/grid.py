@@ -100,7 +100,7 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
         error = error or str(exc)
     if error is None and config.get("tracking"):  # each run named and tagged so that trackers line runs up
         tracking = config["tracking"]
-        tracking["run_name"] = tracking["run_name"] or f"{spec.name}/{configuration.label}/seed {seed}" + (
+        tracking["run_name"] = f"{tracking['run_name'] or spec.name}/{configuration.label}/seed {seed}" + (
             f" lr {lr:g} (tuning)" if phase == "tune" else "")
         tracking["tags"] = {**tracking["tags"], "study": spec.name, "configuration": configuration.label,
                             "seed": str(seed), "phase": phase}

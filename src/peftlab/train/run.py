@@ -119,7 +119,8 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     try:
         result = _execute(run, partial_dir)
     except KeyboardInterrupt:
-        if _checkpoints(run, partial_dir) is None or _checkpoints(run, partial_dir).latest() is None:
+        checkpoints = _checkpoints(run, partial_dir)
+        if checkpoints is None or checkpoints.latest() is None:
             shutil.rmtree(partial_dir, ignore_errors=True)
         raise  # with a checkpoint, the same command resumes from it
     except BaseException:
