@@ -140,3 +140,17 @@ def test_a_study_run_attempted_again_resumes_from_its_checkpoint(tmp_path, revie
     assert status == "done", error
     result = json.loads((tmp_path / "runs" / "abc" / "result.json").read_text())
     assert result["speed"]["checkpoint"]["resumed_from_step"] == 4
+
+
+def test_run_flags_set_device_checkpointing_and_trackers(tmp_path, reviews_file, cli):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    code, _, err = cli("run", "--model", "tiny-bert", "--data", reviews_file, "--kind", "classification",
+                       "--max-steps", "2", "--device", "cpu", "--gradient-checkpointing", "--checkpoint-every", "1",
+                       "--track", "tensorboard", "--output", out)
+    assert code == 0, err
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["train"]["device"] == "cpu" and result["config"]["tracking"]["backends"] == ["tensorboard"]
+    assert result["speed"]["gradient_checkpointing"] == {"used": True}
+    assert result["speed"]["checkpoint"] == {"every": 1, "resumed_from_step": 0}
+    assert (out / "tensorboard").is_dir()

@@ -144,6 +144,14 @@ def run(
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     generate: Annotated[Optional[int], typer.Option(
         help="Instruction tasks: complete this many test prompts and score them (ROUGE-L, exact match).")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto (cuda, then mps, then cpu) | cuda | mps | cpu")] = None,
+    gradient_checkpointing: Annotated[Optional[bool], typer.Option(
+        "--gradient-checkpointing/--no-gradient-checkpointing",
+        help="Recompute activations in the backward pass: less memory, more time.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(
+        help="Save the training state every N steps; the same command resumes after a kill.")] = None,
+    track: Annotated[Optional[str], typer.Option(
+        help="Experiment trackers, comma-separated: tensorboard, mlflow, wandb (offline by default).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<model>-<task>-<method>-<hash>).")] = None,
 ) -> None:
     """Train and evaluate one configuration; write config, plan, metrics, result and adapter."""
@@ -167,6 +175,10 @@ def run(
         "train.batch_size": batch_size,
         "train.seed": seed,
         "eval.generate.examples": generate,
+        "train.device": device,
+        "train.gradient_checkpointing": gradient_checkpointing,
+        "train.checkpoint_every": checkpoint_every,
+        "tracking.backends": [b.strip() for b in track.split(",")] if track is not None else None,
     }
     spec = _load(RunConfig, config, {k: v for k, v in overrides.items() if v is not None})
     if output is None:
