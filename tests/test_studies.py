@@ -379,3 +379,24 @@ def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(da
     (out / "result.json").write_text(json.dumps({**stored, "config": {"unrelated": True}}))
     assert recover(store, study_dir) == 1
     assert json.loads(store.get(second["id"])["result"]) == stored
+
+
+def test_run_ids_stay_those_of_studies_made_before_newer_settings():
+    """Resuming a study made by an earlier version reruns nothing: settings that do not change what a run
+    learns (trackers, training checkpoints, gradient checkpointing) and the device at its default stay out
+    of run ids. These ids are the ones the version before those settings gave; a change that moves them
+    makes every existing study rerun its runs."""
+    from peftlab.studies.grid import learned_config
+
+    base = {"model": "tiny-bert", "task": {"path": "data.jsonl", "kind": "classification"}, "train": {"max_steps": 3}}
+    spec = validate(StudySpec, {"name": "ids", "base": base, "axes": {"rank": [2, 4]}, "seeds": [0, 1]}, "s")
+    assert [(r.id, r.group) for r in expand(spec)] == [
+        ("e6b03fb52c67", "aa5630e970e9"), ("1b1e9e8ea0d5", "aa5630e970e9"),
+        ("0ab2ecc0bcc9", "a25c643e36f6"), ("69ccc01dfabc", "a25c643e36f6")]
+    settings = {**base, "train": {**base["train"], "checkpoint_every": 5, "gradient_checkpointing": True},
+                "tracking": ["tensorboard"]}
+    tracked = validate(StudySpec, {**spec.model_dump(), "base": settings}, "s")
+    assert [r.id for r in expand(tracked)] == [r.id for r in expand(spec)]
+    on_cpu = validate(StudySpec, {**spec.model_dump(), "base": {**base, "train": {"max_steps": 3, "device": "cpu"}}}, "s")
+    assert expand(on_cpu)[0].id != expand(spec)[0].id  # an explicit device may change the numbers: its own runs
+    assert "device" not in learned_config(expand(spec)[0].config)["train"]

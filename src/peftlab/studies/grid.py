@@ -104,12 +104,28 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
             f" lr {lr:g} (tuning)" if phase == "tune" else "")
         tracking["tags"] = {**tracking["tags"], "study": spec.name, "configuration": configuration.label,
                             "seed": str(seed), "phase": phase}
-    # what a run learns: trackers are left out, so that adding one to a study reruns nothing
-    learned = {k: v for k, v in config.items() if k != "tracking"}
+    learned = learned_config(config)
     unseeded = copy.deepcopy(learned)
     if isinstance(unseeded.get("train"), dict):
         unseeded["train"].pop("seed", None)
     return PlannedRun(config_id(learned), config_id(unseeded), configuration.label, seed, axes, config, error, phase)
+
+
+# Settings that do not change what a run learns (trackers, training checkpoints, recomputed activations), and
+# the device at its default (every run before it existed): left out of run ids, so that adding them to a
+# study, or resuming a study created before they existed, reruns nothing.
+UNLEARNED = {"checkpoint_every", "gradient_checkpointing"}
+
+
+def learned_config(config: dict[str, Any]) -> dict[str, Any]:
+    """`config` (a dumped RunConfig) without what does not change what the run learns: what its id hashes."""
+    learned = {k: v for k, v in config.items() if k != "tracking"}
+    if isinstance(learned.get("train"), dict):
+        train = {k: v for k, v in learned["train"].items() if k not in UNLEARNED}
+        if train.get("device") == "auto":
+            del train["device"]
+        learned["train"] = train
+    return learned
 
 
 def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
