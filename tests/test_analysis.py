@@ -392,3 +392,37 @@ def test_an_instruction_report_shows_generation_scores_beside_loss_and_a_few_sam
     assert by_rouge.metric == "metrics.test.rouge_l" and by_rouge.higher_is_better and by_rouge.margin == 0.01
     attention = next(c for c in by_rouge.configurations if c.label == "placement=attention")
     assert attention.verdict.outcome == "worse"
+
+
+def test_an_edited_label_is_compared_and_seeded_as_its_newest_configuration(synthetic_study):
+    """An edit that changes what `placement=ffn` trains keeps the old runs in the store; the analysis compares the
+    new configuration only, and seeds until resolved count its runs only (counting both, the study once added
+    seeds without end: every look found more runs than its maximum)."""
+    from peftlab.analysis.analyze import analyze
+    from peftlab.api import make_plan
+    from peftlab.config import load_spec, validate
+    from peftlab.records.store import open_existing
+    from peftlab.specs import PlanConfig, RunConfig, StudySpec
+    from peftlab.studies.adaptive import seed_counts
+    from peftlab.studies.grid import expand
+    from peftlab.studies.runner import open_study
+
+    old = load_spec(StudySpec, synthetic_study / "study.yaml")
+    edited = validate(StudySpec, {**old.model_dump(), "seeds": {"min": 3, "max": 4, "step": 1},
+                                  "axes": {"placement": {"all": "all", "attention": "attention",
+                                                         "ffn": {"roles": "ffn", "layers": "upper-half"}}}}, "t")
+    store, _ = open_study(edited, synthetic_study)
+    new_ffn = [r for r in expand(edited) if r.axes["placement"] == "ffn"]
+    for run, accuracy in zip(new_ffn, (0.79, 0.80, 0.81)):
+        config = RunConfig.model_validate(run.config)
+        finish(store, run.id, make_plan(PlanConfig(model=config.model, plan=config.plan)),
+               {"accuracy": accuracy, "loss": 1 - accuracy}, "classification", head=130)
+    for run_id in store.to_run(retry_failed=False):  # the seeds the first look added elsewhere
+        config = RunConfig.model_validate(json.loads(store.get(run_id)["config"]))
+        finish(store, run_id, make_plan(PlanConfig(model=config.model, plan=config.plan)),
+               {"accuracy": 0.8, "loss": 0.2}, "classification", head=130)
+    by_label = {c.label: c for c in analyze(synthetic_study).configurations}
+    assert by_label["placement=ffn"].quality == {0: 0.79, 1: 0.80, 2: 0.81}
+    assert by_label["placement=ffn"].group == new_ffn[0].group and len(by_label) == 3
+    counts = seed_counts(edited, open_existing(synthetic_study), synthetic_study)
+    assert max(counts.values()) <= 4

@@ -113,7 +113,9 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     higher = not metric.endswith(LOWER_IS_BETTER)
     if cost not in COSTS:
         raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COSTS)}")
-    done = [r for r in rows if r["status"] == "done" and r["phase"] == "main" and r.get(metric) is not None]
+    current = store.current_groups()  # runs an edited spec left behind under a label are not compared
+    done = [r for r in rows if r["status"] == "done" and r["phase"] == "main" and r.get(metric) is not None
+            and current.get(r["label"]) == r["group"]]
     if not done:
         raise PeftlabError(f"{study_dir}: no finished run has {metric}; run the study first")
     groups: dict[str, list[dict[str, Any]]] = {}

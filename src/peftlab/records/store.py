@@ -144,6 +144,15 @@ class Store:
             (status, json.dumps(result) if result is not None else None, error, time.time(), run_id),
         )
 
+    def current_groups(self) -> dict[str, str]:
+        """Label -> the group of its seed runs that was added last. An edited spec keeps the runs of its earlier
+        version; where an edit changed what a label trains, the label now means the newer configuration."""
+        latest: dict[str, tuple[float, str]] = {}
+        for row in self.db.execute("SELECT label, grp, created FROM runs WHERE phase = 'main'"):
+            if row["label"] not in latest or row["created"] > latest[row["label"]][0]:
+                latest[row["label"]] = (row["created"], row["grp"])
+        return {label: group for label, (_, group) in latest.items()}
+
     def integrity(self) -> str:
         return self.db.execute("PRAGMA integrity_check").fetchone()[0]
 

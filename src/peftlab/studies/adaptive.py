@@ -60,8 +60,10 @@ def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int
     except PeftlabError:  # no finished seed run yet
         return None
     have: dict[str, int] = {}
-    for row in rows:
-        have[row["label"]] = have.get(row["label"], 0) + 1
+    current = store.current_groups()
+    for row in rows:  # the label's current configuration only (an edited spec's earlier runs stay in the store)
+        if row["grp"] == current.get(row["label"]):
+            have[row["label"]] = have.get(row["label"], 0) + 1
     quality = {c.label: c.quality for c in analysis.configurations}
     baseline = analysis.baseline.label
     verdicts = outcomes(quality, baseline, analysis.margin, analysis.higher_is_better, analysis.design)
