@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 
 import pytest
 import yaml
@@ -29,6 +30,23 @@ def config_dict(reviews_file, steps=9, every=2, method="lora"):
     }
 
 
+@contextmanager
+def stopped_after_checkpoint(monkeypatch, step=None):
+    """A Ctrl-C right after the checkpoint at `step` (None: the first one) inside the block; the block must be
+    stopped by it. Saving works as usual again after the block."""
+    save = checkpoint.Checkpoints.save
+
+    def save_then_stop(self, at, *args):
+        save(self, at, *args)
+        if step is None or at == step:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        yield
+    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
+
+
 def same_learning(a, b):
     assert a["final_train_loss"] == pytest.approx(b["final_train_loss"], rel=1e-6, abs=1e-7)
     for split in ("validation", "test"):
@@ -48,19 +66,10 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_metrics(tmp_path, 
     # 9 steps of 16 over 86 training reviews: the resumed run crosses an epoch boundary after its checkpoint
     config = validate(RunConfig, config_dict(reviews_file), "t")
     whole = run_to_dict(config, tmp_path / "whole")
-    save = checkpoint.Checkpoints.save
-
-    def save_then_stop(self, step, *args):
-        save(self, step, *args)
-        if step == 6:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_after_checkpoint(monkeypatch, 6):
         run_to_dict(config, tmp_path / "resumed")
     partial = tmp_path / "resumed.partial"
     assert (partial / "checkpoint" / "latest").read_text() == "step-00000006"
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
     resumed = run_to_dict(config, tmp_path / "resumed")
     assert resumed["speed"]["checkpoint"]["resumed_from_step"] == 6
     same_learning(whole, resumed)
@@ -72,16 +81,8 @@ def test_a_run_stopped_after_a_checkpoint_resumes_to_the_same_metrics(tmp_path, 
 
 
 def test_a_changed_config_starts_afresh(tmp_path, reviews_file, monkeypatch):
-    save = checkpoint.Checkpoints.save
-
-    def save_then_stop(self, step, *args):
-        save(self, step, *args)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_after_checkpoint(monkeypatch):
         run_to_dict(validate(RunConfig, config_dict(reviews_file), "t"), tmp_path / "run")
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
     other = validate(RunConfig, {**config_dict(reviews_file), "plan": {"placement": "attention", "allocation": 4}}, "t")
     assert run_to_dict(other, tmp_path / "run")["speed"]["checkpoint"]["resumed_from_step"] == 0
 
@@ -125,17 +126,8 @@ def test_a_study_run_attempted_again_resumes_from_its_checkpoint(tmp_path, revie
     from peftlab.studies.worker import execute_study_run
 
     config = validate(RunConfig, config_dict(reviews_file), "t").model_dump(mode="json", by_alias=True)
-    save = checkpoint.Checkpoints.save
-
-    def save_then_stop(self, step, *args):
-        save(self, step, *args)
-        if step == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save_then_stop)
-    with pytest.raises(KeyboardInterrupt):
+    with stopped_after_checkpoint(monkeypatch, 4):
         execute_study_run(tmp_path, "abc", config, threads=1)
-    monkeypatch.setattr(checkpoint.Checkpoints, "save", save)
     status, _, error = execute_study_run(tmp_path, "abc", config, threads=1)
     assert status == "done", error
     result = json.loads((tmp_path / "runs" / "abc" / "result.json").read_text())

@@ -58,6 +58,11 @@ class Checkpoints:
         folder = self.directory / pointer.read_text().strip()
         return folder if (folder / "state.json").is_file() else None
 
+    def latest_step(self) -> int:
+        """The step of the latest checkpoint (0: none yet)."""
+        folder = self.latest()
+        return json.loads((folder / "state.json").read_text())["step"] if folder is not None else 0
+
     def restore(self, model: nn.Module, optimizer, scheduler) -> dict[str, Any] | None:
         """Load the latest checkpoint into the model, optimizer and scheduler and set the random generators;
         its step and counters, or None when there is none."""

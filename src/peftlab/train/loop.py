@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -77,9 +76,8 @@ def train_loop(
     batches = forever(loader)
     model.train()
     seconds, tokens, positions, window, final_loss, first = 0.0, 0, 0, [], float("nan"), 1
-    saved = checkpoints.latest() if checkpoints is not None else None
-    if saved is not None:
-        done = json.loads((saved / "state.json").read_text())["step"]
+    done = checkpoints.latest_step() if checkpoints is not None else 0
+    if done:
         for _ in range(done * spec.grad_accum):  # the batches already trained on (the sampler is seeded);
             next(batches)  # drawn before the generators are restored: a new epoch's loader draws a seed
         state = checkpoints.restore(model, optimizer, scheduler)

@@ -41,7 +41,6 @@ from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.device import (
     Backends,
     PeakMemory,
-    check_method,
     choose_device,
     cpu_has_bf16,
     memory_in_use,
@@ -120,7 +119,7 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
         result = _execute(run, partial_dir)
     except KeyboardInterrupt:
         checkpoints = _checkpoints(run, partial_dir)
-        if checkpoints is None or checkpoints.latest() is None:
+        if checkpoints is None or not checkpoints.latest_step():
             shutil.rmtree(partial_dir, ignore_errors=True)
         raise  # with a checkpoint, the same command resumes from it
     except BaseException:
@@ -141,7 +140,7 @@ def _resumable(run: ResolvedRun, partial_dir: Path) -> bool:
     """A `.partial` directory left by a killed run of the same config, with a checkpoint to resume from."""
     checkpoints = _checkpoints(run, partial_dir)
     config = partial_dir / "config.yaml"
-    return (checkpoints is not None and checkpoints.latest() is not None and config.is_file()
+    return (checkpoints is not None and checkpoints.latest_step() > 0 and config.is_file()
             and config.read_text() == run.config.to_yaml())
 
 
@@ -152,8 +151,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     # accelerate keeps one precision per process; a run sets its own (runs of one process may differ).
     # The process-wide distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
-    device = choose_device(spec.device)
-    check_method(device, run.method.name)
+    device = choose_device(spec.device)  # the method's support for it was checked by `resolve_run`
     accelerator = Accelerator(mixed_precision=_precision(spec.precision, device), cpu=device == "cpu")
     before_model = memory_in_use(device)  # imports and data: not what training costs
     model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype])
@@ -164,7 +162,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     counts = trainable_counts(model, head)
     frozen = weight_bytes(model)
 
-    partial_dir.mkdir(parents=True, exist_ok=_resumable(run, partial_dir))
+    partial_dir.mkdir(parents=True, exist_ok=True)  # still there only where `execute_run` found it resumable
     (partial_dir / "config.yaml").write_text(run.config.to_yaml())
     tracking = run.config.tracking
     if tracking is not None:
@@ -186,8 +184,8 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
     if run.scores:  # the importance scores the ranks came from
         shutil.copyfile(run.scores, partial_dir / "importance.json")
     checkpoints = _checkpoints(run, partial_dir)
-    if checkpoints is not None and checkpoints.latest() is not None:  # a resumed run: the rows up to its step
-        step = json.loads((checkpoints.latest() / "state.json").read_text())["step"]
+    step = checkpoints.latest_step() if checkpoints is not None else 0
+    if step:  # a resumed run: the rows up to its checkpoint
         rows = (partial_dir / "metrics.jsonl").read_text().splitlines()
         (partial_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
     with (partial_dir / "metrics.jsonl").open("a") as history:
