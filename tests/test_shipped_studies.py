@@ -85,7 +85,7 @@ def test_placement_study_compares_at_equal_rank():
 
 
 def test_methods_study_compares_at_an_equal_budget():
-    from peftlab.resolve.budget import match_budget
+    from peftlab.resolve.budget import match_budget, method_params
     from peftlab.specs import ModelSpec
 
     spec = load_spec(StudySpec, shipped_studies()["methods"])
@@ -94,14 +94,20 @@ def test_methods_study_compares_at_an_equal_budget():
         if run.axes["variant"] not in sizes:
             config = RunConfig.model_validate(run.config)
             model = ModelSpec(name=config.model.name, head="sequence-classification", num_labels=2)
+            if config.budget is None:  # methods far smaller by construction run at their own size
+                sizes[run.axes["variant"]] = method_params(config, model)
+                continue
             _, match = match_budget(config, model, config.budget)
             sizes[run.axes["variant"]] = match
     assert sizes["lora"].size == 8 and sizes["lora"].params == spec.base["budget"]
-    for variant in ("dora", "lora-plus", "qlora", "hira", "adalora", "houlsby", "pfeiffer"):
+    for variant in ("dora", "lora-plus", "qlora", "hira", "loha", "adalora", "houlsby", "pfeiffer"):
         # within half a rank step (1/16 of the budget at r=8): DoRA sits exactly between r=7 and r=8
         assert abs(sizes[variant].params - sizes["lora"].params) / sizes["lora"].params <= 1 / 16, (variant, sizes[variant])
     assert sizes["houlsby"].size != 8 and sizes["pfeiffer"].size > sizes["houlsby"].size  # widths, not ranks
     assert sizes["bitfit"].size is None and sizes["bitfit"].params < sizes["lora"].params
+    assert sizes["loha"].size == 4 and sizes["loha"].params == spec.base["budget"]  # 2r(in + out) per site
+    for variant in ("lokr", "ia3", "vera"):  # each below a tenth of the budget: not an equal-budget comparison
+        assert 20_000 < sizes[variant] < spec.base["budget"] / 10, (variant, sizes[variant])
 
 
 @pytest.mark.parametrize("name", ["instruct-placement", "instruct-allocation"])

@@ -21,7 +21,7 @@ from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.files import check_output, write_atomic
-from peftlab.methods.specs import SPECS
+from peftlab.methods.specs import PEFT_TYPES, SPECS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
 from peftlab.records.store import check_study_dir
 from peftlab.specs import PlanConfig
@@ -130,7 +130,7 @@ def run(
     task: TaskOption = None,
     data: DataOption = None,
     kind: KindOption = None,
-    method: Annotated[Optional[str], typer.Option(help=" | ".join(SPECS))] = None,
+    method: Annotated[Optional[str], typer.Option(help=" | ".join(SPECS) + f" (peft:TYPE, TYPE one of {', '.join(PEFT_TYPES)})")] = None,
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | 0,2,5 ...")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
@@ -164,7 +164,8 @@ def run(
         "task.path": str(data) if data else None,
         "task.kind": kind,
         "task.max_length": max_length,
-        "method.name": method,
+        "method.name": method.partition(":")[0] if method else None,
+        "method.type": method.partition(":")[2] or None if method else None,
         "plan.placement.roles": placement,
         "plan.placement.layers": layers,
         **_allocation_override(allocation, rank),

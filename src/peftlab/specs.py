@@ -356,7 +356,11 @@ class RunConfig(Spec):
     @field_validator("method", mode="before")
     @classmethod
     def _method_from_name(cls, value: Any) -> Any:
-        return {"name": value} if isinstance(value, str) else value
+        """`lora`, or `peft:loha` for a PEFT type."""
+        if not isinstance(value, str):
+            return value
+        name, _, peft_type = value.partition(":")
+        return {"name": name, "type": peft_type} if peft_type else {"name": name}
 
 
 def config_id(config: Spec | dict[str, Any]) -> str:

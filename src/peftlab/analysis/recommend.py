@@ -12,7 +12,7 @@ from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
 from peftlab.analysis.stats import CONSTANT, adjusted, compare, verdict
 from peftlab.config import validate
 from peftlab.importance.probe import resolve_importance
-from peftlab.methods.registry import METHODS
+from peftlab.methods.registry import dumped_method
 from peftlab.plans.allocation import parse_allocation
 from peftlab.plans.plan import Plan, plan_on
 from peftlab.specs import PlanSpec, RunConfig
@@ -117,9 +117,8 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
                      "seeds cannot separate from it, are as defensible")
     lines.append(line + "." + degenerate_caution(best))
     method = best.config.get("method", {})
-    method_name = method.get("name", "lora") if isinstance(method, dict) else method
-    if METHODS[method_name].size_parameter != "rank":
-        lines.append(f"{best.label} uses {method_name}, which has no ranks to plan; the proposal keeps the importance plan.")
+    if (chosen := dumped_method(method)).size_parameter != "rank":
+        lines.append(f"{best.label} uses {chosen.label}, which has no ranks to plan; the proposal keeps the importance plan.")
         return None, lines
     plan = best.config.get("plan", {})
     allocation = plan.get("allocation", {"kind": "uniform"})

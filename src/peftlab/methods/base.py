@@ -47,6 +47,11 @@ class Method(ABC):
         self.spec = spec
         self.total_steps = total_steps  # optimizer steps of the run, for methods with a schedule
 
+    @property
+    def label(self) -> str:
+        """The method's name in messages (`peft LOHA` for a PEFT type)."""
+        return self.spec.label
+
     @abstractmethod
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         """Freeze what the method does not train; return the model to train.
@@ -103,6 +108,15 @@ class Method(ABC):
             yield model
         finally:
             self.unmerge(model)
+
+    def sized_spec(self, size: int) -> Any:
+        """The method's spec with its size parameter (not a rank: ranks are the plan's) set to `size`."""
+        return self.spec.model_copy(update={self.size_parameter: size})
+
+    def size_candidates(self, plan: Plan) -> list[int] | None:
+        """The sizes valid on `plan`, in increasing order, when not every size from 1 up is (block sizes
+        that must divide the input widths); None: 1, 2, 3, ..."""
+        return None
 
     def site_params(self, site: Site, rank: int) -> int:
         """Trainable parameters the method adds at one planned site of rank `rank` (a rank method's plan count;

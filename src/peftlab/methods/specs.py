@@ -22,6 +22,11 @@ class MethodSpecBase(BaseModel):
         if field is not None:  # a method's spec (LayerSparsity is a part of one)
             MethodSpecBase.registry[field.default] = cls
 
+    @property
+    def label(self) -> str:
+        """The method's name in messages and tables (`peft LOHA` for a PEFT type)."""
+        return self.name
+
 
 class LoraSpec(MethodSpecBase):
     name: Literal["lora"] = "lora"
@@ -118,6 +123,41 @@ class BitFitSpec(MethodSpecBase):
     name: Literal["bitfit"] = "bitfit"
     scope: Literal["all", "plan"] = Field("all")
     """all: every bias of the model (as published); plan: biases of the planned sites only."""
+
+
+PEFT_TYPES = ("LOHA", "LOKR", "IA3", "VERA", "OFT", "BOFT", "FOURIERFT")
+"""PEFT methods that run on peftlab's plans (`methods/peft_types.py` holds how each one is set up)."""
+PLAN_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
+                         "alpha_pattern", "n_frequency_pattern", "modules_to_save", "feedforward_modules",
+                         "fan_in_fan_out", "task_type", "r", "alpha", "inference_mode", "peft_type"})
+"""PEFT config fields the plan sets: placement as exact module paths, ranks and alphas per site, the head."""
+
+
+class PeftTypeSpec(MethodSpecBase):
+    """Any method of PEFT's `PEFT_TYPES` on the plan's sites, e.g. {name: peft, type: LOHA}."""
+
+    name: Literal["peft"] = "peft"
+    type: Literal[PEFT_TYPES]  # type: ignore[valid-type]
+    options: dict[str, Any] = {}
+    """Further fields of the type's PEFT config (e.g. LOKR's decompose_factor, OFT's oft_block_size)."""
+
+    @property
+    def label(self) -> str:
+        return f"peft {self.type}"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upper_case_type(cls, data: Any) -> Any:
+        if isinstance(data, dict) and isinstance(data.get("type"), str):
+            data = {**data, "type": data["type"].upper()}
+        return data
+
+    @model_validator(mode="after")
+    def _plan_fields_from_the_plan(self) -> PeftTypeSpec:
+        taken = sorted(PLAN_FIELDS & self.options.keys())
+        if taken:
+            raise ValueError(f"options {taken} come from the plan (placement, allocation, head); set them there")
+        return self
 
 
 class FullSpec(MethodSpecBase):

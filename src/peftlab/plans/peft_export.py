@@ -36,30 +36,36 @@ def lora_config_kwargs(plan: Plan, dropout: float = 0.0, modules_to_save: list[s
     }
 
 
-def wrapped_modules(model: nn.Module, adapter: str = "default", layer_class: type | None = None) -> dict[str, tuple[int, float | None]]:
-    """Module path (relative to the base model) -> (rank, alpha or None) of every adapted module.
-    `layer_class` is PEFT's layer class of the method (LoRA's by default)."""
+def wrapped_modules(model: nn.Module, adapter: str = "default", layer_class: type | None = None,
+                    size: str | None = "r", alpha: str | None = "lora_alpha") -> dict[str, tuple[Any, float | None]]:
+    """Module path (relative to the base model) -> (size, alpha) of every adapted module. `layer_class` is
+    PEFT's layer class of the method (LoRA's by default); `size` and `alpha` name the layer's dicts that hold
+    them (None: the method has none, read as None)."""
     if layer_class is None:
         from peft.tuners.lora import LoraLayer as layer_class
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     out = {}
     for name, module in base.named_modules():
-        if isinstance(module, layer_class) and adapter in module.r:
-            alpha = getattr(module, "lora_alpha", {}).get(adapter)
-            out[name] = (module.r[adapter], None if alpha is None else float(alpha))
+        if isinstance(module, layer_class) and adapter in module.active_adapters:
+            value = getattr(module, alpha, {}).get(adapter) if alpha else None
+            out[name] = (getattr(module, size)[adapter] if size else None, None if value is None else float(value))
     return out
 
 
-def verify_wrapped(model: nn.Module, plan: Plan, adapter: str = "default", layer_class: type | None = None) -> None:
-    """Raise PlanMismatchError unless the wrapped modules and their ranks (and alphas, where the
-    method has them) equal the plan."""
-    wrapped = wrapped_modules(model, adapter, layer_class)
-    has_alpha = any(alpha is not None for _, alpha in wrapped.values())
-    planned = {p.site.path: (p.rank, float(p.alpha) if has_alpha else None) for p in plan.sites}
+def verify_wrapped(model: nn.Module, plan: Plan, adapter: str = "default", layer_class: type | None = None,
+                   size: str | None = "r", alpha: str | None = "lora_alpha",
+                   expected: dict[str, tuple[Any, float | None]] | None = None) -> None:
+    """Raise PlanMismatchError unless the wrapped modules and their ranks (and alphas, where the method has
+    them) equal the plan, or `expected` (path -> (size, alpha)) for methods whose size is not the plan's rank."""
+    wrapped = wrapped_modules(model, adapter, layer_class, size, alpha)
+    if expected is None:
+        has_alpha = any(value is not None for _, value in wrapped.values())
+        expected = {p.site.path: (p.rank, float(p.alpha) if has_alpha else None) for p in plan.sites}
+    planned = {path: (value, None if a is None else float(a)) for path, (value, a) in expected.items()}
     problems = [f"missing {path}" for path in sorted(planned.keys() - wrapped.keys())]
     problems += [f"unplanned {path}" for path in sorted(wrapped.keys() - planned.keys())]
     problems += [
-        f"{path}: rank/alpha {wrapped[path]} != planned {planned[path]}"
+        f"{path}: size/alpha {wrapped[path]} != planned {planned[path]}"
         for path in sorted(planned.keys() & wrapped.keys())
         if wrapped[path] != planned[path]
     ]

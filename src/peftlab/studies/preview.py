@@ -34,14 +34,14 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
         config = RunConfig.model_validate(run.config)
         missing = _missing_file(config)
         if missing:
-            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, missing, None, False, rates))
+            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, missing, None, False, rates))
             continue
         try:
             what, trainable = describe(config)
         except PeftlabError as exc:
-            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, str(exc), None, False, rates))
+            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, str(exc), None, False, rates))
             continue
-        out.append(ConfigurationPreview(run.label, spec.seeds, config.method.name, what, trainable, True, rates))
+        out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, what, trainable, True, rates))
     return out
 
 
@@ -72,7 +72,7 @@ def _missing_file(config: RunConfig) -> str | None:
 def describe(config: RunConfig) -> tuple[str, int | None]:
     """(one line, trainable adapter parameters) for `config`'s plan and method."""
     from peftlab.api import make_plan
-    from peftlab.methods.registry import METHODS
+    from peftlab.methods.registry import make_method
     from peftlab.resolve.budget import match_budget, method_params
     from peftlab.specs import PlanConfig
 
@@ -87,8 +87,9 @@ def describe(config: RunConfig) -> tuple[str, int | None]:
         sized, match = match_budget(config, model, config.budget)
         chosen = f"; budget {config.budget:,}: {match.parameter} {match.size}" if match.size else ""
     trainable = method_params(sized, model)
-    if METHODS[config.method.name].size_parameter != "rank":
-        return f"{config.method.name}{chosen}: {trainable:,} trainable", trainable
+    method = make_method(config.method)
+    if method.size_parameter != "rank":
+        return f"{method.label}{chosen}: {trainable:,} trainable", trainable
     plan = make_plan(PlanConfig(model=model, plan=sized.plan))
     return f"{summarize_plan(plan)}{chosen}; {trainable:,} trainable", trainable
 
