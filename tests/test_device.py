@@ -41,8 +41,11 @@ def test_an_unavailable_device_is_one_clear_error(requested, backends, message):
 def test_qlora_is_refused_on_mps_and_runs_elsewhere():
     with pytest.raises(PeftlabError, match="method qlora cannot run on mps: bitsandbytes"):
         check_method("mps", "qlora")
-    for device, method in [("mps", "lora"), ("mps", "sparselora"), ("cpu", "qlora"), ("cuda", "qlora")]:
+    for device, method in [("mps", "lora"), ("mps", "sparselora"), ("cpu", "qlora"), ("cuda", "qlora"),
+                           ("cuda", "lora init loftq"), ("cpu", "lora init pissa")]:
         check_method(device, method)
+    with pytest.raises(PeftlabError, match="method lora init loftq cannot run on cpu: PEFT's LoftQ .* CUDA"):
+        check_method("cpu", "lora init loftq")
 
 
 @pytest.mark.parametrize("requested, device, backends, cpu_bf16, expected", [

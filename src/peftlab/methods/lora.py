@@ -3,11 +3,13 @@ verified), slices of a fused projection through peftlab's SliceLoRA."""
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from peft import LoraConfig, PeftModel, get_peft_model
+import torch
+from peft import EvaConfig, LoftQConfig, LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 from torch import nn
 
@@ -49,20 +51,59 @@ class LoraMethod(Method):
             sub_plan = replace(plan, sites=whole)
             kwargs = lora_config_kwargs(sub_plan, dropout=self.spec.dropout, modules_to_save=head or None)
             kwargs.update(self.peft_overrides())
+            kwargs.update(self._init_kwargs())
             config = LoraConfig(task_type=peft_task_type(model), use_dora=self.spec.use_dora,
                                 use_rslora=self.spec.use_rslora, **kwargs)
-            model = get_peft_model(model, config)
+            with warnings.catch_warnings():  # EVA's advice to build the adapters on the meta device
+                warnings.filterwarnings("ignore", "lora with eva initialization used with low_cpu_mem_usage")
+                model = get_peft_model(model, config)
             verify_wrapped(model, sub_plan)
+            self._whole_plan = sub_plan
             use_low_rank_linears(model)  # the same products, with a weight gradient CPUs compute fast
         else:
             model.requires_grad_(False)
             set_head_trainable(model, head)
         if slices:
+            if self.spec.init != "default":
+                raise PeftlabError(f"method.init {self.spec.init}: not available for slices of a fused projection "
+                                   "(GPT-2 q/v); select q, k and v together or leave init at default")
             if self.spec.use_dora or self.spec.use_rslora:
                 raise PeftlabError("method.use_dora / use_rslora: not available for slices of a fused projection "
                                    "(GPT-2 q/v); select q, k and v together or drop the option")
             wrap_slices(unwrap(model), slices, self.spec.dropout)
         return model
+
+    def _init_kwargs(self) -> dict[str, Any]:
+        """LoraConfig arguments for `spec.init`."""
+        init = self.spec.init
+        if init == "default":
+            return {}
+        if init == "eva":  # rho 1: EVA keeps the plan's ranks instead of moving rank between sites
+            return {"init_lora_weights": "eva", "eva_config": EvaConfig(rho=1.0)}
+        if init == "loftq":
+            return {"init_lora_weights": "loftq", "loftq_config": LoftQConfig(loftq_bits=4, loftq_iter=1)}
+        return {"init_lora_weights": init}
+
+    def trainable_for(self, skeleton: nn.Module, plan: Plan, head: list[str]) -> int:
+        """Counted with the default init: PiSSA, OLoRA and LoftQ decompose weights a skeleton does not have, and
+        no init changes what is trained."""
+        default = type(self)(self.spec.model_copy(update={"init": "default"}), self.total_steps)
+        return super(LoraMethod, default).trainable_for(skeleton, plan, head)
+
+    def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+        """EVA: A from the SVD of each site's inputs over `batches` (training batches; padding and, for causal LMs,
+        unsupervised positions left out)."""
+        if self.spec.init != "eva":
+            return
+        from peft import initialize_lora_eva_weights
+
+        def forward(peft_model, inputs):
+            return peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+
+        causal = peft_task_type(unwrap(model)) == "CAUSAL_LM"
+        inputs = [b if causal else {k: v for k, v in b.items() if k != "labels"} for b in batches]
+        initialize_lora_eva_weights(model, inputs, forward_fn=forward, show_progress_bar=False)
+        verify_wrapped(model, self._whole_plan)  # EVA drops a site whose inputs have too few directions
 
     def site_params(self, site, rank: int) -> int:
         """A and B, and DoRA's magnitude per output channel."""

@@ -38,6 +38,18 @@ class LoraSpec(MethodSpecBase):
     loraplus: bool = False
     """LoRA+ (Hayou et al., 2024): the B matrices learn `loraplus_lr_ratio` times faster than A."""
     loraplus_lr_ratio: float = Field(16.0, gt=0)
+    init: Literal["default", "gaussian", "pissa", "olora", "eva", "loftq"] = "default"
+    """How A and B start (PEFT's `init_lora_weights`). default: A Kaiming-uniform, B zero; gaussian: A Gaussian;
+    pissa / olora: A and B from the base weight's principal singular vectors / its QR factors, the base keeps the
+    rest; eva: A from the SVD of each site's inputs on training batches, at the plan's ranks; loftq: the base
+    becomes the 4-bit NF4 quantization (simulated) of W - BA, with A and B fitted to the quantization error.
+    Every one but loftq starts from the base model's outputs."""
+
+    @model_validator(mode="after")
+    def _init_for_lora(self) -> LoraSpec:
+        if self.init not in ("default", "gaussian") and self.name != "lora":
+            raise ValueError(f"init {self.init} is available with method lora only (default or gaussian here)")
+        return self
 
 
 class QLoraSpec(LoraSpec):

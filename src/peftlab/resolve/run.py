@@ -26,7 +26,10 @@ from peftlab.train.tracking import check_backends
 def resolve_run(config: RunConfig) -> ResolvedRun:
     if config.tracking is not None:
         check_backends(config.tracking)
-    check_method(choose_device(config.train.device), config.method.name)  # before any data is read
+    device = choose_device(config.train.device)
+    check_method(device, config.method.name)  # before any data is read
+    if getattr(config.method, "init", "default") != "default":
+        check_method(device, f"{config.method.name} init {config.method.init}")
     if config.train.checkpoint_every and not METHODS[config.method.name].resumable:
         raise PeftlabError(f"train.checkpoint_every: method {config.method.name} keeps training state that a "
                            "checkpoint does not hold, so it cannot resume from one; leave checkpoint_every at 0")

@@ -112,19 +112,20 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
 
 
 # Settings that do not change what a run learns (trackers, training checkpoints, recomputed activations), and
-# the device at its default (every run before it existed): left out of run ids, so that adding them to a
-# study, or resuming a study created before they existed, reruns nothing.
+# settings added later at their default (every run before them had it): left out of run ids, so that adding them
+# to a study, or resuming a study created before they existed, reruns nothing.
 UNLEARNED = {"checkpoint_every", "gradient_checkpointing"}
+ADDED_DEFAULTS = {("train", "device"): "auto", ("method", "init"): "default"}
 
 
 def learned_config(config: dict[str, Any]) -> dict[str, Any]:
     """`config` (a dumped RunConfig) without what does not change what the run learns: what its id hashes."""
     learned = {k: v for k, v in config.items() if k != "tracking"}
     if isinstance(learned.get("train"), dict):
-        train = {k: v for k, v in learned["train"].items() if k not in UNLEARNED}
-        if train.get("device") == "auto":
-            del train["device"]
-        learned["train"] = train
+        learned["train"] = {k: v for k, v in learned["train"].items() if k not in UNLEARNED}
+    for (section, field), default in ADDED_DEFAULTS.items():
+        if isinstance(learned.get(section), dict) and learned[section].get(field, default) == default:
+            learned[section] = {k: v for k, v in learned[section].items() if k != field}
     return learned
 
 

@@ -281,6 +281,10 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
     timed = latency_sample(data.test or data.validation, spec.latency_batches, spec.eval_batch_size, pad_id)
     evaluate_split = partial(evaluate, kind=data.kind, n_labels=len(data.labels), device=accelerator.device,
                              autocast=accelerator.autocast, hidden_states=method.hidden_states)
+    # methods that start from the data (EVA) see the first training examples, before any speed feature changes
+    # the forward
+    start = _eval_batches(data.train[: INIT_BATCHES * spec.batch_size], spec.batch_size, pad_id)
+    method.initialize(model, [{k: v.to(accelerator.device) for k, v in b.items()} for b in start])
 
     # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
     base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
@@ -383,6 +387,7 @@ def _generation(run: ResolvedRun, model, method: Method, accelerator: Accelerato
             "generation_tokens_per_second": adapted.tokens_per_second}
 
 
+INIT_BATCHES = 16  # training batches a data-driven init reads
 LATENCY_SEED = 0  # not the training seed: every configuration and seed of a study times the same batches
 
 
