@@ -186,6 +186,10 @@ def run(
         task_name = spec.task.name or (spec.task.path.stem if spec.task.path else "data")
         output = Path("runs") / f"{Path(spec.model.name).name}-{task_name}-{spec.method.name}-{config_id(spec)}"
     result = run_config(spec, output)
+    from peftlab.train.distributed import is_main
+
+    if not is_main():  # one of several processes of this run: the main one reports
+        return
     _print_result(result, output)
     if not result.done:
         raise typer.Exit(1)
@@ -399,7 +403,7 @@ def study_run(
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run failed runs again.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per run (default cores / jobs).")] = None,
-    gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray task declares.")] = 0.0,
+    gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray run declares; 2 or more: the run trains over that many processes, one per GPU (data parallel).")] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each configuration will train, then stop.")] = False,
     data: Annotated[Optional[Path], typer.Option(
         help="Train and test on this data file instead of the study's (CSV / JSON / JSONL; Alpaca, Dolly or chat "

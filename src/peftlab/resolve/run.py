@@ -18,6 +18,7 @@ from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
 from peftlab.tasks.prepare import load_task, text_chunks
 from peftlab.train.device import check_method, choose_device
+from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
 from peftlab.train.run import ResolvedRun
 from peftlab.train.tracking import check_backends
@@ -33,6 +34,9 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     if config.train.checkpoint_every and not METHODS[config.method.name].resumable:
         raise PeftlabError(f"train.checkpoint_every: method {config.method.name} keeps training state that a "
                            "checkpoint does not hold, so it cannot resume from one; leave checkpoint_every at 0")
+    if config.train.checkpoint_every and process_count() > 1:
+        raise PeftlabError("train.checkpoint_every: not available for a run over several processes yet; "
+                           "leave it at 0 or run in one process")
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     planned, scores = resolve_importance(config)

@@ -33,7 +33,7 @@ from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
 from peftlab.studies.preview import check_configurations
-from peftlab.studies.worker import PRELOAD, execute_study_run, run_process
+from peftlab.studies.worker import PRELOAD, execute_parallel_study_run, execute_study_run, run_process
 from peftlab.train.result import RunResult
 
 
@@ -134,8 +134,18 @@ def _require_ray():
     return ray
 
 
-def _ray_run(study_dir: str, run_id: str, config: dict, threads: int):
+def _ray_run(study_dir: str, run_id: str, config: dict, threads: int, processes: int):
+    if processes > 1:  # one process per GPU the task holds
+        return execute_parallel_study_run(Path(study_dir), run_id, config, threads, processes)
     return execute_study_run(Path(study_dir), run_id, config, threads)
+
+
+def processes_per_run(gpus: float) -> int:
+    """Processes a Ray run starts: one per GPU it declares when it declares several (a whole number)."""
+    if gpus > 1 and gpus != int(gpus):
+        raise PeftlabError(f"--gpus-per-run {gpus:g}: above 1 it is the number of GPUs (and processes) of each run, "
+                           "so a whole number; fractions below 1 share a GPU between runs")
+    return int(gpus) if gpus > 1 else 1
 
 
 def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: float, address: str | None,
@@ -153,7 +163,7 @@ def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: f
     def submit(run_ids: list[str]) -> None:
         for run_id in run_ids:
             config = json.loads(store.get(run_id)["config"])
-            pending[task.remote(str(study_dir.resolve()), run_id, config, threads)] = run_id
+            pending[task.remote(str(study_dir.resolve()), run_id, config, threads, processes_per_run(gpus))] = run_id
             store.mark_running(run_id, os.getpid())  # the study process owns Ray runs
 
     submit(ids)
@@ -180,6 +190,7 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
         raise PeftlabError(f"--executor {executor!r}: valid executors are local and ray")
     if executor == "ray":
         _require_ray()
+    processes_per_run(gpus)  # a bad value is refused before anything is written
     check_study_dir(study_dir)
     check_configurations(spec)
     study_dir.mkdir(parents=True, exist_ok=True)

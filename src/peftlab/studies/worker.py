@@ -46,6 +46,32 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
     return result.status, result.stored(), result.error
 
 
+def execute_parallel_study_run(study_dir: Path, run_id: str, config: dict[str, Any], threads: int,
+                               processes: int) -> tuple[str, dict | None, str | None]:
+    """`execute_study_run` over `processes` processes on this machine (a Ray task that holds several GPUs, one per
+    process): `peftlab run` under torchrun, data parallel (`train.distributed`). Never raises."""
+    import subprocess
+    import tempfile
+
+    from peftlab.records.store import run_dir
+    from peftlab.specs import RunConfig
+    from peftlab.train.result import RunResult
+
+    out = run_dir(study_dir, run_id)
+    shutil.rmtree(out, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix="peftlab-run-") as scratch:
+        config_file = Path(scratch) / "config.yaml"
+        config_file.write_text(RunConfig.model_validate(config).to_yaml())
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+                   "-m", "peftlab", "run", "-c", str(config_file), "--output", str(out)]
+        code = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": str(max(1, threads // processes))}).returncode
+    result_file = out / "result.json"
+    if not result_file.is_file():
+        return "failed", None, f"run over {processes} processes exited with code {code} before writing its result"
+    result = RunResult.from_dict(json.loads(result_file.read_text()))
+    return result.status, result.stored(), result.error
+
+
 def run_process(study_dir: Path, run_id: str, threads: int, log: Path, env: dict[str, str]) -> None:
     """The body of a run process: the study's environment as it is now (the fork server's dates from its
     start), output into the run's log, the run, its outcome into the store."""

@@ -9,6 +9,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
+from peftlab.train import distributed
 from peftlab.train.loss import HiddenStates, batch_nll
 
 
@@ -27,12 +28,14 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
              autocast: Callable[[], AbstractContextManager] = nullcontext,
              hidden_states: HiddenStates | None = None) -> dict[str, float]:
     """Loss = total NLL / total predictions over the whole split (never a mean of batch means), at the
-    training's precision (`autocast`); `hidden_states`: the method's causal-LM forward (see `batch_nll`)."""
+    training's precision (`autocast`); `hidden_states`: the method's causal-LM forward (see `batch_nll`).
+    Over several processes, each evaluates every `count`-th batch and the sums are gathered."""
     was_training = model.training
     model.eval()
     total_nll, total_count = 0.0, 0
     predictions: list[int] = []
     golds: list[int] = []
+    batches = list(batches)[distributed.process_index()::distributed.process_count()] if distributed.active() else batches
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
@@ -43,6 +46,10 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
             predictions += logits.argmax(-1).tolist()
             golds += batch["labels"].tolist()
     model.train(was_training)
+    if distributed.active():
+        total_nll, total_count = distributed.sum_across([total_nll, float(total_count)])
+        total_count = int(total_count)
+        predictions, golds = distributed.gather_lists(predictions), distributed.gather_lists(golds)
     loss = total_nll / max(total_count, 1)
     metrics = {"loss": loss, "count": total_count}
     if kind == "classification":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader
 from transformers import get_scheduler
 
 from peftlab.methods.base import Method
+from peftlab.train import distributed
 from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.loss import batch_nll
 from peftlab.train.speed.base import SpeedFeature, batch_context
@@ -85,29 +87,38 @@ def train_loop(
         window, final_loss, first = state["window"], state["final_loss"], done + 1
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True) as progress:
+    with Progress(*columns, transient=True, disable=not distributed.is_main()) as progress:
         bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=final_loss, tps=0.0)
         for step in range(first, total_steps + 1):
             start = time.perf_counter()
             step_loss = 0.0
             for _ in range(spec.grad_accum):  # micro-batches of one optimizer step
-                batch = next(batches)
+                batch, has_rows = distributed.shard(next(batches))  # this process's rows of the global batch
                 index = batch.pop("index")
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
                 length = batch["input_ids"].shape[1]
                 method.prepare_batch(batch)
                 with accelerator.autocast(), batch_context(features, index, length, accelerator.device):
                     nll, count, _ = batch_nll(model, batch, kind, method.hidden_states)
-                loss = nll / count  # mean over this micro-batch's predictions
+                mask = batch["attention_mask"]
+                # each process divides by the count of the whole global micro-batch, so the gradients summed over
+                # the processes are those of the mean over all of its predictions
+                local = [float(count), float(mask.sum()), float(mask.numel())] if has_rows else [0.0] * 3
+                total_count, batch_tokens, batch_positions = distributed.sum_across(local)
+                loss = nll / total_count if has_rows else nll * 0.0
                 penalty = method.regularization(model)
-                loss = (loss if penalty is None else loss + penalty) / spec.grad_accum
-                if not torch.isfinite(loss):
+                if penalty is not None:  # every process adds it, and their gradients are summed
+                    loss = loss + penalty / distributed.process_count()
+                loss = loss / spec.grad_accum
+                value = distributed.sum_across([loss.item()])[0]  # the same on every process: they stop together
+                if not math.isfinite(value):
                     return LoopResult(step - 1, seconds, tokens, positions, float("nan"),
-                                      f"non-finite loss ({loss.item()}) at step {step}")
+                                      f"non-finite loss ({value}) at step {step}")
                 accelerator.backward(loss)
-                step_loss += loss.item()
-                tokens += int(batch["attention_mask"].sum())
-                positions += batch["attention_mask"].numel()
+                step_loss += value
+                tokens += int(batch_tokens)
+                positions += int(batch_positions)
+            distributed.sum_gradients(trainable)
             if spec.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
             optimizer.step()

@@ -13,6 +13,7 @@ import os
 import platform
 import random
 import shutil
+import tempfile
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -22,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DataLoaderConfiguration
 from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
@@ -36,6 +37,7 @@ from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import TaskData, collate, collate_indexed
+from peftlab.train import distributed
 from peftlab.train.batching import Batches
 from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.device import (
@@ -111,6 +113,9 @@ def check_output_dir(output_dir: Path) -> None:
 def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     """Build, train, evaluate and measure `run`; write its outputs to `output_dir` (nothing there if it
     raises) and return its result."""
+    if not distributed.is_main():  # it trains and evaluates beside the main process, which writes the outputs
+        with tempfile.TemporaryDirectory(prefix="peftlab-process-") as scratch:
+            return _execute(run, Path(scratch) / "run.partial")
     check_output_dir(output_dir)
     partial_dir = output_dir.with_name(output_dir.name + ".partial")
     if not _resumable(run, partial_dir):
@@ -152,7 +157,10 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     # The process-wide distributed state (PartialState) is kept.
     AcceleratorState._reset_state()
     device = choose_device(spec.device)  # the method's support for it was checked by `resolve_run`
-    accelerator = Accelerator(mixed_precision=_precision(spec.precision, device), cpu=device == "cpu")
+    # split_batches: train.batch_size is the global batch, shared out over the processes (train.distributed), so
+    # the prepared scheduler steps once per optimizer step, not once per process
+    accelerator = Accelerator(mixed_precision=_precision(spec.precision, device), cpu=device == "cpu",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
     before_model = memory_in_use(device)  # imports and data: not what training costs
     model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype])
     base_params = count_params(model)
@@ -165,7 +173,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     partial_dir.mkdir(parents=True, exist_ok=True)  # still there only where `execute_run` found it resumable
     (partial_dir / "config.yaml").write_text(run.config.to_yaml())
     tracking = run.config.tracking
-    if tracking is not None:
+    if tracking is not None and distributed.is_main():
         accelerator.log_with = trackers(tracking, partial_dir, partial_dir.name.removesuffix(".partial"))
         accelerator.init_trackers(tracking.project, config=flat(run.config.model_dump(mode="json", by_alias=True)))
     try:
@@ -290,7 +298,7 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
     base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
     forgetting_batches = _eval_batches(run.forgetting, spec.eval_batch_size, pad_id) if run.forgetting else []
     forgetting_base = _base_loss(model, method, forgetting_batches, evaluate_split)
-    base_completions = _base_completions(run, model, method, accelerator) if run.prompts else None
+    base_completions = _base_completions(run, model, method, accelerator) if run.prompts and distributed.is_main() else None
 
     def on_eval(step: int) -> None:
         record({"step": step, "split": "validation", **evaluate_split(model, eval_batches["validation"])})
@@ -320,6 +328,8 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
         loss = evaluate_split(model, forgetting_batches)
         outcome.metrics["forgetting"] = {"base_loss": forgetting_base, "loss": loss["loss"],
                                          "increase": loss["loss"] - forgetting_base, "count": loss["count"]}
+    if not distributed.is_main():  # generation, latency and the adapter come from the main process
+        return outcome
     for feature in features:
         feature.remove()  # generation and latency: the model's own forward, as it would be served
     if run.prompts:
@@ -438,4 +448,5 @@ def _environment(accelerator: Accelerator) -> dict[str, Any]:
         "transformers": transformers.__version__,
         "peft": peft.__version__,
         "mixed_precision": accelerator.mixed_precision,
+        "processes": accelerator.num_processes,  # data parallel: train.batch_size is the global batch
     }
