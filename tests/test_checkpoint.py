@@ -146,3 +146,20 @@ def test_run_flags_set_device_checkpointing_and_trackers(tmp_path, reviews_file,
     assert result["speed"]["gradient_checkpointing"] == {"used": True}
     assert result["speed"]["checkpoint"] == {"every": 1, "resumed_from_step": 0}
     assert (out / "tensorboard").is_dir()
+
+
+def test_a_resumed_run_continues_its_first_tracker_run(tmp_path, reviews_file, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = (tmp_path / "mlruns").as_uri()
+    config = validate(RunConfig, {**config_dict(reviews_file), "tracking": {"backends": ["mlflow", "tensorboard"],
+                                                                           "project": "resume", "mlflow_uri": uri}}, "t")
+    with stopped_after_checkpoint(monkeypatch, 6):
+        run_to_dict(config, tmp_path / "run")
+    first = json.loads((tmp_path / "run.partial" / "trackers.json").read_text())["mlflow"]
+    run_to_dict(config, tmp_path / "run")
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("resume").experiment_id])  # one run, not two
+    assert run.info.run_id == first == json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
+    assert run.info.status == "FINISHED" and "final/test/loss" in run.data.metrics
+    assert {m.step for m in client.get_metric_history(first, "train/loss")} == set(range(1, 10))

@@ -84,7 +84,8 @@ def _is_uniform_all_lora(config: dict[str, Any]) -> tuple[bool, float]:
     placement = plan.get("placement", {})
     allocation = plan.get("allocation", {})
     default = (placement.get("roles") in (None, "all") and placement.get("layers") == "all"
-               and not placement.get("modules") and allocation.get("kind") == "uniform" and method.get("name") == "lora")
+               and not placement.get("modules") and allocation.get("kind") == "uniform" and method.get("name") == "lora"
+               and method.get("init", "default") == "default")
     return default, allocation.get("rank", math.inf)
 
 

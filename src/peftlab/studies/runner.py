@@ -33,7 +33,12 @@ from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
 from peftlab.studies.preview import check_configurations
-from peftlab.studies.worker import PRELOAD, execute_parallel_study_run, execute_study_run, run_process
+from peftlab.studies.worker import (
+    PRELOAD,
+    execute_parallel_study_run,
+    execute_study_run,
+    run_process,
+)
 from peftlab.train.result import RunResult
 
 

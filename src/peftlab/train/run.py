@@ -29,7 +29,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
 from peftlab.errors import PeftlabError
-from peftlab.files import check_output
+from peftlab.files import check_output, write_atomic
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
 from peftlab.models.load import cache_dir, count_params, head_modules, load_model
@@ -68,7 +68,7 @@ from peftlab.train.measure import directory_bytes, latency_ms
 from peftlab.train.result import RunResult
 from peftlab.train.speed import switched_on
 from peftlab.train.speed.base import RunSetting, installed
-from peftlab.train.tracking import flat, log_result, log_row, trackers
+from peftlab.train.tracking import flat, log_result, log_row, tracker_run_ids, trackers
 
 if TYPE_CHECKING:
     from peftlab.methods.specs import MethodSpec
@@ -174,8 +174,11 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
     (partial_dir / "config.yaml").write_text(run.config.to_yaml())
     tracking = run.config.tracking
     if tracking is not None and distributed.is_main():
-        accelerator.log_with = trackers(tracking, partial_dir, partial_dir.name.removesuffix(".partial"))
+        started = partial_dir / "trackers.json"  # a run resumed from a checkpoint continues its tracker runs
+        resumed = json.loads(started.read_text()) if started.is_file() else None
+        accelerator.log_with = trackers(tracking, partial_dir, partial_dir.name.removesuffix(".partial"), resumed)
         accelerator.init_trackers(tracking.project, config=flat(run.config.model_dump(mode="json", by_alias=True)))
+        write_atomic(started, json.dumps(tracker_run_ids(accelerator.trackers)))
     try:
         return _train_and_record(run, model, method, accelerator, before_model, partial_dir, base_params, head,
                                  counts, frozen)

@@ -30,8 +30,12 @@ def check_backends(spec: TrackingSpec) -> None:
                                f"pip install 'peftlab[{backend}]'")
 
 
-def trackers(spec: TrackingSpec, run_dir: Path, run_name: str) -> list[GeneralTracker]:
-    """accelerate trackers for `spec`, writing (TensorBoard, W&B) into `run_dir`."""
+def trackers(spec: TrackingSpec, run_dir: Path, run_name: str, resumed: dict[str, str] | None = None
+             ) -> list[GeneralTracker]:
+    """accelerate trackers for `spec`, writing (TensorBoard, W&B) into `run_dir`. `resumed`: the tracker run ids
+    of the run's first start (`tracker_run_ids`), which a run resumed from a training checkpoint continues
+    (TensorBoard continues by writing into the same directory)."""
+    resumed = resumed or {}
     from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
 
     name = spec.run_name or run_name
@@ -46,12 +50,24 @@ def trackers(spec: TrackingSpec, run_dir: Path, run_name: str) -> list[GeneralTr
             if uri.startswith("file:"):  # MLflow 3 keeps file stores only on request; offline needs no server
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(uri)
-            out.append(MLflowTracker(spec.project, tags=dict(spec.tags), run_name=name))
+            out.append(MLflowTracker(spec.project, tags=dict(spec.tags), run_name=name, run_id=resumed.get("mlflow")))
         else:
             os.environ.setdefault("WANDB_MODE", "offline")
+            resume = {"id": resumed["wandb"], "resume": "allow"} if "wandb" in resumed else {}
             out.append(WandBTracker(spec.project, name=name, tags=[f"{k}={v}" for k, v in spec.tags.items()],
-                                    dir=str(run_dir), config={}))
+                                    dir=str(run_dir), config={}, **resume))
     return out
+
+
+def tracker_run_ids(started: list[GeneralTracker]) -> dict[str, str]:
+    """backend -> its run id, for the trackers that have one (MLflow, W&B)."""
+    ids = {}
+    for tracker in started:
+        if tracker.name == "mlflow":
+            ids["mlflow"] = tracker.active_run.info.run_id
+        elif tracker.name == "wandb":
+            ids["wandb"] = tracker.run.id
+    return ids
 
 
 def flat(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
