@@ -142,7 +142,7 @@ def test_the_meta_device_count_is_the_real_count_and_the_plan_predicts_it(name, 
     real = trainable_counts(model, heads)["adapter"]
     skeleton = build_skeleton(ModelSpec(name=arch, head=ARCHS[arch]))
     assert make_method(CONTRACT[name].spec, total_steps=STEPS).trainable_for(skeleton, plan, heads) == real
-    if (method.size_parameter == "rank" or name.startswith("peft:")) and CONTRACT[name].plan_exact:
+    if method.counted_per_site and CONTRACT[name].plan_exact:
         assert sum(method.site_params(p.site, p.rank) for p in plan.sites) == real
 
 

@@ -122,6 +122,11 @@ class Method(ABC):
         that must divide the input widths); None: 1, 2, 3, ..."""
         return None
 
+    @property
+    def counted_per_site(self) -> bool:
+        """Its trainable parameters are the sum of `site_params` over the plan (`cost.plan_params`)."""
+        return self.size_parameter == "rank"
+
     def site_params(self, site: Site, rank: int) -> int:
         """Trainable parameters the method adds at one planned site of rank `rank` (a rank method's plan count;
         LoRA's A is r x in, B is out x r)."""

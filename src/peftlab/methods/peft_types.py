@@ -19,7 +19,7 @@ from typing import Any
 
 import peft
 import torch
-from peft import PeftModel, get_peft_model
+from peft import get_peft_model
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -87,6 +87,10 @@ class PeftTypeMethod(Method):
     @property
     def mergeable(self) -> bool:  # type: ignore[override]
         return True  # every type in TYPES folds into the base weights
+
+    @property
+    def counted_per_site(self) -> bool:  # type: ignore[override]
+        return True  # whatever sets its size, each type's count is per wrapped module
 
     @property
     def size(self) -> int | None:
@@ -194,5 +198,4 @@ class PeftTypeMethod(Method):
 
     def save(self, model: nn.Module, directory: Path) -> None:
         """PEFT format: loads with PeftModel.from_pretrained on the base model."""
-        assert isinstance(model, PeftModel)
         model.save_pretrained(directory)

@@ -113,10 +113,10 @@ def check_output_dir(output_dir: Path) -> None:
 def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     """Build, train, evaluate and measure `run`; write its outputs to `output_dir` (nothing there if it
     raises) and return its result."""
+    check_output_dir(output_dir)  # in every process: they all stop, or none
     if not distributed.is_main():  # it trains and evaluates beside the main process, which writes the outputs
         with tempfile.TemporaryDirectory(prefix="peftlab-process-") as scratch:
             return _execute(run, Path(scratch) / "run.partial")
-    check_output_dir(output_dir)
     partial_dir = output_dir.with_name(output_dir.name + ".partial")
     if not _resumable(run, partial_dir):
         shutil.rmtree(partial_dir, ignore_errors=True)
@@ -219,7 +219,7 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
             "adapter_params": counts["adapter"],
             "head_params": counts["head"],
             "plan_params": (sum(method.site_params(p.site, p.rank) for p in run.plan.sites)
-                            if method.size_parameter == "rank" else None),
+                            if method.counted_per_site else None),
             "base_params": base_params,
             "total_params": total,
             "trainable_share": trainable / total,
