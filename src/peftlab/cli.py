@@ -236,6 +236,16 @@ def _print_result(result: RunResult, output: Path) -> None:
     flops = result.method.get("flops")
     if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included
         table.add_row("frozen FLOPs executed (% of dense)", f"{100 * flops['executed_share']:.1f}%")
+    calibration = result.method.get("calibration")
+    if calibration:  # sparsity: auto(...)
+        budget = f"sparsity auto, {calibration['loss_budget']:.1%} loss budget"
+        if calibration["dense"]:
+            table.add_row(budget, "every block dense (LoRA)")
+        else:
+            sparse = sum(level > 0 for level in calibration["levels"].values())
+            table.add_row(budget, f"{sparse} of {len(calibration['levels'])} blocks sparse; loss +"
+                                  f"{calibration['predicted_increase']:.2%} predicted, "
+                                  f"{calibration['measured_increase']:+.2%} measured")
     table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
     if cost.get("peak_memory_process_bytes"):

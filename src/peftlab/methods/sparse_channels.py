@@ -188,6 +188,8 @@ class Block:
         self.selected = self.select(rows) if len(rows) else {}
 
     def kept(self, projection: SparseProjection, x: torch.Tensor) -> torch.Tensor | None:
+        if self.sparsity <= 0:  # dense (a calibrated allocation or its profile turned this block off)
+            return None
         if self.generation != self.state.generation:
             if projection.mode != "out":
                 return None  # no selection this pass (an unusual call order): stay dense
@@ -213,7 +215,7 @@ class SplitFfn(nn.Module):
         block = self.sparse_block[0]
         state = block.state
         flat = x.reshape(-1, x.shape[-1])
-        if not self.training or not state.active or state.rows != len(flat):
+        if not self.training or not state.active or state.rows != len(flat) or block.sparsity <= 0:
             return super().forward(x, *args, **kwargs)  # dense, or the per-projection path
         block.choose(flat)
         if not block.selected:  # no sparse token to select from: the whole batch is dense

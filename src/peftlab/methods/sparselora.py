@@ -22,7 +22,7 @@ from torch import nn
 from transformers.activations import ACT2FN
 
 from peftlab.errors import PeftlabError
-from peftlab.files import save_tensors_atomic, tensor_bytes
+from peftlab.files import save_tensors_atomic, tensor_bytes, write_atomic
 from peftlab.methods.fused_slices import SliceLoRA
 from peftlab.methods.lora import LoraMethod
 from peftlab.methods.low_rank import LowRankLinear
@@ -31,12 +31,14 @@ from peftlab.methods.sparse_channels import (
     Block,
     FfnBlock,
     Flops,
+    NarrowLoraLinear,
     SparseProjection,
     SparseState,
     low_rank_factors,
     narrow_lora,
     split_ffn,
 )
+from peftlab.methods.sparsity_profile import SparsityProfile, block_name, choose_levels, measure_profile
 from peftlab.methods.specs import SparseLoraSpec
 from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.roles import Role
@@ -45,6 +47,7 @@ from peftlab.plans.plan import Plan
 from peftlab.tasks.prepare import IGNORE
 
 ESTIMATOR_VERSION = 1
+PROFILE_VERSION = 1
 
 
 def layer_sparsity(spec: SparseLoraSpec, n_layers: int) -> dict[str, list[float]]:
@@ -109,6 +112,7 @@ class SparseLoraMethod(LoraMethod):
         self.estimator: dict[str, Any] = {}
         self.head_reads_first = True
         self.dense_qk: list[int] = []  # layers whose q and k stay dense
+        self.calibration: dict[str, Any] | None = None  # sparsity: auto(...): the profile's allocation
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         resolved = resolve_sites(model)  # before LoRA wraps the modules
@@ -122,7 +126,12 @@ class SparseLoraMethod(LoraMethod):
         if next(model.parameters()).device.type == "meta":  # parameter counting: sparsity adds none
             return model
         base = unwrap(model)
-        self.sparsity = layer_sparsity(self.spec, max(s.layer for s in sites) + 1)
+        self.base = [base]  # a list: not a submodule of anything
+        n_layers = max(s.layer for s in sites) + 1
+        auto = self.spec.sparsity
+        # calibrated: every block is wrapped (the profile measures each), dense until `initialize` chooses
+        self.sparsity = ({block: [max(auto.levels)] * n_layers for block in ("ffn", "attention")} if auto
+                         else layer_sparsity(self.spec, n_layers))
         by_layer: dict[int, dict[Role, Site]] = {}
         for site in sites:
             by_layer.setdefault(site.layer, {})[site.role] = site
@@ -136,8 +145,72 @@ class SparseLoraMethod(LoraMethod):
         for layer, roles in sorted(by_layer.items()):
             self._wrap_ffn(base, layer, roles, factors)
             self._wrap_attention(base, layer, roles, factors)
+        if auto:
+            for block in self.blocks:
+                block.sparsity = 0.0
         self.state.active = self.dense_steps == 0
         return model
+
+    def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+        """sparsity: auto(...): profile every block on training batches (cached), choose the levels within the
+        loss budget, run the other blocks dense, and measure the whole allocation's loss increase."""
+        auto = self.spec.sparsity
+        if auto is None or not self.blocks:
+            return
+        step = max(1, (len(batches) - 1) / max(1, auto.batches - 1)) if len(batches) > auto.batches else 1
+        chosen = [batches[round(i * step)] for i in range(min(auto.batches, len(batches)))]
+        kind = "classification" if chosen[0]["labels"].dim() == 1 else "instruction"
+        profile = self.profile(model, chosen, kind) if auto.loss_budget > 0 else None  # 0: dense, nothing to measure
+        allocation = choose_levels(profile, auto.loss_budget)
+        n_layers = len(self.sparsity["ffn"])
+        self.sparsity = {block: [0.0] * n_layers for block in ("ffn", "attention")}
+        for block in list(self.blocks):
+            level = allocation.levels.get(f"{block.layer}.{block_name(block)}", 0.0)
+            block.sparsity = level
+            self.sparsity[block_name(block)][block.layer] = level
+            if level <= 0:
+                self._make_dense(block)
+        if self.blocks:  # the allocation as a whole, on the same batches: is the predicted increase additive?
+            measured = measure_profile(model, [], chosen, kind, [], self.prepare_batch, self.state)
+            allocation.measured_increase = measured.base_loss / profile.base_loss - 1
+        self.calibration = {"loss_budget": auto.loss_budget, "levels": allocation.levels, "dense": allocation.dense,
+                            "reason": allocation.reason, "predicted_increase": allocation.predicted_increase,
+                            "measured_increase": allocation.measured_increase, "predicted_saving": allocation.saving,
+                            "profile_seconds": profile.seconds if profile else 0.0,
+                            "profile_cached": profile.cached if profile else False}
+
+    def profile(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], kind: str) -> SparsityProfile:
+        """Every block's profile on `batches`, from the disk cache when a run of this model and data made it."""
+        levels = self.spec.sparsity.levels
+        digest = hashlib.blake2b(digest_size=16)
+        digest.update(json.dumps({"estimator": self.estimator.get("file"), "levels": levels, "kind": kind,
+                                  "sparse_outputs": self.spec.sparse_outputs, "version": PROFILE_VERSION}).encode())
+        for batch in batches:
+            for name in ("input_ids", "attention_mask", "labels"):
+                digest.update(tensor_bytes(batch[name]))
+        file = cache_dir() / "sparsity" / f"{digest.hexdigest()}.json"
+        if file.is_file():
+            profile = SparsityProfile.from_dict(json.loads(file.read_text()))
+            profile.cached = True
+            return profile
+        profile = measure_profile(model, self.blocks, batches, kind, levels, self.prepare_batch, self.state)
+        write_atomic(file, json.dumps(profile.to_dict()))
+        return profile
+
+    def _make_dense(self, block: Block) -> None:
+        """Put the frozen projections of a block left dense back in place: it runs as LoRA does."""
+        for projection in [getattr(block, name, None) for name in ("up", "gate", "down", "q", "k", "v", "o", "qkv")]:
+            if projection is not None:
+                holder, attr = projection.holder[0]
+                setattr(holder, attr, projection.base_layer)
+        for module in self.base[0].modules():
+            if getattr(module, "sparse_block", [None])[0] is block:
+                if isinstance(module, NarrowLoraLinear):
+                    module.__class__ = LowRankLinear
+                else:  # a split FFN: its own class again
+                    module.__class__ = type(module).__bases__[1]
+                del module.sparse_block
+        self.blocks.remove(block)
 
     def _level(self, site: Site) -> float:
         block = "attention" if site.role.value.startswith("attn") else "ffn"
@@ -146,6 +219,7 @@ class SparseLoraMethod(LoraMethod):
     def _project(self, base: nn.Module, site: Site, mode: str, block: Block, factors: dict) -> SparseProjection:
         holder, attr = _holder(base, site.path)
         projection = SparseProjection(getattr(holder, attr), mode, block, factors.get(site.path, []))
+        projection.holder = [(holder, attr)]  # a list: the holder is not a submodule of the projection
         setattr(holder, attr, projection)
         return projection
 
@@ -251,6 +325,7 @@ class SparseLoraMethod(LoraMethod):
         share = (total.executed + total.estimator) / total.dense if total.dense else 1.0
         return {
             "sparsity": self.sparsity,
+            "calibration": self.calibration,
             "sparse_blocks": len(self.blocks),
             "dense_qk_layers": self.dense_qk,
             "dense_steps": self.dense_steps,

@@ -70,6 +70,42 @@ class LayerSparsity(MethodSpecBase):
     attention: float | None = Field(None, ge=0, lt=1)
 
 
+class AutoSparsity(MethodSpecBase):
+    """Sparsity per layer and block chosen from a measured profile: the largest FLOP saving whose predicted
+    increase of the training loss stays within `loss_budget` (see `methods/sparsity_profile.py`)."""
+
+    kind: Literal["auto"] = "auto"
+    loss_budget: float = Field(0.01, ge=0, lt=1)
+    """Allowed increase of the training loss at the start of training, relative (0.01: 1%)."""
+    levels: tuple[float, ...] = (0.25, 0.5, 0.75, 0.9)
+    """Sparsities each block is measured at (and may be given)."""
+    batches: int = Field(4, ge=1, le=16)
+    """Training batches the profile measures on."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, data: Any) -> Any:
+        """`auto`, `auto(0.02)` or `auto(loss_budget=0.02, batches=2)`."""
+        if not isinstance(data, str):
+            return data
+        text = data.strip()
+        if text == "auto":
+            return {}
+        if not (text.startswith("auto(") and text.endswith(")")):
+            raise ValueError(f"{data!r}: write auto, auto(0.01) or auto(loss_budget=0.01, batches=4)")
+        out: dict[str, Any] = {}
+        for i, part in enumerate(p.strip() for p in text[5:-1].split(",") if p.strip()):
+            key, _, value = part.rpartition("=")
+            out[key.strip() or ("loss_budget" if i == 0 else "?")] = value.strip()
+        return out
+
+    @model_validator(mode="after")
+    def _levels_in_order(self) -> AutoSparsity:
+        if not self.levels or any(not 0 < v < 1 for v in self.levels) or list(self.levels) != sorted(set(self.levels)):
+            raise ValueError(f"levels {list(self.levels)}: increasing values between 0 and 1")
+        return self
+
+
 class SparseLoraSpec(LoraSpec):
     name: Literal["sparselora"] = "sparselora"
     ffn_sparsity: float = Field(0.9, ge=0, lt=1)
@@ -87,11 +123,17 @@ class SparseLoraSpec(LoraSpec):
     """Share of the optimizer steps at the start that run dense."""
     sparse_outputs: bool = False
     """Run every token sparse, the ones the loss reads (output tokens; the classifier's token) too."""
+    sparsity: AutoSparsity | None = None
+    """`auto(loss_budget=0.01)`: calibrate every layer's FFN and attention sparsity on the run's own training
+    batches instead of `profile`, `ffn_sparsity`, `attention_sparsity` and `layers`."""
 
     @model_validator(mode="after")
     def _lora_only(self) -> SparseLoraSpec:
         if self.use_dora:
             raise ValueError("use_dora is not available with sparselora (DoRA rescales the base output)")
+        fixed = sorted({"profile", "ffn_sparsity", "attention_sparsity", "layers"} & self.model_fields_set)
+        if self.sparsity is not None and fixed:
+            raise ValueError(f"sparsity auto(...) chooses every level itself; drop {', '.join(fixed)}")
         return self
 
 

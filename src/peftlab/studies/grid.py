@@ -115,7 +115,7 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
 # settings added later at their default (every run before them had it): left out of run ids, so that adding them
 # to a study, or resuming a study created before they existed, reruns nothing.
 UNLEARNED = {"checkpoint_every", "gradient_checkpointing"}
-ADDED_DEFAULTS = {("train", "device"): "auto", ("method", "init"): "default"}
+ADDED_DEFAULTS = {("train", "device"): "auto", ("method", "init"): "default", ("method", "sparsity"): None}
 
 
 def learned_config(config: dict[str, Any]) -> dict[str, Any]:

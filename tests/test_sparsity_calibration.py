@@ -1,0 +1,169 @@
+"""SparseLoRA's calibrated sparsity (`sparsity: auto(loss_budget=...)`): the profile, the knapsack, the dense
+fallback, and whether predicted loss increases add up."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import make_plan
+
+from peftlab.config import validate
+from peftlab.errors import PeftlabError
+from peftlab.methods.registry import make_method
+from peftlab.methods.sparse_channels import SparseProjection
+from peftlab.methods.sparsity_profile import BlockProfile, SparsityProfile, choose_levels, measure_profile
+from peftlab.methods.specs import SparseLoraSpec
+from peftlab.models.load import head_modules, load_model
+from peftlab.specs import ModelSpec, RunConfig
+from peftlab.studies.grid import learned_config
+
+KINDS = {"tiny-llama": ("causal-lm", "instruction"), "tiny-bert": ("sequence-classification", "classification")}
+
+
+def batches(arch, count=2):
+    kind = KINDS[arch][1]
+    g = torch.Generator().manual_seed(0)
+    out = []
+    for _ in range(count):
+        ids = torch.randint(200, 2000, (4, 24), generator=g)
+        labels = ids.clone() if kind == "instruction" else torch.arange(4) % 2
+        if kind == "instruction":
+            labels[:, :12] = -100  # a prompt: context tokens, which run sparse
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return out
+
+
+def applied(arch, auto, before=None):
+    torch.manual_seed(0)
+    model = load_model(ModelSpec(name=arch, head=KINDS[arch][0]), seed=0)
+    if before is not None:
+        before(model)
+    method = make_method(SparseLoraSpec(sparsity=auto), total_steps=10)
+    model = method.apply(model, make_plan(arch, placement="all", allocation=4), head_modules(model))
+    return method, model
+
+
+def profile_of(method, model, arch, levels):
+    return measure_profile(model, method.blocks, batches(arch), KINDS[arch][1], levels, method.prepare_batch,
+                           method.state)
+
+
+@pytest.mark.parametrize("arch, path, block", [("tiny-llama", "model.layers.1.self_attn.o_proj", "attention"),
+                                               ("tiny-llama", "model.layers.2.mlp.down_proj", "ffn"),
+                                               ("tiny-bert", "bert.encoder.layer.0.output.dense", "ffn")])
+def test_a_block_whose_output_projection_is_zero_has_a_flat_profile(arch, path, block):
+    def zero(model):
+        with torch.no_grad():
+            model.get_submodule(path).weight.zero_()
+
+    layer = int(path.split(".")[3 if arch == "tiny-bert" else 2])
+    method, model = applied(arch, "auto", zero)
+    profile = profile_of(method, model, arch, [0.25, 0.5, 0.9])
+    flat = next(b for b in profile.blocks if (b.layer, b.block) == (layer, block))
+    assert flat.increase == [0.0, 0.0, 0.0] and flat.output_error == [0.0, 0.0, 0.0]
+    assert all(s > 0 for s in flat.saving)  # it still saves FLOPs: the cheapest block to sparsify
+    others = [b for b in profile.blocks if b is not flat]
+    assert any(abs(x) > 1e-6 for b in others for x in b.increase)  # the measure does see the other blocks
+
+
+def test_a_budget_of_zero_runs_dense_lora():
+    method, model = applied("tiny-llama", "auto(0)")
+    method.initialize(model, batches("tiny-llama"))
+    report = method.report(model)["calibration"]
+    assert report["dense"] and "allows no sparsity" in report["reason"] and report["profile_seconds"] == 0.0
+    assert not method.blocks and not any(isinstance(m, SparseProjection) for m in model.modules())
+    assert method.report(model)["sparsity"] == {"ffn": [0.0] * 4, "attention": [0.0] * 4}
+
+
+def hand_profile():
+    """Three blocks, levels 0.5 and 0.9: increases and net savings chosen so that greedy choices go wrong."""
+    return SparsityProfile(levels=[0.5, 0.9], base_loss=2.0, examples=8, blocks=[
+        BlockProfile(0, "ffn", increase=[0.004, 0.009], output_error=[0, 0], saving=[0.20, 0.30]),
+        BlockProfile(0, "attention", increase=[0.002, 0.003], output_error=[0, 0], saving=[0.05, 0.15]),
+        BlockProfile(1, "ffn", increase=[0.001, -0.006], output_error=[0, 0], saving=[0.10, -0.01]),
+    ])
+
+
+def brute_force(profile, budget):
+    """The best net saving over every combination of one level (or dense) per block, increases taken as the
+    knapsack takes them (the largest change either way at that level or below)."""
+    best = 0.0
+    per_block = []
+    for b in profile.blocks:
+        worst, options = 0.0, [(0.0, 0.0)]
+        for increase, saving in zip(b.increase, b.saving):
+            worst = max(worst, abs(increase))
+            if saving > 0:
+                options.append((worst, saving))
+        per_block.append(options)
+    for combination in itertools.product(*per_block):
+        if sum(c[0] for c in combination) <= budget + 1e-12:
+            best = max(best, sum(c[1] for c in combination))
+    return best
+
+
+@pytest.mark.parametrize("budget", [0.001, 0.003, 0.005, 0.006, 0.01, 0.012, 0.02])
+def test_the_knapsack_picks_the_largest_saving_within_the_budget(budget):
+    profile = hand_profile()
+    allocation = choose_levels(profile, budget)
+    assert allocation.saving == pytest.approx(brute_force(profile, budget))
+    assert allocation.predicted_increase <= budget + 1e-12
+    assert allocation.levels["1.ffn"] in (0.0, 0.5)  # 0.9 saves nothing net of the estimator; its noise is not free
+
+
+def test_the_knapsack_on_a_budget_that_fits_one_block():
+    # ffn 0 at 0.5 alone saves 0.20 for the whole budget; attention 0 at 0.9 and ffn 1 at 0.5 save 0.25 for it
+    allocation = choose_levels(hand_profile(), 0.004)
+    assert allocation.levels == {"0.ffn": 0.0, "0.attention": 0.9, "1.ffn": 0.5}
+    assert allocation.saving == pytest.approx(0.25) and allocation.predicted_increase == pytest.approx(0.004)
+
+
+def test_nothing_that_saves_within_the_budget_means_dense():
+    profile = hand_profile()
+    for b in profile.blocks:
+        b.saving = [-0.01, -0.02]  # the estimator costs more than any level saves
+    allocation = choose_levels(profile, 0.5)
+    assert allocation.dense and set(allocation.levels.values()) == {0.0} and "every block runs dense" in allocation.reason
+
+
+@pytest.mark.parametrize("level", [0.1, 0.25])
+def test_predicted_increases_add_up_to_the_measured_one(level):
+    method, model = applied("tiny-llama", "auto")
+    profile = profile_of(method, model, "tiny-llama", [level])
+    predicted = sum(b.increase[0] for b in profile.blocks)
+    for block in method.blocks:
+        block.sparsity = level
+    joint = measure_profile(model, [], batches("tiny-llama"), "instruction", [], method.prepare_batch, method.state)
+    measured = joint.base_loss / profile.base_loss - 1
+    assert abs(measured) > 1e-5  # large enough to compare
+    assert measured == pytest.approx(predicted, abs=0.3 * sum(abs(b.increase[0]) for b in profile.blocks) + 1e-6)
+
+
+def test_a_run_records_its_allocation_and_a_second_run_reads_the_profile_from_the_cache(private_cache):
+    first, model = applied("tiny-llama", "auto(loss_budget=0.05, batches=2)")
+    first.initialize(model, batches("tiny-llama", 4))
+    report = first.report(model)
+    calibration = report["calibration"]
+    assert not calibration["dense"] and not calibration["profile_cached"]
+    assert calibration["predicted_increase"] <= 0.05 and calibration["measured_increase"] is not None
+    chosen = {k: v for k, v in calibration["levels"].items() if v > 0}
+    assert len(first.blocks) == len(chosen)  # blocks left dense are unwrapped
+    assert report["sparsity"]["ffn"] == [calibration["levels"][f"{i}.ffn"] for i in range(4)]
+    second, model = applied("tiny-llama", "auto(loss_budget=0.05, batches=2)")
+    second.initialize(model, batches("tiny-llama", 4))
+    again = second.report(model)["calibration"]
+    assert again["profile_cached"] and again["levels"] == calibration["levels"]
+
+
+def test_the_spec_reads_auto_and_refuses_fixed_levels_beside_it():
+    assert SparseLoraSpec(sparsity="auto(0.02)").sparsity.loss_budget == 0.02
+    assert SparseLoraSpec(sparsity="auto(loss_budget=0.05, batches=2)").sparsity.batches == 2
+    base = {"model": "tiny-llama", "task": {"path": "d.jsonl", "kind": "instruction"}}
+    with pytest.raises(PeftlabError, match="chooses every level itself; drop ffn_sparsity"):
+        validate(RunConfig, {**base, "method": {"name": "sparselora", "sparsity": "auto", "ffn_sparsity": 0.5}}, "t")
+    with pytest.raises(PeftlabError, match="method.sparsity"):
+        validate(RunConfig, {**base, "method": {"name": "sparselora", "sparsity": "sometimes"}}, "t")
+    with pytest.raises(PeftlabError, match="levels"):
+        validate(RunConfig, {**base, "method": {"name": "sparselora", "sparsity": {"levels": [0.9, 0.5]}}}, "t")
+    plain = validate(RunConfig, {**base, "method": "sparselora"}, "t").model_dump(mode="json", by_alias=True)
+    assert "sparsity" not in learned_config(plain)["method"]  # existing SparseLoRA runs keep their ids
