@@ -2,6 +2,7 @@
 fallback, and whether predicted loss increases add up."""
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -11,7 +12,12 @@ from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.registry import make_method
 from peftlab.methods.sparse_channels import SparseProjection
-from peftlab.methods.sparsity_profile import BlockProfile, SparsityProfile, choose_levels, measure_profile
+from peftlab.methods.sparsity_profile import (
+    BlockProfile,
+    SparsityProfile,
+    choose_levels,
+    measure_profile,
+)
 from peftlab.methods.specs import SparseLoraSpec
 from peftlab.models.load import head_modules, load_model
 from peftlab.specs import ModelSpec, RunConfig
@@ -167,3 +173,30 @@ def test_the_spec_reads_auto_and_refuses_fixed_levels_beside_it():
         validate(RunConfig, {**base, "method": {"name": "sparselora", "sparsity": {"levels": [0.9, 0.5]}}}, "t")
     plain = validate(RunConfig, {**base, "method": "sparselora"}, "t").model_dump(mode="json", by_alias=True)
     assert "sparsity" not in learned_config(plain)["method"]  # existing SparseLoRA runs keep their ids
+
+
+def test_the_sparsity_command_writes_the_profile_that_a_run_then_reads(tmp_path, cli, private_cache):
+    data = tmp_path / "d.jsonl"
+    words = ["red", "blue", "green", "black", "white", "gray"]
+    data.write_text("".join(json.dumps({"instruction": f"say {w} twice", "output": f"{w} {w}"}) + "\n"
+                            for w in words * 6))
+    code, out, err = cli("sparsity", "--model", "tiny-llama", "--data", data, "--kind", "instruction",
+                         "--levels", "0.5,0.9", "--batches", "2", "--batch-size", "4", "--output", tmp_path / "profile")
+    assert code == 0, err
+    record = json.loads((tmp_path / "profile" / "sparsity.json").read_text())
+    assert record["levels"] == [0.5, 0.9] and len(record["blocks"]) == 8  # 4 layers x (ffn, attention)
+    assert set(record["allocations"]) == {"0.005", "0.01", "0.02", "0.05"}
+    rows = (tmp_path / "profile" / "sparsity.csv").read_text().splitlines()
+    assert rows[0] == "layer,block,level,loss_increase,output_error,flops_saved" and len(rows) == 1 + 8 * 2
+    assert (tmp_path / "profile" / "sparsity.png").is_file() and "allocations" in out
+    config = tmp_path / "run.yaml"
+    config.write_text(f"model: tiny-llama\ntask: {{path: {data}, kind: instruction}}\n"
+                      "method: {name: sparselora, sparsity: {loss_budget: 0.02, levels: [0.5, 0.9], batches: 2}}\n"
+                      "train: {max_steps: 2, batch_size: 4, latency_batches: 0}\n")
+    code, out, err = cli("run", "-c", config, "--output", tmp_path / "run")
+    assert code == 0, err
+    calibration = json.loads((tmp_path / "run" / "result.json").read_text())["method"]["calibration"]
+    assert calibration["profile_cached"]
+    assert calibration["levels"] == record["allocations"]["0.02"]["levels"]
+    code, _, err = cli("sparsity", "--model", "tiny-llama", "--levels", "half", "--output", tmp_path / "x")
+    assert code == 2 and "--levels 'half'" in err

@@ -281,6 +281,71 @@ def _probe_config(config, model, task, data, kind, placement, layers, batch_size
 
 
 @app.command()
+def sparsity(
+    config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan and train.")] = None,
+    model: ModelOption = None,
+    task: TaskOption = None,
+    data: DataOption = None,
+    kind: KindOption = None,
+    placement: Annotated[Optional[str], typer.Option(help="Sites the run adapts: all | attention | ffn | roles such as q,v")] = None,
+    levels: Annotated[str, typer.Option(help="Comma-separated sparsities each block is measured at.")] = "0.25,0.5,0.75,0.9",
+    batches: Annotated[int, typer.Option(help="Training batches measured on.")] = 4,
+    batch_size: Annotated[Optional[int], typer.Option(help="Examples per batch.")] = None,
+    max_length: Annotated[Optional[int], typer.Option(help="Tokens per example.")] = None,
+    output: Annotated[Path, typer.Option(help="Folder for sparsity.json/.csv and sparsity.png.")] = Path("sparsity"),
+) -> None:
+    """SparseLoRA's sensitivity: each layer's FFN and attention alone at each sparsity, the training loss increase
+    and FLOPs saved; then the allocation `sparsity: auto(loss_budget=...)` picks for a few budgets."""
+    from peftlab.analysis.figures import sparsity_heatmap
+    from peftlab.importance.sparsity import sparsity_profile, write_profile
+
+    try:
+        measured = [float(v) for v in levels.split(",") if v.strip()]
+    except ValueError:
+        raise PeftlabError(f"--levels {levels!r}: comma-separated numbers between 0 and 1, e.g. 0.25,0.5,0.9") from None
+    from peftlab.specs import RunConfig
+
+    spec = _probe_config(config, model, task, data, kind, placement, None, batch_size, max_length, None)
+    dumped = spec.model_dump(mode="json", by_alias=True)
+    fixed = ("profile", "ffn_sparsity", "attention_sparsity", "layers")  # what auto chooses itself
+    method = {k: v for k, v in dumped["method"].items() if k not in fixed} if dumped["method"]["name"] == "sparselora" \
+        else {"name": "sparselora"}
+    method["sparsity"] = {**(method.get("sparsity") or {}), "levels": measured, "batches": batches}
+    spec = validate(RunConfig, {**dumped, "method": method}, "command line")
+    check_output(output, "--output", directory=True)
+    profile, allocations = sparsity_profile(spec)
+    paths = write_profile(profile, allocations, spec.model.name, output)
+    figure = sparsity_heatmap(profile, spec.model.name, output)
+    _print_sparsity(profile, allocations)
+    _console().print(f"wrote {', '.join(map(str, paths))} and {figure}", highlight=False)
+
+
+def _print_sparsity(profile, allocations) -> None:
+    table = Table(title=f"training loss increase, one block sparse at a time (base loss {profile.base_loss:.4f}, "
+                        f"{profile.examples} examples{', cached' if profile.cached else ''})")
+    table.add_column("layer")
+    for block in ("ffn", "attention"):
+        for level in profile.levels:
+            table.add_column(f"{block} {level:g}", justify="right")
+    rows: dict[int, dict[str, list[float]]] = {}
+    for b in profile.blocks:
+        rows.setdefault(b.layer, {})[b.block] = b.increase
+    for layer, blocks in sorted(rows.items()):
+        cells = [f"{100 * v:+.2f}%" if block in blocks else "" for block in ("ffn", "attention")
+                 for v in blocks.get(block, [0.0] * len(profile.levels))]
+        table.add_row(str(layer), *cells)
+    _console().print(table)
+    curve = Table(title="allocations: the largest FLOP saving within each loss budget (predicted from the profile)")
+    for column in ("loss budget", "sparse blocks", "predicted loss increase", "frozen FLOPs saved"):
+        curve.add_column(column, justify="right")
+    for budget, allocation in allocations.items():
+        sparse = sum(level > 0 for level in allocation.levels.values())
+        curve.add_row(f"{budget:.1%}", f"{sparse} of {len(allocation.levels)}", f"{allocation.predicted_increase:.2%}",
+                      "dense (LoRA)" if allocation.dense else f"{allocation.saving:.1%}")
+    _console().print(curve)
+
+
+@app.command()
 def importance(
     config: Annotated[Optional[Path], typer.Option("--config", "-c", help="YAML with model, task, plan (placement) and train.")] = None,
     model: ModelOption = None,

@@ -137,6 +137,27 @@ def make_figures(analysis: Analysis, study_dir: Path, folder: Path) -> dict[str,
     }
 
 
+def sparsity_heatmap(profile, model: str, folder: Path) -> Path:
+    """Loss increase (%) per layer (rows) and block at each level (columns), from a sparsity profile."""
+    n_layers = max(b.layer for b in profile.blocks) + 1
+    columns = [(block, level) for block in ("ffn", "attention") for level in profile.levels]
+    grid = np.full((n_layers, len(columns)), np.nan)  # blank: a block SparseLoRA does not sparsify
+    for b in profile.blocks:
+        for level, increase in zip(profile.levels, b.increase):
+            grid[b.layer, columns.index((b.block, level))] = 100 * increase
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(0.55 * len(columns) + 2.2, 0.3 * n_layers + 1.6))
+        top = max(np.nanmax(np.abs(grid)), 1e-9)
+        image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-top, vmax=top, origin="lower")
+        ax.set_xticks(range(len(columns)), [f"{'ffn' if block == 'ffn' else 'attn'} {level:g}" for block, level in columns], fontsize=7,
+                      rotation=60, ha="right")
+        ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
+        ax.set_ylabel("layer", fontsize=7)
+        fig.colorbar(image, ax=ax, label="training loss increase (%)", shrink=0.8)
+        ax.set_title(f"SparseLoRA sensitivity: {model}, one block sparse at a time", fontsize=9)
+        return _save(fig, folder, "sparsity")
+
+
 def importance_heatmaps(records: list[dict], folder: Path) -> Path:
     """Per-site importance (layer x role), one panel per measure, each scaled to its own maximum."""
     roles = [r for r in ROLE_ORDER if any(s["role"] == r for rec in records for s in rec["sites"])]

@@ -38,7 +38,12 @@ from peftlab.methods.sparse_channels import (
     narrow_lora,
     split_ffn,
 )
-from peftlab.methods.sparsity_profile import SparsityProfile, block_name, choose_levels, measure_profile
+from peftlab.methods.sparsity_profile import (
+    SparsityProfile,
+    block_name,
+    choose_levels,
+    measure_profile,
+)
 from peftlab.methods.specs import SparseLoraSpec
 from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.roles import Role
@@ -157,8 +162,7 @@ class SparseLoraMethod(LoraMethod):
         auto = self.spec.sparsity
         if auto is None or not self.blocks:
             return
-        step = max(1, (len(batches) - 1) / max(1, auto.batches - 1)) if len(batches) > auto.batches else 1
-        chosen = [batches[round(i * step)] for i in range(min(auto.batches, len(batches)))]
+        chosen = self.profile_batches(batches)
         kind = "classification" if chosen[0]["labels"].dim() == 1 else "instruction"
         profile = self.profile(model, chosen, kind) if auto.loss_budget > 0 else None  # 0: dense, nothing to measure
         allocation = choose_levels(profile, auto.loss_budget)
@@ -179,11 +183,20 @@ class SparseLoraMethod(LoraMethod):
                             "profile_seconds": profile.seconds if profile else 0.0,
                             "profile_cached": profile.cached if profile else False}
 
+    def profile_batches(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """`sparsity.batches` of the initial batches (sorted by length), spread evenly over the lengths."""
+        count = self.spec.sparsity.batches
+        if len(batches) <= count:
+            return list(batches)
+        step = (len(batches) - 1) / max(1, count - 1)
+        return [batches[round(i * step)] for i in range(count)]
+
     def profile(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], kind: str) -> SparsityProfile:
         """Every block's profile on `batches`, from the disk cache when a run of this model and data made it."""
         levels = self.spec.sparsity.levels
         digest = hashlib.blake2b(digest_size=16)
-        digest.update(json.dumps({"estimator": self.estimator.get("file"), "levels": levels, "kind": kind,
+        device = next(model.parameters()).device.type
+        digest.update(json.dumps({"estimator": self.estimator.get("file"), "levels": levels, "kind": kind, "device": device,
                                   "sparse_outputs": self.spec.sparse_outputs, "version": PROFILE_VERSION}).encode())
         for batch in batches:
             for name in ("input_ids", "attention_mask", "labels"):

@@ -26,7 +26,13 @@ import torch
 from torch import nn
 
 from peftlab.methods.base import backbone_hidden
-from peftlab.methods.sparse_channels import Block, Flops, NarrowLoraLinear, SparseProjection, SplitFfn
+from peftlab.methods.sparse_channels import (
+    Block,
+    Flops,
+    NarrowLoraLinear,
+    SparseProjection,
+    SplitFfn,
+)
 
 UNITS = 1000  # the loss budget in knapsack units
 

@@ -294,7 +294,7 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
                              autocast=accelerator.autocast, hidden_states=method.hidden_states)
     # methods that start from the data (EVA) see the first training examples, before any speed feature changes
     # the forward
-    start = _eval_batches(data.train[: INIT_BATCHES * spec.batch_size], spec.batch_size, pad_id)
+    start = initial_batches(data.train, spec.batch_size, pad_id)
     method.initialize(model, [{k: v.to(accelerator.device) for k, v in b.items()} for b in start])
 
     # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
@@ -343,6 +343,12 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
     method.save(model, partial_dir / "adapter")
     outcome.adapter_bytes = directory_bytes(partial_dir / "adapter")
     return outcome
+
+
+def initial_batches(train: list[dict[str, Any]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
+    """The batches `Method.initialize` reads: the first `INIT_BATCHES` batches' worth of training examples,
+    sorted by length."""
+    return _eval_batches(train[: INIT_BATCHES * size], size, pad_id)
 
 
 def _eval_batches(split: list[dict[str, Any]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
