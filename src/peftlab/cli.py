@@ -297,7 +297,7 @@ def sparsity(
     """SparseLoRA's sensitivity: each layer's FFN and attention alone at each sparsity, the training loss increase
     and FLOPs saved; then the allocation `sparsity: auto(loss_budget=...)` picks for a few budgets."""
     from peftlab.analysis.figures import sparsity_heatmap
-    from peftlab.importance.sparsity import sparsity_profile, write_profile
+    from peftlab.resolve.sparsity import sparsity_profile, write_profile
 
     try:
         measured = [float(v) for v in levels.split(",") if v.strip()]

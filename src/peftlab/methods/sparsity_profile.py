@@ -151,6 +151,9 @@ def _run(model: nn.Module, batches: list[dict[str, torch.Tensor]], kind: str, pr
         supervised = targets != IGNORE
         read = hidden[:, :-1][supervised]
         logits = unwrap(model).get_output_embeddings()(read).float()
+        cap = getattr(unwrap(model).config, "final_logit_softcapping", None)
+        if cap:  # as `train.loss.causal_lm_nll` computes the training loss (methods cannot import train)
+            logits = torch.tanh(logits / cap) * cap
         total += F.cross_entropy(logits, targets[supervised], reduction="sum").item()
         count += int(supervised.sum())
         outputs.append(read.float())
