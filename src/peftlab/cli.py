@@ -21,7 +21,7 @@ from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.files import check_output, write_atomic
-from peftlab.methods.specs import PEFT_TYPES, SPECS
+from peftlab.methods.specs import FIXED_SPARSITY, PEFT_TYPES, SPECS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
 from peftlab.records.store import check_study_dir
 from peftlab.specs import PlanConfig
@@ -307,8 +307,7 @@ def sparsity(
 
     spec = _probe_config(config, model, task, data, kind, placement, None, batch_size, max_length, None)
     dumped = spec.model_dump(mode="json", by_alias=True)
-    fixed = ("profile", "ffn_sparsity", "attention_sparsity", "layers")  # what auto chooses itself
-    method = {k: v for k, v in dumped["method"].items() if k not in fixed} if dumped["method"]["name"] == "sparselora" \
+    method = {k: v for k, v in dumped["method"].items() if k not in FIXED_SPARSITY} if dumped["method"]["name"] == "sparselora" \
         else {"name": "sparselora"}
     method["sparsity"] = {**(method.get("sparsity") or {}), "levels": measured, "batches": batches}
     spec = validate(RunConfig, {**dumped, "method": method}, "command line")

@@ -247,6 +247,12 @@ def split_ffn(module: nn.Module, block: FfnBlock) -> None:
     module.sparse_block = [block]
 
 
+def unsplit_ffn(module: nn.Module) -> None:
+    """Undo `split_ffn`: the module's own class again."""
+    module.__class__ = next(cls for cls, split in _SPLIT_CLASSES.items() if split is type(module))
+    del module.sparse_block
+
+
 class NarrowLoraLinear(LowRankLinear):
     """LoRA's B of a split FFN's up/gate (narrowed along its rows) or A of its down (along its columns):
     in the sparse group it reads or writes only the kept channels."""

@@ -37,6 +37,7 @@ from peftlab.methods.sparse_channels import (
     low_rank_factors,
     narrow_lora,
     split_ffn,
+    unsplit_ffn,
 )
 from peftlab.methods.sparsity_profile import (
     SparsityProfile,
@@ -220,9 +221,9 @@ class SparseLoraMethod(LoraMethod):
             if getattr(module, "sparse_block", [None])[0] is block:
                 if isinstance(module, NarrowLoraLinear):
                     module.__class__ = LowRankLinear
-                else:  # a split FFN: its own class again
-                    module.__class__ = type(module).__bases__[1]
-                del module.sparse_block
+                    del module.sparse_block
+                else:
+                    unsplit_ffn(module)
         self.blocks.remove(block)
 
     def _level(self, site: Site) -> float:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -77,7 +77,6 @@ class Allocation:
     dense: bool  # nothing within the budget saves FLOPs: every block dense
     reason: str = ""
     measured_increase: float | None = None  # the whole allocation's, measured on the profile batches
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def block_name(block: Block) -> str:

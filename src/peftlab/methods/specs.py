@@ -106,6 +106,10 @@ class AutoSparsity(MethodSpecBase):
         return self
 
 
+FIXED_SPARSITY = ("profile", "ffn_sparsity", "attention_sparsity", "layers")
+"""SparseLoRA's fields that set sparsity by hand; `sparsity: auto(...)` chooses instead of them."""
+
+
 class SparseLoraSpec(LoraSpec):
     name: Literal["sparselora"] = "sparselora"
     ffn_sparsity: float = Field(0.9, ge=0, lt=1)
@@ -131,7 +135,7 @@ class SparseLoraSpec(LoraSpec):
     def _lora_only(self) -> SparseLoraSpec:
         if self.use_dora:
             raise ValueError("use_dora is not available with sparselora (DoRA rescales the base output)")
-        fixed = sorted({"profile", "ffn_sparsity", "attention_sparsity", "layers"} & self.model_fields_set)
+        fixed = sorted(set(FIXED_SPARSITY) & self.model_fields_set)
         if self.sparsity is not None and fixed:
             raise ValueError(f"sparsity auto(...) chooses every level itself; drop {', '.join(fixed)}")
         return self
