@@ -20,10 +20,13 @@ from peftlab.methods.sparsity_profile import (
 )
 from peftlab.methods.specs import SparseLoraSpec
 from peftlab.models.load import head_modules, load_model
+from peftlab.models.sites import layer_blocks
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.studies.grid import learned_config
 
-KINDS = {"tiny-llama": ("causal-lm", "instruction"), "tiny-bert": ("sequence-classification", "classification")}
+KINDS = {"tiny-llama": ("causal-lm", "instruction"), "tiny-gpt2": ("causal-lm", "instruction"),
+         "tiny-bert": ("sequence-classification", "classification"),
+         "tiny-distilbert": ("sequence-classification", "classification")}
 
 
 def batches(arch, count=2):
@@ -49,9 +52,9 @@ def applied(arch, auto, before=None):
     return method, model
 
 
-def profile_of(method, model, arch, levels):
+def profile_of(method, model, arch, levels, replay=True):
     return measure_profile(model, method.blocks, batches(arch), KINDS[arch][1], levels, method.prepare_batch,
-                           method.state)
+                           method.state, replay=replay)
 
 
 @pytest.mark.parametrize("arch, path, block", [("tiny-llama", "model.layers.1.self_attn.o_proj", "attention"),
@@ -70,6 +73,30 @@ def test_a_block_whose_output_projection_is_zero_has_a_flat_profile(arch, path, 
     assert all(s > 0 for s in flat.saving)  # it still saves FLOPs: the cheapest block to sparsify
     others = [b for b in profile.blocks if b is not flat]
     assert any(abs(x) > 1e-6 for b in others for x in b.increase)  # the measure does see the other blocks
+
+
+@pytest.mark.parametrize("arch", list(KINDS))
+def test_replaying_the_layers_below_each_block_gives_the_profile_that_recomputing_them_gives(arch):
+    method, model = applied(arch, "auto")
+    layers, _ = layer_blocks(model)
+    first = []  # one entry per time layer 0 computes
+    handle = next(layers[0].children()).register_forward_pre_hook(lambda *_: first.append(1))
+    levels = [0.25, 0.75]
+    recomputed = profile_of(method, model, arch, levels, replay=False)
+    computed_without, first[:] = len(first), []
+    replayed = profile_of(method, model, arch, levels)
+    handle.remove()
+    blocks, own = len(method.blocks), sum(b.layer == 0 for b in method.blocks)
+    assert computed_without == 2 * (1 + blocks * len(levels))  # 2 batches: the dense pass, then every run
+    assert len(first) == 2 * (1 + own * len(levels))  # only layer 0's own blocks compute it again
+    assert replayed.base_loss == recomputed.base_loss
+    for a, b in zip(replayed.blocks, recomputed.blocks):
+        assert (a.layer, a.block) == (b.layer, b.block)
+        assert a.increase == pytest.approx(b.increase, rel=1e-5, abs=1e-7)
+        assert a.output_error == pytest.approx(b.output_error, rel=1e-5, abs=1e-7)
+        assert a.saving == pytest.approx(b.saving, rel=1e-9)
+    assert any(abs(x) > 1e-6 for b in replayed.blocks for x in b.increase)  # the blocks do move the loss
+    assert not any("forward" in vars(layer) for layer in layers)  # every layer computes again after
 
 
 def test_a_budget_of_zero_runs_dense_lora():
