@@ -4,9 +4,10 @@ For each seed, `peftlab run` processes with the same model, data, plan, batches,
 SparseLoRA (same adapters, frozen matmuls sparse for the chosen channels), at fixed sparsities or, with
 `--budgets`, calibrated with `sparsity: auto(loss_budget=B)` for each budget B (the speed / quality curve; the
 profile is measured once, then read from the cache). It prints ms per optimizer step (the dense warm-up steps
-included), the step-time ratio dense/sparse, the share of the frozen projections' FLOPs that ran, and the
-quality delta: accuracy points for classification, the relative change of the test loss for instruction
-tuning, with 95% t intervals over the paired seeds. Figures go to benchmarks/results/sparselora.jsonl.
+included), the step-time ratio dense/sparse, the share of the sparsified projections' FLOPs that ran (and of
+every layer's attention and FFN projections, those left dense included), and the quality delta: accuracy
+points for classification, the relative change of the test loss for instruction tuning, with 95% t intervals
+over the paired seeds. Figures go to benchmarks/results/sparselora.jsonl.
 
     python benchmarks/sparselora.py                                      # minilm-l6 + reviews, 3 seeds
     python benchmarks/sparselora.py --budgets 0.005,0.01,0.02,0.05       # the calibrated curve
@@ -33,6 +34,7 @@ SCALED_LLAMA = {"model_type": "llama", "num_hidden_layers": 8, "hidden_size": 51
 def main() -> None:
     parser = run_arguments(__doc__.splitlines()[0], steps=150, batch_size=16)
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--first-seed", type=int, default=0, help="seeds first-seed .. first-seed + seeds - 1")
     parser.add_argument("--ffn", type=float, default=None, help="method.ffn_sparsity (default: the method's)")
     parser.add_argument("--attention", type=float, default=None, help="method.attention_sparsity")
     parser.add_argument("--profile", default=None, help="method.profile: published, deeper or uniform")
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--profile-batches", type=int, default=4, help="training batches the calibration measures")
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--eval-examples", type=int, default=500, help="task.max_eval_examples")
+    parser.add_argument("--workdir", default=None, help="keep the runs here (default: a temporary directory)")
     args = parser.parse_args()
     if args.budgets:
         variants = {f"auto({float(b):g})": {"name": "sparselora", "sparsity": {"loss_budget": float(b),
@@ -51,12 +54,13 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
+        work = Path(args.workdir or tmp)
+        work.mkdir(parents=True, exist_ok=True)
         model = args.model
         if model == "scaled-llama":
             model = str(work / "scaled-llama.json")
             Path(model).write_text(json.dumps(SCALED_LLAMA))
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             row = {"seed": seed}
             for label, method in (("lora", "lora"), *variants.items()):
                 config = {
@@ -69,8 +73,9 @@ def main() -> None:
                 }
                 result = peftlab_run(config, work, f"{label}-{seed}")
                 cost, test, report = result["cost"], result["metrics"]["test"], result["method"] or {}
+                flops = report.get("flops", {})
                 row[label] = {"step_ms": 1000 * cost["step_seconds"] / cost["steps"], "test": test,
-                              "flops": report.get("flops", {}).get("executed_share"),
+                              "flops": flops.get("executed_share"), "flops_all": flops.get("all_projections_share"),
                               "calibration": _calibration(report.get("calibration"))}
                 if label != "lora":
                     _print_row(row, label)
@@ -86,19 +91,22 @@ def main() -> None:
         else:
             deltas = [100 * (r[label]["test"]["loss"] / r["lora"]["test"]["loss"] - 1) for r in rows]
         shares = [r[label]["flops"] for r in rows if r[label]["flops"] is not None]
+        every = [r[label]["flops_all"] for r in rows if r[label]["flops_all"] is not None]
         curve[label] = {"speedup_mean": statistics.mean(speedups), "speedup_ci95": _interval(speedups),
                         "speedups": speedups, "quality_delta_mean": statistics.mean(deltas),
                         "quality_delta_ci95": _interval(deltas), "quality_deltas": deltas,
                         "executed_share_mean": statistics.mean(shares) if shares else 1.0,
+                        "all_projections_share_mean": statistics.mean(every) if every else 1.0,
                         "calibration": rows[0][label]["calibration"]}
     print(f"\n{args.model} + {args.data or args.task}: {args.placement} r={args.rank}, {args.steps} steps of "
           f"{args.batch_size} x <= {args.max_length}, {args.seeds} paired seeds; quality in {unit} (sparse - dense)")
-    print(f"{'variant':>14} {'step-time ratio (95% CI)':>26} {'quality delta (95% CI)':>26} {'FLOPs run':>10}  allocation")
+    print(f"{'variant':>14} {'step-time ratio (95% CI)':>26} {'quality delta (95% CI)':>26} {'FLOPs run':>10}"
+          f" {'(all)':>6}  allocation")
     for label, c in curve.items():
         allocation = c["calibration"]["summary"] if c["calibration"] else ""
         print(f"{label:>14} {c['speedup_mean']:>9.2f}x [{c['speedup_ci95'][0]:.2f}, {c['speedup_ci95'][1]:.2f}]"
               f" {c['quality_delta_mean']:>+10.2f} [{c['quality_delta_ci95'][0]:+.2f}, {c['quality_delta_ci95'][1]:+.2f}]"
-              f" {100 * c['executed_share_mean']:>9.0f}%  {allocation}")
+              f" {100 * c['executed_share_mean']:>9.0f}% {100 * c['all_projections_share_mean']:>5.0f}%  {allocation}")
     append_result("sparselora", {"model": args.model, "task": args.data or args.task, "placement": args.placement,
                                  "rank": args.rank, "steps": args.steps, "batch_size": args.batch_size,
                                  "max_length": args.max_length, "variants": variants, "runs": rows,
@@ -130,7 +138,8 @@ def _interval(values: list[float]) -> tuple[float, float]:
 def _print_row(row: dict, label: str) -> None:
     lora, sparse = row["lora"], row[label]
     metric = "accuracy" if "accuracy" in lora["test"] else "loss"
-    flops = f"FLOPs {100 * sparse['flops']:.0f}%" if sparse["flops"] is not None else "dense"
+    flops = (f"FLOPs {100 * sparse['flops']:.0f}% ({100 * (sparse['flops_all'] or 1.0):.0f}% of all)"
+             if sparse["flops"] is not None else "dense")
     print(f"seed {row['seed']}: lora {lora['step_ms']:.0f} ms/step {metric} {lora['test'][metric]:.4f} | {label} "
           f"{sparse['step_ms']:.0f} ms/step {metric} {sparse['test'][metric]:.4f}, {flops} "
           f"| {lora['step_ms'] / sparse['step_ms']:.2f}x", flush=True)

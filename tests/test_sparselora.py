@@ -100,6 +100,11 @@ def test_executed_ffn_flops_fall_with_sparsity(name, head, sparsity):
     method.on_step(model, 1, 1)
     report = method.report(model)["flops"]
     assert report["executed_share"] == pytest.approx((flops.executed + flops.estimator) / flops.dense)
+    # over every projection: the attention ran dense, on all 3 x 16 rows of the batch
+    sites = [s for s in resolve_sites(load_model(ModelSpec(name=name, head=head), seed=0)).sites if not s.is_slice]
+    every = 3 * 16 * sum(2 * s.in_features * s.out_features for s in sites)
+    assert report["all_projections_share"] == pytest.approx(1 - (flops.dense - flops.executed - flops.estimator) / every)
+    assert report["executed_share"] < report["all_projections_share"] < 1
 
 
 def test_attention_flops_on_fused_gpt2_and_gqa_llama():

@@ -235,7 +235,8 @@ def _print_result(result: RunResult, output: Path) -> None:
                       f"{cost['generation_seconds']:.1f}, {cost['generation_tokens_per_second']:,.1f}")
     flops = result.method.get("flops")
     if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included
-        table.add_row("frozen FLOPs executed (% of dense)", f"{100 * flops['executed_share']:.1f}%")
+        table.add_row("frozen FLOPs executed (% of dense: sparsified blocks, all blocks)",
+                      f"{100 * flops['executed_share']:.1f}%, {100 * flops.get('all_projections_share', 1.0):.1f}%")
     calibration = result.method.get("calibration")
     if calibration:  # sparsity: auto(...)
         budget = f"sparsity auto, {calibration['loss_budget']:.1%} loss budget"

@@ -102,6 +102,11 @@ def _activation(config) -> nn.Module:
     raise PeftlabError(f"sparselora: cannot find the FFN activation in the {config.model_type} config")
 
 
+def _projections(block: Block) -> list[SparseProjection]:
+    names = ("up", "gate", "down", "q", "k", "v", "o", "qkv")
+    return [p for p in (getattr(block, name, None) for name in names) if p is not None]
+
+
 class SparseLoraMethod(LoraMethod):
     name = "sparselora"
     resumable = False  # its dense-then-sparse schedule and FLOP counts are per-process state
@@ -119,6 +124,7 @@ class SparseLoraMethod(LoraMethod):
         self.head_reads_first = True
         self.dense_qk: list[int] = []  # layers whose q and k stay dense
         self.calibration: dict[str, Any] | None = None  # sparsity: auto(...): the profile's allocation
+        self.projection_flops = 0  # dense forward FLOPs per token of every attention and FFN projection
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         resolved = resolve_sites(model)  # before LoRA wraps the modules
@@ -133,6 +139,7 @@ class SparseLoraMethod(LoraMethod):
             return model
         base = unwrap(model)
         self.base = [base]  # a list: not a submodule of anything
+        self.projection_flops = sum(2 * s.in_features * s.out_features for s in sites)  # per token, every layer
         n_layers = max(s.layer for s in sites) + 1
         auto = self.spec.sparsity
         # calibrated: every block is wrapped (the profile measures each), dense until `initialize` chooses
@@ -213,10 +220,9 @@ class SparseLoraMethod(LoraMethod):
 
     def _make_dense(self, block: Block) -> None:
         """Put the frozen projections of a block left dense back in place: it runs as LoRA does."""
-        for projection in [getattr(block, name, None) for name in ("up", "gate", "down", "q", "k", "v", "o", "qkv")]:
-            if projection is not None:
-                holder, attr = projection.holder[0]
-                setattr(holder, attr, projection.base_layer)
+        for projection in _projections(block):
+            holder, attr = projection.holder[0]
+            setattr(holder, attr, projection.base_layer)
         for module in self.base[0].modules():
             if getattr(module, "sparse_block", [None])[0] is block:
                 if isinstance(module, NarrowLoraLinear):
@@ -337,6 +343,11 @@ class SparseLoraMethod(LoraMethod):
         for step in self.steps:
             total.add(step)
         share = (total.executed + total.estimator) / total.dense if total.dense else 1.0
+        # every projection sees every token, so the sparsified ones' dense count gives the tokens: the saving
+        # over the attention and FFN projections of every layer, those left dense included
+        sparsified = sum(2 * p.in_features * p.out_features for b in self.blocks for p in _projections(b))
+        every = total.dense / sparsified * self.projection_flops if sparsified else 0
+        saved = total.dense - total.executed - total.estimator
         return {
             "sparsity": self.sparsity,
             "calibration": self.calibration,
@@ -345,9 +356,11 @@ class SparseLoraMethod(LoraMethod):
             "dense_steps": self.dense_steps,
             "estimator": self.estimator,
             "flops": {
-                "scope": "forward matmuls of the sparsified frozen projections",
+                "scope": "executed_share: forward matmuls of the sparsified frozen projections, estimator included; "
+                         "all_projections_share: of every layer's attention and FFN projections, dense ones included",
                 "dense": total.dense, "executed": total.executed, "estimator": total.estimator,
                 "executed_share": share,
+                "all_projections_share": 1 - saved / every if every else 1.0,
                 "per_step_share": [round((s.executed + s.estimator) / s.dense, 4) if s.dense else 1.0 for s in self.steps],
             },
         }
