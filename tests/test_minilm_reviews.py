@@ -1,4 +1,9 @@
-"""End to end on the real bundled model and data: LoRA on attention at r=8, one epoch on 2 CPU cores."""
+"""End to end on the real bundled model and data: LoRA on attention at r=8, 120 steps on 2 CPU cores.
+
+The whole default epoch is what `make demo`'s placement study runs; here a shorter run at a higher rate (2e-3)
+on 500 evaluation examples checks, in about 80 seconds, that the bundled model and data learn beyond the
+majority class.
+"""
 
 import pytest
 
@@ -7,16 +12,20 @@ from peftlab.specs import RunConfig
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(1800)  # about 4.5 minutes alone on 2 cores; generous for a shared, noisy machine
+@pytest.mark.timeout(900)  # about 80 seconds alone on 2 cores; generous for a shared, noisy machine
 def test_minilm_attention_lora_beats_the_majority_class(tmp_path, monkeypatch):
     from conftest import run_to_dict
 
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
-    config = validate(RunConfig, {"model": "minilm-l6", "task": "reviews",
-                                  "plan": {"placement": "attention", "allocation": 8}}, "test")
+    config = validate(RunConfig, {"model": "minilm-l6",
+                                  "task": {"name": "reviews", "max_length": 96, "max_eval_examples": 500},
+                                  "plan": {"placement": "attention", "allocation": 8},
+                                  "train": {"max_steps": 120, "lr": 2e-3, "latency_batches": 0}}, "test")
     result = run_to_dict(config, tmp_path / "run")
     assert result["status"] == "done"
-    assert result["data"]["test"] == 1000
-    assert result["metrics"]["test"]["accuracy"] >= 0.80  # majority class: 65.8%
+    test = result["metrics"]["test"]
+    assert result["data"]["test"] == 500
+    assert test["predicted_classes"] == 2  # a run collapsed to one class predicts one
+    assert test["accuracy"] >= 0.78 > test["majority_rate"]  # 0.808 on this machine; the majority class: 62.2%
     assert result["cost"]["adapter_params"] == 6 * 4 * 8 * (384 + 384)
-    print("minilm-l6 + reviews:", result["metrics"]["test"], result["cost"]["train_seconds"], "s")
+    print("minilm-l6 + reviews:", test, result["cost"]["train_seconds"], "s")
