@@ -120,7 +120,8 @@ def _calibration(report: dict | None) -> dict | None:
     sparse = sum(level > 0 for level in report["levels"].values())
     summary = ("dense (LoRA)" if report["dense"] else
                f"{sparse}/{len(report['levels'])} blocks sparse, +{report['predicted_increase']:.2%} predicted, "
-               f"{report['measured_increase']:+.2%} measured")
+               f"{report['measured_increase']:+.2%} measured"
+               + (f", {report['held_out_increase']:+.2%} held out" if report.get("held_out_increase") is not None else ""))
     return {**report, "summary": summary}
 
 

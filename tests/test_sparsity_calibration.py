@@ -29,9 +29,9 @@ KINDS = {"tiny-llama": ("causal-lm", "instruction"), "tiny-gpt2": ("causal-lm", 
          "tiny-distilbert": ("sequence-classification", "classification")}
 
 
-def batches(arch, count=2):
+def batches(arch, count=2, seed=0):
     kind = KINDS[arch][1]
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(count):
         ids = torch.randint(200, 2000, (4, 24), generator=g)
@@ -186,6 +186,26 @@ def test_a_run_records_its_allocation_and_a_second_run_reads_the_profile_from_th
     second.initialize(model, batches("tiny-llama", 4))
     again = second.report(model)["calibration"]
     assert again["profile_cached"] and again["levels"] == calibration["levels"]
+
+
+def test_the_allocation_is_also_measured_on_held_out_batches(private_cache):
+    train, other = batches("tiny-llama", 4), batches("tiny-llama", 4, seed=1)
+    same, model = applied("tiny-llama", "auto(loss_budget=0.05, batches=2)")
+    same.initialize(model, train, held_out=train)  # held out = the profile's own batches: the measured increase
+    calibration = same.report(model)["calibration"]
+    assert not calibration["dense"]
+    assert calibration["held_out_increase"] == pytest.approx(calibration["measured_increase"], rel=1e-6)
+    method, model = applied("tiny-llama", "auto(loss_budget=0.05, batches=2)")
+    method.initialize(model, train, held_out=other)
+    held_out = method.report(model)["calibration"]
+    assert held_out["levels"] == calibration["levels"]
+    chosen = method.profile_batches(other)
+    sparse = measure_profile(model, [], chosen, "instruction", [], method.prepare_batch, method.state).base_loss
+    for block in method.blocks:
+        block.sparsity = 0.0
+    dense = measure_profile(model, [], chosen, "instruction", [], method.prepare_batch, method.state).base_loss
+    assert held_out["held_out_increase"] == pytest.approx(sparse / dense - 1, rel=1e-6)
+    assert abs(held_out["held_out_increase"] - held_out["measured_increase"]) > 1e-6  # other data, another figure
 
 
 def test_the_spec_reads_auto_and_refuses_fixed_levels_beside_it():

@@ -246,7 +246,9 @@ def _print_result(result: RunResult, output: Path) -> None:
             sparse = sum(level > 0 for level in calibration["levels"].values())
             table.add_row(budget, f"{sparse} of {len(calibration['levels'])} blocks sparse; loss +"
                                   f"{calibration['predicted_increase']:.2%} predicted, "
-                                  f"{calibration['measured_increase']:+.2%} measured")
+                                  f"{calibration['measured_increase']:+.2%} measured"
+                                  + (f", {calibration['held_out_increase']:+.2%} held out"
+                                     if calibration.get("held_out_increase") is not None else ""))
     table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
     if cost.get("peak_memory_process_bytes"):

@@ -67,9 +67,11 @@ class Method(ABC):
                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
-    def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                   held_out: list[dict[str, torch.Tensor]] = ()) -> None:
         """Called once before training with a few training batches, for methods that start from the data
-        (LoRA's EVA init)."""
+        (LoRA's EVA init), and as many validation batches, for checks on data the method did not fit
+        (SparseLoRA's calibrated sparsity)."""
 
     def prepare_batch(self, batch: dict[str, torch.Tensor]) -> None:
         """Called before each training micro-batch's forward, with the batch (SparseLoRA routes its

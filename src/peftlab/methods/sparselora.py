@@ -164,9 +164,12 @@ class SparseLoraMethod(LoraMethod):
         self.state.active = self.dense_steps == 0
         return model
 
-    def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]]) -> None:
+    def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
+                   held_out: list[dict[str, torch.Tensor]] = ()) -> None:
         """sparsity: auto(...): profile every block on training batches (cached), choose the levels within the
-        loss budget, run the other blocks dense, and measure the whole allocation's loss increase."""
+        loss budget, run the other blocks dense, and measure the whole allocation's loss increase on the profile
+        batches (do the increases add up?) and on as many validation batches (does the prediction hold on data
+        it was not fit to?)."""
         auto = self.spec.sparsity
         if auto is None or not self.blocks:
             return
@@ -182,14 +185,32 @@ class SparseLoraMethod(LoraMethod):
             self.sparsity[block_name(block)][block.layer] = level
             if level <= 0:
                 self._make_dense(block)
-        if self.blocks:  # the allocation as a whole, on the same batches: is the predicted increase additive?
-            measured = measure_profile(model, [], chosen, kind, [], self.prepare_batch, self.state)
-            allocation.measured_increase = measured.base_loss / profile.base_loss - 1
+        if self.blocks:  # the allocation as a whole
+            allocation.measured_increase = self._increase(model, chosen, kind, profile.base_loss)
+            if held_out:
+                allocation.held_out_increase = self._increase(model, self.profile_batches(held_out), kind)
         self.calibration = {"loss_budget": auto.loss_budget, "levels": allocation.levels, "dense": allocation.dense,
                             "reason": allocation.reason, "predicted_increase": allocation.predicted_increase,
-                            "measured_increase": allocation.measured_increase, "predicted_saving": allocation.saving,
+                            "measured_increase": allocation.measured_increase,
+                            "held_out_increase": allocation.held_out_increase, "predicted_saving": allocation.saving,
                             "profile_seconds": profile.seconds if profile else 0.0,
                             "profile_cached": profile.cached if profile else False}
+
+    def _increase(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], kind: str,
+                  dense: float | None = None) -> float:
+        """The relative loss increase of the blocks at their levels over every block dense (`dense`: that loss,
+        when it is known) on `batches`."""
+        if dense is None:
+            levels = [b.sparsity for b in self.blocks]
+            for b in self.blocks:
+                b.sparsity = 0.0
+            try:
+                dense = measure_profile(model, [], batches, kind, [], self.prepare_batch, self.state).base_loss
+            finally:
+                for b, level in zip(self.blocks, levels):
+                    b.sparsity = level
+        sparse = measure_profile(model, [], batches, kind, [], self.prepare_batch, self.state).base_loss
+        return sparse / dense - 1
 
     def profile_batches(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """`sparsity.batches` of the initial batches (sorted by length), spread evenly over the lengths."""

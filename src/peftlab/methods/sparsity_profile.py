@@ -89,6 +89,7 @@ class Allocation:
     dense: bool  # nothing within the budget saves FLOPs: every block dense
     reason: str = ""
     measured_increase: float | None = None  # the whole allocation's, measured on the profile batches
+    held_out_increase: float | None = None  # and on as many validation batches
 
 
 def block_name(block: Block) -> str:

@@ -294,8 +294,10 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
                              autocast=accelerator.autocast, hidden_states=method.hidden_states)
     # methods that start from the data (EVA) see the first training examples, before any speed feature changes
     # the forward
-    start = initial_batches(data.train, spec.batch_size, pad_id)
-    method.initialize(model, [{k: v.to(accelerator.device) for k, v in b.items()} for b in start])
+    def on_device(split: list[dict[str, Any]]) -> list[dict[str, torch.Tensor]]:
+        return [{k: v.to(accelerator.device) for k, v in b.items()} for b in initial_batches(split, spec.batch_size, pad_id)]
+
+    method.initialize(model, on_device(data.train), held_out=on_device(data.validation))
 
     # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
     base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
@@ -346,8 +348,8 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
 
 
 def initial_batches(train: list[dict[str, Any]], size: int, pad_id: int) -> list[dict[str, torch.Tensor]]:
-    """The batches `Method.initialize` reads: the first `INIT_BATCHES` batches' worth of training examples,
-    sorted by length."""
+    """The batches `Method.initialize` reads: the first `INIT_BATCHES` batches' worth of a split's examples (the
+    training split's, and the validation split's for its held-out checks), sorted by length."""
     return _eval_batches(train[: INIT_BATCHES * size], size, pad_id)
 
 
