@@ -3,6 +3,7 @@ fallback, and whether predicted loss increases add up."""
 
 import itertools
 import json
+import math
 
 import pytest
 import torch
@@ -97,6 +98,31 @@ def test_replaying_the_layers_below_each_block_gives_the_profile_that_recomputin
         assert a.saving == pytest.approx(b.saving, rel=1e-9)
     assert any(abs(x) > 1e-6 for b in replayed.blocks for x in b.increase)  # the blocks do move the loss
     assert not any("forward" in vars(layer) for layer in layers)  # every layer computes again after
+
+
+@pytest.mark.parametrize("arch", ["tiny-bert", "tiny-distilbert"])
+def test_a_classifier_is_profiled_on_the_representation_its_head_reads_not_on_its_untrained_loss(arch):
+    def silence_the_head(model):  # an untrained head at its extreme: the loss is ln 2 whatever the backbone does
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "classifier" in name:
+                    p.zero_()
+
+    method, model = applied(arch, "auto", silence_the_head)
+    profile = profile_of(method, model, arch, [0.5, 0.9])
+    assert profile.measure == "representation" and profile.base_loss == pytest.approx(math.log(2))
+    for b in profile.blocks:  # the relative squared error of the [CLS] hidden state
+        assert b.increase == pytest.approx([e * e for e in b.output_error], rel=1e-9, abs=1e-12)
+    last = max(b.layer for b in profile.blocks)
+    top_ffn = next(b for b in profile.blocks if (b.layer, b.block) == (last, "ffn"))
+    assert top_ffn.increase == [0.0, 0.0]  # the token the head reads runs dense, and the FFN is position-wise
+    assert min(b.increase[-1] for b in profile.blocks if b is not top_ffn) > 1e-9  # every other block moves it
+    allocation = choose_levels(profile, 0.05)
+    method.initialize(model, batches(arch, 4), held_out=batches(arch, 4, seed=1))
+    calibration = method.report(model)["calibration"]
+    assert calibration["levels"] == allocation.levels
+    if not calibration["dense"]:  # the whole allocation, measured the same way
+        assert calibration["measured_increase"] > 0 and calibration["held_out_increase"] > 0
 
 
 def test_a_budget_of_zero_runs_dense_lora():
@@ -234,7 +260,7 @@ def test_the_sparsity_command_writes_the_profile_that_a_run_then_reads(tmp_path,
     assert record["levels"] == [0.5, 0.9] and len(record["blocks"]) == 8  # 4 layers x (ffn, attention)
     assert set(record["allocations"]) == {"0.005", "0.01", "0.02", "0.05"}
     rows = (tmp_path / "profile" / "sparsity.csv").read_text().splitlines()
-    assert rows[0] == "layer,block,level,loss_increase,output_error,flops_saved" and len(rows) == 1 + 8 * 2
+    assert rows[0] == "layer,block,level,increase,output_error,flops_saved" and len(rows) == 1 + 8 * 2
     assert (tmp_path / "profile" / "sparsity.png").is_file() and "allocations" in out
     config = tmp_path / "run.yaml"
     config.write_text(f"model: tiny-llama\ntask: {{path: {data}, kind: instruction}}\n"

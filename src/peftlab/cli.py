@@ -323,7 +323,9 @@ def sparsity(
 
 
 def _print_sparsity(profile, allocations) -> None:
-    table = Table(title=f"training loss increase, one block sparse at a time (base loss {profile.base_loss:.4f}, "
+    from peftlab.methods.sparsity_profile import MEASURES
+
+    table = Table(title=f"{MEASURES[profile.measure]}, one block sparse at a time (base loss {profile.base_loss:.4f}, "
                         f"{profile.examples} examples{', cached' if profile.cached else ''})")
     table.add_column("layer")
     for block in ("ffn", "attention"):
@@ -337,8 +339,8 @@ def _print_sparsity(profile, allocations) -> None:
                  for v in blocks.get(block, [0.0] * len(profile.levels))]
         table.add_row(str(layer), *cells)
     _console().print(table)
-    curve = Table(title="allocations: the largest FLOP saving within each loss budget (predicted from the profile)")
-    for column in ("loss budget", "sparse blocks", "predicted loss increase", "frozen FLOPs saved"):
+    curve = Table(title="allocations: the largest FLOP saving within each budget (predicted from the profile)")
+    for column in ("budget", "sparse blocks", "predicted increase", "frozen FLOPs saved"):
         curve.add_column(column, justify="right")
     for budget, allocation in allocations.items():
         sparse = sum(level > 0 for level in allocation.levels.values())

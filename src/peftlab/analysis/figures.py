@@ -138,7 +138,10 @@ def make_figures(analysis: Analysis, study_dir: Path, folder: Path) -> dict[str,
 
 
 def sparsity_heatmap(profile, model: str, folder: Path) -> Path:
-    """Loss increase (%) per layer (rows) and block at each level (columns), from a sparsity profile."""
+    """What the budget bounds (%: the loss increase, or the classifier's representation error) per layer (rows)
+    and block at each level (columns), from a sparsity profile."""
+    from peftlab.methods.sparsity_profile import MEASURES
+
     n_layers = max(b.layer for b in profile.blocks) + 1
     columns = [(block, level) for block in ("ffn", "attention") for level in profile.levels]
     grid = np.full((n_layers, len(columns)), np.nan)  # blank: a block SparseLoRA does not sparsify
@@ -153,7 +156,9 @@ def sparsity_heatmap(profile, model: str, folder: Path) -> Path:
                       rotation=60, ha="right")
         ax.set_yticks(range(n_layers), [str(i) for i in range(n_layers)], fontsize=6)
         ax.set_ylabel("layer", fontsize=7)
-        fig.colorbar(image, ax=ax, label="training loss increase (%)", shrink=0.8)
+        label = MEASURES[profile.measure]
+        fig.colorbar(image, ax=ax, label=f"{label} (%)".replace("the classifier reads", "\nthe classifier reads"),
+                     shrink=0.8)
         ax.set_title(f"SparseLoRA sensitivity: {model}, one block sparse at a time", fontsize=9)
         return _save(fig, folder, "sparsity")
 

@@ -41,6 +41,7 @@ from peftlab.methods.sparse_channels import (
 )
 from peftlab.methods.sparsity_profile import (
     SparsityProfile,
+    allocation_increase,
     block_name,
     choose_levels,
     measure_profile,
@@ -53,7 +54,7 @@ from peftlab.plans.plan import Plan
 from peftlab.tasks.prepare import IGNORE
 
 ESTIMATOR_VERSION = 1
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2  # 2: classification profiles measure the representation the head reads
 
 
 def layer_sparsity(spec: SparseLoraSpec, n_layers: int) -> dict[str, list[float]]:
@@ -186,7 +187,7 @@ class SparseLoraMethod(LoraMethod):
             if level <= 0:
                 self._make_dense(block)
         if self.blocks:  # the allocation as a whole
-            allocation.measured_increase = self._increase(model, chosen, kind, profile.base_loss)
+            allocation.measured_increase = self._increase(model, chosen, kind)
             if held_out:
                 allocation.held_out_increase = self._increase(model, self.profile_batches(held_out), kind)
         self.calibration = {"loss_budget": auto.loss_budget, "levels": allocation.levels, "dense": allocation.dense,
@@ -196,21 +197,9 @@ class SparseLoraMethod(LoraMethod):
                             "profile_seconds": profile.seconds if profile else 0.0,
                             "profile_cached": profile.cached if profile else False}
 
-    def _increase(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], kind: str,
-                  dense: float | None = None) -> float:
-        """The relative loss increase of the blocks at their levels over every block dense (`dense`: that loss,
-        when it is known) on `batches`."""
-        if dense is None:
-            levels = [b.sparsity for b in self.blocks]
-            for b in self.blocks:
-                b.sparsity = 0.0
-            try:
-                dense = measure_profile(model, [], batches, kind, [], self.prepare_batch, self.state).base_loss
-            finally:
-                for b, level in zip(self.blocks, levels):
-                    b.sparsity = level
-        sparse = measure_profile(model, [], batches, kind, [], self.prepare_batch, self.state).base_loss
-        return sparse / dense - 1
+    def _increase(self, model: nn.Module, batches: list[dict[str, torch.Tensor]], kind: str) -> float:
+        return allocation_increase(model, self.blocks, batches, kind, self.prepare_batch, self.state,
+                                   self.head_reads_first)
 
     def profile_batches(self, batches: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
         """`sparsity.batches` of the initial batches (sorted by length), spread evenly over the lengths."""
@@ -235,7 +224,8 @@ class SparseLoraMethod(LoraMethod):
             profile = SparsityProfile.from_dict(json.loads(file.read_text()))
             profile.cached = True
             return profile
-        profile = measure_profile(model, self.blocks, batches, kind, levels, self.prepare_batch, self.state)
+        profile = measure_profile(model, self.blocks, batches, kind, levels, self.prepare_batch, self.state,
+                                  self.head_reads_first)
         write_atomic(file, json.dumps(profile.to_dict()))
         return profile
 

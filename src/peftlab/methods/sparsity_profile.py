@@ -3,9 +3,12 @@
 The profile runs the model in evaluation mode with its sparse modules in training mode (the sparse path runs,
 dropout does not) on a few training batches, routed as training routes them (context tokens sparse, supervised
 ones dense), first with every block dense, then with one block alone (a layer's FFN or its attention) at each
-level. For each it records the relative increase of the loss, the relative error of the output the loss reads
-(the last hidden states at supervised positions, or the class logits), and the FLOPs the sparsified projections
-saved net of the estimator's own. The layers below a block's layer are dense in both passes, so they are not
+level. For each it records what the budget bounds, the relative error of the output the loss reads (the last
+hidden states at supervised positions, or at the token a classifier reads), and the FLOPs the sparsified
+projections saved net of the estimator's own. What the budget bounds depends on the task (`MEASURES`): for
+instruction tuning, the relative increase of the training loss, through the model's own pretrained LM head; for
+classification, whose head is not trained yet (its loss at initialization barely moves whatever the backbone
+computes), the relative squared error of the representation the head reads. The layers below a block's layer are dense in both passes, so they are not
 computed again: they return what they returned in the dense pass of the same batch.
 
 The allocation picks at most one level per block so that the FLOPs saved are largest while the summed predicted
@@ -47,13 +50,15 @@ from peftlab.models.load import unwrap
 from peftlab.models.sites import layer_blocks
 
 UNITS = 1000  # the loss budget in knapsack units
+MEASURES = {"loss": "relative training loss increase",
+            "representation": "relative squared error of the representation the classifier reads"}
 
 
 @dataclass
 class BlockProfile:
     layer: int
     block: str  # "ffn" or "attention"
-    increase: list[float]  # relative loss increase at each level
+    increase: list[float]  # what the budget bounds, at each level (see `SparsityProfile.measure`)
     output_error: list[float]  # relative L2 error of the output the loss reads
     saving: list[float]  # share of the sparsified projections' dense FLOPs saved, net of the estimator
 
@@ -69,6 +74,7 @@ class SparsityProfile:
     blocks: list[BlockProfile]
     examples: int
     seconds: float = 0.0
+    measure: str = "loss"  # what `increase` measures: a key of `MEASURES`
     cached: bool = False  # read from the disk cache (not stored)
 
     def to_dict(self) -> dict[str, Any]:
@@ -97,59 +103,94 @@ def block_name(block: Block) -> str:
 
 
 def measure_profile(model: nn.Module, blocks: Sequence[Block], batches: list[dict[str, torch.Tensor]], kind: str,
-                    levels: Sequence[float], prepare_batch, state, replay: bool = True) -> SparsityProfile:
+                    levels: Sequence[float], prepare_batch, state, reads_first: bool = True,
+                    replay: bool = True) -> SparsityProfile:
     """Each block alone at each level, against every block dense, on `batches` (see the module's docstring).
-    `prepare_batch` routes a batch as training does; `state` is the blocks' shared SparseState. With `replay`,
-    the layers below a block's layer return the outputs they gave in the dense pass of the same batch instead
-    of computing them again (they are dense in both), which halves the profile's cost on average."""
+    `prepare_batch` routes a batch as training does; `state` is the blocks' shared SparseState; `reads_first`:
+    a classifier reads the first token (encoders' [CLS]), else the last real one. With `replay`, the layers below
+    a block's layer return the outputs they gave in the dense pass of the same batch instead of computing them
+    again (they are dense in both), which halves the profile's cost on average."""
     start = time.perf_counter()
-    saved = {id(b): b.sparsity for b in blocks}
-    modes = {m: m.training for m in model.modules()}
-    config = unwrap(model).config
-    use_cache = getattr(config, "use_cache", None)
-    if use_cache:  # decoders' classification heads: no key/value cache (nothing generates)
-        config.use_cache = False
-    model.eval()  # no dropout, the functional kind (attention probabilities) included
-    for module in model.modules():  # but the sparse path runs: it runs in training mode only
-        if isinstance(module, (SparseProjection, SplitFfn, NarrowLoraLinear)):
-            module.training = True
-    active, state.active = state.active, True
     found = layer_blocks(unwrap(model)) if replay and blocks else None
     layers = found[0] if found is not None else None
     base = _Sums()
     runs = [[_Sums() for _ in levels] for _ in blocks]
     columns = (TextColumn("sparsity profile"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    try:
-        with Progress(*columns, transient=True, disable=not blocks) as progress:
-            bar = progress.add_task("profile", total=len(batches) * len(blocks) * len(levels))
-            for batch in batches:
-                for b in blocks:
-                    b.sparsity = 0.0
-                with _recording(layers) as recorded:
-                    dense = _run(model, batch, kind, prepare_batch, state)
-                base.add(dense, dense)
-                for b, sums in zip(blocks, runs):
-                    with _replaying(layers, recorded, b.layer):
-                        for level, total in zip(levels, sums):
-                            b.sparsity = level
-                            total.add(_run(model, batch, kind, prepare_batch, state), dense)
-                            progress.update(bar, advance=1)
-                    b.sparsity = 0.0
-    finally:
-        for b in blocks:
-            b.sparsity = saved[id(b)]
-        state.active = active
-        for module, mode in modes.items():
-            module.train(mode)
-        if use_cache:
-            config.use_cache = use_cache
-    profiles = [BlockProfile(b.layer, block_name(b), [(t.loss - base.loss) / base.loss for t in sums],
+    with _profiling(model, blocks, state), Progress(*columns, transient=True, disable=not blocks) as progress:
+        bar = progress.add_task("profile", total=len(batches) * len(blocks) * len(levels))
+        for batch in batches:
+            for b in blocks:
+                b.sparsity = 0.0
+            with _recording(layers) as recorded:
+                dense = _run(model, batch, kind, prepare_batch, state, reads_first)
+            base.add(dense, dense)
+            for b, sums in zip(blocks, runs):
+                with _replaying(layers, recorded, b.layer):
+                    for level, total in zip(levels, sums):
+                        b.sparsity = level
+                        total.add(_run(model, batch, kind, prepare_batch, state, reads_first), dense)
+                        progress.update(bar, advance=1)
+                b.sparsity = 0.0
+    measure = "representation" if kind == "classification" else "loss"
+    profiles = [BlockProfile(b.layer, block_name(b), [_change(measure, t, base) for t in sums],
                              [math.sqrt(t.difference / base.size) if base.size else 0.0 for t in sums],
                              [t.saved / base.dense for t in sums])
                 for b, sums in zip(blocks, runs)]
     examples = sum(len(b["input_ids"]) for b in batches)
     return SparsityProfile(list(levels), base.loss / max(base.count, 1), profiles, examples,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, measure)
+
+
+def allocation_increase(model: nn.Module, blocks: Sequence[Block], batches: list[dict[str, torch.Tensor]], kind: str,
+                        prepare_batch, state, reads_first: bool = True) -> float:
+    """The blocks at their levels together against every block dense on `batches`, measured as the profile
+    measures one block (its `measure`)."""
+    levels = [b.sparsity for b in blocks]
+    base, joint = _Sums(), _Sums()
+    with _profiling(model, blocks, state):
+        for batch in batches:
+            for b in blocks:
+                b.sparsity = 0.0
+            dense = _run(model, batch, kind, prepare_batch, state, reads_first)
+            for b, level in zip(blocks, levels):
+                b.sparsity = level
+            base.add(dense, dense)
+            joint.add(_run(model, batch, kind, prepare_batch, state, reads_first), dense)
+    return _change("representation" if kind == "classification" else "loss", joint, base)
+
+
+def _change(measure: str, run: _Sums, dense: _Sums) -> float:
+    if measure == "representation":
+        return run.difference / dense.size if dense.size else 0.0
+    return (run.loss - dense.loss) / dense.loss
+
+
+@contextmanager
+def _profiling(model: nn.Module, blocks: Sequence[Block], state) -> Iterator[None]:
+    """The model in evaluation mode (no dropout, the functional kind in attention included) with its sparse
+    modules in training mode (the sparse path runs in training mode only), the sparse path on and no key/value
+    cache (decoders' classification heads); everything, the blocks' levels included, as it was after."""
+    saved = [b.sparsity for b in blocks]
+    modes = {m: m.training for m in model.modules()}
+    config = unwrap(model).config
+    use_cache = getattr(config, "use_cache", None)
+    if use_cache:
+        config.use_cache = False
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, (SparseProjection, SplitFfn, NarrowLoraLinear)):
+            module.training = True
+    active, state.active = state.active, True
+    try:
+        yield
+    finally:
+        for b, level in zip(blocks, saved):
+            b.sparsity = level
+        state.active = active
+        for module, mode in modes.items():
+            module.train(mode)
+        if use_cache:
+            config.use_cache = use_cache
 
 
 @dataclass
@@ -182,7 +223,7 @@ class _Sums:
 
 @contextmanager
 def _recording(layers: nn.ModuleList | None) -> Iterator[list[Any]]:
-    """What each layer returned during the block (nothing recorded without `layers`)."""
+    """What each of `layers` returns inside the `with` statement (nothing without `layers`)."""
     recorded: list[Any] = [None] * (len(layers) if layers is not None else 0)
 
     def keep(index: int):
@@ -220,8 +261,10 @@ def _recorded(output: Any, *_args: Any, **_kwargs: Any) -> Any:
 
 
 @torch.no_grad()
-def _run(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, prepare_batch, state) -> _Pass:
-    """A batch's summed loss, the outputs the loss reads, and the FLOPs the projections counted."""
+def _run(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, prepare_batch, state,
+         reads_first: bool) -> _Pass:
+    """A batch's summed loss, the outputs the loss reads (classification: the last hidden state at the token the
+    head reads), and the FLOPs the projections counted."""
     import torch.nn.functional as F
 
     from peftlab.tasks.prepare import IGNORE
@@ -229,9 +272,11 @@ def _run(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, prepare_ba
     state.flops = Flops()
     prepare_batch(batch)
     if kind == "classification":
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        loss = F.cross_entropy(logits, batch["labels"], reduction="sum").item()
-        count, outputs = len(logits), logits
+        mask = batch["attention_mask"]
+        out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
+        loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum").item()
+        read = torch.zeros(len(mask), dtype=torch.long, device=mask.device) if reads_first else mask.sum(dim=1) - 1
+        count, outputs = len(mask), out.hidden_states[-1][torch.arange(len(mask), device=mask.device), read].float()
     else:
         hidden = backbone_hidden(model, batch)
         targets = batch["labels"][:, 1:]

@@ -43,14 +43,15 @@ def sparsity_profile(config: RunConfig) -> tuple[SparsityProfile, dict[float, Al
 
 
 def write_profile(profile: SparsityProfile, allocations: dict[float, Allocation], model: str, folder: Path) -> list[Path]:
-    """`sparsity.json` (the profile and the allocations) and `sparsity.csv` (one row per block and level)."""
+    """`sparsity.json` (the profile, what its increases measure, and the allocations) and `sparsity.csv` (one row
+    per block and level)."""
     record: dict[str, Any] = {"model": model, **profile.to_dict(),
                               "allocations": {f"{b:g}": vars(a) for b, a in allocations.items()}}
     json_path, csv_path = folder / "sparsity.json", folder / "sparsity.csv"
     write_atomic(json_path, json.dumps(record, indent=1) + "\n")
     text = io.StringIO()
     writer = csv.writer(text, lineterminator="\n")
-    writer.writerow(["layer", "block", "level", "loss_increase", "output_error", "flops_saved"])
+    writer.writerow(["layer", "block", "level", "increase", "output_error", "flops_saved"])  # increase: `measure`
     for b in profile.blocks:
         for level, increase, error, saving in zip(profile.levels, b.increase, b.output_error, b.saving):
             writer.writerow([b.layer, b.block, level, f"{increase:.6g}", f"{error:.6g}", f"{saving:.6g}"])
