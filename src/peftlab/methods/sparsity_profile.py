@@ -8,8 +8,9 @@ hidden states at supervised positions, or at the token a classifier reads), and 
 projections saved net of the estimator's own. What the budget bounds depends on the task (`MEASURES`): for
 instruction tuning, the relative increase of the training loss, through the model's own pretrained LM head; for
 classification, whose head is not trained yet (its loss at initialization barely moves whatever the backbone
-computes), the relative squared error of the representation the head reads. The layers below a block's layer are dense in both passes, so they are not
-computed again: they return what they returned in the dense pass of the same batch.
+computes), the relative squared error of the representation the head reads. The layers below a block's layer
+are dense in both passes, so they are not computed again: they return what they returned in the dense pass of
+the same batch.
 
 The allocation picks at most one level per block so that the FLOPs saved are largest while the summed predicted
 increases stay within the budget (a multiple-choice knapsack over the budget cut into `UNITS`). The predicted
@@ -131,7 +132,7 @@ def measure_profile(model: nn.Module, blocks: Sequence[Block], batches: list[dic
                         total.add(_run(model, batch, kind, prepare_batch, state, reads_first), dense)
                         progress.update(bar, advance=1)
                 b.sparsity = 0.0
-    measure = "representation" if kind == "classification" else "loss"
+    measure = _measure(kind)
     profiles = [BlockProfile(b.layer, block_name(b), [_change(measure, t, base) for t in sums],
                              [math.sqrt(t.difference / base.size) if base.size else 0.0 for t in sums],
                              [t.saved / base.dense for t in sums])
@@ -156,7 +157,12 @@ def allocation_increase(model: nn.Module, blocks: Sequence[Block], batches: list
                 b.sparsity = level
             base.add(dense, dense)
             joint.add(_run(model, batch, kind, prepare_batch, state, reads_first), dense)
-    return _change("representation" if kind == "classification" else "loss", joint, base)
+    return _change(_measure(kind), joint, base)
+
+
+def _measure(kind: str) -> str:
+    """What the budget bounds for a task kind (a key of `MEASURES`; see the module's docstring)."""
+    return "representation" if kind == "classification" else "loss"
 
 
 def _change(measure: str, run: _Sums, dense: _Sums) -> float:
