@@ -121,8 +121,8 @@ def test_a_classifier_is_profiled_on_the_representation_its_head_reads_not_on_it
     method.initialize(model, batches(arch, 4), held_out=batches(arch, 4, seed=1))
     calibration = method.report(model)["calibration"]
     assert calibration["levels"] == allocation.levels
-    if not calibration["dense"]:  # the whole allocation, measured the same way
-        assert calibration["measured_increase"] > 0 and calibration["held_out_increase"] > 0
+    assert not calibration["dense"]  # errors of ~1e-4 per block: a 5% budget takes every block that saves
+    assert calibration["measured_increase"] > 0 and calibration["held_out_increase"] > 0  # measured the same way
 
 
 def test_a_budget_of_zero_runs_dense_lora():
