@@ -199,6 +199,11 @@ class Block:
     def select(self, rows: torch.Tensor) -> dict[int, torch.Tensor]:
         raise NotImplementedError
 
+    def projections(self) -> list[SparseProjection]:
+        """The block's sparsified frozen projections."""
+        names = ("up", "gate", "down", "q", "k", "v", "o", "qkv")
+        return [p for p in (getattr(self, name, None) for name in names) if p is not None]
+
     def keep(self, width: int) -> int:
         return max(1, round((1 - self.sparsity) * width))
 

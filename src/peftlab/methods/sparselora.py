@@ -103,11 +103,6 @@ def _activation(config) -> nn.Module:
     raise PeftlabError(f"sparselora: cannot find the FFN activation in the {config.model_type} config")
 
 
-def _projections(block: Block) -> list[SparseProjection]:
-    names = ("up", "gate", "down", "q", "k", "v", "o", "qkv")
-    return [p for p in (getattr(block, name, None) for name in names) if p is not None]
-
-
 class SparseLoraMethod(LoraMethod):
     name = "sparselora"
     resumable = False  # its dense-then-sparse schedule and FLOP counts are per-process state
@@ -231,7 +226,7 @@ class SparseLoraMethod(LoraMethod):
 
     def _make_dense(self, block: Block) -> None:
         """Put the frozen projections of a block left dense back in place: it runs as LoRA does."""
-        for projection in _projections(block):
+        for projection in block.projections():
             holder, attr = projection.holder[0]
             setattr(holder, attr, projection.base_layer)
         for module in self.base[0].modules():
@@ -356,7 +351,7 @@ class SparseLoraMethod(LoraMethod):
         share = (total.executed + total.estimator) / total.dense if total.dense else 1.0
         # every projection sees every token, so the sparsified ones' dense count gives the tokens: the saving
         # over the attention and FFN projections of every layer, those left dense included
-        sparsified = sum(2 * p.in_features * p.out_features for b in self.blocks for p in _projections(b))
+        sparsified = sum(2 * p.in_features * p.out_features for b in self.blocks for p in b.projections())
         every = total.dense / sparsified * self.projection_flops if sparsified else 0
         saved = total.dense - total.executed - total.estimator
         return {
