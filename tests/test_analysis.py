@@ -272,15 +272,30 @@ def test_tost_calls_a_tight_pair_equivalent_and_a_noisy_one_unresolved():
     assert equivalent(tight, max(abs(low), abs(high)) * 1.0001) and not equivalent(tight, max(abs(low), abs(high)) * 0.9999)
 
 
-def test_power_figures_follow_the_paired_t_formula():
-    # MDE = (t_{1-a/2, n-1} + t_{0.8, n-1}) sd / sqrt(n)
-    sd, n = 0.03, 5
-    expected = (stats.t.ppf(0.975, 4) + stats.t.ppf(0.8, 4)) * sd / math.sqrt(n)
-    assert detectable_difference(sd / math.sqrt(n), n - 1, 0.05) == pytest.approx(expected)
-    needed = seeds_needed(sd, 0.02, 0.05)
-    assert detectable_difference(sd / math.sqrt(needed), needed - 1, 0.05) <= 0.02
-    assert detectable_difference(sd / math.sqrt(needed - 1), needed - 2, 0.05) > 0.02
-    assert seeds_needed(sd, 0.02, 0.05 / 4) > needed  # a stricter level needs more seeds
+def nct_power(difference, sd, n, level):
+    """Power of a two-sided paired t-test from scipy's noncentral t, written out here."""
+    critical = stats.t.ppf(1 - level / 2, n - 1)
+    shift = difference / (sd / math.sqrt(n))
+    return stats.nct.sf(critical, n - 1, shift) + np.nan_to_num(stats.nct.cdf(-critical, n - 1, shift))  # ~0: nan
+
+
+@pytest.mark.parametrize("n,level,sd", [(3, 0.05, 0.03), (3, 0.0271, 0.01), (4, 0.0106, 0.02), (6, 0.0106, 0.016),
+                                        (6, 0.0271 / 4, 0.016), (12, 0.05 / 4, 0.005), (30, 0.001, 0.1)])
+def test_power_figures_are_exact_noncentral_t(n, level, sd):
+    detectable = detectable_difference(sd / math.sqrt(n), n - 1, level)
+    assert nct_power(detectable, sd, n, level) == pytest.approx(0.8, abs=1e-6)
+    shortcut = (stats.t.ppf(1 - level / 2, n - 1) + stats.t.ppf(0.8, n - 1)) * sd / math.sqrt(n)
+    assert detectable > shortcut  # the shortcut overstates power: its difference is detected less often
+    margin = detectable * 0.7
+    needed = seeds_needed(sd, margin, level)
+    assert nct_power(margin, sd, needed, level) >= 0.8 > nct_power(margin, sd, needed - 1, level)
+    assert seeds_needed(sd, margin, level / 4) > needed  # a stricter level needs more seeds
+
+
+def test_the_shortcut_understates_the_detectable_difference_most_at_few_degrees_of_freedom():
+    ratio = {df: detectable_difference(1.0, df, 0.0106) / ((stats.t.ppf(1 - 0.0053, df) + stats.t.ppf(0.8, df)))
+             for df in (2, 5)}
+    assert 1.10 < ratio[2] < 1.20 and 1.03 < ratio[5] < 1.08  # about 15% at 2 df and 5% at 5 df
     assert seeds_needed(10.0, 1e-4, 0.05) is None  # beyond any practical number
 
 
@@ -322,6 +337,16 @@ def test_degenerate_runs_are_named_counted_and_can_be_left_out(synthetic_study, 
     assert not by_label["placement=all"].degenerate
     row = next(r for r in main_table(analysis) if r["configuration"].startswith("placement=ffn"))
     assert "(n=3, 3 degenerate)" in row["quality (mean, 95% CI)"]
+    # ffn never trained: no better / worse / equivalent, and it leaves the Holm family; attention keeps its verdict
+    ffn, attention = by_label["placement=ffn"], by_label["placement=attention"]
+    assert ffn.verdict.outcome == "not trained" and math.isnan(ffn.p_holm)
+    assert row["verdict"].startswith("no verdict: did not train (every run degenerate)")
+    assert attention.verdict.outcome in ("better", "worse", "equivalent", "unresolved")
+    attention_row = next(r for r in main_table(analysis) if r["configuration"].startswith("placement=attention"))
+    assert attention_row["verdict"].endswith("(1 of 3 runs degenerate)")
+    assert "No verdict for placement=ffn" in write_report(synthetic_study)[1]["markdown"].read_text()
+    counted = {c.label: c for c in analyze(synthetic_study, count_degenerate=True).configurations}
+    assert counted["placement=ffn"].verdict.outcome == "worse"  # what the flag asks for: the runs as results
     assert any("4 degenerate run(s), included" in line for line in analysis.limits)
     assert any("Caution: 1 of 3 runs of placement=attention are degenerate" in line for line in analysis.recommendations)
     _, outputs = write_report(synthetic_study)
@@ -422,7 +447,53 @@ def test_an_edited_label_is_compared_and_seeded_as_its_newest_configuration(synt
         finish(store, run_id, make_plan(PlanConfig(model=config.model, plan=config.plan)),
                {"accuracy": 0.8, "loss": 0.2}, "classification", head=130)
     by_label = {c.label: c for c in analyze(synthetic_study).configurations}
-    assert by_label["placement=ffn"].quality == {0: 0.79, 1: 0.80, 2: 0.81}
+    ffn = by_label["placement=ffn"].quality  # the new configuration's runs (and any seed a look added to it)
+    assert [ffn[seed] for seed in range(3)] == [0.79, 0.80, 0.81] and set(ffn.values()) <= {0.79, 0.80, 0.81, 0.8}
     assert by_label["placement=ffn"].group == new_ffn[0].group and len(by_label) == 3
     counts = seed_counts(edited, open_existing(synthetic_study), synthetic_study)
     assert max(counts.values()) <= 4
+
+
+def test_the_verdict_note_states_the_levels_of_the_design_in_use(synthetic_study):
+    """Each sentence of the note holds for the numbers beside it: the Holm levels of this many comparisons and
+    looks, the power's level, and which families are corrected for what."""
+    import yaml
+
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import verdict_note
+    from peftlab.analysis.sequential import Design
+
+    fixed = verdict_note(analyze(synthetic_study))
+    assert "at or below 0.025 for the most significant of the 2 comparisons and up to 0.05 for the last" in fixed
+    assert "at the two-sided level 0.025 per look" in fixed and "across the 2 equivalence tests" in fixed
+    assert "sequential" not in fixed and "The two families are corrected separately" in fixed
+    spec = yaml.safe_load((synthetic_study / "study.yaml").read_text())
+    spec["until_resolved"] = {"max": 6, "step": 3}  # looks at 3 and 6 seeds
+    (synthetic_study / "study.yaml").write_text(yaml.safe_dump(spec))
+    analysis = analyze(synthetic_study)
+    design = Design((3, 6))
+    note = verdict_note(analysis)
+    strictest, laxest = design.level(0.025), design.level(0.05)
+    assert analysis.design.looks == (3, 6) and strictest < laxest < 0.05 / 2 + 0.005  # close to Bonferroni
+    assert (f"at any of the looks planned at 3, 6 seeds must be at or below {strictest:.3g} for the most significant "
+            f"of the 2 comparisons and up to {laxest:.3g} for the last") in note
+    assert f"at the two-sided level {strictest:.3g} per look" in note and "sequential over the looks" in note
+    unresolved = next(c.verdict for c in analysis.configurations if c.verdict and c.verdict.outcome == "unresolved")
+    assert unresolved.alpha == pytest.approx(strictest)
+
+
+def test_seeds_needed_beyond_the_designs_maximum_say_what_to_raise():
+    from peftlab.analysis.analyze import verdict_text
+    from peftlab.analysis.sequential import Design
+    from peftlab.analysis.stats import judge
+
+    base = {s: 0.80 + 0.01 * s for s in range(6)}
+    noisy = compare({s: v + 0.004 + 0.02 * (-1) ** s for s, v in base.items()}, base)
+    design = Design((3, 6), step=3)
+    v = judge([noisy], 0.02, True, design)[0]
+    assert v.outcome == "unresolved" and v.seeds_needed > 6 and v.max_seeds == 6
+    assert v.raise_max_to >= v.seeds_needed  # more looks make each look stricter: never fewer seeds than needed
+    extended = design.extended(v.raise_max_to)
+    assert seeds_needed(noisy.sd, 0.02, extended.level(0.05)) <= v.raise_max_to
+    assert f"raise seeds.max to {v.raise_max_to}" in verdict_text(v)
+    assert "seeds.max" not in verdict_text(judge([noisy], 0.02, True, Design((6,)))[0])  # a fixed design: no maximum

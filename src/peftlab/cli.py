@@ -629,6 +629,9 @@ def report(
                                                     "else 0.01 accuracy / F1, 0.02 loss).")] = None,
     exclude_degenerate: Annotated[bool, typer.Option("--exclude-degenerate", help="Leave degenerate runs (one predicted "
                                                      "class, majority-class accuracy, no loss gain) out of the statistics.")] = False,
+    count_degenerate: Annotated[bool, typer.Option("--count-degenerate", help="Give a verdict also to configurations "
+                                                   "whose runs are all degenerate (by default: no verdict, they did "
+                                                   "not train).")] = False,
 ) -> None:
     """Write report.html, report.md and tables.tex (with figures) for a study."""
     from peftlab.analysis.report import write_report
@@ -641,7 +644,8 @@ def report(
     if margin is not None and not (margin > 0 and math.isfinite(margin)):
         raise PeftlabError(f"--margin {margin}: must be a positive difference in the metric's units, e.g. 0.01")
     analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval,
-                                     margin=margin, exclude_degenerate=exclude_degenerate)
+                                     margin=margin, exclude_degenerate=exclude_degenerate,
+                                     count_degenerate=count_degenerate)
     fewest = min(c.summary.n for c in analysis.configurations)
     if interval == "bootstrap" and fewest < BOOTSTRAP_MIN_SEEDS:
         _console(stderr=True).print(

@@ -24,6 +24,13 @@ def check_output(path: Path, option: str, *, directory: bool) -> None:
         raise PeftlabError(f"{option} {path}: no permission to write in {parent}")
 
 
+def cache_dir() -> Path:
+    """Per-user cache: $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else ~/.cache/peftlab."""
+    if env := os.environ.get("PEFTLAB_CACHE"):
+        return Path(env)
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftlab"
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write to a temporary file beside `path`, then rename it over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -18,10 +18,10 @@ from peftlab.analysis.stats import (
     Comparison,
     Summary,
     Verdict,
-    adjusted,
     compare,
+    judge,
+    not_trained,
     summarize,
-    verdict,
 )
 from peftlab.errors import PeftlabError
 from peftlab.records.results import primary_metric, run_rows
@@ -57,6 +57,11 @@ class Configuration:
     verdict: Verdict | None = None
     degenerate: dict[int, str] = field(default_factory=dict)  # seed -> why that run is degenerate
 
+    @property
+    def trained(self) -> bool:
+        """Whether any of its runs learned something (a configuration whose runs are all degenerate did not)."""
+        return not self.degenerate or any(r["seed"] not in self.degenerate for r in self.runs)
+
 
 @dataclass
 class Analysis:
@@ -72,6 +77,7 @@ class Analysis:
     interval: str = "t"  # t | bootstrap: how the configurations' confidence intervals were computed
     margin: float = math.nan  # the equivalence margin of the verdicts, in metric units
     exclude_degenerate: bool = False  # degenerate runs left out of the statistics (else included and named)
+    count_degenerate: bool = False  # a configuration whose runs are all degenerate still gets a verdict
     tuning: dict[str, RateChoice] = field(default_factory=dict)  # label -> its learning-rate choice
     design: Design = FIXED  # the looks and level of the tests (several looks: seeds until resolved)
     recommendations: list[str] = field(default_factory=list)
@@ -102,7 +108,7 @@ def choose_baseline(configurations: list[Configuration], label: str | None) -> C
 
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
             test: str = "t", interval: str = "t", margin: float | None = None,
-            exclude_degenerate: bool = False) -> Analysis:
+            exclude_degenerate: bool = False, count_degenerate: bool = False) -> Analysis:
     store = open_existing(study_dir)
     rows = run_rows(store)
     configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
@@ -146,23 +152,39 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         c.comparison = compare(c.quality, chosen.quality, test)
     margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
     design = _design(spec, study_dir)
-    for c, p in zip(others, adjusted([c.comparison for c in others], design)):
-        c.p_holm = p
-        c.verdict = verdict(c.comparison, p, margin, higher, len(others), design)
+    tuning = rate_choices(store)
+    judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
+    for c, v in zip(judged, judge([c.comparison for c in judged], margin, higher, design)):
+        c.p_holm, c.verdict = v.p, v
+    for c in others:
+        if c not in judged:
+            reason = _not_trained_reason(c, tuning) if not c.trained else _not_trained_reason(chosen, tuning, True)
+            c.verdict = not_trained(margin, reason)
     front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
     for c, on in zip(configurations, front):
         c.on_front = on
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
                         configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
                         exclude_degenerate, design=design)
+    analysis.count_degenerate = count_degenerate
+    analysis.tuning = tuning
     analysis.recommendations = recommend(analysis)
-    analysis.tuning = rate_choices(store)
     analysis.limits = limits(analysis, rows)
     for c in configurations:
         first = min(c.runs, key=lambda r: r["seed"])
         if shown := read_samples(run_dir(study_dir, first["id"]), SAMPLES_SHOWN):
             analysis.samples[c.label] = shown
     return analysis
+
+
+def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baseline: bool = False) -> str:
+    """Why a comparison gets no verdict: its configuration (or the baseline) did not train, at which rates."""
+    who = f"the baseline {c.label} did not train" if baseline else "did not train"
+    choice = tuning.get(c.label)
+    if choice and len(choice.scores) > 1:
+        rates = ", ".join(f"{rate:g}" for rate in choice.scores)
+        return f"{who} at any rate tried ({rates}): widen the rate grid or train longer"
+    return f"{who} (every run degenerate): try other learning rates or more steps"
 
 
 def _design(spec: dict[str, Any], study_dir: Path) -> Design:
@@ -195,11 +217,10 @@ def metric_name(metric: str) -> str:
 def recommend(analysis: Analysis) -> list[str]:
     """For each budget bracket, the best frontier configuration, and its verdict against the next cheaper
     one (paired test Holm-corrected over these steps, TOST for equivalence)."""
-    front = [c for c in analysis.configurations if c.on_front]
+    front = [c for c in analysis.configurations if c.on_front and (c.trained or analysis.count_degenerate)]
     steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
-    corrected = adjusted(steps, analysis.design)
-    verdicts = [verdict(s, p, analysis.margin, analysis.higher_is_better, len(steps), analysis.design)
-                for s, p in zip(steps, corrected)]
+    verdicts = judge(steps, analysis.margin, analysis.higher_is_better, analysis.design)
+    corrected = [v.p for v in verdicts]
     unit = COST_UNITS[analysis.cost]
     lines = []
     for i, c in enumerate(front):
@@ -239,22 +260,33 @@ def power_text(v: Verdict) -> str:
     """What an unresolved comparison's seeds could detect, and how many would settle it."""
     if v.reason:
         return f"no test applies ({v.reason})"
-    detect = f"these seeds detect differences of {v.detectable:.4f} or more at 80% power"
+    detect = (f"these seeds detect differences of {v.detectable:.4f} or more with 80% power (exact, two-sided "
+              f"level {v.alpha:.3g} per look)")
     if v.seeds_needed is None:
         return f"{detect}; a difference of ±{v.margin:g} is out of reach of any practical number of seeds"
-    return f"{detect}; about {v.seeds_needed} seeds would detect ±{v.margin:g}"
+    return f"{detect}; {v.seeds_needed} seeds would detect ±{v.margin:g}{_beyond_maximum(v)}"
+
+
+def _beyond_maximum(v: Verdict) -> str:
+    """Where the seeds needed lie beyond the design's maximum: what to change."""
+    if v.seeds_needed is None or v.max_seeds is None or v.seeds_needed <= v.max_seeds:
+        return ""
+    change = f": raise seeds.max to {v.raise_max_to}" if v.raise_max_to else ""
+    return f", more than this design's maximum of {v.max_seeds}{change}"
 
 
 def verdict_text(v: Verdict) -> str:
     """The verdict cell of the report's table."""
     if v.outcome == "equivalent":
         return f"equivalent (±{v.margin:g})"
+    if v.outcome == "not trained":
+        return f"no verdict: {v.reason}"
     if v.outcome != "unresolved":
         return v.outcome
     if v.reason:
         return f"unresolved: {v.reason}"
     need = f"{v.seeds_needed} seeds for ±{v.margin:g}" if v.seeds_needed else f"±{v.margin:g} out of reach"
-    return f"unresolved: detects ≥{v.detectable:.4f}; {need}"
+    return f"unresolved: detects ≥{v.detectable:.4f}; {need}{_beyond_maximum(v)}"
 
 
 def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:

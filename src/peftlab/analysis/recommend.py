@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.analysis.analyze import analyze, degenerate_caution, metric_name
-from peftlab.analysis.stats import CONSTANT, adjusted, compare, verdict
+from peftlab.analysis.stats import CONSTANT, compare, judge
 from peftlab.config import validate
 from peftlab.importance.probe import resolve_importance
 from peftlab.methods.registry import dumped_method
@@ -100,9 +100,8 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
             f"({best.summary.mean:.4f}, {best.summary.n} seeds)")
     if rivals:
         tests = [compare(best.quality, c.quality, analysis.test) for c in rivals]
-        corrected = adjusted(tests, analysis.design)
-        verdicts = [verdict(t, p, analysis.margin, analysis.higher_is_better, len(rivals), analysis.design)
-                    for t, p in zip(tests, corrected)]
+        verdicts = judge(tests, analysis.margin, analysis.higher_is_better, analysis.design)
+        corrected = [v.p for v in verdicts]
         beaten = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "better"]
         same = [c.label for c, v in zip(rivals, verdicts) if v.outcome == "equivalent"]
         tied = [f"{c.label} ({t.difference:+.4f}, Holm p={p:.3f})" for c, t, p, v in zip(rivals, tests, corrected, verdicts)

@@ -54,7 +54,7 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             "configuration": c.label + (" *" if c.on_front else ""),
             "quality (mean, 95% CI)": quality,
             "Δ vs baseline (Holm p)": delta,
-            "verdict": "baseline" if c is analysis.baseline else verdict_text(c.verdict),
+            "verdict": "baseline" if c is analysis.baseline else verdict_text(c.verdict) + _degenerate_count(c),
             "trainable params (% of base)": f"{trainable:,.0f} ({100 * trainable / base:.3f}%)",
             "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
             "training time (s)": f"{c.costs['time'].mean:.1f}",
@@ -63,6 +63,13 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
                for name, key in secondary_metrics(analysis).items()},
         })
     return rows
+
+
+def _degenerate_count(c) -> str:
+    """Beside a verdict of a partly degenerate configuration: how many of its runs learned nothing."""
+    if not c.degenerate or (c.verdict and c.verdict.outcome == "not trained"):
+        return ""
+    return f" ({len(c.degenerate)} of {len({r['seed'] for r in c.runs} | set(c.degenerate))} runs degenerate)"
 
 
 def _summary_cell(s, interval: str) -> str:
@@ -142,31 +149,46 @@ def _test_note(analysis: Analysis) -> str:
     n = sorted({c.summary.n for c in analysis.configurations})
     intervals = "95% t-intervals (mean ± half-width)" if analysis.interval == "t" else \
         "95% percentile-bootstrap intervals [low, high]"
-    tested = sum(c.comparison is not None and c.comparison.test != CONSTANT for c in analysis.configurations)
+    tested = sum(not math.isnan(c.p_holm) for c in analysis.configurations)
+    kind = "sequential p-values (over the planned looks)" if analysis.design.sequential else "p-values"
     return (f"Quality: {metric_name(analysis.metric)} ({'higher' if analysis.higher_is_better else 'lower'} is better), "
             f"n = {', '.join(map(str, n))} seeds per configuration, {intervals}. Δ: difference from the baseline "
-            f"**{analysis.baseline.label}** over matched seeds ({', '.join(tests) or 'no test'}), p-values "
-            f"Holm-corrected across {tested} comparisons. {_verdict_note(analysis)} * = on the Pareto frontier of quality vs "
-            f"{COST_LABELS[analysis.cost]}. Training time counts optimizer steps only; peak memory is "
-            f"{_memory_label(analysis)}. Degenerate runs (one predicted class, accuracy within noise of the majority "
-            f"class, or a test loss not below the base model's) are "
+            f"**{analysis.baseline.label}** over matched seeds ({', '.join(tests) or 'no test'}); p: {kind}, "
+            f"Holm-corrected across the {tested} comparison(s) with a test. {verdict_note(analysis)} * = on the Pareto "
+            f"frontier of quality vs {COST_LABELS[analysis.cost]}. Training time counts optimizer steps only; peak "
+            f"memory is {_memory_label(analysis)}. Degenerate runs (one predicted class, accuracy within noise of the "
+            f"majority class, or a test loss not below the base model's) are "
             f"{'left out' if analysis.exclude_degenerate else 'included and counted in the quality column'}.")
 
 
-def _verdict_note(analysis: Analysis) -> str:
+def verdict_note(analysis: Analysis) -> str:
+    """What the verdicts mean for this study's design: each family's guarantee, the levels after Holm, the
+    power figures' level, and which configurations got no verdict."""
     verdicts = [c.verdict for c in analysis.configurations if c.verdict]
-    resolved = sum(v.outcome != "unresolved" for v in verdicts)
-    design = analysis.design
-    power_level = verdicts[0].alpha if verdicts else design.level()
-    looks = (f" Seeds until resolved: looks planned at {', '.join(map(str, design.looks))} seeds; each p-value is "
-             f"the sequential one (the chance, with no true difference, that any planned look shows a p this small; "
-             f"a p-value below {design.level():.3g} at any look is significant), so adding seeds does not "
-             f"inflate false positives." if design.sequential else "")
-    return (f"Verdict: better / worse (Holm p < {design.alpha:g}), equivalent (the "
-            f"{100 * (1 - 2 * design.level(sided=1)):.4g}% interval of the difference inside ±{analysis.margin:g}, "
-            f"TOST), or unresolved, with the smallest difference these seeds detect at 80% power and α = "
-            f"{power_level:.3g} (per look, for {len(verdicts)} comparisons), and the seeds that would detect "
-            f"±{analysis.margin:g}; {resolved} of {len(verdicts)} comparisons resolved.{looks}")
+    judged = [v for v in verdicts if v.outcome != "not trained"]
+    design, k, alpha, m = analysis.design, len(judged), analysis.design.alpha, analysis.margin
+    resolved = sum(v.outcome not in ("unresolved", "not trained") for v in verdicts)
+    if not judged:
+        return "Verdicts: none (no comparison had a configuration and a baseline that trained)."
+    strictest, laxest = design.level(alpha / k), design.level(alpha)
+    looks = f"at any of the looks planned at {', '.join(map(str, design.looks))} seeds" if design.sequential else "at its seeds"
+    holm = (f"a plain p-value {looks} must be at or below {strictest:.3g} for the most significant of the {k} "
+            f"comparisons and up to {laxest:.3g} for the last (Holm's step-down)" if k > 1 else
+            f"a plain p-value {looks} must be at or below {laxest:.3g}")
+    power = next((v.alpha for v in judged if not math.isnan(v.detectable)), strictest)
+    untrained = [c.label for c in analysis.configurations if c.verdict and c.verdict.outcome == "not trained"]
+    return (f"Verdicts: better / worse when the Holm-corrected p < {alpha:g}: with no true difference, the chance "
+            f"of any false better or worse among the {k} comparisons is at most {alpha:g} ({holm}). Equivalent "
+            f"(±{m:g}) when the TOST p-value (two one-sided t-tests against ±{m:g}, on the larger of the comparison's "
+            f"own spread and the spread pooled over all comparisons){', sequential over the looks,' if design.sequential else ''} "
+            f"is below {alpha:g} after Holm's correction across the {k} equivalence tests: with every true difference "
+            f"at the margin, the chance of any false equivalent is at most {alpha:g}. The two families are corrected "
+            f"separately. Unresolved comparisons show the smallest difference their seeds detect with 80% power "
+            f"(exact, noncentral t, at the two-sided level {power:.3g} per look that the most significant of "
+            f"{k} comparison(s) needs) and the seeds that would detect ±{m:g}. {resolved} of {len(verdicts)} "
+            f"comparisons resolved."
+            + (f" No verdict for {', '.join(untrained)}: every run degenerate (`peftlab report --count-degenerate` "
+               "compares them anyway)." if untrained else ""))
 
 
 COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",

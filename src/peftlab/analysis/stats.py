@@ -115,8 +115,8 @@ def holm(pvalues: Sequence[float]) -> list[float]:
 
 
 def adjusted(comparisons: Sequence[Comparison], design: Design = FIXED) -> list[float]:
-    """The p-values a verdict compares with the design's alpha: each comparison's sequential p-value over
-    the design's looks (the plain one with one look), Holm-corrected across `comparisons`."""
+    """The p-values a better / worse verdict compares with the design's alpha: each comparison's sequential
+    p-value over the design's looks (the plain one with one look), Holm-corrected across `comparisons`."""
     return holm([design.p(c.p) for c in comparisons])
 
 
@@ -126,66 +126,152 @@ MAX_SEEDS = 1000  # beyond this, "seeds needed" is reported as out of reach
 
 @dataclass(frozen=True)
 class Verdict:
-    """What a comparison concludes: better, worse, equivalent within ±margin, or unresolved."""
+    """What a comparison concludes: better, worse, equivalent within ±margin, unresolved, or no verdict
+    (`not trained`: a configuration none of whose runs learned anything)."""
 
-    outcome: str  # better | worse | equivalent | unresolved
+    outcome: str  # better | worse | equivalent | unresolved | not trained
     margin: float  # the equivalence margin, in the metric's units
     detectable: float  # smallest difference these seeds detect at POWER (nan where no test applies)
     seeds_needed: int | None  # paired seeds to detect a difference of `margin` at POWER; None: unknown or > MAX_SEEDS
-    alpha: float  # the level `detectable` and `seeds_needed` are computed at
-    reason: str = ""  # why no test applies (a constant difference, one seed)
+    alpha: float  # the two-sided level per look `detectable` and `seeds_needed` are computed at
+    reason: str = ""  # why no test applies (a constant difference, one seed, nothing trained)
+    p: float = math.nan  # better / worse: the sequential p-value, Holm-corrected over the family
+    p_equivalence: float = math.nan  # equivalent: the sequential TOST p-value, Holm-corrected over the family
+    max_seeds: int | None = None  # the most seeds the study's design gives a comparison (None: not adaptive)
+    raise_max_to: int | None = None  # the seeds.max at which the design would reach `seeds_needed`
+
+
+def power(difference: float, se: float, df: float, alpha: float) -> float:
+    """Exact power of a two-sided t-test at level alpha against a true difference, from the noncentral t
+    (noncentrality difference / se)."""
+    critical = float(stats.t.ppf(1 - alpha / 2, df))
+    shift = abs(difference) / se
+    toward = float(stats.nct.sf(critical, df, shift))
+    away = float(stats.nct.cdf(-critical, df, shift))  # scipy returns nan far in this tail, where it is ~0
+    return (1.0 if math.isnan(toward) else toward) + (0.0 if math.isnan(away) else away)
+
+
+def detectable_difference(se: float, df: float, alpha: float, power_wanted: float = POWER) -> float:
+    """The smallest true difference a two-sided t-test at level alpha detects with `power_wanted`: solved
+    exactly on the noncentral t (the shortcut (t_{1-alpha/2} + t_{power}) x se is 5-15% too small at 5-2 df)."""
+    if math.isnan(se) or not df > 0 or not se > 0 or not alpha > 0:
+        return math.nan
+    from scipy.optimize import brentq
+
+    high = (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(power_wanted, df))) * se
+    while power(high, se, df, alpha) < power_wanted:
+        high *= 1.5
+    return float(brentq(lambda d: power(d, se, df, alpha) - power_wanted, 0.0, high, xtol=1e-12 * high + 1e-15))
+
+
+def seeds_needed(sd: float, margin: float, alpha: float, power_wanted: float = POWER) -> int | None:
+    """The fewest paired seeds at which a true difference of `margin` is detected with `power_wanted` (exact
+    noncentral-t power), given the sd of the per-seed differences; None beyond MAX_SEEDS."""
+    if math.isnan(sd) or not sd > 0 or margin <= 0 or not alpha > 0:
+        return None
+    for n in range(2, MAX_SEEDS + 1):
+        if power(margin, sd / math.sqrt(n), n - 1, alpha) >= power_wanted:
+            return n
+    return None
+
+
+def tost_p(comparison: Comparison, margin: float, sd: float | None = None, df: float | None = None) -> float:
+    """The p-value of TOST (Schuirmann 1987) within ±margin: the larger of the two one-sided t-tests' p-values
+    (against -margin and +margin). `sd` and `df` replace the comparison's own spread of paired differences
+    (a pooled one). nan where no test applies (one seed, the same difference on every seed)."""
+    se = comparison.se if sd is None else sd / math.sqrt(comparison.n)
+    df = comparison.df if df is None else df
+    if math.isnan(se) or not se > 0 or not df > 0:
+        return math.nan
+    above_lower = float(stats.t.sf((comparison.difference + margin) / se, df))  # H0: difference <= -margin
+    below_upper = float(stats.t.cdf((comparison.difference - margin) / se, df))  # H0: difference >= +margin
+    return max(above_lower, below_upper)
 
 
 def equivalent(comparison: Comparison, margin: float, alpha: float = 0.05) -> bool:
-    """TOST (Schuirmann 1987): both one-sided tests reject at `alpha`, i.e. the (1 - 2 alpha) interval of
-    the mean difference lies inside (-margin, margin)."""
-    if math.isnan(comparison.se) or not comparison.df > 0:
-        return False
-    half = float(stats.t.ppf(1 - alpha, comparison.df)) * comparison.se
-    return -margin < comparison.difference - half and comparison.difference + half < margin
+    """TOST at `alpha` on the comparison's own spread: both one-sided tests reject, i.e. the (1 - 2 alpha)
+    interval of the mean difference lies inside (-margin, margin)."""
+    p = tost_p(comparison, margin)
+    return not math.isnan(p) and p < alpha
 
 
-def detectable_difference(se: float, df: float, alpha: float, power: float = POWER) -> float:
-    """Minimal detectable difference of a two-sided t-test at level alpha: (t_{1-alpha/2,df} + t_{power,df}) x se."""
-    if math.isnan(se) or not df > 0:
-        return math.nan
-    return (float(stats.t.ppf(1 - alpha / 2, df)) + float(stats.t.ppf(power, df))) * se
-
-
-def seeds_needed(sd: float, margin: float, alpha: float, power: float = POWER) -> int | None:
-    """Paired seeds at which a true difference of `margin` is detected with `power`, given the sd of the
-    per-seed differences; solved by iteration, since t's degrees of freedom grow with n."""
-    if math.isnan(sd) or margin <= 0:
+def pooled_spread(comparisons: Sequence[Comparison]) -> tuple[float, float] | None:
+    """(sd, df) of the per-seed paired differences pooled over the comparisons that have one, or None."""
+    paired = [c for c in comparisons if c.df > 0 and c.sd > 0 and math.isfinite(c.sd)]
+    if not paired:
         return None
-    for n in range(2, MAX_SEEDS + 1):
-        if detectable_difference(sd / math.sqrt(n), n - 1, alpha, power) <= margin:
-            return n
+    df = sum(c.df for c in paired)
+    return math.sqrt(sum(c.df * c.sd**2 for c in paired) / df), df
+
+
+def equivalence_p(comparison: Comparison, margin: float, pooled: tuple[float, float] | None) -> float:
+    """The TOST p-value an equivalence verdict uses: the larger of the comparison's own and the pooled spread's.
+    A spread of 2 degrees of freedom is often small by chance (one in six is under 40% of the true one); the
+    pooled spread of every comparison in the study must agree before equivalence is declared."""
+    own = tost_p(comparison, margin)
+    if pooled is None or math.isnan(own):
+        return own
+    return max(own, tost_p(comparison, margin, *pooled))
+
+
+def judge(comparisons: Sequence[Comparison], margin: float, higher_is_better: bool, design: Design = FIXED,
+          power_figures: bool = True) -> list[Verdict]:
+    """The verdicts of a family of comparisons. Two families share the study's alpha, each with its own
+    guarantee whatever the number of comparisons and looks: better / worse from the sequential p-values,
+    Holm-corrected (with no true difference, any false better or worse has chance at most alpha); equivalent
+    from the sequential TOST p-values, Holm-corrected (with true differences at the margin, any false
+    equivalent has chance at most alpha). Power figures are exact, at the two-sided level per look that the
+    most significant comparison of the family needs (left out with `power_figures` False: outcomes only)."""
+    p_difference = adjusted(comparisons, design)
+    pooled = pooled_spread(comparisons)
+    p_equivalence = holm([design.p(equivalence_p(c, margin, pooled), sided=1) for c in comparisons])
+    family = max(1, sum(not math.isnan(p) for p in p_difference))
+    return [_verdict(c, p, q, margin, higher_is_better, family, design, power_figures)
+            for c, p, q in zip(comparisons, p_difference, p_equivalence)]
+
+
+def _verdict(comparison: Comparison, p: float, p_equivalence: float, margin: float, higher_is_better: bool,
+             family: int, design: Design, power_figures: bool = True) -> Verdict:
+    strict = design.level(design.alpha / family)
+    detectable, needed, raise_to, reason = math.nan, None, None, ""
+    if comparison.test == CONSTANT or comparison.sd == 0:  # sd 0: no power calculation means anything
+        reason = "the same difference on every seed"
+    elif math.isnan(comparison.se):
+        reason = "fewer than two seeds"
+    elif power_figures:
+        detectable = detectable_difference(comparison.se, comparison.df, strict)
+        needed = seeds_needed(comparison.sd, margin, strict)
+        if needed is not None and design.step and needed > design.max_seeds:
+            raise_to = _maximum_reaching(comparison.sd, margin, family, design, needed)
+    if not math.isnan(p) and p < design.alpha:
+        result = "better" if (comparison.difference > 0) == higher_is_better else "worse"
+    else:
+        result = "equivalent" if not math.isnan(p_equivalence) and p_equivalence < design.alpha else "unresolved"
+    return Verdict(result, margin, detectable, needed, strict, reason, p, p_equivalence, design.max_seeds, raise_to)
+
+
+def _maximum_reaching(sd: float, margin: float, family: int, design: Design, needed: int) -> int | None:
+    """The smallest seeds.max whose design (more looks: a stricter level per look) reaches the power of
+    `needed` seeds at its own maximum; None beyond a few rounds of the search (far out of the design's reach)."""
+    maximum = needed
+    for _ in range(4):
+        wanted = seeds_needed(sd, margin, design.extended(maximum).level(design.alpha / family))
+        if wanted is None or wanted > 4 * design.max_seeds + 12:
+            return None
+        if wanted <= maximum:
+            return maximum
+        maximum = wanted
     return None
 
 
 def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, family: int = 1,
             design: Design = FIXED) -> Verdict:
-    """better / worse: the (multiplicity-adjusted, sequential) p-value is below the design's alpha; equivalent:
-    TOST within ±margin at the design's one-sided level per look; otherwise unresolved. The detectable
-    difference and the seeds needed are computed at the two-sided level per look for alpha / family
-    (Bonferroni), so that a difference of that size would survive Holm's correction over the family."""
-    strict = design.level(design.alpha / max(family, 1))
-    detectable, needed, reason = math.nan, None, ""
-    if comparison.test == CONSTANT:  # sd 0: no power calculation means anything
-        reason = "the same difference on every seed"
-    elif math.isnan(comparison.se):
-        reason = "fewer than two seeds"
-    else:
-        detectable = detectable_difference(comparison.se, comparison.df, strict)
-        needed = seeds_needed(comparison.sd, margin, strict)
-    return Verdict(outcome(comparison, p_adjusted, margin, higher_is_better, design), margin, detectable, needed,
-                   strict, reason)
+    """One comparison's verdict from its adjusted difference p-value; equivalence from its own TOST at the
+    design's level (a family of one: `judge` corrects a family's equivalence tests together)."""
+    p_equivalence = design.p(tost_p(comparison, margin), sided=1)
+    return _verdict(comparison, p_adjusted, p_equivalence, margin, higher_is_better, family, design)
 
 
-def outcome(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool,
-            design: Design = FIXED) -> str:
-    """better / worse when the adjusted p-value is below the design's alpha, equivalent when TOST holds at
-    its one-sided level per look, else unresolved."""
-    if not math.isnan(p_adjusted) and p_adjusted < design.alpha:
-        return "better" if (comparison.difference > 0) == higher_is_better else "worse"
-    return "equivalent" if equivalent(comparison, margin, design.level(sided=1)) else "unresolved"
+def not_trained(margin: float, reason: str) -> Verdict:
+    """The verdict of a configuration whose runs all learned nothing: none."""
+    return Verdict("not trained", margin, math.nan, None, math.nan, reason)

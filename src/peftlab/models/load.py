@@ -24,6 +24,7 @@ from transformers import (
 )
 
 from peftlab.errors import PeftlabError
+from peftlab.files import cache_dir
 from peftlab.models.architectures import family_for
 
 if TYPE_CHECKING:
@@ -54,13 +55,6 @@ def tiny_configs() -> dict[str, dict[str, Any]]:
 
 def known_names() -> list[str]:
     return sorted({*PRESETS, *catalog(), *tiny_configs()})
-
-
-def cache_dir() -> Path:
-    """Per-user cache: $PEFTLAB_CACHE, else $XDG_CACHE_HOME/peftlab, else ~/.cache/peftlab."""
-    if env := os.environ.get("PEFTLAB_CACHE"):
-        return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "peftlab"
 
 
 def _config_from_dict(values: dict[str, Any]) -> PretrainedConfig:

@@ -5,8 +5,8 @@ Testing after every round and stopping at the first significant result inflates 
 are fixed in advance (the first seeds, then every `step` more up to `max`), and each comparison is judged
 by its sequential p-value over those looks (`analysis.sequential`), Holm-corrected across the comparisons:
 a study with no true difference declares one at any look with probability at most alpha, whenever it
-stops. `tests/test_adaptive.py` checks this by simulating thousands of such studies. Equivalence (TOST) is
-judged at the one-sided level per look that has the same guarantee.
+stops. Equivalence is a second family with the same guarantee at the margin: sequential TOST p-values,
+Holm-corrected. `tests/test_adaptive.py` checks both by simulating thousands of such studies.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from peftlab.analysis.sequential import Design
-from peftlab.analysis.stats import adjusted, compare, outcome
+from peftlab.analysis.stats import compare, judge
 from peftlab.errors import PeftlabError
 from peftlab.records.store import Store
 from peftlab.specs import StudySpec
@@ -41,8 +41,7 @@ def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float,
     """Label -> better | worse | equivalent | unresolved against the baseline at this look."""
     others = [label for label in quality if label != baseline]
     comparisons = [compare(quality[label], quality[baseline]) for label in others]
-    corrected = adjusted(comparisons, design)
-    return {label: outcome(c, p, margin, higher_is_better, design) for label, c, p in zip(others, comparisons, corrected)}
+    return {label: v.outcome for label, v in zip(others, judge(comparisons, margin, higher_is_better, design, False))}
 
 
 def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int] | None:
@@ -65,7 +64,7 @@ def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int
         if row["grp"] == current.get(row["label"]):
             have[row["label"]] = have.get(row["label"], 0) + 1
     quality = {c.label: c.quality for c in analysis.configurations}
-    baseline = analysis.baseline.label
-    verdicts = outcomes(quality, baseline, analysis.margin, analysis.higher_is_better, analysis.design)
-    return next_counts(quality, baseline, verdicts, spec, have)
+    # the analysis' verdicts: a configuration that did not train (every run degenerate) gets no more seeds
+    verdicts = {c.label: c.verdict.outcome for c in analysis.configurations if c.verdict}
+    return next_counts(quality, analysis.baseline.label, verdicts, spec, have)
 
