@@ -15,6 +15,7 @@ import yaml
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.records.results import export, run_rows
+from peftlab.records.store import open_existing
 from peftlab.specs import StudySpec
 from peftlab.studies.grid import expand
 from peftlab.studies.runner import run_study
@@ -400,3 +401,46 @@ def test_run_ids_stay_those_of_studies_made_before_newer_settings():
     on_cpu = validate(StudySpec, {**spec.model_dump(), "base": {**base, "train": {"max_steps": 3, "device": "cpu"}}}, "s")
     assert expand(on_cpu)[0].id != expand(spec)[0].id  # an explicit device may change the numbers: its own runs
     assert "device" not in learned_config(expand(spec)[0].config)["train"]
+
+
+def test_a_study_whose_data_changed_under_it_refuses_or_reruns_never_reuses(tmp_path, data_file, cli, capsys):
+    spec = tiny_spec(data_file, axes={"placement": {"all": "all"}}, seeds=[0, 1])
+    study_dir = tmp_path / "study"
+    before = {r["id"]: r for r in run_rows(run_study(spec, study_dir, threads=1))}
+    assert all(r["status"] == "done" for r in before.values())
+    stored = json.loads(open_existing(study_dir).get(next(iter(before)))["result"])
+    assert stored["inputs"]["task.path"].startswith("sha256:") and "model" in stored["inputs"]
+    assert stored["environment"]["versions"]["peftlab"]["version"]
+    # every label flipped: the same config, hence the same run ids, but other data
+    rows = [json.loads(line) for line in data_file.read_text().splitlines()]
+    flipped = [{**row, "label": "neg" if row["label"] == "pos" else "pos"} for row in rows]
+    data_file.write_text("".join(json.dumps(r) + "\n" for r in flipped))
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    code, _, err = cli("study", "run", spec_file, "--dir", study_dir, "--threads", "1")
+    assert code == 2 and "inputs changed since 2 finished run(s)" in err and f"task.path {data_file} (changed): 2" in err
+    assert "--rerun-changed" in err
+    unchanged = {r["id"]: r for r in run_rows(open_existing(study_dir))}
+    assert {k: (r["attempts"], r["status"]) for k, r in unchanged.items()} == {k: (1, "done") for k in before}
+    after = {r["id"]: r for r in run_rows(run_study(spec, study_dir, threads=1, rerun_changed=True))}
+    assert after.keys() == before.keys() and all(r["attempts"] == 2 and r["status"] == "done" for r in after.values())
+    again = run_study(spec, study_dir, threads=1)  # now pinned to the new data: nothing reruns
+    assert all(r["attempts"] == 2 for r in run_rows(again))
+    from peftlab.analysis.analyze import analyze
+
+    provenance = "\n".join(analyze(study_dir).provenance)
+    assert "peftlab 0.1.0" in provenance and "Packages: torch 2.13.0" in provenance and "Device: cpu" in provenance
+    assert f"Input task.path: {json.loads(again.rows()[0]['result'])['inputs']['task.path']}." in provenance
+
+
+def test_runs_of_an_older_peftlab_without_fingerprints_are_reused_with_a_note(tmp_path, data_file, capsys):
+    spec = tiny_spec(data_file, axes={"placement": {"all": "all"}}, seeds=[0])
+    study_dir = tmp_path / "study"
+    store = run_study(spec, study_dir, threads=1)
+    row = store.rows()[0]
+    old = {k: v for k, v in json.loads(row["result"]).items() if k != "inputs"}  # as an older peftlab stored it
+    store.finish(row["id"], "done", old, None)
+    capsys.readouterr()
+    again = run_study(spec, study_dir, threads=1)
+    assert again.rows()[0]["attempts"] == 1
+    assert "1 finished run(s) recorded no input fingerprints" in capsys.readouterr().err

@@ -481,6 +481,8 @@ def study_run(
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
     address: Annotated[Optional[str], typer.Option(help="Ray cluster address (default: start a local one).")] = None,
     retry_failed: Annotated[bool, typer.Option("--retry-failed", help="Run failed runs again.")] = False,
+    rerun_changed: Annotated[bool, typer.Option("--rerun-changed", help="Run again the finished runs whose inputs "
+                                                "(data files, a local model directory) changed since they ran.")] = False,
     threads: Annotated[Optional[int], typer.Option(help="CPU threads per run (default cores / jobs).")] = None,
     gpus_per_run: Annotated[float, typer.Option(help="GPUs each Ray run declares; 2 or more: the run trains over that many processes, one per GPU (data parallel).")] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show what each configuration will train, then stop.")] = False,
@@ -515,7 +517,7 @@ def study_run(
         _console().print(f"study {spec.name} has no axes: one configuration (its base) x {len(spec.seeds)} seed(s)",
                          highlight=False)
     store = run_study(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
-                      threads=threads, gpus=gpus_per_run)
+                      threads=threads, gpus=gpus_per_run, rerun_changed=rerun_changed)
     _print_summary(store.counts(), study_dir)
     failed = store.counts().get("failed", 0)
     if failed:

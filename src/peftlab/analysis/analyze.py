@@ -11,6 +11,7 @@ from typing import Any
 
 from peftlab.analysis.degenerate import checkable, degenerate_reason
 from peftlab.analysis.pareto import pareto_front
+from peftlab.analysis.provenance import provenance_lines
 from peftlab.analysis.sequential import FIXED, Design, study_design
 from peftlab.analysis.stats import (
     BOOTSTRAP_MIN_SEEDS,
@@ -83,6 +84,7 @@ class Analysis:
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # label -> completions of its first seed
+    provenance: list[str] = field(default_factory=list)  # versions, device and inputs of the compared runs
 
 
 def _is_uniform_all_lora(config: dict[str, Any]) -> tuple[bool, float]:
@@ -170,6 +172,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     analysis.tuning = tuning
     analysis.recommendations = recommend(analysis)
     analysis.limits = limits(analysis, rows)
+    analysis.provenance = provenance_lines([r for c in configurations for r in c.runs])
     for c in configurations:
         first = min(c.runs, key=lambda r: r["seed"])
         if shown := read_samples(run_dir(study_dir, first["id"]), SAMPLES_SHOWN):

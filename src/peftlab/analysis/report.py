@@ -191,6 +191,11 @@ def verdict_note(analysis: Analysis) -> str:
                "compares them anyway)." if untrained else ""))
 
 
+REPRODUCE = ("To reproduce: install the peftlab version (or commit) and packages below, then run the study spec "
+             "saved beside this report (`peftlab study run study.yaml`); each run's exact config is in "
+             "`runs/<id>/config.yaml`. A study reuses a run only while its inputs are unchanged.")
+
+
 COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",
                "size": "adapter size"}
 
@@ -218,6 +223,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
     lines += ["", "## Degenerate runs", ""] + [f"- {line}" for line in degenerate_lines(analysis)]
     lines += ["", "## Recommendations", ""] + [f"- {r}" for r in analysis.recommendations]
     lines += ["", "## Limits", ""] + [f"- {r}" for r in analysis.limits]
+    lines += ["", "## Provenance", "", REPRODUCE, ""] + [f"- {r}" for r in analysis.provenance]
     lines += ["", "## Figures", ""] + [f"![{title}]({path.relative_to(out.parent)})" for title, path in figures.items()]
     write_atomic(out, "\n".join(lines) + "\n")
     return out
@@ -277,6 +283,7 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
 {_tuning_html(analysis)}{_samples_html(analysis)}<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
 <h2>Recommendations</h2><ul>{items(analysis.recommendations)}</ul><h2>Limits</h2><ul>{items(analysis.limits)}</ul>
+<h2>Provenance</h2><p class="note">{_md_inline(REPRODUCE)}</p><ul>{items(analysis.provenance)}</ul>
 <h2>Figures</h2>{figs}{CHECK}</body></html>"""
     write_atomic(out, page)
     return out

@@ -20,7 +20,8 @@ def _flatten(prefix: str, value: Any, into: dict[str, Any]) -> None:
 
 
 def run_rows(store: Store) -> list[dict[str, Any]]:
-    """One flat dict per run: identity, status, axes, metrics.*, cost.*, speed.*."""
+    """One flat dict per run: identity, status, axes, metrics.*, cost.*, speed.*, environment.* (versions,
+    device) and inputs.* (what each input field read, `peftlab.provenance`)."""
     rows = []
     for r in store.rows():
         row: dict[str, Any] = {
@@ -30,7 +31,7 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
         }
         _flatten("axis", json.loads(r["axes"]), row)
         result = RunResult.from_dict(json.loads(r["result"])) if r["result"] else RunResult(r["status"])
-        for section in ("metrics", "cost", "speed"):
+        for section in ("metrics", "cost", "speed", "environment", "inputs"):
             _flatten(section, getattr(result, section), row)
         row["kind"] = result.data.get("kind")
         rows.append(row)

@@ -25,6 +25,9 @@ from peftlab.train.tracking import check_backends
 
 
 def resolve_run(config: RunConfig) -> ResolvedRun:
+    from peftlab.provenance import input_identity
+
+    inputs = input_identity(config.model_dump(mode="json", by_alias=True))  # before any input is read
     if config.tracking is not None:
         check_backends(config.tracking)
     device = choose_device(config.train.device)
@@ -58,4 +61,4 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
         f = evaluation.forgetting
         forgetting = text_chunks(f.path, f.text_column, tokenizer, config.task.max_length, f.max_tokens)
     return ResolvedRun(config, model, sized.method, plan_on(model, sized.plan), data, tokenizer.pad_token_id,
-                       total_steps, budget, scores, tokenizer, prompts, forgetting)
+                       total_steps, budget, scores, tokenizer, prompts, forgetting, inputs)

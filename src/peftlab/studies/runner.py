@@ -16,6 +16,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
+from rich.console import Console
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -32,6 +33,7 @@ from peftlab.records.tuning import chosen_rates
 from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import expand
+from peftlab.studies.pinning import enforce
 from peftlab.studies.preview import check_configurations
 from peftlab.studies.worker import (
     PRELOAD,
@@ -188,7 +190,8 @@ def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: f
 
 
 def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str = "local", address: str | None = None,
-              retry_failed: bool = False, threads: int | None = None, gpus: float = 0.0) -> Store:
+              retry_failed: bool = False, threads: int | None = None, gpus: float = 0.0,
+              rerun_changed: bool = False) -> Store:
     if jobs < 1:
         raise PeftlabError(f"--jobs must be >= 1, got {jobs}")
     if executor not in ("local", "ray"):  # before anything is written
@@ -200,6 +203,16 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
     check_configurations(spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     with study_lock(study_dir):
+        if (study_dir / "study.db").is_file():  # before anything is written: changed inputs stop the study
+            existing = Store(study_dir / "study.db")
+            try:
+                check = enforce(existing, str(study_dir), rerun_changed)
+            finally:
+                existing.close()
+            if check.unchecked:
+                Console(stderr=True).print(f"note: {check.unchecked} finished run(s) recorded no input fingerprints "
+                                           "(an older peftlab): reused, their inputs could not be checked",
+                                           highlight=False)
         store, added = open_study(spec, study_dir)
         recovered = recover(store, study_dir)
         ids = store.to_run(retry_failed)

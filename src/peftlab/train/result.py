@@ -22,6 +22,7 @@ class RunResult:
     speed: dict[str, dict[str, Any] | None] = field(default_factory=dict)  # feature -> what it did (None: n/a)
     data: dict[str, Any] = field(default_factory=dict)  # split sizes, labels, task kind
     environment: dict[str, Any] = field(default_factory=dict)  # device, threads, library versions
+    inputs: dict[str, str] = field(default_factory=dict)  # field -> identity of what it read (`peftlab.provenance`)
     config: dict[str, Any] | None = None  # the run config; a study stores it with the run instead
 
     @property

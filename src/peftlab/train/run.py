@@ -17,7 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -32,7 +32,7 @@ from peftlab.errors import PeftlabError
 from peftlab.files import check_output, write_atomic
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
-from peftlab.models.load import cache_dir, count_params, head_modules, load_model
+from peftlab.models.load import cache_dir, count_params, head_modules, load_model, unwrap
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
@@ -101,6 +101,7 @@ class ResolvedRun:
     tokenizer: Any = None  # decodes generated completions
     prompts: Prompts | None = None  # test prompts to complete (eval.generate)
     forgetting: list[dict[str, Any]] | None = None  # a general text's chunks (eval.forgetting)
+    inputs: dict[str, str] = field(default_factory=dict)  # identity of every input, taken before any was read
 
 
 def check_output_dir(output_dir: Path) -> None:
@@ -249,7 +250,8 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
         speed=outcome.speed,
         data={"train": len(data.train), "validation": len(data.validation), "test": len(data.test),
               "dropped": data.dropped, "truncated": data.truncated, "labels": data.labels, "kind": data.kind},
-        environment=_environment(accelerator),
+        environment=_environment(accelerator, model),
+        inputs=run.inputs,
         config=run.config.model_dump(mode="json", by_alias=True),
     )
     (partial_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
@@ -445,19 +447,20 @@ def _latencies(model, method, batches: list[dict], kind: str, device) -> dict[st
     return timings
 
 
-def _environment(accelerator: Accelerator) -> dict[str, Any]:
-    import peft
-    import transformers
+def _environment(accelerator: Accelerator, model) -> dict[str, Any]:
+    """The machine and versions a run used (recorded, not part of what decides reuse)."""
+    from peftlab.provenance import device_identity, versions
 
+    found = versions()
     return {
         "device": str(accelerator.device),
-        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        **device_identity(),
         "threads": torch.get_num_threads(),
         "cpus": os.cpu_count(),
         "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
+        **{name: found[name] for name in ("torch", "transformers", "peft")},
+        "versions": found,
+        "model_commit": getattr(getattr(unwrap(model), "config", None), "_commit_hash", None),  # a Hub model's
         "mixed_precision": accelerator.mixed_precision,
         "processes": accelerator.num_processes,  # data parallel: train.batch_size is the global batch
     }
