@@ -497,3 +497,30 @@ def test_seeds_needed_beyond_the_designs_maximum_say_what_to_raise():
     assert seeds_needed(noisy.sd, 0.02, extended.level(0.05)) <= v.raise_max_to
     assert f"raise seeds.max to {v.raise_max_to}" in verdict_text(v)
     assert "seeds.max" not in verdict_text(judge([noisy], 0.02, True, Design((6,)))[0])  # a fixed design: no maximum
+
+
+def test_configurations_still_improving_at_the_end_are_flagged(synthetic_study):
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import main_table
+    from peftlab.records.store import open_existing
+
+    store = open_existing(synthetic_study)
+    for row in store.rows():
+        result = json.loads(row["result"])
+        rising = 0.05 if '"attention"' in row["axes"] else 0.002  # attention still gains 5 points at the end
+        result["metrics"]["validation"] = {"accuracy": 0.80, "loss": 0.5}
+        result["metrics"]["validation@0.5"] = {"accuracy": 0.70, "loss": 0.6}
+        result["metrics"]["validation@0.75"] = {"accuracy": 0.80 - rising, "loss": 0.5 + rising}
+        store.finish(row["id"], "done", result, None)
+    analysis = analyze(synthetic_study)
+    by_label = {c.label: c for c in analysis.configurations}
+    attention = by_label["placement=attention"].improvement
+    assert attention.since == 0.75 and attention.change == pytest.approx(0.05) and attention.still_improving
+    assert not by_label["placement=all"].improvement.still_improving
+    line = next(line for line in analysis.limits if line.startswith("Still improving"))
+    assert "placement=attention (+0.0500, 3 runs)" in line and "the last 25% of the steps" in line
+    assert "placement=ffn" not in line and "about this training budget" in line
+    cells = {r["configuration"].rstrip(" *"): r["verdict"] for r in main_table(analysis)}
+    assert cells["placement=attention"].endswith("(still improving)") and "still" not in cells["placement=ffn"]
+    by_loss = {c.label: c.improvement for c in analyze(synthetic_study, metric="loss").configurations}
+    assert by_loss["placement=attention"].metric == "validation loss" and by_loss["placement=attention"].change > 0.02

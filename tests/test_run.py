@@ -244,9 +244,17 @@ def test_eval_every_and_gradient_accumulation(tmp_path, reviews_file):
     from conftest import run_to_dict
 
     one = run_to_dict(classification_config(reviews_file, max_steps=4, eval_every=2), tmp_path / "one")
-    two = run_to_dict(classification_config(reviews_file, max_steps=4, grad_accum=2), tmp_path / "two")
+    two = run_to_dict(classification_config(reviews_file, max_steps=4, grad_accum=2, eval_at=[0.75, 0.5]),
+                      tmp_path / "two")
     history = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
     assert [(h["step"], h["split"]) for h in history if "split" in h] == [(2, "validation"), (4, "validation"), (4, "test")]
+    # eval_at: validation also at 50% and 75% of the steps, kept in the result beside the final validation
+    history = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert [(h["step"], h["split"]) for h in history if "split" in h] == [(2, "validation"), (3, "validation"),
+                                                                         (4, "validation"), (4, "test")]
+    assert {k for k in two["metrics"]} == {"validation@0.5", "validation@0.75", "validation", "test"}
+    at_three = next(h for h in history if h.get("split") == "validation" and h["step"] == 3)
+    assert two["metrics"]["validation@0.75"] == {k: v for k, v in at_three.items() if k not in ("step", "split")}
     # an optimizer step over two micro-batches sees twice the data
     assert two["cost"]["steps"] == one["cost"]["steps"] == 4
     assert 1.5 < two["cost"]["train_tokens"] / one["cost"]["train_tokens"] < 2.5

@@ -222,6 +222,10 @@ class TrainSpec(Spec):
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0)
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
+    eval_at: list[float] | None = None
+    """Also evaluate on the validation split at these fractions of the steps, e.g. [0.5, 0.75]; the result
+    keeps each as `metrics.validation@0.5` beside the final `metrics.validation`, which shows whether a run was
+    still improving when it stopped. Default: none for a run, [0.5, 0.75] for a study's seed runs."""
     log_every: int = Field(10, ge=1)
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     """auto: CUDA, then Apple's MPS, then the CPU."""
@@ -250,6 +254,13 @@ class TrainSpec(Spec):
     evaluate_test: bool = True
     """Evaluate on the test split at the end. A study's tuning runs turn it off: they are judged on the
     validation split alone, so the test split plays no part in choosing the learning rate."""
+
+    @field_validator("eval_at")
+    @classmethod
+    def _fractions(cls, value: list[float] | None) -> list[float] | None:
+        if value is not None and not all(0 < f < 1 for f in value):
+            raise ValueError("each fraction of the steps lies strictly between 0 and 1, e.g. [0.5, 0.75]")
+        return None if value is None else sorted(set(value))
 
 
 class GenerateSpec(Spec):

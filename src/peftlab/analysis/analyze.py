@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,21 @@ SAMPLES_SHOWN = 3  # generated completions shown per configuration in the report
 RELATIVE_MARGIN = 0.02  # of the baseline's mean, for other metrics (perplexity)
 
 
+@dataclass(frozen=True)
+class Improvement:
+    """The mean change of a validation metric over the last stretch of training (in the better direction)."""
+
+    metric: str  # e.g. validation accuracy
+    since: float  # the fraction of the steps the stretch starts at (e.g. 0.75)
+    change: float  # mean over the runs, positive = still improving
+    runs: int
+    margin: float  # what counts as still improving
+
+    @property
+    def still_improving(self) -> bool:
+        return self.change > self.margin
+
+
 @dataclass
 class Configuration:
     group: str
@@ -57,6 +73,7 @@ class Configuration:
     p_holm: float = math.nan  # the sequential p-value (the plain one with one look), Holm-corrected
     verdict: Verdict | None = None
     degenerate: dict[int, str] = field(default_factory=dict)  # seed -> why that run is degenerate
+    improvement: Improvement | None = None  # how much validation quality still rose at the end of training
 
     @property
     def trained(self) -> bool:
@@ -171,6 +188,8 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     analysis.count_degenerate = count_degenerate
     analysis.tuning = tuning
     analysis.recommendations = recommend(analysis)
+    for c in configurations:
+        c.improvement = improvement(c.runs, metric, higher, margin)
     analysis.limits = limits(analysis, rows)
     analysis.provenance = provenance_lines([r for c in configurations for r in c.runs])
     for c in configurations:
@@ -178,6 +197,28 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         if shown := read_samples(run_dir(study_dir, first["id"]), SAMPLES_SHOWN):
             analysis.samples[c.label] = shown
     return analysis
+
+
+def improvement(runs: list[dict[str, Any]], metric: str, higher: bool, margin: float) -> Improvement | None:
+    """The mean change of the validation metric (the quality metric where validation has it, else the loss at
+    the loss margin) from the last intermediate evaluation (`train.eval_at`) to the end of training."""
+    name = metric.rsplit(".", 1)[-1]
+    if not any(f"metrics.validation.{name}" in r for r in runs):
+        name, higher, margin = "loss", False, DEFAULT_MARGINS["loss"]
+    pattern = re.compile(rf"metrics\.validation@(\d+(?:\.\d+)?)\.{re.escape(name)}")
+    fractions = sorted({float(m.group(1)) for r in runs for k in r if (m := pattern.fullmatch(k))})
+    if not fractions:
+        return None
+    since = fractions[-1]
+    changes = [(r[f"metrics.validation.{name}"] - r[f"metrics.validation@{since:g}.{name}"]) * (1 if higher else -1)
+               for r in runs if _numbers(r.get(f"metrics.validation.{name}"), r.get(f"metrics.validation@{since:g}.{name}"))]
+    if not changes:
+        return None
+    return Improvement(f"validation {name}", since, sum(changes) / len(changes), len(changes), margin)
+
+
+def _numbers(*values: Any) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)
 
 
 def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baseline: bool = False) -> str:
@@ -310,6 +351,7 @@ def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
         out.append(f"{', '.join(constant)}: the same difference from the baseline on every seed, so no test applies "
                    "(no p-value); this usually means runs that predict a single class.")
     out += _degenerate_limits(analysis)
+    out += _convergence_limits(analysis)
     out += _cache_limits(analysis)
     if analysis.failed:
         out.append(f"{analysis.failed} run(s) failed and are left out (see `peftlab study status`).")
@@ -349,6 +391,23 @@ def _degenerate_limits(analysis: Analysis) -> list[str]:
     names = ", ".join(f"{c.label} ({len(c.degenerate)})" for c in flagged)
     return [f"{count} degenerate run(s), {how}: {names}. They measure a training failure (often the learning rate), "
             "not the configuration; see the list of degenerate runs."]
+
+
+def _convergence_limits(analysis: Analysis) -> list[str]:
+    """Configurations whose validation quality still rose by more than the margin at the end of training."""
+    measured = [c for c in analysis.configurations if c.improvement]
+    if not measured:
+        return []
+    rising = [c for c in measured if c.improvement.still_improving]
+    first = measured[0].improvement
+    stretch = f"the last {100 * (1 - first.since):.0f}% of the steps"
+    if not rising:
+        return [f"Convergence: every configuration's {first.metric} changed by less than the margin (±{first.margin:g}) "
+                f"over {stretch} (mean over its runs)."]
+    names = ", ".join(f"{c.label} ({c.improvement.change:+.4f}, {c.improvement.runs} runs)" for c in rising)
+    return [f"Still improving at the end of training: {names}: the {first.metric} rose by more than the margin "
+            f"(±{first.margin:g}) over {stretch}. Their verdicts are about this training budget; a longer run may "
+            "change them."]
 
 
 def _cache_limits(analysis: Analysis) -> list[str]:

@@ -54,7 +54,8 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             "configuration": c.label + (" *" if c.on_front else ""),
             "quality (mean, 95% CI)": quality,
             "Δ vs baseline (Holm p)": delta,
-            "verdict": "baseline" if c is analysis.baseline else verdict_text(c.verdict) + _degenerate_count(c),
+            "verdict": ("baseline" if c is analysis.baseline else verdict_text(c.verdict) + _degenerate_count(c))
+            + (" (still improving)" if c.improvement and c.improvement.still_improving else ""),
             "trainable params (% of base)": f"{trainable:,.0f} ({100 * trainable / base:.3f}%)",
             "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
             "training time (s)": f"{c.costs['time'].mean:.1f}",

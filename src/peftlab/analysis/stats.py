@@ -206,7 +206,7 @@ def pooled_spread(comparisons: Sequence[Comparison]) -> tuple[float, float] | No
 
 def equivalence_p(comparison: Comparison, margin: float, pooled: tuple[float, float] | None) -> float:
     """The TOST p-value an equivalence verdict uses: the larger of the comparison's own and the pooled spread's.
-    A spread of 2 degrees of freedom is often small by chance (one in six is under 40% of the true one); the
+    A spread of 2 degrees of freedom is often small by chance (one in seven is under 40% of the true one); the
     pooled spread of every comparison in the study must agree before equivalence is declared."""
     own = tost_p(comparison, margin)
     if pooled is None or math.isnan(own):

@@ -91,6 +91,8 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
         set_dotted(RunConfig, data, "train.seed", seed, source)
         if lr is not None:
             set_dotted(RunConfig, data, "train.lr", lr, source)
+        if phase == "main" and _train_setting(data, "eval_at") is None:  # where each run was still improving
+            set_dotted(RunConfig, data, "train.eval_at", list(STUDY_EVAL_AT), source)
         if phase == "tune":  # judged on validation alone: no test evaluation, no latency timing
             set_dotted(RunConfig, data, "train.evaluate_test", False, source)
             set_dotted(RunConfig, data, "train.latency_batches", 0, source)
@@ -114,7 +116,13 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
 # Settings that do not change what a run learns (trackers, training checkpoints, recomputed activations), and
 # settings added later at their default (every run before them had it): left out of run ids, so that adding them
 # to a study, or resuming a study created before they existed, reruns nothing.
-UNLEARNED = {"checkpoint_every", "gradient_checkpointing"}
+UNLEARNED = {"checkpoint_every", "gradient_checkpointing", "eval_at"}
+STUDY_EVAL_AT = (0.5, 0.75)  # a study's seed runs also evaluate validation here (convergence, in the report)
+
+
+def _train_setting(data: dict[str, Any], name: str) -> Any:
+    train = data.get("train")
+    return train.get(name) if isinstance(train, dict) else None
 ADDED_DEFAULTS = {("train", "device"): "auto", ("method", "init"): "default", ("method", "sparsity"): None}
 
 

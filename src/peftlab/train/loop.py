@@ -55,6 +55,14 @@ def forever(loader: DataLoader) -> Iterator[dict]:
         yield from loader
 
 
+def evaluation_steps(spec, total_steps: int) -> set[int]:
+    """The steps before the last at which the validation split is evaluated: every `eval_every`, and each
+    fraction of `eval_at` (rounded to a step)."""
+    steps = set(range(spec.eval_every, total_steps, spec.eval_every)) if spec.eval_every else set()
+    steps |= {max(1, round(f * total_steps)) for f in spec.eval_at or ()}
+    return {s for s in steps if s < total_steps}
+
+
 def train_loop(
     model: torch.nn.Module,
     method: Method,
@@ -75,6 +83,7 @@ def train_loop(
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    evaluations = evaluation_steps(spec, total_steps)
     batches = forever(loader)
     model.train()
     seconds, tokens, positions, window, final_loss, first = 0.0, 0, 0, [], float("nan"), 1
@@ -132,7 +141,7 @@ def train_loop(
                 on_log({"step": step, "train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
                         "tokens_per_second": tokens / seconds})
                 final_loss, window = sum(window) / len(window), []
-            if spec.eval_every and step % spec.eval_every == 0 and step < total_steps:
+            if step in evaluations:
                 on_eval(step)
             if checkpoints is not None and checkpoints.due(step, total_steps):
                 checkpoints.save(step, model, optimizer, scheduler, {"seconds": seconds, "tokens": tokens,

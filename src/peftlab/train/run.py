@@ -259,6 +259,18 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
     return result
 
 
+def validation_curve(history: Path, fractions: list[float] | None, total_steps: int) -> dict[str, dict[str, Any]]:
+    """`validation@F` -> the validation metrics at fraction F of the steps, read from the run's metrics.jsonl
+    (so that a run resumed from a checkpoint keeps the evaluations before it)."""
+    wanted = {max(1, round(f * total_steps)): f for f in fractions or () if round(f * total_steps) < total_steps}
+    curve = {}
+    for line in history.read_text().splitlines() if wanted and history.is_file() else []:
+        row = json.loads(line)
+        if row.get("split") == "validation" and row["step"] in wanted:
+            curve[f"validation@{wanted[row['step']]:g}"] = {k: v for k, v in row.items() if k not in ("step", "split")}
+    return curve
+
+
 def non_finite(metrics: dict[str, dict[str, Any]]) -> str | None:
     """Why a run whose training finished is still a failure: a NaN or infinite metric (a diverged evaluation
     would otherwise flow into a study's statistics as a number)."""
@@ -329,6 +341,7 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
         if split_batches:
             outcome.metrics[split_name] = evaluate_split(model, split_batches)
             record({"step": loop.steps, "split": split_name, **outcome.metrics[split_name]})
+    outcome.metrics.update(validation_curve(partial_dir / "metrics.jsonl", spec.eval_at, run.total_steps))
     if base_loss is not None and "test" in outcome.metrics:
         outcome.metrics["test"]["base_loss"] = base_loss
     if forgetting_batches:
