@@ -62,3 +62,29 @@ def run_arguments(description: str, *, steps: int, batch_size: int, placement: s
 def task_spec(args: argparse.Namespace) -> dict[str, Any]:
     """The run config's task from --data/--kind or --task."""
     return {"path": str(Path(args.data).resolve()), "kind": args.kind} if args.data else {"name": args.task}
+
+
+def peft_model_and_data(config):
+    """The model with LoRA on exactly the plan's modules (what peftlab builds), and the tokenized data."""
+    from peft import LoraConfig, get_peft_model
+
+    from peftlab.methods.lora import peft_task_type
+    from peftlab.models.load import (
+        count_params,
+        head_modules,
+        load_model,
+        load_tokenizer,
+        model_spec_for_task,
+    )
+    from peftlab.models.sites import resolve_sites
+    from peftlab.plans.peft_export import lora_config_kwargs
+    from peftlab.plans.plan import build_plan
+    from peftlab.tasks.prepare import load_task
+
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    spec = model_spec_for_task(config.model, data.kind, len(data.labels))
+    model = load_model(spec, seed=config.train.seed)
+    plan = build_plan(resolve_sites(model), count_params(model), config.plan, spec.name)
+    lora = LoraConfig(task_type=peft_task_type(model), **lora_config_kwargs(plan, modules_to_save=head_modules(model) or None))
+    return get_peft_model(model, lora), data, tokenizer.pad_token_id

@@ -32,7 +32,7 @@ import time
 from functools import partial
 from pathlib import Path
 
-from common import MiB, append_result, run_arguments, task_spec
+from common import MiB, append_result, peft_model_and_data, run_arguments, task_spec
 
 HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab", "peftlab-compile")
 DEFAULT = "trainer,bare,peftlab-random,peftlab"
@@ -50,32 +50,6 @@ def run_config(args: argparse.Namespace):
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
                   "warmup_ratio": 0.0, "max_grad_norm": None, "latency_batches": 0, "log_every": args.steps},
     }, "benchmark")
-
-
-def peft_model_and_data(config):
-    """The model with LoRA on exactly the plan's modules (what peftlab builds), and the tokenized data."""
-    from peft import LoraConfig, get_peft_model
-
-    from peftlab.methods.lora import peft_task_type
-    from peftlab.models.load import (
-        count_params,
-        head_modules,
-        load_model,
-        load_tokenizer,
-    )
-    from peftlab.models.sites import resolve_sites
-    from peftlab.plans.peft_export import lora_config_kwargs
-    from peftlab.plans.plan import build_plan
-    from peftlab.tasks.prepare import load_task
-    from peftlab.train.run import model_spec_for_task
-
-    tokenizer = load_tokenizer(config.model)
-    data = load_task(config.task, tokenizer)
-    spec = model_spec_for_task(config.model, data.kind, len(data.labels))
-    model = load_model(spec, seed=config.train.seed)
-    plan = build_plan(resolve_sites(model), count_params(model), config.plan, spec.name)
-    lora = LoraConfig(task_type=peft_task_type(model), **lora_config_kwargs(plan, modules_to_save=head_modules(model) or None))
-    return get_peft_model(model, lora), data, tokenizer.pad_token_id
 
 
 def measure(harness: str, config) -> dict:

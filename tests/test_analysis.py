@@ -13,9 +13,9 @@ from peftlab.analysis.stats import (
     detectable_difference,
     equivalent,
     holm,
+    judge,
     seeds_needed,
     summarize,
-    verdict,
 )
 
 A = [0.81, 0.79, 0.84, 0.80, 0.83]
@@ -260,11 +260,11 @@ def test_tost_calls_a_tight_pair_equivalent_and_a_noisy_one_unresolved():
     base = {s: 0.80 + 0.02 * (s % 3) for s in range(8)}
     tight = compare({s: v + 0.001 * (-1) ** s for s, v in base.items()}, base)
     assert equivalent(tight, 0.01)
-    assert verdict(tight, tight.p, 0.01, True).outcome == "equivalent"
+    assert judge([tight], 0.01, True)[0].outcome == "equivalent"
     # the same tiny mean difference, but differences that swing by ±0.05 from seed to seed
     noisy = compare({s: v + 0.05 * (-1) ** s for s, v in base.items()}, base)
     assert not equivalent(noisy, 0.01)
-    v = verdict(noisy, noisy.p, 0.01, True)
+    v = judge([noisy], 0.01, True)[0]
     assert v.outcome == "unresolved" and v.detectable > 0.01 and v.seeds_needed > 8
     # TOST at alpha = the 90% t-interval inside the margin
     d = np.array([tight.difference + 0.001 * (-1) ** s for s in range(8)])
@@ -301,9 +301,9 @@ def test_the_shortcut_understates_the_detectable_difference_most_at_few_degrees_
 
 def test_a_significant_difference_is_better_or_worse_by_the_metrics_direction():
     c = compare(dict(enumerate(A)), dict(enumerate(B)))
-    assert verdict(c, c.p, 0.01, higher_is_better=True).outcome == "better"
-    assert verdict(c, c.p, 0.01, higher_is_better=False).outcome == "worse"
-    assert verdict(c, 0.2, 0.01, higher_is_better=True).outcome == "unresolved"  # the adjusted p decides
+    assert judge([c], 0.01, higher_is_better=True)[0].outcome == "better"
+    assert judge([c], 0.01, higher_is_better=False)[0].outcome == "worse"
+    assert judge([c] * 40, 0.01, higher_is_better=True)[0].outcome == "unresolved"  # Holm over 40: p * 40 > 0.05
 
 
 def test_the_report_carries_a_verdict_per_comparison(synthetic_study):

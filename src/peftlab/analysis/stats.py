@@ -264,14 +264,6 @@ def _maximum_reaching(sd: float, margin: float, family: int, design: Design, nee
     return None
 
 
-def verdict(comparison: Comparison, p_adjusted: float, margin: float, higher_is_better: bool, family: int = 1,
-            design: Design = FIXED) -> Verdict:
-    """One comparison's verdict from its adjusted difference p-value; equivalence from its own TOST at the
-    design's level (a family of one: `judge` corrects a family's equivalence tests together)."""
-    p_equivalence = design.p(tost_p(comparison, margin), sided=1)
-    return _verdict(comparison, p_adjusted, p_equivalence, margin, higher_is_better, family, design)
-
-
 def not_trained(margin: float, reason: str) -> Verdict:
     """The verdict of a configuration whose runs all learned nothing: none."""
     return Verdict("not trained", margin, math.nan, None, math.nan, reason)
