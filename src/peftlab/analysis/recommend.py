@@ -82,8 +82,13 @@ def _from_study(study: Path, budget: int, config: RunConfig) -> tuple[tuple[Any,
     ranked method; and lines saying what the study showed."""
     analysis = analyze(study)
     params = {c.label: c.every_metric.get("cost.adapter_params") for c in analysis.configurations}
-    within = [c for c in analysis.configurations if params[c.label] and params[c.label].mean <= budget * (1 + TOLERANCE)]
+    fitting = [c for c in analysis.configurations if params[c.label] and params[c.label].mean <= budget * (1 + TOLERANCE)]
+    within = [c for c in fitting if c.trained]  # one whose every run is degenerate is no evidence for a proposal
     name = metric_name(analysis.metric)
+    if fitting and not within:
+        labels = ", ".join(c.label for c in fitting)
+        return None, [f"Study {analysis.name}: no configuration within the budget trained ({labels}: every run "
+                      "degenerate); the proposal rests on importance alone."]
     if not within:
         cheapest = min(analysis.configurations, key=lambda c: params[c.label].mean if params[c.label] else math.inf)
         return None, [f"Study {analysis.name}: no configuration fits the budget (the cheapest, {cheapest.label}, trains "

@@ -209,7 +209,7 @@ def equivalence_p(comparison: Comparison, margin: float, pooled: tuple[float, fl
     A spread of 2 degrees of freedom is often small by chance (one in seven is under 40% of the true one); the
     pooled spread of every comparison in the study must agree before equivalence is declared."""
     own = tost_p(comparison, margin)
-    if pooled is None or math.isnan(own):
+    if pooled is None or math.isnan(own) or math.isnan(comparison.sd):  # unpaired (Welch): its own spread only
         return own
     return max(own, tost_p(comparison, margin, *pooled))
 
