@@ -12,6 +12,7 @@ Wilson interval. It also checks the sequential p-values against an independent, 
 
     python benchmarks/verdicts.py                       # 10,000 studies per setting (~15 min on 2 cores)
     python benchmarks/verdicts.py --studies 2000 --no-record
+    python benchmarks/verdicts.py --studies 20000 --looks 3,6,9,12 --settings null --rules current
 """
 
 from __future__ import annotations
@@ -85,18 +86,27 @@ def reference_check(simulations: int) -> list[dict]:
     return rows
 
 
+SETTINGS = {"null": [0.0] * 4, "margin": [MARGIN] * 4, "mixed": [0.0, MARGIN / 2, MARGIN, 2 * MARGIN]}
+RULES = {"current": outcomes, "previous": previous_outcomes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--studies", type=int, default=10_000)
     parser.add_argument("--reference-simulations", type=int, default=10_000_000)
+    parser.add_argument("--looks", nargs="+", choices=SCHEDULES, default=list(SCHEDULES))
+    parser.add_argument("--settings", nargs="+", choices=SETTINGS, default=list(SETTINGS))
+    parser.add_argument("--rules", nargs="+", choices=RULES, default=list(RULES))
     parser.add_argument("--no-record", action="store_true", help="print only; do not append to benchmarks/results")
     args = parser.parse_args()
-    settings = {"null": [0.0] * 4, "margin": [MARGIN] * 4, "mixed": [0.0, MARGIN / 2, MARGIN, 2 * MARGIN]}
     rows = []
-    for schedule, (first, most, step) in SCHEDULES.items():
+    for schedule in args.looks:
+        first, most, step = SCHEDULES[schedule]
         spec = validate(StudySpec, {"name": "sim", "seeds": {"min": first, "max": most, "step": step}}, "benchmark")
-        for setting, differences in settings.items():
-            for rule_name, rules in (("current", outcomes), ("previous", previous_outcomes)):
+        for setting in args.settings:
+            differences = SETTINGS[setting]
+            for rule_name in args.rules:
+                rules = RULES[rule_name]
                 started = time.perf_counter()
                 result = run_setting(spec, differences, args.studies, rules, seed=zlib.crc32(f"{schedule}|{setting}".encode()))
                 rows.append({"looks": schedule, "setting": setting, "rules": rule_name, **result,
@@ -105,7 +115,7 @@ def main() -> None:
                 print(f"looks {schedule:9} {setting:6} {rule_name:8}  false better/worse {fd['rate']:.4f} "
                       f"[{fd['ci95'][0]:.4f}, {fd['ci95'][1]:.4f}]  false equivalent {fe['rate']:.4f} "
                       f"[{fe['ci95'][0]:.4f}, {fe['ci95'][1]:.4f}]  runs/study {result['runs_per_study']:.2f}", flush=True)
-    reference = reference_check(args.reference_simulations)
+    reference = reference_check(args.reference_simulations) if args.reference_simulations else []
     for r in reference:
         print(f"p={r['p']:<7g} sequential {r['sequential']:.6f}  independent {r['independent']:.6f} "
               f"± {r['independent_se']:.6f}")
