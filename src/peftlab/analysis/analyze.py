@@ -173,7 +173,10 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     design = _design(spec, study_dir)
     tuning = rate_choices(store)
     judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
-    for c, v in zip(judged, judge([c.comparison for c in judged], margin, higher, design)):
+    # the pooled spread of the equivalence tests: from comparisons without degenerate runs (where there are any)
+    clean = [not c.degenerate and not chosen.degenerate for c in judged]
+    verdicts = judge([c.comparison for c in judged], margin, higher, design, pooled_from=clean if any(clean) else None)
+    for c, v in zip(judged, verdicts):
         c.p_holm, c.verdict = v.p, v
     for c in others:
         if c not in judged:

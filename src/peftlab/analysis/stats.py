@@ -215,15 +215,17 @@ def equivalence_p(comparison: Comparison, margin: float, pooled: tuple[float, fl
 
 
 def judge(comparisons: Sequence[Comparison], margin: float, higher_is_better: bool, design: Design = FIXED,
-          power_figures: bool = True) -> list[Verdict]:
+          power_figures: bool = True, pooled_from: Sequence[bool] | None = None) -> list[Verdict]:
     """The verdicts of a family of comparisons. Two families share the study's alpha, each with its own
     guarantee whatever the number of comparisons and looks: better / worse from the sequential p-values,
     Holm-corrected (with no true difference, any false better or worse has chance at most alpha); equivalent
     from the sequential TOST p-values, Holm-corrected (with true differences at the margin, any false
     equivalent has chance at most alpha). Power figures are exact, at the two-sided level per look that the
-    most significant comparison of the family needs (left out with `power_figures` False: outcomes only)."""
+    most significant comparison of the family needs (left out with `power_figures` False: outcomes only).
+    `pooled_from` says which comparisons the pooled spread is taken over (default: all; runs that collapsed
+    measure a training failure, not seed noise)."""
     p_difference = adjusted(comparisons, design)
-    pooled = pooled_spread(comparisons)
+    pooled = pooled_spread([c for i, c in enumerate(comparisons) if pooled_from is None or pooled_from[i]])
     p_equivalence = holm([design.p(equivalence_p(c, margin, pooled), sided=1) for c in comparisons])
     family = max(1, sum(not math.isnan(p) for p in p_difference))
     return [_verdict(c, p, q, margin, higher_is_better, family, design, power_figures)
