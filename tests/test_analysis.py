@@ -137,6 +137,8 @@ def test_analysis_of_known_results(synthetic_study):
     verdicts = {c.label: c.verdict for c in analysis.configurations if c.verdict}
     assert verdicts["placement=ffn"].outcome == "worse" and verdicts["placement=attention"].outcome == "unresolved"
     assert any("Seeds per configuration: 3" in line for line in analysis.limits)
+    # bucketed batches (the default) are named as a training procedure of their own in every report
+    assert any(line.startswith("Batches were length-bucketed for every configuration") for line in analysis.limits)
 
 
 def test_report_files(synthetic_study):

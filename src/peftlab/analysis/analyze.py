@@ -355,6 +355,7 @@ def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
                    "(no p-value); this usually means runs that predict a single class.")
     out += _degenerate_limits(analysis)
     out += _convergence_limits(analysis)
+    out += _batching_limits(analysis)
     out += _cache_limits(analysis)
     if analysis.failed:
         out.append(f"{analysis.failed} run(s) failed and are left out (see `peftlab study status`).")
@@ -411,6 +412,21 @@ def _convergence_limits(analysis: Analysis) -> list[str]:
     return [f"Still improving at the end of training: {names}: the {first.metric} rose by more than the margin "
             f"(±{first.margin:g}) over {stretch}. Their verdicts are about this training budget; a longer run may "
             "change them."]
+
+
+def _batching_limits(analysis: Analysis) -> list[str]:
+    """Length-bucketed batches are a different training procedure from random ones, not only a faster one."""
+    bucketed = [c.label for c in analysis.configurations
+                if (c.config.get("train") or {}).get("batching", "bucketed") == "bucketed"]
+    if not bucketed:
+        return []
+    which = "every configuration" if len(bucketed) == len(analysis.configurations) else ", ".join(bucketed)
+    return [f"Batches were length-bucketed for {which} (`train.batching: bucketed`, the default): examples of "
+            "similar length train together, unlike the random batches of most trainers. This changes what is "
+            "learned, not only the speed: against PEFT + Trainer on MiniLM-L6 (benchmarks/reference.py, 6 seeds) "
+            "random batches were equivalent within ±0.01 accuracy, bucketed ones scored 0.050 higher on average "
+            "and avoided two majority-class collapses. Use `train.batching: random` for numbers to set beside "
+            "another tool's."]
 
 
 def _cache_limits(analysis: Analysis) -> list[str]:
