@@ -467,7 +467,7 @@ def test_the_verdict_note_states_the_levels_of_the_design_in_use(synthetic_study
 
     fixed = verdict_note(analyze(synthetic_study))
     assert "at or below 0.025 for the most significant of the 2 comparisons and up to 0.05 for the last" in fixed
-    assert "at the two-sided level 0.025 per look" in fixed and "across the 2 equivalence tests" in fixed
+    assert "at the two-sided level 0.025 that" in fixed and "across the 2 equivalence tests" in fixed
     assert "sequential" not in fixed and "The two families are corrected separately" in fixed
     spec = yaml.safe_load((synthetic_study / "study.yaml").read_text())
     spec["until_resolved"] = {"max": 6, "step": 3}  # looks at 3 and 6 seeds

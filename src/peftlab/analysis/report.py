@@ -174,18 +174,20 @@ def verdict_note(analysis: Analysis) -> str:
     strictest, laxest = design.level(alpha / k), design.level(alpha)
     looks = f"at any of the looks planned at {', '.join(map(str, design.looks))} seeds" if design.sequential else "at its seeds"
     holm = (f"a plain p-value {looks} must be at or below {strictest:.3g} for the most significant of the {k} "
-            f"comparisons and up to {laxest:.3g} for the last (Holm's step-down)" if k > 1 else
+            f"comparisons and up to {laxest:.3g} for the last, by Holm's step-down" if k > 1 else
             f"a plain p-value {looks} must be at or below {laxest:.3g}")
+    per_look = " per look" if design.sequential else ""
     power = next((v.alpha for v in judged if not math.isnan(v.detectable)), strictest)
     untrained = [c.label for c in analysis.configurations if c.verdict and c.verdict.outcome == "not trained"]
     return (f"Verdicts: better / worse when the Holm-corrected p < {alpha:g}: with no true difference, the chance "
             f"of any false better or worse among the {k} comparisons is at most {alpha:g} ({holm}). Equivalent "
             f"(±{m:g}) when the TOST p-value (two one-sided t-tests against ±{m:g}, on the larger of the comparison's "
-            f"own spread and the spread pooled over all comparisons){', sequential over the looks,' if design.sequential else ''} "
+            f"own spread and the spread pooled over the comparisons without degenerate runs)"
+            f"{', sequential over the looks,' if design.sequential else ''} "
             f"is below {alpha:g} after Holm's correction across the {k} equivalence tests: with every true difference "
             f"at the margin, the chance of any false equivalent is at most {alpha:g}. The two families are corrected "
             f"separately. Unresolved comparisons show the smallest difference their seeds detect with 80% power "
-            f"(exact, noncentral t, at the two-sided level {power:.3g} per look that the most significant of "
+            f"(exact, noncentral t, at the two-sided level {power:.3g}{per_look} that the most significant of "
             f"{k} comparison(s) needs) and the seeds that would detect ±{m:g}. {resolved} of {len(verdicts)} "
             f"comparisons resolved."
             + (f" No verdict for {', '.join(untrained)}: every run degenerate (`peftlab report --count-degenerate` "
