@@ -76,6 +76,11 @@ class Configuration:
     improvement: Improvement | None = None  # how much validation quality still rose at the end of training
 
     @property
+    def seeds_run(self) -> int:
+        """Its finished runs, degenerate ones included (left out of `runs` with --exclude-degenerate)."""
+        return len({r["seed"] for r in self.runs} | set(self.degenerate))
+
+    @property
     def trained(self) -> bool:
         """Whether any of its runs learned something (a configuration whose runs are all degenerate did not)."""
         return not self.degenerate or any(r["seed"] not in self.degenerate for r in self.runs)
@@ -298,7 +303,7 @@ def degenerate_caution(c: Configuration) -> str:
     """A warning for a line that names a configuration with degenerate runs."""
     if not c.degenerate:
         return ""
-    total = len({r["seed"] for r in c.runs} | set(c.degenerate))
+    total = c.seeds_run
     most = "most of its runs learned nothing" if 2 * len(c.degenerate) > total else "some of its runs learned nothing"
     return f" Caution: {len(c.degenerate)} of {total} runs of {c.label} are degenerate ({most})."
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "numpy")
+from peftlab.provenance import PACKAGES
 
 
 def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
@@ -18,12 +18,12 @@ def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
                      "neither its version nor its inputs' fingerprints: their inputs could not be checked.")
     if not recorded:
         return lines
-    versions = _counted(recorded, lambda r: r["environment.versions.peftlab.version"] + (
-        f" (commit {r['environment.versions.peftlab.commit']})" if r.get("environment.versions.peftlab.commit") else ""))
-    lines.append(f"peftlab {versions}." + (" The runs come from different peftlab versions: a difference between "
-                                             "configurations may partly be one between versions."
-                                             if len(set(_values(recorded, 'environment.versions.peftlab.version',
-                                                                'environment.versions.peftlab.commit'))) > 1 else ""))
+    versions = Counter(r["environment.versions.peftlab.version"] + (
+        f" (commit {r['environment.versions.peftlab.commit']})" if r.get("environment.versions.peftlab.commit") else "")
+        for r in recorded)
+    lines.append(f"peftlab {_listed(versions)}." + (" The runs come from different peftlab versions: a difference "
+                                                    "between configurations may partly be one between versions."
+                                                    if len(versions) > 1 else ""))
     packages = [f"{name} {_counted(recorded, lambda r, n=name: str(r.get(f'environment.versions.{n}')))}"
                 for name in PACKAGES if any(r.get(f"environment.versions.{name}") for r in recorded)]
     lines.append("Packages: " + ", ".join(packages) + ".")
@@ -41,13 +41,12 @@ def _device(row: dict[str, Any]) -> str:
     return f"{device}, {row.get('environment.threads')} threads on {row.get('environment.cpus')} CPUs"
 
 
-def _values(rows: list[dict[str, Any]], *keys: str) -> list[tuple]:
-    return [tuple(r.get(k) for k in keys) for r in rows]
-
-
 def _counted(rows: list[dict[str, Any]], value) -> str:
     """The one value all rows share, or each value with its count of runs."""
-    counts = Counter(value(r) for r in rows)
+    return _listed(Counter(value(r) for r in rows))
+
+
+def _listed(counts: Counter) -> str:
     if len(counts) == 1:
         return next(iter(counts))
     return "; ".join(f"{v} ({n} runs)" for v, n in counts.most_common())

@@ -70,7 +70,7 @@ def _degenerate_count(c) -> str:
     """Beside a verdict of a partly degenerate configuration: how many of its runs learned nothing."""
     if not c.degenerate or (c.verdict and c.verdict.outcome == "not trained"):
         return ""
-    return f" ({len(c.degenerate)} of {len({r['seed'] for r in c.runs} | set(c.degenerate))} runs degenerate)"
+    return f" ({len(c.degenerate)} of {c.seeds_run} runs degenerate)"
 
 
 def _summary_cell(s, interval: str) -> str:

@@ -38,6 +38,7 @@ class InputCheck:
 def check_inputs(store: Store) -> InputCheck:
     """Identify again the inputs of every finished run and compare with what it recorded."""
     check = InputCheck()
+    identities: dict[str, dict[str, str]] = {}  # a study's runs share their inputs: each identified once
     for row in store.rows():
         if row["status"] != "done" or not row["result"]:
             continue
@@ -46,7 +47,10 @@ def check_inputs(store: Store) -> InputCheck:
             check.unchecked += 1
             continue
         config = json.loads(row["config"])
-        current = input_identity(config)
+        inputs = json.dumps({k: v for k, v in config.items() if k != "train"}, sort_keys=True)  # seeds, rates: no input
+        if inputs not in identities:
+            identities[inputs] = input_identity(config)
+        current = identities[inputs]
         if fields := changed_inputs(recorded, current):
             check.changed[row["id"]] = fields
             check.values.update({f: _value(config, f) for f in fields})
