@@ -80,6 +80,40 @@ def test_dolly_format_and_truncation_keeps_the_response(tmp_path, tokenizer):
     assert [t for t in example["labels"] if t != IGNORE] == tokenizer("short", add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
 
 
+def test_an_example_that_fits_is_kept_whole_and_a_long_one_loses_its_prompts_start(tmp_path, tokenizer):
+    """Only examples beyond max_length are cut, and then from the prompt's start: the response keeps its
+    end-of-sequence token, so the model still learns to stop."""
+    fits = {"instruction": "alpha " * 5, "input": "", "output": "beta " * 70}  # ~37 prompt + 71 response <= 128
+    long = {"instruction": "alpha " * 80, "input": "", "output": "beta " * 70}
+    rows = [fits] * 6 + [long] * 4
+    with pytest.warns(PeftlabWarning, match=r"4 example\(s\) longer than task.max_length=128"):
+        data = load_task(TaskSpec(path=write_rows(tmp_path / "a.json", rows), kind="instruction", max_length=128,
+                                  validation_fraction=0, test_fraction=0.1), tokenizer)
+    assert data.truncated == 4
+    response = tokenizer("beta " * 70, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+    whole, cut = (sorted(data.train + data.test, key=lambda e: len(e["input_ids"]))[i] for i in (0, -1))
+    assert [t for t in whole["labels"] if t != IGNORE] == response  # nothing lost, EOS kept
+    assert len(cut["input_ids"]) == 128 and [t for t in cut["labels"] if t != IGNORE] == response
+    prompt = cut["input_ids"][: 128 - len(response)]
+    assert prompt[0] == tokenizer.cls_token_id and "alpha" in tokenizer.decode(prompt[1:3])  # the start went
+    assert tokenizer.decode(prompt[-6:-1]).endswith("# # # response :")  # the marker stayed
+
+
+def test_a_long_conversation_loses_its_first_turns_and_keeps_the_last_answers_end(tmp_path, tokenizer):
+    template = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} [SEP] {% endfor %}"
+                "{% if add_generation_prompt %}<assistant> {% endif %}")
+    conversation = [{"role": "user", "content": "alpha " * 40}, {"role": "assistant", "content": "gamma " * 10},
+                    {"role": "user", "content": "alpha " * 40}, {"role": "assistant", "content": "beta " * 20}]
+    rows = [{"messages": conversation}] * 8
+    with pytest.warns(PeftlabWarning, match="longer than task.max_length=64"):
+        data = load_task(TaskSpec(path=write_rows(tmp_path / "c.jsonl", rows), kind="instruction", max_length=64,
+                                  chat_template=template), tokenizer)
+    example = data.train[0]
+    assert len(example["input_ids"]) == 64
+    answer = [t for t in example["labels"][-21:]]
+    assert answer == tokenizer("beta " * 20, add_special_tokens=False)["input_ids"] + [tokenizer.sep_token_id]
+
+
 def test_collate_pads_and_masks():
     batch = collate([{"input_ids": [5, 6, 7], "labels": [IGNORE, 6, 7]}, {"input_ids": [5], "labels": [5]}], pad_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [5, 0, 0]]

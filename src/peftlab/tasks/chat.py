@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.tasks.fit import IGNORE, fit_example, last_supervised_span
 
 CHAT_COLUMNS = ("messages", "conversations")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # messages
@@ -83,17 +84,22 @@ def segments(conversation: list[dict[str, str]], tokenizer: Any, template: str |
 
 
 def encode_chat(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, max_length: int,
-                where: str, ignore: int) -> tuple[dict[str, list[int]] | None, bool]:
-    """(token ids and labels, truncated): the assistant's tokens supervised, everything else `ignore`, cut
-    to `max_length`; None when no supervised token is left."""
+                where: str) -> tuple[dict[str, list[int]] | None, bool]:
+    """(token ids and labels, truncated): the assistant's tokens supervised, everything else `IGNORE`; a
+    conversation longer than `max_length` loses its start first (`fit_example`: the last assistant turn is
+    the response); None when no supervised token is left."""
     input_ids: list[int] = []
     labels: list[int] = []
     for text, supervised in segments(conversation, tokenizer, template, where):
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         input_ids += ids
-        labels += ids if supervised else [ignore] * len(ids)
-    truncated = len(input_ids) > max_length
-    input_ids, labels = input_ids[:max_length], labels[:max_length]
-    if all(label == ignore for label in labels[1:]):  # the first position is never predicted
+        labels += ids if supervised else [IGNORE] * len(ids)
+    span = last_supervised_span(labels)
+    start = span[0] if span else len(labels)
+    keep_first = bool(input_ids) and input_ids[0] in tokenizer.all_special_ids
+    prompt_ids, response_ids, truncated = fit_example(input_ids[:start], input_ids[start:], max_length, keep_first)
+    prompt_labels, response_labels, _ = fit_example(labels[:start], labels[start:], max_length, keep_first)
+    input_ids, labels = prompt_ids + response_ids, prompt_labels + response_labels
+    if all(label == IGNORE for label in labels[1:]):  # the first position is never predicted
         return None, truncated
     return {"input_ids": input_ids, "labels": labels}, truncated

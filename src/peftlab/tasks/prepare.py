@@ -22,12 +22,12 @@ from peftlab.tasks.chat import (
     encode_chat,
     turns,
 )
+from peftlab.tasks.fit import IGNORE, fit_example
 from peftlab.tasks.data import load_hf_dataset, read_records, read_text, require_columns
 
 if TYPE_CHECKING:
     from peftlab.specs import TaskSpec
 
-IGNORE = -100  # label of positions that carry no loss (prompt, padding)
 
 ALPACA_TEMPLATE = (
     "Below is an instruction that describes a task{with_input}. "
@@ -210,7 +210,7 @@ def _cache_key(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], *sp
         "labels": labels,
         "columns": [spec.text_column, spec.label_column, spec.format],
         "chat_template": spec.chat_template or getattr(tokenizer, "chat_template", None),
-        "version": 3,
+        "version": 4,  # 4: examples cut only beyond max_length, from the prompt's start
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -245,7 +245,7 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
 
         def encode_conversation(row, where):
             conversation = turns(row[columns[0]], f"{where}: {columns[0]}")
-            example, cut = encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where, IGNORE)
+            example, cut = encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where)
             if cut:
                 truncated.append(where)
             return example
@@ -263,14 +263,10 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
         prompt = render_prompt(template, str(row[instruction_col]), str(row.get(context_col) or "") if context_col else "")
         prompt_ids = tokenizer(prompt)["input_ids"]
         response_ids = tokenizer(str(row[response_col]), add_special_tokens=False)["input_ids"] + [eos]
-        room = spec.max_length - min(len(response_ids), spec.max_length // 2)
-        if len(response_ids) > spec.max_length // 2 or len(prompt_ids) > room:
+        prompt_ids, response_ids, cut = fit_example(prompt_ids, response_ids, spec.max_length,
+                                                    keep_first=prompt_ids[0] in tokenizer.all_special_ids)
+        if cut:
             truncated.append(where)
-        response_ids = response_ids[: spec.max_length // 2]
-        if len(prompt_ids) > room:
-            # keep the prompt's start and its end (the `### Response:` marker); drop its middle
-            tail = min(16, room // 2)
-            prompt_ids = prompt_ids[: room - tail] + prompt_ids[len(prompt_ids) - tail :]
         if not response_ids or not prompt_ids:  # the first token is never predicted: it needs a prompt before it
             return None
         return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from peftlab.files import write_atomic
-from peftlab.tasks.prepare import IGNORE
+from peftlab.tasks.fit import last_supervised_span
 from peftlab.train.result import SAMPLES_FILE  # noqa: F401  (where a run writes its samples)
 
 if TYPE_CHECKING:
@@ -39,19 +39,6 @@ class Prompts:
     references: list[str]  # the supervised responses as text
     stop_ids: list[int]  # generation stops at any of these
     pad_id: int
-
-
-def last_supervised_span(labels: list[int]) -> tuple[int, int] | None:
-    """[start, end) of the last run of supervised positions, or None when no position is supervised."""
-    end = len(labels)
-    while end and labels[end - 1] == IGNORE:
-        end -= 1
-    if not end:
-        return None
-    start = end
-    while start and labels[start - 1] != IGNORE:
-        start -= 1
-    return start, end
 
 
 def generation_prompts(examples: list[dict[str, Any]], count: int, tokenizer: Any, pad_id: int) -> Prompts:
