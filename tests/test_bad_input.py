@@ -591,3 +591,32 @@ def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(work, monke
     assert code == 1
     assert "Traceback" in err and "ZeroDivisionError: a bug" in err
     assert err.strip().splitlines()[-1].startswith("error: internal error: this is a bug in peftlab")
+
+
+# -- the newer surfaces: generation, encoders, checkpoints, trackers, PEFT options, special files --------------
+
+INSTRUCT = ["run", "--data", "instruct.json", "--kind", "instruction", "--max-steps", "1", "--output", "out"]
+NEWER = {  # name: (args, a part of the message)
+    "an encoder on an instruction task": ([*INSTRUCT, "--model", "tiny-bert"],
+                                          "model 'tiny-bert' is a bidirectional encoder (bert) and cannot learn"),
+    "a distilbert encoder on an instruction task": ([*INSTRUCT, "--model", "tiny-distilbert"],
+                                                    "is a bidirectional encoder (distilbert)"),
+    "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
+                               "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
+}
+
+
+def newer_files(work: Path) -> None:
+    """What the newer cases refer to: a finished-looking study `tiny` in study/ and a spec named `other`."""
+    spec = valid_study_spec(work)
+    (work / "study").mkdir()
+    (work / "study" / "study.yaml").write_text(spec.read_text())
+    other = yaml.safe_load(spec.read_text())
+    (work / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+
+
+@pytest.mark.parametrize("name", NEWER)
+def test_the_newer_surfaces_refuse_in_one_line(work, name):
+    newer_files(work)
+    args, expected = NEWER[name]
+    check_refused(work, args, expected)

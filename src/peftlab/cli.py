@@ -466,11 +466,29 @@ def _study_spec(source: str, study_dir: Path | None, data: Path | None = None, s
         spec_file = path / "study.yaml"
         if not spec_file.is_file():
             raise PeftlabError(f"{path}: not a study directory (no study.yaml)")
-        return with_base_overrides(load_spec(StudySpec, spec_file), data, settings or []), study_dir or path
+        spec = with_base_overrides(load_spec(StudySpec, spec_file), data, settings or [])
+        return spec, _same_study(spec, study_dir or path)
     if not path.exists() and path.suffix == "":
         path = shipped_study(source)
     spec = with_base_overrides(load_spec(StudySpec, path), data, settings or [])
-    return spec, study_dir or Path("studies") / (spec.name + (f"-{data.stem}" if data else ""))
+    return spec, _same_study(spec, study_dir or Path("studies") / (spec.name + (f"-{data.stem}" if data else "")))
+
+
+def _same_study(spec, study_dir: Path) -> Path:
+    """`study_dir`, unless it holds another study (by name): its runs would be merged into that study's
+    report."""
+    import yaml
+
+    held = study_dir / "study.yaml"
+    if held.is_file():
+        try:
+            name = yaml.safe_load(held.read_text(encoding="utf-8")).get("name")
+        except (yaml.YAMLError, AttributeError, UnicodeDecodeError, OSError):
+            raise PeftlabError(f"--dir {study_dir}: its study.yaml cannot be read; choose another --dir") from None
+        if name != spec.name:
+            raise PeftlabError(f"--dir {study_dir}: holds study {name!r}, not {spec.name!r}; choose another --dir, "
+                               f"or rename the study (name: {name}) to extend it")
+    return study_dir
 
 
 @study_app.command("run")

@@ -126,6 +126,19 @@ def check_lengths(spec: ModelSpec, max_length: int, new_tokens: int = 0) -> None
                            f"exceed the {limit} positions of model {spec.name!r}; use at most {limit - max_length}")
 
 
+def check_task_kind(spec: ModelSpec, kind: str) -> None:
+    """An instruction task needs a model that predicts each token from the ones before it. A bidirectional
+    encoder under a causal-LM head sees every later token, so its loss and completions would mean nothing:
+    refused before any data is read."""
+    if kind != "instruction":
+        return
+    config = load_config(spec)
+    if is_encoder(config.model_type) or spec.head == "sequence-classification" or config.is_encoder_decoder:
+        raise PeftlabError(f"model {spec.name!r} is a bidirectional encoder ({config.model_type}) and cannot learn or "
+                           "generate an instruction task's responses; use a causal LM (e.g. gemma-3-270m, "
+                           "tiny-llama, tiny-gpt2) or a classification task")
+
+
 def set_dropout(config: PretrainedConfig, p: float) -> None:
     """Every dropout probability of `config` (hidden, attention, embedding, classifier; `*dropout*` and
     `*pdrop` fields) set to `p`."""

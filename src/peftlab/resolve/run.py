@@ -12,7 +12,7 @@ import math
 from peftlab.errors import PeftlabError
 from peftlab.importance.probe import resolve_importance
 from peftlab.methods.registry import METHODS
-from peftlab.models.load import check_lengths, load_tokenizer, model_spec_for_task
+from peftlab.models.load import check_lengths, check_task_kind, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
@@ -42,6 +42,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
                            "leave it at 0 or run in one process")
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
+    check_task_kind(config.model, config.task.resolved_kind)
     planned, scores = resolve_importance(config)
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)

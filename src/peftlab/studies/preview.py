@@ -76,7 +76,10 @@ def describe(config: RunConfig) -> tuple[str, int | None]:
     from peftlab.resolve.budget import match_budget, method_params
     from peftlab.specs import PlanConfig
 
+    from peftlab.models.load import check_task_kind
+
     model = config.model
+    check_task_kind(model, config.task.resolved_kind)
     allocation = config.plan.allocation
     shape = getattr(allocation, "shape_", allocation)
     if shape.kind == "importance":  # needs the probe, which runs on the model's weights and data
