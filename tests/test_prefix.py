@@ -87,3 +87,42 @@ def test_encoders_are_a_clear_error():
     model = load_model(ModelSpec(name="tiny-bert", head="sequence-classification"))
     with pytest.raises(PeftlabError, match="method prefix: for causal language models"):
         make_method(PrefixSpec()).apply(model, make_plan("tiny-bert"), ["classifier"])
+
+
+def greedy_reference(model, method, prompt, n_new):
+    """Greedy decoding without a cache through the training forward (`method.hidden_states`): the tokens
+    generation must reproduce."""
+    ids = list(prompt)
+    for _ in range(n_new):
+        batch = {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+        hidden = method.hidden_states(model, batch)
+        ids.append(int(model.get_output_embeddings()(hidden[:, -1]).argmax(-1)))
+    return ids[len(prompt):]
+
+
+@pytest.mark.parametrize("name", CAUSAL)
+@pytest.mark.parametrize("variant", ["prefix", "prompt"])
+def test_generation_uses_the_learned_prefix_or_prompt(name, variant):
+    from peftlab.specs import GenerateSpec
+    from peftlab.train.generation import Prompts, generate
+
+    method, model = applied(name, variant=variant)
+    with torch.no_grad():
+        for p in model.prompt_encoder.parameters():
+            p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(1)) * 3)
+    model.eval()
+    generator = torch.Generator().manual_seed(0)
+    ids = [torch.randint(1000, 5000, (n,), generator=generator).tolist() for n in (3, 9, 5)]
+    prompts = Prompts(ids, [""] * 3, [""] * 3, stop_ids=[-1], pad_id=0)
+
+    class Tokens:  # decoding as the ids themselves
+        def decode(self, tokens, skip_special_tokens=True):
+            return " ".join(map(str, tokens))
+
+    with torch.no_grad():
+        adapted = generate(model, prompts, GenerateSpec(max_new_tokens=6, batch_size=3), Tokens(), "cpu", complete=method.complete)
+        expected = [" ".join(map(str, greedy_reference(model, method, p, 6))) for p in ids]
+        with method.bypassed(model):
+            base = generate(model, prompts, GenerateSpec(max_new_tokens=6, batch_size=3), Tokens(), "cpu", complete=method.complete)
+    assert adapted.texts == expected
+    assert base.texts != adapted.texts  # the prefix changes what is generated

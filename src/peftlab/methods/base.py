@@ -29,6 +29,12 @@ def backbone_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
                     use_cache=False).last_hidden_state  # no key/value cache: nothing generates
 
 
+def generated_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Any) -> torch.Tensor:
+    """`model.generate`'s new tokens after the (left-padded) prompts: batch x new tokens."""
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)[
+        :, input_ids.shape[1]:]
+
+
 class Method(ABC):
     name: ClassVar[str]
     adds_parameters: ClassVar[bool] = False  # LoRA adds A and B; full and BitFit train existing ones
@@ -84,6 +90,12 @@ class Method(ABC):
         """The last hidden states at the batch's own positions, from which the causal-LM loss runs the head
         where tokens are supervised. Methods that add positions (prefix and prompt tuning) override it."""
         return backbone_hidden(model, batch)
+
+    def complete(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config: Any) -> torch.Tensor:
+        """The tokens `model.generate` adds after the left-padded prompts (batch x new tokens). Methods whose
+        learned positions `generate` would not see (prefix and prompt tuning) override it."""
+        return generated_tokens(model, input_ids, attention_mask, config)
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the training loss (AdaLoRA's orthogonality penalty); None for most methods."""

@@ -18,7 +18,7 @@ from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.methods.base import Method, load_weights
+from peftlab.methods.base import Method, generated_tokens, load_weights
 from peftlab.methods.lora import peft_task_type
 from peftlab.models.load import unwrap
 from peftlab.plans.plan import Plan
@@ -67,11 +67,31 @@ class PrefixMethod(Method):
         mask = torch.cat([batch["attention_mask"].new_ones(size, n), batch["attention_mask"]], dim=1)
         if config.peft_type == "PREFIX_TUNING":
             return backbone(input_ids=batch["input_ids"], attention_mask=mask,
-                            past_key_values=model.get_prompt(size)).last_hidden_state
+                            cache=model.get_prompt(size)).last_hidden_state
         embeds = backbone.get_input_embeddings()(batch["input_ids"])
         prompts = model.get_prompt(size).to(embeds.dtype)
         hidden = backbone(inputs_embeds=torch.cat([prompts, embeds], dim=1), attention_mask=mask).last_hidden_state
         return hidden[:, n:]
+
+    def complete(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 config) -> torch.Tensor:
+        """Generation through the base model with the learned positions in front, laid out as in training:
+        the prefix as a key/value cache already filled (its positions stand for placeholder input ids that
+        are never read), or the prompt as embeddings before the text's. PEFT's own `generate` drops the
+        prefix and shifts the prompt's positions with this transformers version, so it is not used."""
+        base = unwrap(model)
+        if getattr(model, "prompt_disabled", False):
+            return generated_tokens(base, input_ids, attention_mask, config)
+        size, n = input_ids.shape[0], model.active_peft_config.num_virtual_tokens
+        mask = torch.cat([attention_mask.new_ones(size, n), attention_mask], dim=1)
+        if model.active_peft_config.peft_type == "PREFIX_TUNING":
+            placeholders = torch.cat([input_ids[:, :1].expand(size, n), input_ids], dim=1)
+            output = base.generate(input_ids=placeholders, attention_mask=mask, cache=model.get_prompt(size),
+                                   generation_config=config)
+            return output[:, placeholders.shape[1]:]
+        embeds = base.get_input_embeddings()(input_ids)
+        embeds = torch.cat([model.get_prompt(size).to(embeds.dtype), embeds], dim=1)
+        return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)

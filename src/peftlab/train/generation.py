@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from peftlab.files import write_atomic
+from peftlab.methods.base import generated_tokens
 from peftlab.tasks.fit import last_supervised_span
 from peftlab.train.result import SAMPLES_FILE  # noqa: F401  (where a run writes its samples)
 
@@ -77,9 +78,13 @@ class Completions:
 
 @torch.no_grad()
 def generate(model: nn.Module, prompts: Prompts, spec: GenerateSpec, tokenizer: Any, device,
-             autocast: Callable[[], AbstractContextManager] = nullcontext) -> Completions:
+             autocast: Callable[[], AbstractContextManager] = nullcontext,
+             complete: Callable[..., torch.Tensor] | None = None) -> Completions:
     """Complete every prompt: batches of similar length, left-padded, with the KV cache; greedy unless
-    `spec.greedy` is off (then sampled from `spec.seed`). The texts come back in the prompts' order."""
+    `spec.greedy` is off (then sampled from `spec.seed`). The texts come back in the prompts' order.
+    `complete(model, input_ids, attention_mask, config)` returns the new tokens (a method's own way of
+    generating, `Method.complete`); by default `model.generate`'s."""
+    complete = complete or generated_tokens
     from transformers import GenerationConfig
 
     config = GenerationConfig(
@@ -101,10 +106,9 @@ def generate(model: nn.Module, prompts: Prompts, spec: GenerateSpec, tokenizer: 
                 chosen = order[first : first + spec.batch_size]
                 input_ids, attention_mask = _left_padded([prompts.ids[i] for i in chosen], prompts.pad_id)
                 with autocast():
-                    output = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                            generation_config=config)
+                    output = complete(model, input_ids.to(device), attention_mask.to(device), config)
                 for row, i in enumerate(chosen):
-                    tokens = _until_stop(output[row, input_ids.shape[1]:].tolist(), prompts.stop_ids)
+                    tokens = _until_stop(output[row].tolist(), prompts.stop_ids)
                     new_tokens[i] = len(tokens)
                     texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     finally:

@@ -399,7 +399,8 @@ def _base_completions(run: ResolvedRun, model, method: Method, accelerator: Acce
         return cached
     bypass = method.bypassed(model)
     with bypass if bypass is not None else nullcontext():
-        completions = generate(model, run.prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast)
+        completions = generate(model, run.prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast,
+                               method.complete)
     write_cached(file, completions)
     return completions
 
@@ -411,7 +412,8 @@ def _generation(run: ResolvedRun, model, method: Method, accelerator: Accelerato
     the run's costs."""
     prompts, spec = run.prompts, run.config.eval.generate
     with method.merged(model) if method.mergeable else nullcontext(model) as serving:  # as it would be served
-        adapted = generate(serving, prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast)
+        adapted = generate(serving, prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast,
+                           method.complete)
     adapted_scores = score(adapted.texts, prompts.references)
     base_scores = score(base.texts, prompts.references) if base is not None else None
     write_samples(partial_dir / SAMPLES_FILE, prompts, adapted, adapted_scores, base, base_scores)
