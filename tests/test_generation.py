@@ -147,6 +147,26 @@ def test_the_samples_file_holds_base_and_adapted_completions_and_the_base_is_the
     assert enabled.texts != disabled.texts  # the adapter learned something that shows in the completions
 
 
+def test_the_base_completions_cache_tells_apart_the_seeds_that_build_a_tiny_models_weights(tmp_path):
+    from conftest import run_to_dict
+
+    from peftlab.resolve.run import resolve_run
+
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps(alpaca_rows()))
+    samples = {}
+    for seed in (0, 1):  # seed 0 first: its base completions are in the cache when seed 1 runs
+        config = instruction_config(data, eval={"generate": {"examples": 4, "max_new_tokens": 5}},
+                                    train={"max_steps": 1, "seed": seed, "latency_batches": 0})
+        run_to_dict(config, tmp_path / f"run{seed}")
+        samples[seed] = [json.loads(line)["base"] for line in (tmp_path / f"run{seed}" / "samples.jsonl").read_text().splitlines()]
+        resolved = resolve_run(config)
+        bare = generate(load_model(resolved.model, seed=seed), resolved.prompts, config.eval.generate,
+                        resolved.tokenizer, "cpu")
+        assert samples[seed] == bare.texts
+    assert samples[0] != samples[1]
+
+
 def test_forgetting_is_zero_for_an_adapter_that_stays_at_zero(tmp_path):
     from conftest import run_to_dict
 

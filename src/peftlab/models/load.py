@@ -261,12 +261,17 @@ def build_skeleton(spec: ModelSpec) -> nn.Module:
         return _build(HEAD_CLASSES[_head(config, spec)], config, spec.name, trust_remote_code=spec.trust_remote_code)
 
 
+def seeded_weights(spec: ModelSpec) -> bool:
+    """Whether the model's weights are drawn from the run's seed (a tiny model or a config file)."""
+    return spec.name in tiny_configs() or _is_config_file(spec.name)
+
+
 def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model with its weights. Tiny models and a config .json file (an architecture without
     weights, e.g. a scaled-up layout for speed benchmarks) are initialised from `seed`."""
     config = load_config(spec)
     head_class = HEAD_CLASSES[_head(config, spec)]
-    if spec.name in tiny_configs() or _is_config_file(spec.name):
+    if seeded_weights(spec):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             return _build(head_class, config, spec.name, dtype=dtype)

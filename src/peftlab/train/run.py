@@ -32,7 +32,7 @@ from peftlab.errors import PeftlabError
 from peftlab.files import check_output, write_atomic
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
-from peftlab.models.load import cache_dir, count_params, head_modules, load_model, unwrap
+from peftlab.models.load import cache_dir, count_params, head_modules, load_model, seeded_weights, unwrap
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
@@ -386,13 +386,17 @@ def _base_loss(model, method, batches: list[dict[str, torch.Tensor]], evaluate_s
 
 def _base_completions(run: ResolvedRun, model, method: Method, accelerator: Accelerator) -> Completions | None:
     """The base model's completions of the test prompts, before training (adapters that change the output
-    at initialization are bypassed). Cached: every run of a study on the same base computes the same ones."""
+    at initialization are bypassed). Cached: every run of a study on the same base computes the same ones;
+    the key holds everything that sets the base's weights (the files', and the seed of a model built from a
+    config)."""
     spec = run.config.eval.generate
     if not spec.base:
         return None
     quantization = run.method.model_dump(mode="json", include={"quant_type", "double_quant", "blocksize",
                                                                 "compute_dtype"})  # QLoRA's 4-bit base
-    identity = {"model": run.model.model_dump(mode="json"), "method": run.method.name, "quantization": quantization,
+    identity = {"model": run.model.model_dump(mode="json"), "weights": run.inputs.get("model"),
+                "weights_seed": run.config.train.seed if seeded_weights(run.model) else None,
+                "method": run.method.name, "quantization": quantization,
                 "precision": accelerator.mixed_precision, "device": accelerator.device.type}
     file = cache_dir() / "generations" / f"{base_cache_key(identity, run.prompts, spec)}.json"
     if (cached := read_cached(file)) is not None:
