@@ -79,6 +79,48 @@ def test_generation_completes_the_last_assistant_turn_and_stops_at_the_end_of_tu
     assert tokenizer.convert_tokens_to_ids("<end>") in prompts.stop_ids
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_an_end_of_turn_of_several_tokens_stops_generation_and_is_left_out_of_scores(tmp_path):
+    """ChatML's <|im_end|> on a tokenizer without that token (GPT-2's) is seven tokens, not one stop id."""
+    import torch
+
+    from peftlab.models.load import load_tokenizer
+    from peftlab.specs import GenerateSpec, ModelSpec
+    from peftlab.train.generation import generate
+
+    gpt2 = load_tokenizer(ModelSpec(name="tiny-gpt2"))
+    rows = [{"messages": [{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "see you"}]}] * 8
+    data = load_task(task(write_rows(tmp_path, rows), chat_template=CHATML), gpt2)
+    assert data.end_of_turn == "<|im_end|>"
+    prompts = generation_prompts(data.test, 2, gpt2, gpt2.pad_token_id, data.end_of_turn)
+    ender = gpt2("<|im_end|>", add_special_tokens=False)["input_ids"]
+    assert len(ender) > 1 and prompts.stop_sequence == ender
+    assert prompts.references == ["see you", "see you"]  # the end of turn is not part of the reference
+
+    answer = gpt2(" see you", add_special_tokens=False)["input_ids"] + ender
+    calls = []
+
+    class Scripted(torch.nn.Module):
+        """Generates `answer` then filler, one token per step, asking the stopping criteria as generate does."""
+
+        def generate(self, input_ids, attention_mask, generation_config, stopping_criteria):
+            out = input_ids
+            for step in range(generation_config.max_new_tokens):
+                token = answer[step] if step < len(answer) else 13
+                out = torch.cat([out, torch.full((out.shape[0], 1), token)], dim=1)
+                calls.append(step)
+                if all(criterion(out, None).all() for criterion in stopping_criteria):
+                    break
+            return out
+
+    completions = generate(Scripted(), prompts, GenerateSpec(max_new_tokens=20, batch_size=2), gpt2, "cpu")
+    assert completions.texts == ["see you", "see you"]
+    assert completions.new_tokens == [len(answer)] * 2 and len(calls) == len(answer)  # stopped at the end of turn
+
+
 @pytest.mark.parametrize("turns, message", [
     ([{"role": "bot", "content": "hi"}], "row 1: messages: turn 1: unknown role 'bot'"),
     ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}], "row 1: messages: turn 2 (assistant) is empty"),

@@ -29,9 +29,11 @@ def backbone_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.T
                     use_cache=False).last_hidden_state  # no key/value cache: nothing generates
 
 
-def generated_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Any) -> torch.Tensor:
-    """`model.generate`'s new tokens after the (left-padded) prompts: batch x new tokens."""
-    return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config)[
+def generated_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Any,
+                     **extra: Any) -> torch.Tensor:
+    """`model.generate`'s new tokens after the (left-padded) prompts: batch x new tokens. `extra` goes to
+    `generate` (stopping criteria)."""
+    return model.generate(input_ids=input_ids, attention_mask=attention_mask, generation_config=config, **extra)[
         :, input_ids.shape[1]:]
 
 
@@ -92,10 +94,10 @@ class Method(ABC):
         return backbone_hidden(model, batch)
 
     def complete(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 config: Any) -> torch.Tensor:
+                 config: Any, **extra: Any) -> torch.Tensor:
         """The tokens `model.generate` adds after the left-padded prompts (batch x new tokens). Methods whose
         learned positions `generate` would not see (prefix and prompt tuning) override it."""
-        return generated_tokens(model, input_ids, attention_mask, config)
+        return generated_tokens(model, input_ids, attention_mask, config, **extra)
 
     def regularization(self, model: nn.Module) -> torch.Tensor | None:
         """A term added to the training loss (AdaLoRA's orthogonality penalty); None for most methods."""

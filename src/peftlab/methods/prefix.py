@@ -74,24 +74,24 @@ class PrefixMethod(Method):
         return hidden[:, n:]
 
     def complete(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 config) -> torch.Tensor:
+                 config, **extra) -> torch.Tensor:
         """Generation through the base model with the learned positions in front, laid out as in training:
         the prefix as a key/value cache already filled (its positions stand for placeholder input ids that
         are never read), or the prompt as embeddings before the text's. PEFT's own `generate` drops the
         prefix and shifts the prompt's positions with this transformers version, so it is not used."""
         base = unwrap(model)
         if getattr(model, "prompt_disabled", False):
-            return generated_tokens(base, input_ids, attention_mask, config)
+            return generated_tokens(base, input_ids, attention_mask, config, **extra)
         size, n = input_ids.shape[0], model.active_peft_config.num_virtual_tokens
         mask = torch.cat([attention_mask.new_ones(size, n), attention_mask], dim=1)
         if model.active_peft_config.peft_type == "PREFIX_TUNING":
             placeholders = torch.cat([input_ids[:, :1].expand(size, n), input_ids], dim=1)
             output = base.generate(input_ids=placeholders, attention_mask=mask, cache=model.get_prompt(size),
-                                   generation_config=config)
+                                   generation_config=config, **extra)
             return output[:, placeholders.shape[1]:]
         embeds = base.get_input_embeddings()(input_ids)
         embeds = torch.cat([model.get_prompt(size).to(embeds.dtype), embeds], dim=1)
-        return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config)
+        return base.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config, **extra)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)

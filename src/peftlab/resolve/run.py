@@ -56,7 +56,8 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     evaluation = config.eval
     prompts = None
     if evaluation.generate and spec.evaluate_test:  # tuning runs never read the test split
-        prompts = generation_prompts(data.test, evaluation.generate.examples, tokenizer, tokenizer.pad_token_id)
+        prompts = generation_prompts(data.test, evaluation.generate.examples, tokenizer, tokenizer.pad_token_id,
+                                     data.end_of_turn)
     forgetting = None
     if evaluation.forgetting and spec.evaluate_test:
         f = evaluation.forgetting

@@ -54,6 +54,32 @@ def check_template(tokenizer: Any, template: str | None, model: str) -> None:
                            "as task.chat_template (a Jinja template, as in a tokenizer_config.json)")
 
 
+PROBE = "peftlab probe answer"
+
+
+def end_of_turn(tokenizer: Any, template: str | None) -> str | None:
+    """The text the template puts after an assistant turn's content when it is not one special token (ChatML's
+    `<|im_end|>` on a tokenizer without that token): generation stops at it and scores leave it out. None
+    when the turn ends in one special token (a stop id) or in nothing."""
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
+    try:
+        full = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
+    except Exception:  # a template that cannot render the probe: the conversations themselves report it
+        return None
+    at = full.rfind(PROBE)
+    ender = full[at + len(PROBE):].strip() if at >= 0 else ""
+    if not ender:
+        return None
+    ids = tokenizer(ender, add_special_tokens=False)["input_ids"]
+    return None if len(ids) == 1 and ids[0] in special_ids(tokenizer) else ender
+
+
+def special_ids(tokenizer: Any) -> set[int]:
+    """The tokenizer's special tokens, with the added ones marked special (Gemma's <end_of_turn>)."""
+    return set(tokenizer.all_special_ids) | {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
+                                             if getattr(token, "special", False)}
+
+
 def segments(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, where: str) -> list[tuple[str, bool]]:
     """The rendered conversation, up to its last assistant turn, as (text, supervised) pieces."""
     def render(messages, prompt):

@@ -19,6 +19,7 @@ from peftlab.tasks.chat import (
     CHAT_COLUMNS,
     chat_column,
     check_template,
+    end_of_turn,
     encode_chat,
     turns,
 )
@@ -49,6 +50,7 @@ class TaskData:
     test: list[dict[str, Any]]
     dropped: int = 0  # examples with no supervised token: an empty response, or nothing left after truncation
     truncated: int = 0  # examples longer than task.max_length, cut to it
+    end_of_turn: str | None = None  # a chat template's end-of-turn text when it is not one special token
     cache_file: Path | None = field(default=None, repr=False)
 
 
@@ -70,13 +72,14 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
     held_out = [(validation_rows, train), (test_rows, test or train)]
     labels = _labels(spec, kind, train_rows, held_out, train)
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
+    ender = end_of_turn(tokenizer, spec.chat_template) if columns[0] in CHAT_COLUMNS else None
     cache_file = cache_dir() / "tokenized" / f"{key}.json"
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
         if cached["truncated"]:
             _warn_truncated(spec, train, cached["truncated"])
         return TaskData(kind, labels, cached["train"], cached["validation"], cached["test"], cached["dropped"],
-                        cached["truncated"], cache_file)
+                        cached["truncated"], ender, cache_file)
     truncated: list[str] = []  # where examples were cut to max_length
     encode = _encoder(spec, kind, tokenizer, labels, columns, truncated)
     splits, dropped = {}, 0
@@ -91,7 +94,7 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
         _warn_truncated(spec, train, len(truncated), truncated[0])
     write_atomic(cache_file, json.dumps({**splits, "dropped": dropped, "truncated": len(truncated)}))
     return TaskData(kind, labels, splits["train"], splits["validation"], splits["test"], dropped, len(truncated),
-                    cache_file)
+                    ender, cache_file)
 
 
 def _warn_truncated(spec: TaskSpec, train: _Rows, count: int, first: str | None = None) -> None:

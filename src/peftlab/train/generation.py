@@ -4,7 +4,8 @@ scored against the reference responses with ROUGE-L and normalised exact match.
 The prompts are the test examples as tokenized for training: everything before an example's last supervised
 span (its last response, or its last assistant turn) is the prompt, and that span is the reference. Batches
 are left-padded and use the KV cache; completions stop at the tokens that ended the supervised responses
-(EOS, or a chat template's end-of-turn) or after `max_new_tokens`.
+(EOS, a chat template's end-of-turn token, or its end-of-turn text where that is several tokens, which the
+completions and references then leave out) or after `max_new_tokens`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import string
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -25,11 +26,13 @@ from torch import nn
 
 from peftlab.files import write_atomic
 from peftlab.methods.base import generated_tokens
+from peftlab.tasks.chat import special_ids
 from peftlab.tasks.fit import last_supervised_span
 from peftlab.train.result import SAMPLES_FILE  # noqa: F401  (where a run writes its samples)
 
 if TYPE_CHECKING:
     from peftlab.specs import GenerateSpec
+
 
 @dataclass(frozen=True)
 class Prompts:
@@ -37,16 +40,20 @@ class Prompts:
 
     ids: list[list[int]]  # prompt token ids, one list per example
     texts: list[str]  # the prompts as text (for the samples file)
-    references: list[str]  # the supervised responses as text
+    references: list[str]  # the supervised responses as text, without their end token(s)
     stop_ids: list[int]  # generation stops at any of these
     pad_id: int
+    stop_sequence: list[int] = field(default_factory=list)  # an end of turn of several tokens: stops it too
 
 
-def generation_prompts(examples: list[dict[str, Any]], count: int, tokenizer: Any, pad_id: int) -> Prompts:
-    """The first `count` examples (the split is already a seeded shuffle) as prompts and references."""
+def generation_prompts(examples: list[dict[str, Any]], count: int, tokenizer: Any, pad_id: int,
+                       end_of_turn: str | None = None) -> Prompts:
+    """The first `count` examples (the split is already a seeded shuffle) as prompts and references.
+    `end_of_turn`: a chat template's end-of-turn text that is not one special token (see
+    `tasks.chat.end_of_turn`); its tokens end generation and are left out of the references."""
     ids, texts, references, enders = [], [], [], set()
-    special = set(tokenizer.all_special_ids) | {i for i, token in getattr(tokenizer, "added_tokens_decoder", {}).items()
-                                                if getattr(token, "special", False)}  # e.g. <end_of_turn>
+    special = special_ids(tokenizer)
+    sequence = tokenizer(end_of_turn, add_special_tokens=False)["input_ids"] if end_of_turn else []
     for example in examples:
         if len(ids) == count:
             break
@@ -55,14 +62,31 @@ def generation_prompts(examples: list[dict[str, Any]], count: int, tokenizer: An
             continue
         start, end = span
         prompt, response = example["input_ids"][:start], example["input_ids"][start:end]
+        if sequence and response[-len(sequence):] == sequence:
+            response = response[: -len(sequence)]
+        elif response[-1] in special:  # the token training taught the model to end a response with
+            enders.add(response[-1])
         ids.append(prompt)
         texts.append(tokenizer.decode(prompt, skip_special_tokens=True))
         references.append(tokenizer.decode(response, skip_special_tokens=True).strip())
-        if response[-1] in special:  # the token training taught the model to end a response with
-            enders.add(response[-1])
     own = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     stop = sorted(enders | ({own} if own is not None else set()))
-    return Prompts(ids, texts, references, stop, pad_id)
+    return Prompts(ids, texts, references, stop, pad_id, sequence)
+
+
+def _sequence_stop(sequence: list[int]):
+    """A `generate` stopping criterion: a row is done once its newest generated tokens spell `sequence`."""
+    from transformers import StoppingCriteria
+
+    class SequenceStop(StoppingCriteria):
+        generated = 0  # called once per generated token
+
+        def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+            self.generated += 1
+            done = input_ids[:, -len(sequence):] == torch.tensor(sequence, device=input_ids.device)
+            return done.all(dim=1) & (self.generated >= len(sequence))
+
+    return SequenceStop()
 
 
 @dataclass
@@ -85,7 +109,7 @@ def generate(model: nn.Module, prompts: Prompts, spec: GenerateSpec, tokenizer: 
     `complete(model, input_ids, attention_mask, config)` returns the new tokens (a method's own way of
     generating, `Method.complete`); by default `model.generate`'s."""
     complete = complete or generated_tokens
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, StoppingCriteriaList
 
     config = GenerationConfig(
         max_new_tokens=spec.max_new_tokens, do_sample=not spec.greedy, use_cache=True, pad_token_id=prompts.pad_id,
@@ -105,12 +129,15 @@ def generate(model: nn.Module, prompts: Prompts, spec: GenerateSpec, tokenizer: 
             for first in range(0, len(order), spec.batch_size):
                 chosen = order[first : first + spec.batch_size]
                 input_ids, attention_mask = _left_padded([prompts.ids[i] for i in chosen], prompts.pad_id)
+                extra = {}
+                if prompts.stop_sequence:
+                    extra["stopping_criteria"] = StoppingCriteriaList([_sequence_stop(prompts.stop_sequence)])
                 with autocast():
-                    output = complete(model, input_ids.to(device), attention_mask.to(device), config)
+                    output = complete(model, input_ids.to(device), attention_mask.to(device), config, **extra)
                 for row, i in enumerate(chosen):
-                    tokens = _until_stop(output[row].tolist(), prompts.stop_ids)
+                    tokens, kept = _until_stop(output[row].tolist(), prompts.stop_ids, prompts.stop_sequence)
                     new_tokens[i] = len(tokens)
-                    texts[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+                    texts[i] = tokenizer.decode(kept, skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
     return Completions(texts, new_tokens, time.perf_counter() - start)
@@ -126,12 +153,16 @@ def _left_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor,
     return input_ids, attention_mask
 
 
-def _until_stop(tokens: list[int], stop_ids: list[int]) -> list[int]:
-    """The generated tokens up to and including the first stop token (what follows is padding)."""
+def _until_stop(tokens: list[int], stop_ids: list[int], sequence: list[int]) -> tuple[list[int], list[int]]:
+    """(the generated tokens up to and including the first stop token or stop sequence, the same without a
+    stop sequence): what follows is padding."""
+    k = len(sequence)
     for position, token in enumerate(tokens):
         if token in stop_ids:
-            return tokens[: position + 1]
-    return tokens
+            return tokens[: position + 1], tokens[: position + 1]
+        if k and tokens[max(0, position + 1 - k) : position + 1] == sequence:
+            return tokens[: position + 1], tokens[: position + 1 - k]
+    return tokens, tokens
 
 
 # --- scores ---------------------------------------------------------------------------------------------
@@ -178,7 +209,7 @@ def base_cache_key(model_identity: dict[str, Any], prompts: Prompts, spec: Gener
     """What the base model's completions depend on: the model and how it computes (dtype, quantization,
     precision, device), the prompts and the generation settings."""
     content = {"model": model_identity, "prompts": prompts.ids, "stop": prompts.stop_ids, "pad": prompts.pad_id,
-               "generate": spec.model_dump(mode="json"), "version": 1}
+               "stop_sequence": prompts.stop_sequence, "generate": spec.model_dump(mode="json"), "version": 2}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
