@@ -125,3 +125,44 @@ def test_saved_adapter_loads_onto_a_freshly_quantized_base(tmp_path):
 def test_slices_of_a_fused_projection_are_a_clear_error():
     with pytest.raises(PeftlabError, match="QLoRA adapts whole modules"):
         make_method(QLoraSpec()).apply(tiny("tiny-gpt2", "causal-lm"), make_plan("tiny-gpt2", placement="q,v"), [])
+
+
+@pytest.mark.parametrize("name, head", [("tiny-llama", "causal-lm"), ("tiny-gpt2", "causal-lm")])
+def test_cpu_gradients_equal_those_of_the_dequantized_base(name, head):
+    """An evaluation pass first (bitsandbytes may repack CPU weights for inference there, into a layout whose
+    kernel has no backward); then every LoRA gradient equals that of full-precision layers holding the
+    dequantized weights under the same adapters."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+
+    from peftlab.methods.lora import LoraMethod
+    from peftlab.models.quantize import dequantized_weight
+
+    method, model = qlora(name, head)
+    for p in model.parameters():  # B = 0 at init would leave A's gradient zero: give every adapter weight a value
+        if p.requires_grad:
+            nn.init.normal_(p, std=0.05, generator=torch.Generator().manual_seed(p.numel()))
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=ids()[:1, :1])  # one token, no gradient: the inference path
+    model.train()
+    gradients = lora_gradients(model)  # before anything reads the 4-bit weights back
+
+    reference = tiny(name, head)
+    for path in method.quantized.paths:
+        layer = unwrap(model).get_submodule(path)
+        weight = dequantized_weight(getattr(layer, "base_layer", layer))
+        reference.get_submodule(path).weight.data.copy_(weight.t() if path in method.quantized.transposed else weight)
+    reference = LoraMethod(method.spec).apply(reference, make_plan(name, placement="all", allocation=4),
+                                              head_modules(reference))
+    set_peft_model_state_dict(reference, get_peft_model_state_dict(model))
+    expected = lora_gradients(reference.train())
+    assert gradients.keys() == expected.keys() and len(gradients) > 0
+    for key in gradients:
+        torch.testing.assert_close(gradients[key], expected[key], rtol=1e-4, atol=1e-6,
+                                   msg=lambda message, key=key: f"{key}: {message}")
+
+
+def lora_gradients(model):
+    model.zero_grad()
+    model(input_ids=ids(), labels=ids()).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and ".lora_" in n}

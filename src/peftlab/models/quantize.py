@@ -73,6 +73,10 @@ def quantize_4bit(
                                          compress_statistics=double_quant, quant_type=quant_type, module=layer)
         if module.bias is not None:
             layer.bias = nn.Parameter(module.bias.data, requires_grad=False)
+        # bitsandbytes repacks a CPU layer's weight for inference on its first no-gradient pass in eval mode,
+        # and the repacked layout's kernel has no backward: training after an evaluation would then get wrong
+        # gradients ("gemv_4bit: an autograd kernel was not registered"). The layout stays trainable.
+        layer.support_avx512bf16_for_cpu = False
         layer.to(device)  # quantization happens here
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, layer)
