@@ -601,6 +601,12 @@ NEWER = {  # name: (args, a part of the message)
                                           "model 'tiny-bert' is a bidirectional encoder (bert) and cannot learn"),
     "a distilbert encoder on an instruction task": ([*INSTRUCT, "--model", "tiny-distilbert"],
                                                     "is a bidirectional encoder (distilbert)"),
+    "gradient checkpointing with prefix tuning": ([*INSTRUCT, "--model", "tiny-llama", "--method", "prefix",
+                                                   "--gradient-checkpointing"],
+                                                  "train.gradient_checkpointing: method prefix cannot use it"),
+    "gradient checkpointing with adalora": ([*INSTRUCT, "--model", "tiny-llama", "--method", "adalora",
+                                             "--gradient-checkpointing"],
+                                            "train.gradient_checkpointing: method adalora cannot use it"),
     "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
                                "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
 }

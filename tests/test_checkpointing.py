@@ -65,3 +65,42 @@ def test_a_run_with_checkpointing_learns_what_it_learns_without(tmp_path, review
     assert "gradient_checkpointing" not in plain["speed"]
     assert checkpointed["final_train_loss"] == pytest.approx(plain["final_train_loss"], rel=1e-5)
     assert checkpointed["metrics"]["test"]["loss"] == pytest.approx(plain["metrics"]["test"]["loss"], rel=1e-5)
+
+
+def method_specs() -> list[dict]:
+    """One spec per method and per kind of each (PEFT's types, prefix tuning's two variants)."""
+    from peftlab.methods.specs import PEFT_TYPES, SPECS
+
+    specs = []
+    for name in SPECS:
+        if name == "peft":
+            specs += [{"name": "peft", "type": t} for t in PEFT_TYPES]
+        elif name == "prefix":
+            specs += [{"name": "prefix", "variant": v, "num_virtual_tokens": 2} for v in ("prefix", "prompt")]
+        else:
+            specs.append({"name": name})
+    return specs
+
+
+REFUSED = {"adalora", "prefix prefix"}  # each refused in one line naming the reason
+
+
+@pytest.mark.parametrize("method", method_specs(), ids=lambda m: " ".join(str(v) for k, v in m.items() if k != "num_virtual_tokens"))
+def test_every_method_trains_with_checkpointing_or_is_refused_before_it_starts(tmp_path, method):
+    import json
+
+    from peftlab.errors import PeftlabError
+
+    rows = [{"instruction": f"say {w}", "input": "", "output": w} for w in ["red", "blue", "green", "gold"] * 4]
+    (tmp_path / "data.json").write_text(json.dumps(rows))
+    values = {"model": "tiny-llama" if method["name"] != "bitfit" else "tiny-gpt2",  # LLaMA has no biases
+              "task": {"path": str(tmp_path / "data.json"), "kind": "instruction"}, "method": method,
+              "plan": {"placement": "attention", "allocation": 2},
+              "train": {"max_steps": 1, "batch_size": 4, "latency_batches": 0, "gradient_checkpointing": True}}
+    label = " ".join(str(v) for k, v in method.items() if k in ("name", "variant"))
+    if label in REFUSED:
+        with pytest.raises(PeftlabError, match=f"train.gradient_checkpointing: method {method['name']} cannot use it"):
+            validate(RunConfig, values, "test")
+        return
+    result = run_to_dict(validate(RunConfig, values, "test"), tmp_path / "run")
+    assert result["status"] == "done" and result["speed"]["gradient_checkpointing"]["used"], result["speed"]

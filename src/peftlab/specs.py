@@ -362,6 +362,9 @@ class RunConfig(Spec):
         if (self.eval.generate or self.eval.forgetting) and self.task.resolved_kind != "instruction":
             raise ValueError("eval.generate and eval.forgetting apply to instruction tasks (a causal LM); "
                              f"this task is {self.task.resolved_kind}")
+        if self.train.gradient_checkpointing and (reason := self.method.without_checkpointing()):
+            raise ValueError(f"train.gradient_checkpointing: method {self.method.label} cannot use it: {reason}; "
+                             "leave it off")
         return self
 
     @field_validator("method", mode="before")

@@ -27,6 +27,10 @@ class MethodSpecBase(BaseModel):
         """The method's name in messages and tables (`peft LOHA` for a PEFT type)."""
         return self.name
 
+    def without_checkpointing(self) -> str | None:
+        """Why this method cannot train with gradient checkpointing, or None when it can."""
+        return None
+
 
 class LoraSpec(MethodSpecBase):
     name: Literal["lora"] = "lora"
@@ -152,6 +156,9 @@ class AdaLoraSpec(MethodSpecBase):
     orth_reg_weight: float = Field(0.5, ge=0)
     dropout: float = Field(0.0, ge=0, lt=1)
 
+    def without_checkpointing(self) -> str | None:
+        return "PEFT's AdaLoRA rank allocator fails on a model with checkpointed layers"
+
 
 class HiraSpec(MethodSpecBase):
     name: Literal["hira"] = "hira"
@@ -175,6 +182,12 @@ class PrefixSpec(MethodSpecBase):
     """Prefix only: train the prefix through a two-layer MLP (Li & Liang's reparametrisation); more
     parameters while training, the same prefix at inference."""
     projection_hidden: int = Field(512, ge=1)
+
+    def without_checkpointing(self) -> str | None:
+        if self.variant == "prefix":
+            return ("its learned keys and values are a key/value cache, which transformers drops under checkpointing; "
+                    "variant prompt can use it")
+        return None
 
 
 class BitFitSpec(MethodSpecBase):
