@@ -607,6 +607,10 @@ NEWER = {  # name: (args, a part of the message)
     "gradient checkpointing with adalora": ([*INSTRUCT, "--model", "tiny-llama", "--method", "adalora",
                                              "--gradient-checkpointing"],
                                             "train.gradient_checkpointing: method adalora cannot use it"),
+    "olora on GPT-2's Conv1D layers": (["run", "-c", "olora.yaml", "--output", "out"],
+                                       "method.init olora: PEFT's OLoRA decomposes the weight without GPT-2's Conv1D"),
+    "eva with one training example": (["run", "-c", "eva.yaml", "--output", "out"],
+                                      "method.init eva: decomposes each training batch's supervised tokens and needs"),
     "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
                                "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
 }
@@ -619,6 +623,13 @@ def newer_files(work: Path) -> None:
     (work / "study" / "study.yaml").write_text(spec.read_text())
     other = yaml.safe_load(spec.read_text())
     (work / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+    task = {"path": "instruct.json", "kind": "instruction"}
+    for name, config in {
+        "olora": {"model": "tiny-gpt2", "task": task, "method": {"name": "lora", "init": "olora"}},
+        "eva": {"model": "tiny-llama", "task": {**task, "max_train_examples": 1}, "method": {"name": "lora", "init": "eva"},
+                "plan": {"allocation": 8}},
+    }.items():
+        (work / f"{name}.yaml").write_text(yaml.safe_dump({**config, "train": {"max_steps": 1, "latency_batches": 0}}))
 
 
 @pytest.mark.parametrize("name", NEWER)

@@ -65,6 +65,10 @@ class Method(ABC):
         """Freeze what the method does not train; return the model to train.
         `head` names the task head's modules (trained by every method)."""
 
+    def check_plan(self, plan: Plan) -> None:
+        """Refuse, in one line, a plan this method cannot serve (an init a layer kind does not support): called
+        where a run is resolved, before any data or weights load."""
+
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; biases and norms get no weight decay."""
         decay, no_decay = [], []

@@ -25,6 +25,16 @@ from peftlab.methods.low_rank import use_low_rank_linears
 from peftlab.models.load import unwrap
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
+from peftlab.tasks.fit import IGNORE
+
+
+def _eva_rows(batch: dict[str, torch.Tensor]) -> int:
+    """The token inputs EVA decomposes in a batch: unpadded positions, and supervised ones where labels are
+    token labels (PEFT's language-modelling mask)."""
+    mask = batch["attention_mask"].bool()
+    if "labels" in batch:
+        mask &= batch["labels"] != IGNORE
+    return int(mask.sum())
 
 
 def peft_task_type(model: nn.Module) -> str | None:
@@ -45,6 +55,7 @@ class LoraMethod(Method):
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         """Whole modules through PEFT; slices of a fused projection (q and v of GPT-2's c_attn)
         through peftlab's SliceLoRA, which PEFT cannot express."""
+        self.check_plan(plan)
         whole = tuple(p for p in plan.sites if not p.site.is_slice)
         slices = [p for p in plan.sites if p.site.is_slice]
         if whole:
@@ -64,14 +75,20 @@ class LoraMethod(Method):
             model.requires_grad_(False)
             set_head_trainable(model, head)
         if slices:
-            if self.spec.init != "default":
-                raise PeftlabError(f"method.init {self.spec.init}: not available for slices of a fused projection "
-                                   "(GPT-2 q/v); select q, k and v together or leave init at default")
-            if self.spec.use_dora or self.spec.use_rslora:
-                raise PeftlabError("method.use_dora / use_rslora: not available for slices of a fused projection "
-                                   "(GPT-2 q/v); select q, k and v together or drop the option")
             wrap_slices(unwrap(model), slices, self.spec.dropout)
         return model
+
+    def check_plan(self, plan: Plan) -> None:
+        slices = any(p.site.is_slice for p in plan.sites)
+        if slices and self.spec.init != "default":
+            raise PeftlabError(f"method.init {self.spec.init}: not available for slices of a fused projection "
+                               "(GPT-2 q/v); select q, k and v together or leave init at default")
+        if slices and (self.spec.use_dora or self.spec.use_rslora):
+            raise PeftlabError("method.use_dora / use_rslora: not available for slices of a fused projection "
+                               "(GPT-2 q/v); select q, k and v together or drop the option")
+        if self.spec.init == "olora" and any(p.site.kind == "conv1d" for p in plan.sites):
+            raise PeftlabError("method.init olora: PEFT's OLoRA decomposes the weight without GPT-2's Conv1D "
+                               "transposition and fails on these layers; use init pissa, eva or default")
 
     def _init_kwargs(self) -> dict[str, Any]:
         """LoraConfig arguments for `spec.init`."""
@@ -103,7 +120,17 @@ class LoraMethod(Method):
 
         causal = peft_task_type(unwrap(model)) == "CAUSAL_LM"
         inputs = [b if causal else {k: v for k, v in b.items() if k != "labels"} for b in batches]
-        initialize_lora_eva_weights(model, inputs, forward_fn=forward, show_progress_bar=False)
+        # EVA decomposes each batch's token inputs at each site and skips a batch with fewer tokens than the
+        # site's rank; when every batch is skipped, PEFT cycles through them for ever
+        rank = max(p.rank for p in self._whole_plan.sites)
+        enough = [b for b in inputs if _eva_rows(b) >= rank]
+        if not enough:
+            most = max((_eva_rows(b) for b in inputs), default=0)
+            raise PeftlabError(f"method.init eva: decomposes each training batch's {'supervised ' if causal else ''}"
+                               f"tokens and needs at least the rank ({rank}) in a batch; the first {len(inputs)} "
+                               f"batch(es) hold at most {most}: use more data, a larger train.batch_size, a lower "
+                               "rank, or another init")
+        initialize_lora_eva_weights(model, enough, forward_fn=forward, show_progress_bar=False)
         verify_wrapped(model, self._whole_plan)  # EVA drops a site whose inputs have too few directions
 
     def site_params(self, site, rank: int) -> int:

@@ -11,7 +11,7 @@ import math
 
 from peftlab.errors import PeftlabError
 from peftlab.importance.probe import resolve_importance
-from peftlab.methods.registry import METHODS
+from peftlab.methods.registry import METHODS, make_method
 from peftlab.models.load import check_lengths, check_task_kind, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
@@ -50,6 +50,8 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     sized, budget = planned, None
     if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
         sized, budget = match_budget(planned, model, config.budget)
+    plan = plan_on(model, sized.plan)
+    make_method(sized.method).check_plan(plan)
     spec = config.train
     per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
     total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
@@ -62,5 +64,5 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     if evaluation.forgetting and spec.evaluate_test:
         f = evaluation.forgetting
         forgetting = text_chunks(f.path, f.text_column, tokenizer, config.task.max_length, f.max_tokens)
-    return ResolvedRun(config, model, sized.method, plan_on(model, sized.plan), data, tokenizer.pad_token_id,
+    return ResolvedRun(config, model, sized.method, plan, data, tokenizer.pad_token_id,
                        total_steps, budget, scores, tokenizer, prompts, forgetting, inputs)

@@ -94,6 +94,7 @@ def describe(config: RunConfig) -> tuple[str, int | None]:
     if method.size_parameter != "rank":
         return f"{method.label}{chosen}: {trainable:,} trainable", trainable
     plan = make_plan(PlanConfig(model=model, plan=sized.plan))
+    make_method(sized.method).check_plan(plan)
     return f"{summarize_plan(plan)}{chosen}; {trainable:,} trainable", trainable
 
 
