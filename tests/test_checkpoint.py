@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import yaml
@@ -163,3 +164,48 @@ def test_a_resumed_run_continues_its_first_tracker_run(tmp_path, reviews_file, m
     assert run.info.run_id == first == json.loads((tmp_path / "run" / "trackers.json").read_text())["mlflow"]
     assert run.info.status == "FINISHED" and "final/test/loss" in run.data.metrics
     assert {m.step for m in client.get_metric_history(first, "train/loss")} == set(range(1, 10))
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+
+
+DAMAGE = {  # name: (file under the checkpoint folder or the partial run, how it is damaged)
+    "truncated trainable.safetensors": ("trainable.safetensors", truncate),
+    "state.json is {": ("state.json", lambda p: p.write_text("{")),
+    "state.json is {}": ("state.json", lambda p: p.write_text("{}")),
+    "state.json step 'abc'": ("state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "step": "abc"}))),
+    "state.json step 10^9": ("state.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()), "step": 10**9}))),
+    "empty optimizer.pt": ("optimizer.pt", lambda p: p.write_bytes(b"")),
+    "foreign optimizer.pt": ("optimizer.pt", lambda p: __import__("torch").save({"state": {}, "param_groups": [{"params": [0]}]}, p)),
+    "truncated scheduler.pt": ("scheduler.pt", truncate),
+    "garbage rng.pt": ("rng.pt", lambda p: p.write_bytes(os.urandom(300))),
+    "a garbage line in metrics.jsonl": ("../../metrics.jsonl", lambda p: p.write_text("garbage\n" + p.read_text())),
+    "a deleted metrics.jsonl": ("../../metrics.jsonl", lambda p: p.unlink()),
+    "latest names nothing": ("../latest", lambda p: p.write_text("step-99999999")),
+}
+
+
+@pytest.mark.parametrize("name", DAMAGE)
+def test_a_damaged_checkpoint_is_named_in_one_warning_and_the_run_starts_over(tmp_path, reviews_file, monkeypatch, name):
+    from peftlab.errors import PeftlabWarning
+
+    config = validate(RunConfig, config_dict(reviews_file, steps=5), "t")
+    with stopped_after_checkpoint(monkeypatch, 4):
+        run_to_dict(config, tmp_path / "run")
+    relative, damage = DAMAGE[name]
+    damage(tmp_path / "run.partial" / "checkpoint" / "step-00000004" / relative)
+    with pytest.warns(PeftlabWarning, match="the checkpoint cannot be resumed from, so the run starts over") as caught:
+        result = run_to_dict(config, tmp_path / "run")
+    assert result["speed"]["checkpoint"]["resumed_from_step"] == 0 and result["status"] == "done"
+    damaged = [str(w.message) for w in caught if issubclass(w.category, PeftlabWarning)]
+    assert len(damaged) == 1 and Path(relative).name in damaged[0], damaged
+
+
+def test_a_last_metrics_line_cut_short_by_a_kill_is_dropped_and_the_run_resumes(tmp_path, reviews_file, monkeypatch):
+    config = validate(RunConfig, config_dict(reviews_file, steps=5), "t")
+    with stopped_after_checkpoint(monkeypatch, 4):
+        run_to_dict(config, tmp_path / "run")
+    with (tmp_path / "run.partial" / "metrics.jsonl").open("a") as history:
+        history.write('{"step": 5, "train_lo')
+    assert run_to_dict(config, tmp_path / "run")["speed"]["checkpoint"]["resumed_from_step"] == 4

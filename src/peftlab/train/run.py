@@ -28,7 +28,7 @@ from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, warn
 from peftlab.files import check_output, write_atomic
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
@@ -39,7 +39,7 @@ from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import TaskData, collate, collate_indexed
 from peftlab.train import distributed
 from peftlab.train.batching import Batches
-from peftlab.train.checkpoint import Checkpoints
+from peftlab.train.checkpoint import Checkpoints, DamagedCheckpoint, history_rows
 from peftlab.train.device import (
     Backends,
     PeakMemory,
@@ -143,11 +143,20 @@ def _checkpoints(run: ResolvedRun, partial_dir: Path) -> Checkpoints | None:
 
 
 def _resumable(run: ResolvedRun, partial_dir: Path) -> bool:
-    """A `.partial` directory left by a killed run of the same config, with a checkpoint to resume from."""
+    """A `.partial` directory left by a killed run of the same config, with a checkpoint to resume from. A
+    damaged checkpoint (or history) is named in one warning, and the run starts over."""
     checkpoints = _checkpoints(run, partial_dir)
     config = partial_dir / "config.yaml"
-    return (checkpoints is not None and checkpoints.latest_step() > 0 and config.is_file()
-            and config.read_text() == run.config.to_yaml())
+    if checkpoints is None or not config.is_file() or config.read_text() != run.config.to_yaml():
+        return False
+    try:
+        step = checkpoints.verify(run.total_steps)
+        if step:
+            history_rows(partial_dir / "metrics.jsonl", step)
+    except DamagedCheckpoint as damaged:
+        warn(f"{damaged}: the checkpoint cannot be resumed from, so the run starts over")
+        return False
+    return step > 0
 
 
 def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
@@ -197,9 +206,9 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
         shutil.copyfile(run.scores, partial_dir / "importance.json")
     checkpoints = _checkpoints(run, partial_dir)
     step = checkpoints.latest_step() if checkpoints is not None else 0
-    if step:  # a resumed run: the rows up to its checkpoint
-        rows = (partial_dir / "metrics.jsonl").read_text().splitlines()
-        (partial_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows if json.loads(r)["step"] <= step))
+    if step:  # a resumed run: the rows up to its checkpoint (verified by `_resumable`)
+        rows = history_rows(partial_dir / "metrics.jsonl", step)
+        (partial_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
     with (partial_dir / "metrics.jsonl").open("a") as history:
         def record(row: dict[str, Any]) -> None:
             history.write(json.dumps(row) + "\n")
