@@ -596,6 +596,11 @@ def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(work, monke
 # -- the newer surfaces: generation, encoders, checkpoints, trackers, PEFT options, special files --------------
 
 INSTRUCT = ["run", "--data", "instruct.json", "--kind", "instruction", "--max-steps", "1", "--output", "out"]
+MODEL_CONFIGS = {  # a config file's name: what it changes in tiny LLaMA's
+    "kv3": {"num_key_value_heads": 3}, "kv8": {"num_key_value_heads": 8}, "heads": {"num_attention_heads": 5},
+    "layers": {"num_hidden_layers": 1.5}, "width": {"hidden_size": True}, "rope": {"rope_scaling": {"type": "bogus"}},
+    "act": {"hidden_act": "bogus"}, "gemma": {"model_type": "gemma3_text", "head_dim": 15},
+}
 NEWER = {  # name: (args, a part of the message)
     "an encoder on an instruction task": ([*INSTRUCT, "--model", "tiny-bert"],
                                           "model 'tiny-bert' is a bidirectional encoder (bert) and cannot learn"),
@@ -611,6 +616,16 @@ NEWER = {  # name: (args, a part of the message)
                                        "method.init olora: PEFT's OLoRA decomposes the weight without GPT-2's Conv1D"),
     "eva with one training example": (["run", "-c", "eva.yaml", "--output", "out"],
                                       "method.init eva: decomposes each training batch's supervised tokens and needs"),
+    **{f"model config {name}": (["plan", "--model", f"{name}.json"], expected) for name, expected in {
+        "kv3": "num_key_value_heads is 3; it must divide num_attention_heads (4)",
+        "kv8": "num_key_value_heads is 8; it must divide num_attention_heads (4)",
+        "heads": "invalid config: The hidden size (64) is not a multiple of the number",
+        "layers": "invalid config: Field 'num_hidden_layers' expected int, got float",
+        "width": "invalid config: Field 'hidden_size' expected int, got bool",
+        "rope": "unknown value 'bogus'",
+        "act": "unknown value 'bogus'",
+        "gemma": "invalid config: RoPE requires an even rotary dimension, but got `head_dim`=15",
+    }.items()},
     "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
                                "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
 }
@@ -623,6 +638,10 @@ def newer_files(work: Path) -> None:
     (work / "study" / "study.yaml").write_text(spec.read_text())
     other = yaml.safe_load(spec.read_text())
     (work / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
+    from peftlab.models.load import tiny_configs
+
+    for name, change in MODEL_CONFIGS.items():
+        (work / f"{name}.json").write_text(json.dumps({**tiny_configs()["tiny-llama"], **change}))
     task = {"path": "instruct.json", "kind": "instruction"}
     for name, config in {
         "olora": {"model": "tiny-gpt2", "task": task, "method": {"name": "lora", "init": "olora"}},

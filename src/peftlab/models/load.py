@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import (
     AutoConfig,
@@ -168,6 +169,10 @@ def _read_config(name: str, spec: ModelSpec) -> PretrainedConfig:
         if local:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise _unknown_model(name, reason) from None
+    except StrictDataclassError as exc:  # transformers checks each field's type and the fields together
+        cause = exc.__cause__ or exc
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise PeftlabError(f"model {name!r}: invalid config: {reason}") from None
     what = "not a preset, catalog name or local directory, and"
     if _offline():
         raise _unknown_model(name, f"{what} not in the local Hugging Face cache (offline)")
@@ -231,6 +236,17 @@ def _check_sizes(config: PretrainedConfig, name: str) -> None:
             continue
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PeftlabError(f"model {name!r}: config field {field} is {value!r}; it must be a positive integer")
+    _check_attention(config, name)
+
+
+def _check_attention(config: PretrainedConfig, name: str) -> None:
+    """Key/value heads that the attention heads can be grouped over: caught here, where `plan` reads the
+    config, rather than inside attention at the first forward."""
+    fields = config.to_dict()
+    heads, kv_heads = fields.get("num_attention_heads"), fields.get("num_key_value_heads")
+    if isinstance(heads, int) and isinstance(kv_heads, int) and heads % kv_heads:
+        raise PeftlabError(f"model {name!r}: config field num_key_value_heads is {kv_heads}; it must divide "
+                           f"num_attention_heads ({heads}); valid: {', '.join(str(d) for d in range(1, heads + 1) if heads % d == 0)}")
 
 
 def _build(head_class, config: PretrainedConfig, name: str, **kwargs) -> nn.Module:
@@ -238,6 +254,9 @@ def _build(head_class, config: PretrainedConfig, name: str, **kwargs) -> nn.Modu
     (heads that do not divide the width, a negative dropout): one line naming the model."""
     try:
         return head_class.from_config(config, **kwargs)
+    except KeyError as exc:  # a named choice transformers does not know (hidden_act, the rope type)
+        raise PeftlabError(f"model {name!r}: cannot build the model its config describes: unknown value {exc} "
+                           "(a choice such as hidden_act or the rope scaling type)") from None
     except (ValueError, RuntimeError, TypeError, AttributeError, ZeroDivisionError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PeftlabError(f"model {name!r}: cannot build the model its config describes: {reason}") from None
