@@ -596,6 +596,12 @@ def test_an_internal_error_shows_its_traceback_and_asks_for_a_report(work, monke
 # -- the newer surfaces: generation, encoders, checkpoints, trackers, PEFT options, special files --------------
 
 INSTRUCT = ["run", "--data", "instruct.json", "--kind", "instruction", "--max-steps", "1", "--output", "out"]
+TRACKING = {  # tracking.mlflow_uri: the message
+    "bogus://x": "tracking.mlflow_uri: 'bogus://x' has no MLflow store scheme; valid: file:, sqlite:",
+    "sqlite:////no/such/dir/db.sqlite": "/no/such/dir does not exist; create it or choose another path",
+    "file:///proc/forbidden": "/proc is not writable",
+    "http://127.0.0.1:9": "cannot reach the MLflow server at http://127.0.0.1:9 within 3 s",
+}
 MODEL_CONFIGS = {  # a config file's name: what it changes in tiny LLaMA's
     "kv3": {"num_key_value_heads": 3}, "kv8": {"num_key_value_heads": 8}, "heads": {"num_attention_heads": 5},
     "layers": {"num_hidden_layers": 1.5}, "width": {"hidden_size": True}, "rope": {"rope_scaling": {"type": "bogus"}},
@@ -626,6 +632,11 @@ NEWER = {  # name: (args, a part of the message)
         "act": "unknown value 'bogus'",
         "gemma": "invalid config: RoPE requires an even rotary dimension, but got `head_dim`=15",
     }.items()},
+    **{f"mlflow {uri}": (["run", "-c", f"track-{i}.yaml", "--output", "out"], expected) for i, (uri, expected) in
+       enumerate(TRACKING.items())},
+    "MLFLOW_TRACKING_URI garbage": ([*RUN, "--track", "mlflow"], "$MLFLOW_TRACKING_URI: 'garbage://' has no MLflow store"),
+    "an empty experiment name": (["run", "-c", "track-empty.yaml", "--output", "out"],
+                                 "tracking.project: String should have at least 1 character"),
     "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
                                "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
 }
@@ -640,6 +651,11 @@ def newer_files(work: Path) -> None:
     (work / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
     from peftlab.models.load import tiny_configs
 
+    for i, uri in enumerate([*TRACKING, "empty"]):
+        tracking = {"backends": ["mlflow"], **({"project": ""} if uri == "empty" else {"mlflow_uri": uri})}
+        (work / f"track-{'empty' if uri == 'empty' else i}.yaml").write_text(
+            yaml.safe_dump({**valid_run_config(work), "tracking": tracking}))
+
     for name, change in MODEL_CONFIGS.items():
         (work / f"{name}.json").write_text(json.dumps({**tiny_configs()["tiny-llama"], **change}))
     task = {"path": "instruct.json", "kind": "instruction"}
@@ -652,7 +668,9 @@ def newer_files(work: Path) -> None:
 
 
 @pytest.mark.parametrize("name", NEWER)
-def test_the_newer_surfaces_refuse_in_one_line(work, name):
+def test_the_newer_surfaces_refuse_in_one_line(work, name, monkeypatch):
     newer_files(work)
+    if name == "MLFLOW_TRACKING_URI garbage":
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "garbage://")
     args, expected = NEWER[name]
     check_refused(work, args, expected)

@@ -82,3 +82,27 @@ def test_a_study_names_and_tags_each_run_and_trackers_change_no_run_id(tmp_path,
     assert [(r.id, r.group) for r in runs] == [(r.id, r.group) for r in untracked]
     assert len({r.group for r in runs}) == 2  # seeds of a configuration stay one group
     assert json.dumps(runs[0].config)  # stored as JSON in the study database
+
+
+def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning_and_the_run_keeps_its_result(
+        tmp_path, reviews_file, monkeypatch):
+    from accelerate.tracking import MLflowTracker
+    from conftest import run_to_dict
+
+    from peftlab.errors import PeftlabWarning
+
+    calls = []
+
+    def fails_on_the_second_log(self, values, step=None, **kwargs):
+        calls.append(step)
+        if len(calls) > 1:
+            raise ConnectionError("the tracking server went away")
+
+    monkeypatch.setattr(MLflowTracker, "log", fails_on_the_second_log)
+    with pytest.warns(PeftlabWarning) as caught:
+        result = run_to_dict(tracked_config(reviews_file, tmp_path), tmp_path / "run")
+    assert result["status"] == "done" and (tmp_path / "run" / "result.json").is_file()
+    messages = [str(w.message) for w in caught if "tracking:" in str(w.message)]
+    assert messages == ["tracking: mlflow failed at step 4 and is dropped for the rest of the run (the tracking "
+                        "server went away); the run's own files are complete"]
+    assert calls == [2, 4]  # never asked again

@@ -317,7 +317,7 @@ class TrackingSpec(Spec):
     {backends: [tensorboard, mlflow]}."""
 
     backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(min_length=1)
-    project: str = "peftlab"
+    project: str = Field("peftlab", min_length=1, pattern=r"\S")
     """MLflow's experiment, W&B's project."""
     run_name: str | None = None
     """Default: the run directory's name. In a study, `<run_name or study>/<configuration>/seed <seed>`."""

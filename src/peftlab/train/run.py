@@ -68,7 +68,7 @@ from peftlab.train.measure import directory_bytes, latency_ms
 from peftlab.train.result import RunResult
 from peftlab.train.speed import switched_on
 from peftlab.train.speed.base import RunSetting, installed
-from peftlab.train.tracking import flat, log_result, log_row, tracker_run_ids, trackers
+from peftlab.train.tracking import finish_trackers, flat, log_result, log_row, tracker_run_ids, trackers
 
 if TYPE_CHECKING:
     from peftlab.methods.specs import MethodSpec
@@ -193,8 +193,7 @@ def _execute(run: ResolvedRun, partial_dir: Path) -> RunResult:
         return _train_and_record(run, model, method, accelerator, before_model, partial_dir, base_params, head,
                                  counts, frozen)
     finally:
-        for tracker in accelerator.trackers:  # their runs and files closed before the directory is renamed
-            tracker.finish()
+        finish_trackers(accelerator)  # their runs and files closed before the directory is renamed
 
 
 def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Accelerator, before_model: int,

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, warn
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -22,12 +23,74 @@ if TYPE_CHECKING:
 PACKAGES = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # backend -> module it needs
 
 
+MLFLOW_SCHEMES = ("file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
+REACH_SECONDS = 3.0  # how long a tracking server gets to accept a connection before the run is refused
+
+
 def check_backends(spec: TrackingSpec) -> None:
-    """Every backend's package is installed; else one line naming the extra that installs it."""
+    """Every backend's package is installed (else one line naming the extra that installs it), and MLflow's
+    store can be used: a known scheme, a writable place for a file or SQLite store, a server that accepts a
+    connection within REACH_SECONDS. Checked before anything is read or trained."""
     for backend in spec.backends:
         if importlib.util.find_spec(PACKAGES[backend]) is None:
             raise PeftlabError(f"tracking.backends: {backend} needs its package; install it with "
                                f"pip install 'peftlab[{backend}]'")
+    if "mlflow" in spec.backends:
+        _check_mlflow_uri(*mlflow_uri(spec))
+
+
+def mlflow_uri(spec: TrackingSpec) -> tuple[str, str]:
+    """(MLflow's tracking URI, where it was given)."""
+    if spec.mlflow_uri:
+        return spec.mlflow_uri, "tracking.mlflow_uri"
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"], "$MLFLOW_TRACKING_URI"
+    return (Path.cwd() / "mlruns").as_uri(), "MLflow's default store ./mlruns"
+
+
+def _check_mlflow_uri(uri: str, source: str) -> None:
+    from urllib.parse import unquote, urlparse
+
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.split("+")[0]  # postgresql+psycopg2 and the like
+    if not parsed.scheme and uri:  # a bare path: a file store
+        scheme, path = "file", uri
+    else:
+        path = unquote(parsed.path)
+    if scheme not in MLFLOW_SCHEMES:
+        raise PeftlabError(f"{source}: {uri!r} has no MLflow store scheme; valid: "
+                           f"{', '.join(s + ':' for s in MLFLOW_SCHEMES)} (e.g. file:///tmp/mlruns, http://host:5000)")
+    if scheme == "file":
+        _check_writable(Path(path), uri, source, must_exist=False)
+    elif scheme == "sqlite":
+        if parsed.path in ("", "/", "/:memory:"):
+            return
+        _check_writable(Path(path).parent, uri, source, must_exist=True)
+    elif scheme in ("http", "https"):
+        import socket
+
+        port = parsed.port or (443 if scheme == "https" else 80)
+        try:
+            socket.create_connection((parsed.hostname or "", port), timeout=REACH_SECONDS).close()
+        except OSError as exc:
+            raise PeftlabError(f"{source}: cannot reach the MLflow server at {uri} within {REACH_SECONDS:g} s "
+                               f"({exc.strerror or type(exc).__name__}); start it, or track to a file store") from None
+
+
+def _check_writable(directory: Path, uri: str, source: str, must_exist: bool) -> None:
+    """`directory` is a directory this process may write in, or (unless `must_exist`) can be created as one."""
+    existing = directory
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != directory and must_exist:
+        raise PeftlabError(f"{source}: {uri!r}: {directory} does not exist; create it or choose another path")
+    if not existing.is_dir():
+        raise PeftlabError(f"{source}: {uri!r}: {existing} is not a directory")
+    try:  # a real write (access bits say yes to root, and to read-only file systems such as /proc)
+        Path(tempfile.mkdtemp(prefix=".peftlab-check-", dir=existing)).rmdir()
+    except OSError:
+        raise PeftlabError(f"{source}: {uri!r}: {existing} is not writable; choose a store where this user can "
+                           "write") from None
 
 
 def trackers(spec: TrackingSpec, run_dir: Path, run_name: str, resumed: dict[str, str] | None = None
@@ -46,7 +109,7 @@ def trackers(spec: TrackingSpec, run_dir: Path, run_name: str, resumed: dict[str
         elif backend == "mlflow":
             import mlflow
 
-            uri = spec.mlflow_uri or os.environ.get("MLFLOW_TRACKING_URI") or (Path.cwd() / "mlruns").as_uri()
+            uri, _ = mlflow_uri(spec)
             if uri.startswith("file:"):  # MLflow 3 keeps file stores only on request; offline needs no server
                 os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri(uri)
@@ -87,7 +150,32 @@ def log_row(accelerator: Accelerator, row: dict[str, Any]) -> None:
     split = row.get("split")
     values = {(f"{split}/{k}" if split else f"train/{k.removeprefix('train_')}"): v for k, v in row.items()
               if k not in ("step", "split") and isinstance(v, (int, float)) and not isinstance(v, bool)}
-    accelerator.log(values, step=row["step"])
+    _log(accelerator, values, row["step"])
+
+
+def _log(accelerator: Accelerator, values: dict[str, Any], step: int) -> None:
+    """`accelerator.log`; a tracker that fails (a server gone, a full disk) is named in one warning and
+    dropped, so the run goes on and keeps its own result."""
+    for tracker in list(accelerator.trackers):
+        try:
+            tracker.log(values, step=step)
+        except Exception as exc:  # each tracker's client fails its own way
+            accelerator.trackers.remove(tracker)
+            warn(f"tracking: {tracker.name} failed at step {step} and is dropped for the rest of the run "
+                 f"({_first_line(exc)}); the run's own files are complete")
+
+
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close every tracker's run and files; one that fails is named in a warning."""
+    for tracker in accelerator.trackers:
+        try:
+            tracker.finish()
+        except Exception as exc:  # as in `_log`
+            warn(f"tracking: {tracker.name} failed to finish ({_first_line(exc)})")
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
 
 
 def log_result(accelerator: Accelerator, result: dict[str, Any], step: int) -> None:
@@ -97,4 +185,4 @@ def log_result(accelerator: Accelerator, result: dict[str, Any], step: int) -> N
     values.update({f"cost/{name}": value for name, value in result["cost"].items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool)})
     values["final/train_loss"] = result["final_train_loss"]
-    accelerator.log({k: v for k, v in values.items() if v == v}, step=step)  # NaN: not a number to plot
+    _log(accelerator, {k: v for k, v in values.items() if v == v}, step)  # NaN: not a number to plot
