@@ -602,6 +602,20 @@ TRACKING = {  # tracking.mlflow_uri: the message
     "file:///proc/forbidden": "/proc is not writable",
     "http://127.0.0.1:9": "cannot reach the MLflow server at http://127.0.0.1:9 within 3 s",
 }
+PEFT_OPTIONS = {  # name: (method, the message)
+    "oft block 0": ({"type": "OFT", "options": {"oft_block_size": 0}}, "options.oft_block_size: 0; it must be at least 1"),
+    "oft block -4": ({"type": "OFT", "options": {"oft_block_size": -4}}, "options.oft_block_size: -4; it must be at least 1"),
+    "vera key x": ({"type": "VERA", "options": {"projection_prng_key": "x"}},
+                   "options.projection_prng_key: 'x' is not a valid int"),
+    "fourierft scaling nan": ({"type": "FOURIERFT", "options": {"scaling": float("nan")}},
+                              "options.scaling: nan is not a valid float (input should be a finite number)"),
+    "fourierft frequencies 1.5": ({"type": "FOURIERFT", "options": {"n_frequency": 1.5}},
+                                  "options.n_frequency: 1.5 is not a valid int"),
+    "boft butterfly 10 on a cpu": ({"type": "BOFT", "options": {"boft_n_butterfly_factor": 10, "boft_block_size": 4}},
+                                   "method.options.boft_n_butterfly_factor: 10 needs BOFT's CUDA extension"),
+    "an unknown option": ({"type": "LOHA", "options": {"nosuch": 1}}, "options.nosuch: not a field of PEFT's LoHaConfig"),
+    "a dropout of 1.5": ({"type": "LOHA", "options": {"rank_dropout": 1.5}}, "options.rank_dropout: 1.5 is not a probability"),
+}
 MODEL_CONFIGS = {  # a config file's name: what it changes in tiny LLaMA's
     "kv3": {"num_key_value_heads": 3}, "kv8": {"num_key_value_heads": 8}, "heads": {"num_attention_heads": 5},
     "layers": {"num_hidden_layers": 1.5}, "width": {"hidden_size": True}, "rope": {"rope_scaling": {"type": "bogus"}},
@@ -637,6 +651,8 @@ NEWER = {  # name: (args, a part of the message)
     "MLFLOW_TRACKING_URI garbage": ([*RUN, "--track", "mlflow"], "$MLFLOW_TRACKING_URI: 'garbage://' has no MLflow store"),
     "an empty experiment name": (["run", "-c", "track-empty.yaml", "--output", "out"],
                                  "tracking.project: String should have at least 1 character"),
+    **{f"peft options {name}": (["run", "-c", f"peft-{name}.yaml", "--output", "out"], expected)
+       for name, (_, expected) in PEFT_OPTIONS.items()},
     "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
                                "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
 }
@@ -651,6 +667,10 @@ def newer_files(work: Path) -> None:
     (work / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
     from peftlab.models.load import tiny_configs
 
+    for name, (method, _) in PEFT_OPTIONS.items():
+        config = {**valid_run_config(work), "model": "tiny-llama", "method": {"name": "peft", **method},
+                  "plan": {"placement": "attention", "allocation": 2}}
+        (work / f"peft-{name}.yaml").write_text(yaml.safe_dump(config))
     for i, uri in enumerate([*TRACKING, "empty"]):
         tracking = {"backends": ["mlflow"], **({"project": ""} if uri == "empty" else {"mlflow_uri": uri})}
         (work / f"track-{'empty' if uri == 'empty' else i}.yaml").write_text(

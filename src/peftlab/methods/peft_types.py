@@ -26,6 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import Method
 from peftlab.methods.lora import peft_task_type
+from peftlab.methods.specs import PLAN_FIELDS
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site
 from peftlab.plans.peft_export import verify_wrapped
@@ -63,13 +64,56 @@ TYPES = {
                           default_size=1000, size_attribute="fourierft_n_frequency"),
 }
 PEFT_ERRORS = (ValueError, TypeError, NotImplementedError)  # how PEFT refuses a config or a module
+OPTION_MINIMUM = {"oft_block_size": 1, "boft_block_size": 1, "boft_block_num": 0, "boft_n_butterfly_factor": 1,
+                  "n_frequency": 1, "projection_prng_key": 0, "random_loc_seed": 0, "num_cayley_neumann_terms": 1,
+                  "r": 0}  # the least value PEFT can work with, where PEFT itself divides by it or indexes with it
+
+
+def check_options(type_name: str, options: dict[str, Any]) -> None:
+    """Each option is a field of the type's PEFT config, of that field's type (strictly: 1.5 is not an int),
+    finite, a probability where it is a dropout, and at least OPTION_MINIMUM's value: ValueError naming it."""
+    import dataclasses
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    config = getattr(peft, TYPES[type_name].config)
+    hints = typing.get_type_hints(config)
+    known = {f.name for f in dataclasses.fields(config)}
+    for name, value in options.items():
+        if name not in known:
+            close = ", ".join(sorted(known - PLAN_FIELDS - {"auto_mapping", "base_model_name_or_path", "revision",
+                                                            "peft_version"}))
+            raise ValueError(f"{name}: not a field of PEFT's {config.__name__}; its fields: {close}")
+        try:
+            TypeAdapter(hints[name], config=ConfigDict(strict=True, allow_inf_nan=False)).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{name}: {value!r} is not a valid {_type_name(hints[name])} "
+                             f"({exc.errors()[0]['msg'].lower()})") from None
+        if name.endswith("dropout") and not 0 <= value < 1:
+            raise ValueError(f"{name}: {value!r} is not a probability in [0, 1)")
+        if name in OPTION_MINIMUM and isinstance(value, int) and value < OPTION_MINIMUM[name]:
+            raise ValueError(f"{name}: {value!r}; it must be at least {OPTION_MINIMUM[name]}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _wrap(model: nn.Module, config) -> nn.Module:
-    with warnings.catch_warnings():  # BOFT tries to build its CUDA kernel for every layer, then falls back
-        warnings.filterwarnings("ignore", "Failed to load the CUDA extension")
-        warnings.filterwarnings("ignore", "Setting boft_n_butterfly_factor to 1")
-        return get_peft_model(model, config)
+    with warnings.catch_warnings(record=True) as caught:  # BOFT tries to build its CUDA kernel for every layer
+        warnings.simplefilter("always")
+        wrapped = get_peft_model(model, config)
+    fell_back = any("Setting boft_n_butterfly_factor to 1" in str(w.message) for w in caught)
+    if fell_back and getattr(config, "boft_n_butterfly_factor", 1) > 1:
+        raise PeftlabError(f"method.options.boft_n_butterfly_factor: {config.boft_n_butterfly_factor} needs BOFT's "
+                           "CUDA extension, which PEFT could not build here (it would train with 1); set 1, or train "
+                           "on CUDA with ninja installed")
+    for w in caught:  # the rest as they came, without BOFT's notes on its fallback
+        if not any(note in str(w.message) for note in ("Failed to load the CUDA extension",
+                                                         "Setting boft_n_butterfly_factor to 1")):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return wrapped
 
 
 class PeftTypeMethod(Method):
@@ -160,6 +204,13 @@ class PeftTypeMethod(Method):
             if bad:
                 raise PeftlabError(f"method.options.{self.type.size}: {size} does not divide the input widths "
                                    f"{bad}; valid: {self.size_candidates(plan)}")
+
+    def check_plan(self, plan: Plan) -> None:
+        self._check_sites(plan)
+        if self.spec.options.get("boft_n_butterfly_factor", 1) > 1 and not torch.cuda.is_available():
+            raise PeftlabError(f"method.options.boft_n_butterfly_factor: {self.spec.options['boft_n_butterfly_factor']} "
+                               "needs BOFT's CUDA extension, and this machine has no CUDA device (PEFT would train "
+                               "with 1); set 1")
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         config = self.config(plan, head, model)

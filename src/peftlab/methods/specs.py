@@ -228,6 +228,12 @@ class PeftTypeSpec(MethodSpecBase):
         taken = sorted(PLAN_FIELDS & self.options.keys())
         if taken:
             raise ValueError(f"options {taken} come from the plan (placement, allocation, head); set them there")
+        from peftlab.methods.peft_types import check_options
+
+        try:
+            check_options(self.type, self.options)
+        except ValueError as exc:
+            raise ValueError(f"options.{exc}") from None
         return self
 
 
