@@ -100,8 +100,9 @@ def test_what_a_type_cannot_do_is_one_line():
         applied("LOHA", arch="tiny-gpt2")
     with pytest.raises(PeftlabError, match="slice of the fused projection"):
         applied("VERA", arch="tiny-gpt2", placement={"roles": ["q", "v"]})
-    with pytest.raises(PeftlabError, match="LoKrConfig refuses them"):
-        applied("LOKR", not_a_field=1)
+    with pytest.raises(ValueError, match="options.not_a_field: not a field of PEFT's LoKrConfig; its fields: "
+                                         "decompose_both, decompose_factor"):
+        applied("LOKR", not_a_field=1)  # refused by the spec, before anything loads
 
 
 def test_the_spec_takes_a_shorthand_and_keeps_plan_fields_for_the_plan():
