@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import random
 from pathlib import Path
 
@@ -616,6 +617,13 @@ PEFT_OPTIONS = {  # name: (method, the message)
     "an unknown option": ({"type": "LOHA", "options": {"nosuch": 1}}, "options.nosuch: not a field of PEFT's LoHaConfig"),
     "a dropout of 1.5": ({"type": "LOHA", "options": {"rank_dropout": 1.5}}, "options.rank_dropout: 1.5 is not a probability"),
 }
+SPECIAL_FILES = {  # --data: the message
+    "fifo.jsonl": "fifo.jsonl: is a named pipe (FIFO); give a regular file",
+    "zero.jsonl": "zero.jsonl: is a device; give a regular file",  # a link to /dev/zero
+    "loop.jsonl": "loop.jsonl: cannot read: Too many levels of symbolic links",
+    "surrogate.jsonl": "surrogate.jsonl: data row 1: the text holds '\\ud800', half of a UTF-16 surrogate pair",
+    "listed.json": "listed.json: row 1: column 'output' is a list ([\"a\", \"b\"]); expected text",
+}
 MODEL_CONFIGS = {  # a config file's name: what it changes in tiny LLaMA's
     "kv3": {"num_key_value_heads": 3}, "kv8": {"num_key_value_heads": 8}, "heads": {"num_attention_heads": 5},
     "layers": {"num_hidden_layers": 1.5}, "width": {"hidden_size": True}, "rope": {"rope_scaling": {"type": "bogus"}},
@@ -653,6 +661,13 @@ NEWER = {  # name: (args, a part of the message)
                                  "tracking.project: String should have at least 1 character"),
     **{f"peft options {name}": (["run", "-c", f"peft-{name}.yaml", "--output", "out"], expected)
        for name, (_, expected) in PEFT_OPTIONS.items()},
+    **{f"--data {name}": (["run", "--model", "tiny-llama", "--data", name, "--kind", "instruction", "--max-steps", "1",
+                           "--output", "out"], expected) for name, expected in SPECIAL_FILES.items()},
+    "a forgetting file that is a FIFO": (["run", "-c", "forget.yaml", "--output", "out"],
+                                         "eval.forgetting.path: fifo.txt: is a named pipe (FIFO); give a regular file"),
+    "a config file that is a FIFO": (["run", "-c", "fifo.txt", "--output", "out"], "fifo.txt: is a named pipe"),
+    "a study's data that is a directory": (["study", "run", "spec.yaml", "--dir", "study2", "--data", "full"],
+                                           "full: is a directory; give a regular file"),
     "another study in --dir": (["study", "run", "other.yaml", "--dir", "study"],
                                "--dir study: holds study 'tiny', not 'other'; choose another --dir"),
 }
@@ -666,6 +681,18 @@ def newer_files(work: Path) -> None:
     other = yaml.safe_load(spec.read_text())
     (work / "other.yaml").write_text(yaml.safe_dump({**other, "name": "other"}))
     from peftlab.models.load import tiny_configs
+
+    os.mkfifo(work / "fifo.jsonl")
+    os.mkfifo(work / "fifo.txt")
+    (work / "zero.jsonl").symlink_to("/dev/zero")
+    (work / "loop.jsonl").symlink_to("loop.jsonl")
+    rows = [{"instruction": f"say {i}", "input": "", "output": str(i)} for i in range(12)]
+    (work / "surrogate.jsonl").write_text(json.dumps({**rows[0], "instruction": "a\ud800"}) + "\n"
+                                          + "".join(json.dumps(r) + "\n" for r in rows))
+    (work / "listed.json").write_text(json.dumps([{**r, "output": ["a", "b"]} for r in rows]))
+    (work / "forget.yaml").write_text(yaml.safe_dump({
+        "model": "tiny-llama", "task": {"path": "instruct.json", "kind": "instruction"},
+        "eval": {"forgetting": "fifo.txt"}, "train": {"max_steps": 1, "latency_batches": 0}}))
 
     for name, (method, _) in PEFT_OPTIONS.items():
         config = {**valid_run_config(work), "model": "tiny-llama", "method": {"name": "peft", **method},

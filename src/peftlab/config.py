@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftlab.errors import PeftlabError
+from peftlab.files import require_file
 from peftlab.methods.specs import SPECS
 from peftlab.plans.allocation import ALLOCATIONS
 from peftlab.specs import Spec
@@ -42,10 +43,9 @@ def validate(cls: type[T], data: Any, source: str) -> T:
 
 
 def read_yaml(path: Path) -> Any:
+    require_file(path)
     try:
         text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise PeftlabError(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise PeftlabError(f"{path}: cannot read: {exc}") from None
     try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
@@ -22,6 +23,30 @@ def check_output(path: Path, option: str, *, directory: bool) -> None:
         raise PeftlabError(f"{option} {path}: {parent} is a file, not a directory")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise PeftlabError(f"{option} {path}: no permission to write in {parent}")
+
+
+def file_problem(path: Path) -> str | None:
+    """Why `path` cannot be read as a data file, by its kind, without opening it (a FIFO would block the
+    open, a device such as /dev/zero never ends); None for a regular file (or a link to one)."""
+    try:
+        mode = path.stat().st_mode  # follows links; a link loop or a dangling link fails here
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or type(exc).__name__}"
+    if stat.S_ISREG(mode):
+        return None
+    kind = ("a directory" if stat.S_ISDIR(mode) else "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else
+            "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode) else
+            "not a regular file")
+    return f"is {kind}; give a regular file"
+
+
+def require_file(path: Path, what: str = "") -> None:
+    """`path` is a regular file; else one line naming it (and `what` field it came from) and its kind."""
+    problem = file_problem(path)
+    if problem is not None:
+        raise PeftlabError(f"{what + ': ' if what else ''}{path}: {problem}")
 
 
 def cache_dir() -> Path:

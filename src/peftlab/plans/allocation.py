@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from peftlab.errors import PeftlabError
+from peftlab.files import require_file
 from peftlab.models.roles import FUSED_PARTS, GROUPS, Role, parse_role
 
 if TYPE_CHECKING:  # sites are torch-side; validating an allocation must not import torch
@@ -254,6 +255,7 @@ def _scale_to_budget(shape: list[float], sites: Sequence[Site], target: int) -> 
 
 def read_scores(path: Path) -> dict[tuple[Any, ...], float]:
     """Per-site scores keyed by (layer, role) and by (path,)."""
+    require_file(path)
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 
 from peftlab.errors import PeftlabError
+from peftlab.files import require_file
 from peftlab.importance.probe import resolve_importance
 from peftlab.methods.registry import METHODS, make_method
 from peftlab.models.load import check_lengths, check_task_kind, load_tokenizer, model_spec_for_task
@@ -40,6 +41,11 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     if config.train.checkpoint_every and process_count() > 1:
         raise PeftlabError("train.checkpoint_every: not available for a run over several processes yet; "
                            "leave it at 0 or run in one process")
+    forgetting = config.eval.forgetting
+    for field, path in (("task.path", config.task.path), ("task.test_path", config.task.test_path),
+                        ("eval.forgetting.path", forgetting.path if forgetting else None)):
+        if path is not None:  # every input file, before any is read
+            require_file(path, field)
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     check_task_kind(config.model, config.task.resolved_kind)

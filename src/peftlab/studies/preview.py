@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from peftlab.errors import PeftlabError
+from peftlab.files import file_problem
 from peftlab.specs import RunConfig, StudySpec
 from peftlab.studies.grid import configurations, planned_run, tuning_rates
 
@@ -58,14 +59,15 @@ def check_configurations(spec: StudySpec) -> list[ConfigurationPreview]:
 
 
 def _missing_file(config: RunConfig) -> str | None:
-    """The first input file a run of `config` would read that does not exist."""
+    """The first input file a run of `config` would read that is not a regular file (missing, a directory,
+    a FIFO, a device), and why."""
     allocation = config.plan.allocation
     files = {"task.path": config.task.path, "task.test_path": config.task.test_path,
              "eval.forgetting.path": config.eval.forgetting.path if config.eval.forgetting else None,
              "plan.allocation.path": getattr(getattr(allocation, "shape_", allocation), "path", None)}
     for name, path in files.items():
-        if path is not None and not path.is_file():
-            return f"{name}: {path}: no such file"
+        if path is not None and (problem := file_problem(path)) is not None:
+            return f"{name}: {path}: {problem}"
     return None
 
 

@@ -10,14 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError, warn
+from peftlab.files import require_file
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 file's text (a byte-order mark dropped); errors name the file and the line."""
+    """A UTF-8 file's text (a byte-order mark dropped); errors name the file and the line. Only a regular
+    file is opened (see `require_file`)."""
+    require_file(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise PeftlabError(f"{path}: no such file") from None
     except OSError as exc:
         raise PeftlabError(f"{path}: cannot read: {exc.strerror}") from None
     try:
@@ -85,6 +86,7 @@ def _csv_rows(path: Path, text: str) -> list[dict[str, Any]]:
 
 # C0 control characters and DEL, except tab, newline and carriage return: never meant in a text field
 _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # half of a UTF-16 pair, as JSON's \ud800 escape: not a character
 
 
 def _without_control_characters(rows: list[dict[str, Any]], path: Path) -> list[dict[str, Any]]:
@@ -93,6 +95,9 @@ def _without_control_characters(rows: list[dict[str, Any]], path: Path) -> list[
     def clean(value: Any) -> Any:
         nonlocal removed
         if isinstance(value, str):
+            if (surrogate := _SURROGATE.search(value)) is not None:
+                raise PeftlabError(f"{path}: data row {number}: the text holds {surrogate.group()!a}, half of a "
+                                   "UTF-16 surrogate pair and not a character; fix the escape")
             cleaned, n = _CONTROL.subn("", value)
             removed += n
             return cleaned
@@ -134,12 +139,15 @@ def load_hf_dataset(name: str, split: str) -> list[dict[str, Any]]:
 
 
 def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str, row_offset: int = 1,
-                    may_be_empty: tuple[str, ...] = ()) -> None:
-    """Every row has every column, with a non-empty value unless the column is in `may_be_empty`;
-    else an error naming the row."""
+                    may_be_empty: tuple[str, ...] = (), text: tuple[str, ...] = ()) -> None:
+    """Every row has every column, with a non-empty value unless the column is in `may_be_empty`, and text
+    (or a number) in the columns of `text`; else an error naming the row."""
     for i, row in enumerate(rows):
         for column in columns:
             value = row.get(column)
+            if column in text and isinstance(value, (list, dict, bool)):
+                raise PeftlabError(f"{source}: row {i + row_offset}: column {column!r} is a "
+                                   f"{type(value).__name__} ({json.dumps(value)[:60]}); expected text")
             if value is None or (isinstance(value, str) and not value.strip() and column not in may_be_empty):
                 present = ", ".join(sorted(k for k, v in row.items() if k is not None and v is not None)) or "none"
                 what = "missing" if value is None else "empty"

@@ -67,7 +67,8 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
     for part in (train, test):
         if part is not None:
             require_columns(part.rows, columns, part.source, part.row_offset,
-                            may_be_empty=columns[1:] if kind == "instruction" else ())
+                            may_be_empty=columns[1:] if kind == "instruction" else (),
+                            text=tuple(c for c in columns if c not in CHAT_COLUMNS and c != spec.label_column))
     train_rows, validation_rows, test_rows = _split(spec, train, test)
     held_out = [(validation_rows, train), (test_rows, test or train)]
     labels = _labels(spec, kind, train_rows, held_out, train)
