@@ -12,6 +12,7 @@ import io
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
 import pytest
@@ -721,3 +722,31 @@ def test_the_newer_surfaces_refuse_in_one_line(work, name, monkeypatch):
         monkeypatch.setenv("MLFLOW_TRACKING_URI", "garbage://")
     args, expected = NEWER[name]
     check_refused(work, args, expected)
+
+
+def test_a_report_refuses_a_metric_its_runs_lack_and_paths_in_the_way_before_writing(work):
+    valid_study_spec(work)
+    code, _, err = invoke("study", "run", "spec.yaml", "--dir", "study")
+    assert code == 0, err
+    assert invoke("report", "study")[0] == 0  # the database settles (its write-ahead log folds in)
+    (work / "study" / "report.html").unlink()
+    for metric in ("nonsense", "ACCURACY", "rouge_l"):
+        check_refused(work, ["report", "study", "--metric", metric],
+                      f"--metric '{metric}': not a metric of this study's runs; valid: accuracy, loss, macro_f1")
+    (work / "study" / "report.html").mkdir()
+    check_refused(work, ["report", "study"], "study/report.html: is a directory, where the report writes a file")
+    (work / "study" / "report.html").rmdir()
+    shutil.rmtree(work / "study" / "figures")
+    (work / "study" / "figures").write_text("a file\n")
+    check_refused(work, ["report", "study"], "study/figures: is a file, where the report writes a directory")
+
+
+@pytest.mark.parametrize("tune, expected", [
+    ({"lr_factors": [1e308, 10]}, "tune.lr_factors: the rate 5e+304 is above 1e+30"),
+    ({"lr": [1e35]}, "tune: lr: 1e+35 is above 1e+30, the largest rate an optimizer takes in float32"),
+])
+def test_rates_beyond_what_an_optimizer_takes_are_refused(work, tune, expected):
+    path = valid_study_spec(work)
+    path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "tune": tune}))
+    check_refused(work, ["study", "run", path, "--dir", "study"], expected)
+    check_refused(work, [*RUN, "--lr", "1e305"], "train.lr: 1e+305 is above 1e+30, the largest rate an optimizer")

@@ -20,6 +20,8 @@ Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 MAX_SEEDS = 1000  # seeds per configuration of a study, at most
 
 
+MAX_LR = 1e30  # optimizers multiply by the rate in float32 (at most 3.4e38); far above any rate that trains
+
 class Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
@@ -263,6 +265,13 @@ class TrainSpec(Spec):
         return None if value is None else sorted(set(value))
 
 
+    @field_validator("lr")
+    @classmethod
+    def _rate_an_optimizer_takes(cls, value: float) -> float:
+        if value > MAX_LR:
+            raise ValueError(f"{value:g} is above {MAX_LR:g}, the largest rate an optimizer takes in float32")
+        return value
+
 class GenerateSpec(Spec):
     """Generation-based evaluation of an instruction task: the adapted model (and, once, the base model)
     completes test prompts; ROUGE-L and exact match score the completions against the references."""
@@ -421,6 +430,8 @@ class TuneSpec(Spec):
             raise ValueError("give the rates as lr: [3.0e-4, 1.0e-3] or as lr_factors: [0.3, 1, 3], not both")
         if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
             raise ValueError(f"the grid needs positive finite values, got {grid}")
+        if self.lr is not None and max(self.lr) > MAX_LR:
+            raise ValueError(f"lr: {max(self.lr):g} is above {MAX_LR:g}, the largest rate an optimizer takes in float32")
         if len(set(grid)) != len(grid) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("the grid and the tuning seeds must not repeat")
         return self

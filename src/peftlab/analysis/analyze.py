@@ -130,21 +130,38 @@ def choose_baseline(configurations: list[Configuration], label: str | None) -> C
     return configurations[min(candidates)[1]] if candidates else configurations[0]
 
 
+def _known_metric(given: str, rows: list[dict[str, Any]]) -> str:
+    """`given` as a dotted metric of the study's finished runs (`accuracy` -> metrics.test.accuracy); one line
+    listing the valid names when no finished run has it (before any run has finished, any name passes)."""
+    metric = given if given.startswith("metrics.") else f"metrics.test.{given}"
+    done = [r for r in rows if r["status"] == "done" and r["phase"] == "main"]
+    if not done or any(r.get(metric) is not None for r in done):
+        return metric
+    valid = sorted({key.removeprefix("metrics.test.") for r in done for key, value in r.items()
+                    if key.startswith("metrics.test.") and isinstance(value, (int, float)) and not isinstance(value, bool)
+                    and key != "metrics.test.count"})
+    raise PeftlabError(f"--metric {given!r}: not a metric of this study's runs; valid: {', '.join(valid)}")
+
+
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
             test: str = "t", interval: str = "t", margin: float | None = None,
             exclude_degenerate: bool = False, count_degenerate: bool = False) -> Analysis:
     store = open_existing(study_dir)
-    rows = run_rows(store)
-    configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
+    try:  # what the analysis reads of the database, read at once
+        rows = run_rows(store)
+        configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
+        current = store.current_groups()  # runs an edited spec left behind under a label are not compared
+        tuning = rate_choices(store)
+    finally:
+        store.close()
     spec = _read_spec(study_dir)
     if metric is None:
         metric = primary_metric(rows)[0]
-    elif not metric.startswith("metrics."):
-        metric = f"metrics.test.{metric}"
+    else:
+        metric = _known_metric(metric, rows)
     higher = not metric.endswith(LOWER_IS_BETTER)
     if cost not in COSTS:
         raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COSTS)}")
-    current = store.current_groups()  # runs an edited spec left behind under a label are not compared
     done = [r for r in rows if r["status"] == "done" and r["phase"] == "main" and r.get(metric) is not None
             and current.get(r["label"]) == r["group"]]
     if not done:
@@ -176,7 +193,6 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         c.comparison = compare(c.quality, chosen.quality, test)
     margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
     design = _design(spec, study_dir)
-    tuning = rate_choices(store)
     judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
     # the pooled spread of the equivalence tests: from comparisons without degenerate runs (where there are any)
     clean = [not c.degenerate and not chosen.degenerate for c in judged]

@@ -11,6 +11,7 @@ from typing import Any
 from peftlab.analysis.analyze import Analysis, analyze, metric_name, verdict_text
 from peftlab.analysis.figures import make_figures
 from peftlab.analysis.stats import CONSTANT
+from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 
 COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "verdict", "trainable params (% of base)",
@@ -324,7 +325,14 @@ def write_summary_csv(analysis: Analysis, out: Path) -> Path:
 
 
 def write_report(study_dir: Path, **options: Any) -> tuple[Analysis, dict[str, Path]]:
-    """Analyse the study and write report.html, report.md, tables.tex and figures/ into `study_dir`."""
+    """Analyse the study and write report.html, report.md, tables.tex and figures/ into `study_dir` (each
+    place checked first: nothing is half written when one is in the way)."""
+    for name in ("report.html", "report.md", "tables.tex", "summary.csv", "figures"):
+        path = study_dir / name
+        wanted = "a directory" if name == "figures" else "a file"
+        if path.exists() and path.is_dir() != (name == "figures"):
+            raise PeftlabError(f"{path}: is {'a file' if name == 'figures' else 'a directory'}, where the report "
+                               f"writes {wanted}; move it aside")
     analysis = analyze(study_dir, **options)
     figures = make_figures(analysis, study_dir, study_dir / "figures")
     outputs = {

@@ -5,10 +5,11 @@ trainable parameters of its plan (on the meta device, no weights loaded). `study
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from peftlab.errors import PeftlabError
 from peftlab.files import file_problem
-from peftlab.specs import RunConfig, StudySpec
+from peftlab.specs import MAX_LR, RunConfig, StudySpec
 from peftlab.studies.grid import configurations, planned_run, tuning_rates
 
 
@@ -26,14 +27,20 @@ class ConfigurationPreview:
 def preview(spec: StudySpec) -> list[ConfigurationPreview]:
     """One line per configuration, in the study's order."""
     out = []
+    read: dict[Path, str | None] = {}  # each data file is read once
     for configuration in configurations(spec):
         run = planned_run(spec, configuration, spec.seeds[0])
         rates = tuning_rates(spec, configuration) if spec.tune is not None else []
+        if rates and max(rates) > MAX_LR:
+            out.append(ConfigurationPreview(run.label, spec.seeds, "?", f"tune.lr_factors: the rate {max(rates):g} "
+                                            f"is above {MAX_LR:g}, the largest an optimizer takes in float32", None,
+                                            False, rates))
+            continue
         if run.error:
             out.append(ConfigurationPreview(run.label, spec.seeds, "?", run.error, None, False, rates))
             continue
         config = RunConfig.model_validate(run.config)
-        missing = _missing_file(config)
+        missing = _missing_file(config) or _unreadable_data(config, read)
         if missing:
             out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, missing, None, False, rates))
             continue
@@ -51,6 +58,8 @@ def check_configurations(spec: StudySpec) -> list[ConfigurationPreview]:
     (before a study writes or runs anything). Returns the previews."""
     previews = preview(spec)
     invalid = [p for p in previews if not p.valid]
+    if invalid and len(invalid) == len(previews) > 1 and len({p.what for p in invalid}) == 1:
+        raise PeftlabError(f"study {spec.name}: every configuration is invalid, so nothing was run: {invalid[0].what}")
     if invalid:
         listed = "; ".join(p.what if p.label in p.what else f"{spec.name} [{p.label}]: {p.what}" for p in invalid)
         raise PeftlabError(f"study {spec.name}: {len(invalid)} of {len(previews)} configurations are invalid, so "
@@ -68,6 +77,25 @@ def _missing_file(config: RunConfig) -> str | None:
     for name, path in files.items():
         if path is not None and (problem := file_problem(path)) is not None:
             return f"{name}: {path}: {problem}"
+    return None
+
+
+def _unreadable_data(config: RunConfig, read: dict[Path, str | None]) -> str | None:
+    """Why a task file cannot give rows (empty, malformed, no rows), read once per file: a study refuses it
+    instead of failing each of its runs."""
+    from peftlab.tasks.data import read_records
+
+    for path in (config.task.path, config.task.test_path):
+        if path is None:
+            continue
+        if path not in read:
+            try:
+                read_records(path)
+                read[path] = None
+            except PeftlabError as exc:
+                read[path] = str(exc)
+        if read[path] is not None:
+            return read[path]
     return None
 
 
