@@ -1,6 +1,7 @@
 """Chat rows: formatted with the tokenizer's chat template, supervised on the assistant's tokens only."""
 
 import json
+import re
 
 import pytest
 
@@ -163,3 +164,37 @@ def test_the_bundled_gemma_template_renders_gemma_turns_and_splits_into_assistan
     pieces = segments(CONVERSATION, tokenizer, GEMMA3_CHAT_TEMPLATE, "row 1")
     assert [p for p, supervised in pieces if supervised] == ["hi friend<end_of_turn>", "see you<end_of_turn>"]
     assert "".join(p for p, _ in pieces) == text.rstrip()
+
+
+def test_content_parts_read_as_their_text_and_other_contents_name_the_turn(tmp_path, tokenizer):
+    def parts(text):  # "hi friend" -> [{type: text, text: "hi "}, {type: text, text: "friend"}], joined back
+        words = text.split(" ")
+        return [{"type": "text", "text": w + (" " if i < len(words) - 1 else "")} for i, w in enumerate(words)]
+
+    parts = [{**t, "content": parts(t["content"])} for t in CONVERSATION]
+    plain = load_task(task(write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)), tokenizer).train[0]
+    as_parts = load_task(task(write_rows(tmp_path, [{"messages": parts}] * 8, "parts.jsonl")), tokenizer).train[0]
+    assert as_parts == plain
+    bad = {
+        "a number": ([{"role": "user", "content": "hi"}, {"role": "assistant", "content": 123}],
+                     "turn 2 (assistant): content is a int (123); expected text or a list of"),
+        "an image part": ([{"role": "user", "content": [{"type": "image", "url": "x"}]}, {"role": "assistant", "content": "hi"}],
+                          "turn 1 (user): content parts of type image; only text parts are supported"),
+        "assistant first": ([{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "bye"}], "turn 1 is the assistant's; a conversation starts"),
+    }
+    for name, (turns, message) in bad.items():
+        path = write_rows(tmp_path, [{"messages": turns}] + [{"messages": CONVERSATION}] * 7, f"{name}.jsonl")
+        with pytest.raises(PeftlabError, match=re.escape(message)):
+            load_task(TaskSpec(path=path, kind="instruction", test_fraction=0.25), tokenizer)
+
+
+@pytest.mark.parametrize("template, message", [
+    ("chat_template.jinja", "task.chat_template: renders no message content ('chat_template.jinja'...)"),
+    ("always the same", "task.chat_template: renders no message content"),
+    ("{% for m in messages %}{{ m.content }", "task.chat_template: cannot render a user and an assistant turn"),
+])
+def test_a_chat_template_that_renders_no_content_or_no_jinja_names_the_field(tmp_path, tokenizer, template, message):
+    path = write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)
+    with pytest.raises(PeftlabError, match=re.escape(message)):
+        load_task(task(path, chat_template=template), tokenizer)

@@ -166,7 +166,7 @@ class TaskSpec(Spec):
     `messages` ([{role, content}]) or ShareGPT `conversations` ([{from, value}]) formatted with the chat
     template, loss on the assistant turns only. auto: chat when rows have messages or conversations, dolly
     when they have response, else alpaca."""
-    chat_template: str | None = None
+    chat_template: str | None = Field(None, min_length=1, pattern=r"\S")
     """Chat rows: a Jinja chat template to use instead of the tokenizer's own (needed where it has none)."""
     template: str | None = None
     """Prompt template with {instruction}, {input}, {input_block}, {with_input}; default: Alpaca's."""

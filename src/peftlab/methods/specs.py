@@ -100,7 +100,10 @@ class AutoSparsity(MethodSpecBase):
         out: dict[str, Any] = {}
         for i, part in enumerate(p.strip() for p in text[5:-1].split(",") if p.strip()):
             key, _, value = part.rpartition("=")
-            out[key.strip() or ("loss_budget" if i == 0 else "?")] = value.strip()
+            if not key.strip() and i > 0:  # only the first value may go without its name
+                raise ValueError(f"{data!r}: value {i + 1} ({value.strip()}) needs its name, e.g. "
+                                 "auto(0.01, batches=4); names: loss_budget, levels, batches")
+            out[key.strip() or "loss_budget"] = value.strip()
         return out
 
     @model_validator(mode="after")

@@ -18,6 +18,7 @@ from peftlab.tasks.fit import IGNORE, fit_example, last_supervised_span
 CHAT_COLUMNS = ("messages", "conversations")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # messages
          "human": "user", "gpt": "assistant"}  # ShareGPT
+PROBE = "peftlab probe answer"  # an assistant turn's content that templates are checked with
 
 
 def chat_column(row: dict[str, Any]) -> str | None:
@@ -40,21 +41,49 @@ def turns(value: Any, where: str) -> list[dict[str, str]]:
         if role not in ROLES:
             raise PeftlabError(f"{where}: turn {number}: unknown role {role!r}; valid: system, user, assistant "
                                "(ShareGPT: human, gpt)")
-        if not isinstance(content, str) or not content.strip():
+        content = _text(content, f"{where}: turn {number} ({ROLES[role]})")
+        if not content.strip():
             raise PeftlabError(f"{where}: turn {number} ({ROLES[role]}) is empty")
         result.append({"role": ROLES[role], "content": content})
     if not any(t["role"] == "assistant" for t in result):
         raise PeftlabError(f"{where}: no assistant turn to learn from")
+    if result[0]["role"] == "assistant":
+        raise PeftlabError(f"{where}: turn 1 is the assistant's; a conversation starts with a system or user turn "
+                           "(the assistant answers something)")
     return result
 
 
+def _text(content: Any, where: str) -> str:
+    """A turn's content as text: a string, or OpenAI-style parts ([{type: text, text: ...}]) joined."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(part, dict) for part in content):
+        kinds = sorted({str(part.get("type")) for part in content} - {"text"})
+        if kinds:
+            raise PeftlabError(f"{where}: content parts of type {', '.join(kinds)}; only text parts are supported")
+        if not all(isinstance(part.get("text"), str) for part in content):
+            raise PeftlabError(f"{where}: a text part without its text (expected {{type: text, text: ...}})")
+        return "".join(part["text"] for part in content)
+    raise PeftlabError(f"{where}: content is a {type(content).__name__} ({content!r:.40}); expected text or a list "
+                       "of {type: text, text: ...} parts")
+
+
 def check_template(tokenizer: Any, template: str | None, model: str) -> None:
+    """A chat template exists, is valid Jinja and renders the messages' content (a file name or constant text
+    given as task.chat_template renders none): checked on a probe conversation before any row is encoded."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise PeftlabError(f"task: chat rows need a chat template and the tokenizer of {model!r} has none; give one "
                            "as task.chat_template (a Jinja template, as in a tokenizer_config.json)")
-
-
-PROBE = "peftlab probe answer"
+    field = "task.chat_template" if template is not None else f"the chat template of {model!r}"
+    probe = [{"role": "user", "content": "peftlab probe question"}, {"role": "assistant", "content": PROBE}]
+    try:
+        rendered = tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False)
+    except Exception as exc:  # jinja's syntax and undefined-name errors, and a template's own raise_exception
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise PeftlabError(f"{field}: cannot render a user and an assistant turn: {reason}") from None
+    if PROBE not in rendered or "peftlab probe question" not in rendered:
+        raise PeftlabError(f"{field}: renders no message content ({rendered[:40]!r}...); give the template itself "
+                           "(Jinja looping over messages, as in a tokenizer_config.json), not a file name or text")
 
 
 def end_of_turn(tokenizer: Any, template: str | None) -> str | None:
