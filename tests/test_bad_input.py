@@ -750,3 +750,14 @@ def test_rates_beyond_what_an_optimizer_takes_are_refused(work, tune, expected):
     path.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "tune": tune}))
     check_refused(work, ["study", "run", path, "--dir", "study"], expected)
     check_refused(work, [*RUN, "--lr", "1e305"], "train.lr: 1e+305 is above 1e+30, the largest rate an optimizer")
+
+
+def test_a_run_that_would_mostly_evaluate_says_so_and_how_to_limit_it(work):
+    rows = [{"text": f"the food was {'great' if i % 2 else 'awful'} {i}", "label": "pos" if i % 2 else "neg"}
+            for i in range(4000)]
+    (work / "many.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    code, _, err = invoke("run", "--model", "tiny-bert", "--data", "many.jsonl", "--kind", "classification",
+                          "--max-steps", "1", "--output", "out")
+    assert code == 0, err
+    assert "task: this run trains on 16 examples (1 step) and evaluates 1,120 held-out ones (320 validation, " \
+           "800 test), which will take far longer; limit them with task.max_eval_examples" in err, err

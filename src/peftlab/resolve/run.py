@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from peftlab.errors import PeftlabError
+from peftlab.errors import PeftlabError, warn
 from peftlab.files import require_file
 from peftlab.importance.probe import resolve_importance
 from peftlab.methods.registry import METHODS, make_method
@@ -61,6 +61,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     spec = config.train
     per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
     total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
+    _warn_slow_evaluation(config, data, total_steps)
     evaluation = config.eval
     prompts = None
     if evaluation.generate and spec.evaluate_test:  # tuning runs never read the test split
@@ -72,3 +73,18 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
         forgetting = text_chunks(f.path, f.text_column, tokenizer, config.task.max_length, f.max_tokens)
     return ResolvedRun(config, model, sized.method, plan, data, tokenizer.pad_token_id,
                        total_steps, budget, scores, tokenizer, prompts, forgetting, inputs)
+
+
+EVALUATION_SHARE = 10  # held-out examples per trained example beyond which a run is mostly evaluation
+
+
+def _warn_slow_evaluation(config: RunConfig, data, total_steps: int) -> None:
+    """A run that would evaluate far more examples than it trains on (a large file, a few steps) says so."""
+    spec = config.train
+    trained = total_steps * spec.batch_size * spec.grad_accum
+    held_out = len(data.validation) * (1 + len(spec.eval_at or []) + (total_steps // spec.eval_every if spec.eval_every else 0))
+    held_out += len(data.test) if spec.evaluate_test else 0
+    if held_out > max(EVALUATION_SHARE * trained, 1000):
+        warn(f"task: this run trains on {trained:,} examples ({total_steps} step{'s' if total_steps > 1 else ''}) and evaluates {held_out:,} held-out "
+             f"ones ({len(data.validation):,} validation, {len(data.test):,} test), which will take far longer; "
+             "limit them with task.max_eval_examples")
