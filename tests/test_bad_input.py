@@ -761,3 +761,13 @@ def test_a_run_that_would_mostly_evaluate_says_so_and_how_to_limit_it(work):
     assert code == 0, err
     assert "task: this run trains on 16 examples (1 step) and evaluates 1,120 held-out ones (320 validation, " \
            "800 test), which will take far longer; limit them with task.max_eval_examples" in err, err
+
+
+def test_a_bad_forgetting_file_is_refused_before_the_task_is_tokenized(work):
+    (work / "general.csv").write_text("body\nsome general text\n")
+    (work / "forget.yaml").write_text(yaml.safe_dump({
+        "model": "tiny-llama", "task": {"path": "instruct.json", "kind": "instruction"},
+        "eval": {"forgetting": {"path": "general.csv", "text_column": "text"}},
+        "train": {"max_steps": 1, "latency_batches": 0}}))
+    check_refused(work, ["run", "-c", "forget.yaml", "--output", "out"], "general.csv: row 2: column 'text' is missing")
+    assert not (work.parent / "cache" / "tokenized").exists()

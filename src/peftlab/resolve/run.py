@@ -17,7 +17,7 @@ from peftlab.models.load import check_lengths, check_task_kind, load_tokenizer, 
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
-from peftlab.tasks.prepare import load_task, text_chunks
+from peftlab.tasks.prepare import general_text, load_task, text_chunks
 from peftlab.train.device import check_method, choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
@@ -29,6 +29,38 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     from peftlab.provenance import input_identity
 
     inputs = input_identity(config.model_dump(mode="json", by_alias=True))  # before any input is read
+    _check_before_reading(config)
+    forgetting = config.eval.forgetting
+    spec = config.train
+    text = None  # the forgetting probe's text: read before anything is tokenized
+    if forgetting and spec.evaluate_test:
+        text = general_text(forgetting.path, forgetting.text_column)
+    planned, scores = resolve_importance(config)
+    tokenizer = load_tokenizer(config.model)
+    data = load_task(config.task, tokenizer)
+    model = model_spec_for_task(config.model, data.kind, len(data.labels))
+    sized, budget = planned, None
+    if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
+        sized, budget = match_budget(planned, model, config.budget)
+    plan = plan_on(model, sized.plan)
+    make_method(sized.method).check_plan(plan)
+    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
+    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
+    _warn_slow_evaluation(config, data, total_steps)
+    evaluation = config.eval
+    prompts = None
+    if evaluation.generate and spec.evaluate_test:  # tuning runs never read the test split
+        prompts = generation_prompts(data.test, evaluation.generate.examples, tokenizer, tokenizer.pad_token_id,
+                                     data.end_of_turn)
+    chunks = None
+    if text is not None:
+        chunks = text_chunks(text, forgetting.path, tokenizer, config.task.max_length, forgetting.max_tokens)
+    return ResolvedRun(config, model, sized.method, plan, data, tokenizer.pad_token_id,
+                       total_steps, budget, scores, tokenizer, prompts, chunks, inputs)
+
+
+def _check_before_reading(config: RunConfig) -> None:
+    """What can be refused from the config alone (and the model's config): before any input is read."""
     if config.tracking is not None:
         check_backends(config.tracking)
     device = choose_device(config.train.device)
@@ -49,30 +81,6 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     check_task_kind(config.model, config.task.resolved_kind)
-    planned, scores = resolve_importance(config)
-    tokenizer = load_tokenizer(config.model)
-    data = load_task(config.task, tokenizer)
-    model = model_spec_for_task(config.model, data.kind, len(data.labels))
-    sized, budget = planned, None
-    if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
-        sized, budget = match_budget(planned, model, config.budget)
-    plan = plan_on(model, sized.plan)
-    make_method(sized.method).check_plan(plan)
-    spec = config.train
-    per_epoch = math.ceil(len(data.train) / (spec.batch_size * spec.grad_accum))
-    total_steps = spec.max_steps or max(1, round(spec.epochs * per_epoch))
-    _warn_slow_evaluation(config, data, total_steps)
-    evaluation = config.eval
-    prompts = None
-    if evaluation.generate and spec.evaluate_test:  # tuning runs never read the test split
-        prompts = generation_prompts(data.test, evaluation.generate.examples, tokenizer, tokenizer.pad_token_id,
-                                     data.end_of_turn)
-    forgetting = None
-    if evaluation.forgetting and spec.evaluate_test:
-        f = evaluation.forgetting
-        forgetting = text_chunks(f.path, f.text_column, tokenizer, config.task.max_length, f.max_tokens)
-    return ResolvedRun(config, model, sized.method, plan, data, tokenizer.pad_token_id,
-                       total_steps, budget, scores, tokenizer, prompts, forgetting, inputs)
 
 
 EVALUATION_SHARE = 10  # held-out examples per trained example beyond which a run is mostly evaluation

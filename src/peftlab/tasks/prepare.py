@@ -301,20 +301,28 @@ def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: in
     return {**collate([examples[i] for i in index], pad_id), "index": torch.tensor(index, dtype=torch.long)}
 
 
-def text_chunks(path: Path, text_column: str, tokenizer: Any, max_length: int, max_tokens: int) -> list[dict[str, Any]]:
-    """A general text as examples of `max_length` tokens whose every token after the first is predicted (the
-    forgetting probe): a .txt file whole, or the `text_column` of CSV / JSON / JSONL rows joined by blank lines."""
+def general_text(path: Path, text_column: str) -> str:
+    """The forgetting probe's general text: a .txt file whole, or the `text_column` of CSV / JSON / JSONL rows
+    joined by blank lines. Read (and so checked) before the task's data is tokenized."""
     if path.suffix.lower() == ".txt":
         text = read_text(path)
     else:
         rows = read_records(path)
-        require_columns(rows, (text_column,), str(path), 2 if path.suffix.lower() == ".csv" else 1)
+        require_columns(rows, (text_column,), str(path), 2 if path.suffix.lower() == ".csv" else 1, text=(text_column,))
         text = "\n\n".join(str(row[text_column]) for row in rows)
+    if not text.strip():
+        raise PeftlabError(f"{path}: eval.forgetting needs text; the file has none")
+    return text
+
+
+def text_chunks(text: str, source: Path, tokenizer: Any, max_length: int, max_tokens: int) -> list[dict[str, Any]]:
+    """`text` (see `general_text`) as examples of `max_length` tokens whose every token after the first is
+    predicted (the forgetting probe)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][:max_tokens]
     start = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     size = max_length - len(start)
     chunks = [start + ids[i : i + size] for i in range(0, len(ids), size)]
     examples = [{"input_ids": c, "labels": [IGNORE] * len(start) + c[len(start):]} for c in chunks if len(c) > len(start) + 1]
     if not examples:
-        raise PeftlabError(f"{path}: eval.forgetting needs at least two tokens of text")
+        raise PeftlabError(f"{source}: eval.forgetting needs at least two tokens of text")
     return examples
