@@ -771,3 +771,82 @@ def test_a_bad_forgetting_file_is_refused_before_the_task_is_tokenized(work):
         "train": {"max_steps": 1, "latency_batches": 0}}))
     check_refused(work, ["run", "-c", "forget.yaml", "--output", "out"], "general.csv: row 2: column 'text' is missing")
     assert not (work.parent / "cache" / "tokenized").exists()
+
+
+# -- generated: every PEFT type's options, and every field that names a file, given special files --------------
+
+def peft_option_cases() -> list[tuple[str, str, object]]:
+    """(type, option, value) for every int, float and bool option of every PEFT type peftlab runs: each value of
+    the wrong type, non-finite, a dropout outside [0, 1), or below the least value PEFT works with."""
+    import dataclasses
+    import typing
+
+    import peft
+
+    from peftlab.methods.peft_types import OPTION_MINIMUM, TYPES
+    from peftlab.methods.specs import PEFT_TYPES, PLAN_FIELDS
+
+    wrong = {int: [1.5, "x", True], float: ["x", float("nan"), float("inf")], bool: ["yes", 2]}
+    cases = []
+    for type_name in PEFT_TYPES:
+        config = getattr(peft, TYPES[type_name].config)
+        hints = typing.get_type_hints(config)
+        for field in dataclasses.fields(config):
+            kind = hints.get(field.name)
+            if field.name in PLAN_FIELDS or kind not in wrong:
+                continue
+            values = list(wrong[kind])
+            if field.name.endswith("dropout"):
+                values += [1.0, -0.1]
+            if field.name in OPTION_MINIMUM:
+                values.append(OPTION_MINIMUM[field.name] - 1)
+            cases += [(type_name, field.name, value) for value in values]
+    return cases
+
+
+PEFT_OPTION_CASES = peft_option_cases()
+
+
+@pytest.mark.parametrize("type_name, option, value", PEFT_OPTION_CASES,
+                         ids=[f"{t} {o}={v!r}" for t, o, v in PEFT_OPTION_CASES])
+def test_peft_type_options(work, type_name, option, value):
+    config = {**valid_run_config(work), "model": "tiny-llama", "plan": {"placement": "attention", "allocation": 2},
+              "method": {"name": "peft", "type": type_name, "options": {option: value}}}
+    (work / "run.yaml").write_text(yaml.safe_dump(config))
+    check_refused(work, ["run", "-c", "run.yaml", "--output", "out"], f"options.{option}: ")
+
+
+SPECIAL_KINDS = {  # name: how to make it at a path, and a part of the message
+    "fifo": (lambda path: os.mkfifo(path), "is a named pipe (FIFO); give a regular file"),
+    "device": (lambda path: path.symlink_to("/dev/zero"), "is a device; give a regular file"),
+    "directory": (lambda path: path.mkdir(), "is a directory"),
+    "link loop": (lambda path: path.symlink_to(path.name), "Too many levels of symbolic links"),
+    "dangling link": (lambda path: path.symlink_to("nowhere"), "no such file"),
+}
+FILE_FIELDS = {  # name: (args naming `special.<suffix>`, suffix)
+    "--data": (["run", "--model", "tiny-bert", "--data", "special.jsonl", "--kind", "classification", "--max-steps",
+                "1", "--output", "out"], ".jsonl"),
+    "task.test_path": (["run", "-c", "test-path.yaml", "--output", "out"], ".jsonl"),
+    "eval.forgetting": (["run", "-c", "forgetting.yaml", "--output", "out"], ".txt"),
+    "--config": (["run", "-c", "special.yaml", "--output", "out"], ".yaml"),
+    "from-scores": (["plan", "--model", "tiny-bert", "--allocation", "from-scores(special.json)"], ".json"),
+    "study --data": (["study", "run", "spec.yaml", "--dir", "study", "--data", "special.jsonl"], ".jsonl"),
+}
+SPECIAL_CASES = [(kind, field) for kind in SPECIAL_KINDS for field in FILE_FIELDS]
+
+
+@pytest.mark.parametrize("kind, field", SPECIAL_CASES, ids=[f"{f} is a {k}" for k, f in SPECIAL_CASES])
+def test_special_files_are_refused_by_kind_before_they_are_opened(work, kind, field):
+    args, suffix = FILE_FIELDS[field]
+    make, expected = SPECIAL_KINDS[kind]
+    make(work / f"special{suffix}")
+    valid_study_spec(work)
+    (work / "test-path.yaml").write_text(yaml.safe_dump(set_path(valid_run_config(work), "task.test_path", "special.jsonl")))
+    (work / "forgetting.yaml").write_text(yaml.safe_dump({
+        "model": "tiny-llama", "task": {"path": "instruct.json", "kind": "instruction"},
+        "eval": {"forgetting": "special.txt"}, "train": {"max_steps": 1, "latency_batches": 0}}))
+    check_refused(work, args, expected)
+
+
+def test_the_newer_generated_cases_number_at_least_100():
+    assert len(PEFT_OPTION_CASES) + len(SPECIAL_CASES) >= 100, (len(PEFT_OPTION_CASES), len(SPECIAL_CASES))
