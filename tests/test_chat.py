@@ -6,6 +6,7 @@ import re
 import pytest
 
 from peftlab.errors import PeftlabError
+from peftlab.models.load import GEMMA3_CHAT_TEMPLATE
 from peftlab.specs import TaskSpec
 from peftlab.tasks.prepare import IGNORE, load_task
 from peftlab.train.generation import generation_prompts
@@ -198,3 +199,44 @@ def test_a_chat_template_that_renders_no_content_or_no_jinja_names_the_field(tmp
     path = write_rows(tmp_path, [{"messages": CONVERSATION}] * 8)
     with pytest.raises(PeftlabError, match=re.escape(message)):
         load_task(task(path, chat_template=template), tokenizer)
+
+
+def long_conversation(turns: int) -> list[dict[str, str]]:
+    words = ["hello", "there", "hi", "friend", "bye", "see", "you"]
+    out = [{"role": "system", "content": "be brief"}]
+    for i in range(turns):
+        out += [{"role": "user", "content": f"{words[i % 7]} {words[(i + 3) % 7]}"},
+                {"role": "assistant", "content": f"{words[(i + 1) % 7]} {words[(i + 5) % 7]}  "}]  # trailing spaces
+    return out
+
+
+@pytest.mark.parametrize("template", [TEMPLATE, CHATML, GEMMA3_CHAT_TEMPLATE, "{{ bos_token }}{% for m in messages %}{{ m['role'] }}: "
+                                      "{{ m['content'] | trim }}\n{% endfor %}{% if add_generation_prompt %}assistant: "
+                                      "{% endif %}"])
+def test_a_long_conversation_is_split_in_one_rendering_exactly_as_turn_by_turn(tokenizer, template):
+    from peftlab.tasks import chat
+
+    conversation = long_conversation(12)
+
+    def render(messages, prompt):
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=prompt)
+
+    one_pass = chat.segments(conversation, tokenizer, template, "row 1")
+    assert one_pass == chat._turn_by_turn(conversation, render, "row 1")
+    assert sum(supervised for _, supervised in one_pass) == 12
+
+
+def test_a_two_thousand_turn_conversation_renders_a_fixed_number_of_times(tokenizer, monkeypatch):
+    from peftlab.tasks import chat
+
+    calls = []
+    original = type(tokenizer).apply_chat_template
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tokenizer), "apply_chat_template", counted)
+    pieces = chat.segments(long_conversation(2000), tokenizer, None, "row 1")
+    assert sum(supervised for _, supervised in pieces) == 2000
+    assert len(calls) <= 6  # one marked and one plain rendering, two checks of two renderings each

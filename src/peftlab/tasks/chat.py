@@ -109,8 +109,15 @@ def special_ids(tokenizer: Any) -> set[int]:
                                              if getattr(token, "special", False)}
 
 
+ONE_PASS_TURNS = 4  # conversations with more assistant turns are split in one rendering (see `_one_pass`)
+OPEN, CLOSE = "\ue000", "\ue001"  # private-use characters around each assistant turn's content
+
+
 def segments(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, where: str) -> list[tuple[str, bool]]:
-    """The rendered conversation, up to its last assistant turn, as (text, supervised) pieces."""
+    """The rendered conversation, up to its last assistant turn, as (text, supervised) pieces: the text each
+    assistant turn adds after the generation prompt (its content and the end-of-turn marker, trailing
+    whitespace excluded) is supervised. Turn by turn, each assistant turn rendering the conversation up to it;
+    a long conversation in one rendering, checked against the turn-by-turn split at its first and last turns."""
     def render(messages, prompt):
         try:
             return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
@@ -119,23 +126,66 @@ def segments(conversation: list[dict[str, str]], tokenizer: Any, template: str |
             raise PeftlabError(f"{where}: the chat template cannot render this conversation: "
                                f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
+    answers = [i for i, t in enumerate(conversation) if t["role"] == "assistant"]
+    conversation = conversation[: answers[-1] + 1]
+    if len(answers) > ONE_PASS_TURNS:
+        pieces = _one_pass(conversation, render)
+        if pieces is not None and all(_split_at(conversation, i, render) == _rendered_upto(pieces, i, answers)
+                                      for i in (answers[0], answers[-1])):
+            return pieces
+    return _turn_by_turn(conversation, render, where)
+
+
+def _turn_by_turn(conversation, render, where: str) -> list[tuple[str, bool]]:
     pieces: list[tuple[str, bool]] = []
     done = ""  # the text rendered so far
-    last = max(i for i, t in enumerate(conversation) if t["role"] == "assistant")
-    for i, turn in enumerate(conversation[: last + 1]):
+    for i, turn in enumerate(conversation):
         if turn["role"] != "assistant":
             continue
-        prompt = render(conversation[:i], True)
-        full = render(conversation[: i + 1], False)
-        if not prompt.startswith(done) or not full.startswith(prompt):
+        split = _split_at(conversation, i, render)
+        if split is None or not split[0].startswith(done):
             raise PeftlabError(f"{where}: the chat template renders earlier turns differently once a later turn "
                                "follows, so the assistant's tokens cannot be told apart; use another "
                                "task.chat_template")
-        answer = full[len(prompt):]
-        kept = answer.rstrip()
+        prompt, kept = split
         pieces += [(prompt[len(done):], False), (kept, True)]
         done = prompt + kept
     return [(text, supervised) for text, supervised in pieces if text]
+
+
+def _split_at(conversation, i: int, render) -> tuple[str, str] | None:
+    """(the conversation before assistant turn `i` with the generation prompt, what the turn adds to it with
+    trailing whitespace excluded); None when the template does not extend the one into the other."""
+    prompt = render(conversation[:i], True)
+    full = render(conversation[: i + 1], False)
+    return (prompt, full[len(prompt):].rstrip()) if full.startswith(prompt) else None
+
+
+def _one_pass(conversation, render) -> list[tuple[str, bool]] | None:
+    """The pieces from one rendering in which each assistant content is wrapped in OPEN/CLOSE: the content and
+    the end-of-turn text after it (as the turn ends when it is the last, read from the final turn) are
+    supervised. None when the marks change what the template renders, or a turn ends otherwise."""
+    marked = [{**t, "content": OPEN + t["content"] + CLOSE} if t["role"] == "assistant" else t for t in conversation]
+    text = render(marked, False)
+    if text.replace(OPEN, "").replace(CLOSE, "") != render(conversation, False):
+        return None
+    parts = text.split(OPEN)
+    ending = parts[-1].split(CLOSE)[-1].rstrip()  # the last turn's end of turn
+    pieces: list[tuple[str, bool]] = [(parts[0], False)]
+    for part in parts[1:]:
+        content, _, after = part.partition(CLOSE)
+        if not after.startswith(ending):
+            return None
+        pieces += [(content + ending, True), (after[len(ending):], False)]
+    pieces[-1] = ("", False)  # what follows the last turn's end: trailing whitespace
+    return [(text, supervised) for text, supervised in pieces if text]
+
+
+def _rendered_upto(pieces: list[tuple[str, bool]], i: int, answers: list[int]) -> tuple[str, str]:
+    """What `_split_at` gives for assistant turn `i`, read from `pieces`."""
+    supervised = [k for k, (_, is_answer) in enumerate(pieces) if is_answer]
+    at = supervised[answers.index(i)]
+    return "".join(text for text, _ in pieces[:at]), pieces[at][0]
 
 
 def encode_chat(conversation: list[dict[str, str]], tokenizer: Any, template: str | None, max_length: int,
