@@ -82,7 +82,7 @@ def peft_model_and_data(config):
     from peftlab.tasks.prepare import load_task
 
     tokenizer = load_tokenizer(config.model)
-    data = load_task(config.task, tokenizer)
+    data = load_task(config.task, tokenizer, config.train.examples_drawn)  # the examples a peftlab run tokenizes
     spec = model_spec_for_task(config.model, data.kind, len(data.labels))
     model = load_model(spec, seed=config.train.seed)
     plan = build_plan(resolve_sites(model), count_params(model), config.plan, spec.name)

@@ -761,6 +761,7 @@ def test_a_run_that_would_mostly_evaluate_says_so_and_how_to_limit_it(work):
     assert code == 0, err
     assert "task: this run trains on 16 examples (1 step) and evaluates 1,120 held-out ones (320 validation, " \
            "800 test), which will take far longer; limit them with task.max_eval_examples" in err, err
+    assert json.loads((work / "out" / "result.json").read_text())["data"]["train"] == 16  # tokenized: the 16 drawn
 
 
 def test_a_bad_forgetting_file_is_refused_before_the_task_is_tokenized(work):

@@ -51,6 +51,21 @@ def test_splits_are_deterministic_by_split_seed(tmp_path, tokenizer):
     assert again.cache_file == first.cache_file and first.cache_file.is_file()
 
 
+def test_a_run_of_a_few_steps_tokenizes_only_the_examples_it_draws(tmp_path, tokenizer, monkeypatch):
+    rows = [*ROWS, {"text": "a middling review", "label": "mixed"}]  # one row of a third class
+    spec = TaskSpec(path=write_rows(tmp_path / "data.json", rows), kind="classification")
+    full = load_task(spec, tokenizer)
+    encoded = []
+    monkeypatch.setattr(type(tokenizer), "__call__", lambda self, text, **kw: encoded.append(text) or
+                        {"input_ids": [1, 2]})
+    few = load_task(spec, tokenizer, drawn=4)
+    assert (len(few.train), len(few.validation), len(few.test)) == (4, len(full.validation), len(full.test))
+    assert few.labels == full.labels == ["mixed", "neg", "pos"]  # the classes come from every training row
+    assert len(encoded) == 4 + len(full.validation) + len(full.test)  # the other training rows are never tokenized
+    monkeypatch.undo()
+    assert load_task(spec, tokenizer, drawn=10_000).train == full.train  # more than the split holds: all of it
+
+
 def test_alpaca_prompt_tokens_carry_no_loss(tmp_path, tokenizer):
     rows = [{"instruction": "Say yes.", "input": "" if i % 2 else "context", "output": "yes indeed"} for i in range(10)]
     data = load_task(TaskSpec(path=write_rows(tmp_path / "a.json", rows), kind="instruction"), tokenizer)

@@ -208,7 +208,8 @@ class TrainSpec(Spec):
     seed: Seed = 0
     epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: int | None = Field(None, ge=1)
-    """Optimizer steps; overrides epochs."""
+    """Optimizer steps; overrides epochs. A run of fewer steps than an epoch trains on the first
+    max_steps x batch_size x grad_accum training examples (of the split's seeded order): only they are tokenized."""
     batch_size: int = Field(16, ge=1)
     batching: Literal["bucketed", "random"] = "bucketed"
     """bucketed: examples of similar length train together (less padding; a fresh random mix every epoch).
@@ -264,13 +265,18 @@ class TrainSpec(Spec):
             raise ValueError("each fraction of the steps lies strictly between 0 and 1, e.g. [0.5, 0.75]")
         return None if value is None else sorted(set(value))
 
-
     @field_validator("lr")
     @classmethod
     def _rate_an_optimizer_takes(cls, value: float) -> float:
         if value > MAX_LR:
             raise ValueError(f"{value:g} is above {MAX_LR:g}, the largest rate an optimizer takes in float32")
         return value
+
+    @property
+    def examples_drawn(self) -> int | None:
+        """The most training examples a run of max_steps can draw (None: it counts in epochs)."""
+        return self.max_steps * self.batch_size * self.grad_accum if self.max_steps else None
+
 
 class GenerateSpec(Spec):
     """Generation-based evaluation of an instruction task: the adapted model (and, once, the base model)

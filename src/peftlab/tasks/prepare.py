@@ -61,7 +61,9 @@ class _Rows:
     row_offset: int  # number of the first data row, as a person counts them in the file
 
 
-def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
+def load_task(spec: TaskSpec, tokenizer: Any, drawn: int | None = None) -> TaskData:
+    """`drawn`: the most training examples the run can use (a run of `max_steps`); only the first `drawn` of
+    the split's training rows are tokenized. The class names still come from every training row."""
     kind, train, test = _raw(spec)
     columns = _columns(spec, kind, train)
     for part in (train, test):
@@ -72,6 +74,7 @@ def load_task(spec: TaskSpec, tokenizer: Any) -> TaskData:
     train_rows, validation_rows, test_rows = _split(spec, train, test)
     held_out = [(validation_rows, train), (test_rows, test or train)]
     labels = _labels(spec, kind, train_rows, held_out, train)
+    train_rows = train_rows[:drawn] if drawn else train_rows
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
     ender = end_of_turn(tokenizer, spec.chat_template) if columns[0] in CHAT_COLUMNS else None
     cache_file = cache_dir() / "tokenized" / f"{key}.json"
