@@ -7,7 +7,7 @@ import pytest
 from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.models.load import load_tokenizer
 from peftlab.specs import ModelSpec, TaskSpec
-from peftlab.tasks.prepare import IGNORE, collate, load_task
+from peftlab.tasks.prepare import ALPACA_TEMPLATE, IGNORE, collate, load_task, render_prompt
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,58 @@ def test_alpaca_prompt_tokens_carry_no_loss(tmp_path, tokenizer):
     n_prompt = example["labels"].index(supervised[0])
     assert example["input_ids"][n_prompt:] == supervised
     assert all(t == IGNORE for t in example["labels"][:n_prompt])
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_style():
+    """A BPE tokenizer that marks the start of a text and of each word with `▁` and splits at newlines, as Llama 2's
+    and Mistral's SentencePiece tokenizers do: "The" alone is `▁The`, after a newline `The`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split("\n", behavior="isolated"),
+                                                     pre_tokenizers.Metaspace(prepend_scheme="first")])
+    backend.decoder = decoders.Metaspace(prepend_scheme="first")
+    corpus = [render_prompt(ALPACA_TEMPLATE, "Name a colour.", "") + "The sky is blue.",
+              "[INST] hi [/INST]\nThe answer", "The answer"]
+    backend.train_from_iterator(corpus * 20, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    backend.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="</s>",
+                                  unk_token="<unk>")
+    tok.chat_template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} "
+                         "[/INST]\n{% else %}{{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")  # the answer after a newline
+    return tok
+
+
+@pytest.mark.parametrize("rows", [
+    [{"instruction": "Name a colour.", "input": "", "output": "The sky is blue."}],
+    [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "The answer"}]}],
+], ids=["alpaca", "chat"])
+def test_a_prompt_and_its_answer_are_tokenized_as_the_model_reads_them_together(tmp_path, sentencepiece_style, rows):
+    tok = sentencepiece_style
+    data = load_task(TaskSpec(path=write_rows(tmp_path / "a.jsonl", rows * 8), kind="instruction"), tok)
+    example = data.train[0]
+    if "output" in rows[0]:
+        answer = rows[0]["output"]
+        whole = tok(render_prompt(ALPACA_TEMPLATE, "Name a colour.", "") + answer)["input_ids"] + [tok.eos_token_id]
+    else:  # as transformers tokenizes a rendered conversation
+        answer = rows[0]["messages"][1]["content"]
+        whole = tok(tok.apply_chat_template(rows[0]["messages"], tokenize=False), add_special_tokens=False)["input_ids"]
+    assert example["input_ids"] == whole  # the tokens of the whole text, not of its pieces one by one
+    answer_ids = [t for t in example["labels"] if t != IGNORE]
+    assert tok.convert_ids_to_tokens(answer_ids)[0] == "The"  # after a newline
+    assert tok.convert_ids_to_tokens(tok(answer, add_special_tokens=False)["input_ids"])[0] == "▁The"  # alone
+    assert tok.decode(answer_ids, skip_special_tokens=True).strip() == answer and answer_ids[-1] == tok.eos_token_id
+
+
+def test_a_token_across_a_prompt_and_its_answer_belongs_to_the_answer(sentencepiece_style):
+    from peftlab.tasks.fit import tokenize_pieces
+
+    ids, supervised = tokenize_pieces(sentencepiece_style, [("is ", False), ("blue.", True)])
+    assert sentencepiece_style.convert_ids_to_tokens(ids) == ["▁is", "▁blue."]  # "▁blue." holds the prompt's space
+    assert supervised == [False, True]
 
 
 def test_empty_responses_are_dropped_and_counted_but_an_empty_instruction_is_an_error(tmp_path, tokenizer):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftlab.errors import PeftlabError
-from peftlab.tasks.fit import IGNORE, fit_example, last_supervised_span
+from peftlab.tasks.fit import IGNORE, fit_example, last_supervised_span, tokenize_pieces
 
 CHAT_COLUMNS = ("messages", "conversations")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant",  # messages
@@ -193,12 +193,8 @@ def encode_chat(conversation: list[dict[str, str]], tokenizer: Any, template: st
     """(token ids and labels, truncated): the assistant's tokens supervised, everything else `IGNORE`; a
     conversation longer than `max_length` loses its start first (`fit_example`: the last assistant turn is
     the response); None when no supervised token is left."""
-    input_ids: list[int] = []
-    labels: list[int] = []
-    for text, supervised in segments(conversation, tokenizer, template, where):
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        input_ids += ids
-        labels += ids if supervised else [IGNORE] * len(ids)
+    input_ids, supervised = tokenize_pieces(tokenizer, segments(conversation, tokenizer, template, where))
+    labels = [token if sup else IGNORE for token, sup in zip(input_ids, supervised)]
     span = last_supervised_span(labels)
     start = span[0] if span else len(labels)
     keep_first = bool(input_ids) and input_ids[0] in tokenizer.all_special_ids

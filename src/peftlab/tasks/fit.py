@@ -1,9 +1,35 @@
-"""Supervised spans and cutting an example to `task.max_length`: shared by instruction and chat rows and by
-generation, which reads an example's prompt and reference from the same spans."""
+"""Tokenizing a prompt and its answer as one text, supervised spans and cutting an example to `task.max_length`:
+shared by instruction and chat rows and by generation, which reads an example's prompt and reference from the
+same spans."""
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
+from typing import Any
+
 IGNORE = -100  # label of positions that carry no loss (prompt, padding)
+
+
+def tokenize_pieces(tokenizer: Any, pieces: list[tuple[str, bool]]) -> tuple[list[int], list[bool]]:
+    """The token ids of the pieces' texts joined, tokenized as one text (as the model reads it when it
+    generates), and for each token whether its piece is supervised. A token belongs to the piece that holds its
+    last character, so a token that straddles a prompt and its answer is the answer's.
+
+    Tokenizing the pieces one by one would differ where a tokenizer marks the start of a text: a SentencePiece
+    tokenizer that prepends `▁` (Llama 2, Mistral) reads an answer alone as `▁The`, after its prompt's newline
+    as `The`. A slow tokenizer (no character offsets) tokenizes piece by piece."""
+    if not getattr(tokenizer, "is_fast", False):
+        ids = [tokenizer(text, add_special_tokens=False)["input_ids"] for text, _ in pieces]
+        return [i for part in ids for i in part], [sup for part, (_, sup) in zip(ids, pieces) for _ in part]
+    text = "".join(part for part, _ in pieces)
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ends = list(accumulate(len(part) for part, _ in pieces))
+    supervised = []
+    for start, end in encoded["offset_mapping"]:
+        piece = bisect_right(ends, max(start, end - 1))  # the first piece that ends after the token's last character
+        supervised.append(pieces[min(piece, len(pieces) - 1)][1])
+    return list(encoded["input_ids"]), supervised
 
 
 def last_supervised_span(labels: list[int]) -> tuple[int, int] | None:

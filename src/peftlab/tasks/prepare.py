@@ -23,7 +23,7 @@ from peftlab.tasks.chat import (
     encode_chat,
     turns,
 )
-from peftlab.tasks.fit import IGNORE, fit_example
+from peftlab.tasks.fit import IGNORE, fit_example, tokenize_pieces
 from peftlab.tasks.data import load_hf_dataset, read_records, read_text, require_columns
 
 if TYPE_CHECKING:
@@ -217,7 +217,8 @@ def _cache_key(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], *sp
         "labels": labels,
         "columns": [spec.text_column, spec.label_column, spec.format],
         "chat_template": spec.chat_template or getattr(tokenizer, "chat_template", None),
-        "version": 4,  # 4: examples cut only beyond max_length, from the prompt's start
+        "version": 5,  # 4: examples cut only beyond max_length, from the prompt's start; 5: a prompt and its
+        # answer tokenized as one text
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
@@ -263,13 +264,16 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
     context_col = columns[2] if len(columns) > 2 else None
     eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
     template = spec.template or ALPACA_TEMPLATE
+    before, after = _special_tokens_around(tokenizer)
 
     def encode_instruction(row, where):
         if not str(row[response_col]).strip():
             return None  # an empty response teaches nothing but an immediate stop: dropped and counted
         prompt = render_prompt(template, str(row[instruction_col]), str(row.get(context_col) or "") if context_col else "")
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        response_ids = tokenizer(str(row[response_col]), add_special_tokens=False)["input_ids"] + [eos]
+        ids, supervised = tokenize_pieces(tokenizer, [(prompt, False), (str(row[response_col]), True)])
+        answer = supervised.index(True) if True in supervised else len(ids)
+        prompt_ids = before + ids[:answer] + after  # framed as `tokenizer(prompt)` frames it: BOS, [CLS] .. [SEP]
+        response_ids = ids[answer:] + [eos]
         prompt_ids, response_ids, cut = fit_example(prompt_ids, response_ids, spec.max_length,
                                                     keep_first=prompt_ids[0] in tokenizer.all_special_ids)
         if cut:
@@ -279,6 +283,13 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
         return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
 
     return encode_instruction
+
+
+def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """The special tokens the tokenizer puts before and after a text (e.g. [BOS], or [CLS] and [SEP])."""
+    framed, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
+    start = next((i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare), None)
+    return ([], []) if start is None else (framed[:start], framed[start + len(bare):])
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
