@@ -68,9 +68,10 @@ def _text(content: Any, where: str) -> str:
                        "of {type: text, text: ...} parts")
 
 
-def check_template(tokenizer: Any, template: str | None, model: str) -> None:
+def check_template(tokenizer: Any, template: str | None, model: str) -> str:
     """A chat template exists, is valid Jinja and renders the messages' content (a file name or constant text
-    given as task.chat_template renders none): checked on a probe conversation before any row is encoded."""
+    given as task.chat_template renders none): checked on a probe conversation before any row is encoded, whose
+    rendering it returns (for `end_of_turn`)."""
     if template is None and not getattr(tokenizer, "chat_template", None):
         raise PeftlabError(f"task: chat rows need a chat template and the tokenizer of {model!r} has none; give one "
                            "as task.chat_template (a Jinja template, as in a tokenizer_config.json)")
@@ -84,19 +85,14 @@ def check_template(tokenizer: Any, template: str | None, model: str) -> None:
     if PROBE not in rendered or "peftlab probe question" not in rendered:
         raise PeftlabError(f"{field}: renders no message content ({rendered[:40]!r}...); give the template itself "
                            "(Jinja looping over messages, as in a tokenizer_config.json), not a file name or text")
+    return rendered
 
 
-def end_of_turn(tokenizer: Any, template: str | None) -> str | None:
+def end_of_turn(tokenizer: Any, probe: str) -> str | None:
     """The text the template puts after an assistant turn's content when it is not one special token (ChatML's
     `<|im_end|>` on a tokenizer without that token): generation stops at it and scores leave it out. None
-    when the turn ends in one special token (a stop id) or in nothing."""
-    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": PROBE}]
-    try:
-        full = tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=False)
-    except Exception:  # a template that cannot render the probe: the conversations themselves report it
-        return None
-    at = full.rfind(PROBE)
-    ender = full[at + len(PROBE):].strip() if at >= 0 else ""
+    when the turn ends in one special token (a stop id) or in nothing. `probe`: `check_template`'s rendering."""
+    ender = probe[probe.rfind(PROBE) + len(PROBE):].strip()
     if not ender:
         return None
     ids = tokenizer(ender, add_special_tokens=False)["input_ids"]

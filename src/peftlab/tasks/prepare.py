@@ -76,7 +76,10 @@ def load_task(spec: TaskSpec, tokenizer: Any, drawn: int | None = None) -> TaskD
     labels = _labels(spec, kind, train_rows, held_out, train)
     train_rows = train_rows[:drawn] if drawn else train_rows
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
-    ender = end_of_turn(tokenizer, spec.chat_template) if columns[0] in CHAT_COLUMNS else None
+    ender = None
+    if columns[0] in CHAT_COLUMNS:  # the template is checked before any row is encoded
+        probe = check_template(tokenizer, spec.chat_template, getattr(tokenizer, "name_or_path", "the model"))
+        ender = end_of_turn(tokenizer, probe)
     cache_file = cache_dir() / "tokenized" / f"{key}.json"
     if cache_file.is_file():
         cached = json.loads(cache_file.read_text())
@@ -249,8 +252,6 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
         return encode_classification
 
     if columns[0] in CHAT_COLUMNS:
-        check_template(tokenizer, spec.chat_template, getattr(tokenizer, "name_or_path", "the model"))
-
         def encode_conversation(row, where):
             conversation = turns(row[columns[0]], f"{where}: {columns[0]}")
             example, cut = encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
 
@@ -77,8 +78,9 @@ class Checkpoints:
         return step if isinstance(step, int) and not isinstance(step, bool) and step > 0 else 0
 
     def verify(self, total_steps: int) -> int:
-        """The latest checkpoint's step after reading every file a resume reads, checking sizes, types and
-        that it lies inside a run of `total_steps`; 0 when there is no checkpoint. DamagedCheckpoint otherwise."""
+        """The latest checkpoint's step after opening every file a resume reads (memory-mapped: `restore` reads
+        them), checking sizes, types and that it lies inside a run of `total_steps`; 0 when there is no
+        checkpoint. DamagedCheckpoint otherwise."""
         if not (self.directory / LATEST).exists():
             return 0
         folder = self.latest()
@@ -92,16 +94,16 @@ class Checkpoints:
         for key, kind in COUNTERS.items():
             if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
                 raise DamagedCheckpoint(f"{folder / 'state.json'}: {key} is {state.get(key)!r}")
-        trainable = _read(folder / "trainable.safetensors", lambda f: load_file(f))
-        optimizer = _read(folder / "optimizer.pt", lambda f: torch.load(f, weights_only=True))
+        trainable = _read(folder / "trainable.safetensors", _tensor_names)
+        optimizer = _read(folder / "optimizer.pt", _mapped)
         groups = optimizer.get("param_groups") if isinstance(optimizer, dict) else None
         if not isinstance(groups, list) or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in groups) \
                 or sum(len(g["params"]) for g in groups) != len(trainable) or not isinstance(optimizer.get("state"), dict):
             raise DamagedCheckpoint(f"{folder / 'optimizer.pt'}: not the optimizer state of the "
                                     f"{len(trainable)} trainable tensors saved beside it")
-        if not isinstance(_read(folder / "scheduler.pt", lambda f: torch.load(f, weights_only=True)), dict):
+        if not isinstance(_read(folder / "scheduler.pt", _mapped), dict):
             raise DamagedCheckpoint(f"{folder / 'scheduler.pt'}: not a learning-rate scheduler's state")
-        rng = _read(folder / "rng.pt", lambda f: torch.load(f, weights_only=True))
+        rng = _read(folder / "rng.pt", _mapped)
         cpu = rng.get("cpu") if isinstance(rng, dict) else None
         if not isinstance(cpu, torch.Tensor) or cpu.dtype != torch.uint8 or cpu.shape != torch.get_rng_state().shape:
             raise DamagedCheckpoint(f"{folder / 'rng.pt'}: not the state of torch's random generator")
@@ -139,6 +141,17 @@ class Checkpoints:
 
     def remove(self) -> None:
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _tensor_names(file: Path) -> list[str]:
+    """The names in a safetensors file, from its header (which must cover the whole file): no tensor is read."""
+    with safe_open(file, "pt") as tensors:
+        return list(tensors.keys())
+
+
+def _mapped(file: Path) -> Any:
+    """A torch.save file's content, memory-mapped: checked without being read twice by a resume."""
+    return torch.load(file, weights_only=True, mmap=True)
 
 
 def _read(file: Path, load):
