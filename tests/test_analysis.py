@@ -526,3 +526,17 @@ def test_configurations_still_improving_at_the_end_are_flagged(synthetic_study):
     assert cells["placement=attention"].endswith("(still improving)") and "still" not in cells["placement=ffn"]
     by_loss = {c.label: c.improvement for c in analyze(synthetic_study, metric="loss").configurations}
     assert by_loss["placement=attention"].metric == "validation loss" and by_loss["placement=attention"].change > 0.02
+
+
+def test_rank_heat_maps_show_every_role_a_plan_adapts_fused_ones_included():
+    from peftlab.analysis.figures import rank_grids
+    from peftlab.api import make_plan
+    from peftlab.specs import PlanConfig
+
+    phi3 = json.loads(make_plan(PlanConfig(model="tiny-phi3", plan={"placement": "all", "allocation": 4})).to_json())
+    llama = json.loads(make_plan(PlanConfig(model="tiny-llama", plan={"placement": "q,v", "allocation": 8})).to_json())
+    roles, (phi3_grid, llama_grid) = rank_grids([phi3, llama])
+    assert roles == ["attn.q", "attn.v", "attn.qkv", "attn.o", "ffn.gate_up", "ffn.down"]
+    layers = phi3["n_layers"]  # the grids have the most layers of any plan
+    assert (phi3_grid[:layers, roles.index("ffn.gate_up")] == 4).all() and (phi3_grid[:layers, roles.index("attn.qkv")] == 4).all()
+    assert phi3_grid.sum() == 4 * 4 * phi3["n_layers"] and llama_grid.sum() == 2 * 8 * llama["n_layers"]

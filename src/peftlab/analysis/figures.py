@@ -14,12 +14,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from peftlab.analysis.analyze import COST_UNITS, Analysis, metric_name  # noqa: E402
+from peftlab.models.roles import Role  # noqa: E402
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
     "axes.spines.top": False, "axes.spines.right": False, "figure.dpi": 150, "savefig.bbox": "tight",
 }
-ROLE_ORDER = ["attn.q", "attn.k", "attn.v", "attn.qkv", "attn.o", "ffn.gate", "ffn.up", "ffn.down"]
+ROLE_ORDER = [role.value for role in Role]  # heat-map columns: every role, fused ones (Phi-3's gate_up) included
 
 
 def _save(fig, folder: Path, name: str) -> Path:
@@ -60,19 +61,15 @@ def rank_heatmaps(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
     for c in analysis.configurations:
         plan_file = study_dir / "runs" / c.runs[0]["id"] / "plan.json"
         plans.append((c.label, json.loads(plan_file.read_text()) if plan_file.is_file() else None))
-    roles = [r for r in ROLE_ORDER if any(p and any(s["role"] == r for s in p["sites"]) for _, p in plans)] or ROLE_ORDER[:1]
-    n_layers = max((p["n_layers"] for _, p in plans if p), default=1)
+    roles, grids = rank_grids([plan for _, plan in plans])
+    n_layers = grids[0].shape[0]
     cols = min(3, len(plans))
     rows = math.ceil(len(plans) / cols)
     top = max((s["rank"] for _, p in plans if p for s in p["sites"]), default=1)
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * n_layers * rows + 1.4 * rows), squeeze=False)
         image = None
-        for ax, (label, plan) in zip(axes.flat, plans):
-            grid = np.zeros((n_layers, len(roles)))
-            for s in (plan or {}).get("sites", []):
-                if s["role"] in roles:
-                    grid[s["layer"], roles.index(s["role"])] += s["rank"]
+        for ax, (label, _), grid in zip(axes.flat, plans, grids):
             image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top, origin="lower")
             ax.set_title(label, fontsize=8)
             ax.set_xticks(range(len(roles)), [r.split(".")[1] for r in roles], fontsize=7)
@@ -83,6 +80,20 @@ def rank_heatmaps(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
         fig.colorbar(image, ax=axes.ravel().tolist(), label="LoRA rank (0 = not adapted)", shrink=0.8)
         fig.suptitle("Ranks per layer and role", fontsize=11)
         return _save(fig, folder, "rank_heatmaps")
+
+
+def rank_grids(plans: list[dict | None]) -> tuple[list[str], list[np.ndarray]]:
+    """The roles any of the plans (plan.json contents; None: missing) adapts, in `Role` order, and each plan's
+    rank per layer (rows) and role (columns)."""
+    roles = [r for r in ROLE_ORDER if any(p and any(s["role"] == r for s in p["sites"]) for p in plans)] or ROLE_ORDER[:1]
+    n_layers = max((p["n_layers"] for p in plans if p), default=1)
+    grids = []
+    for plan in plans:
+        grid = np.zeros((n_layers, len(roles)))
+        for s in (plan or {}).get("sites", []):
+            grid[s["layer"], roles.index(s["role"])] += s["rank"]
+        grids.append(grid)
+    return roles, grids
 
 
 def training_curves(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
