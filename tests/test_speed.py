@@ -175,6 +175,22 @@ def test_compile_wraps_every_layer_block():
     model = load_model(ModelSpec(name="tiny-llama", head="causal-lm"))
     CompiledLayers().install(model, None, None)
     assert [layer._compiled_call_impl is not None for layer in model.model.layers] == [True] * 4
+    phi3 = load_model(ModelSpec(name="tiny-phi3", head="causal-lm"))
+    CompiledLayers().install(phi3, None, None)
+    assert all(layer._compiled_call_impl is not None for layer in phi3.model.layers)
+
+
+def test_compile_on_a_model_without_a_family_names_every_family():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from peftlab.errors import PeftlabError
+    from peftlab.models.architectures import FAMILIES
+
+    model = OPTForCausalLM(OPTConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, ffn_dim=32,
+                                     num_attention_heads=2, word_embed_proj_dim=16, max_position_embeddings=32))
+    with pytest.raises(PeftlabError, match="layer blocks of 'opt'") as refused:
+        CompiledLayers().install(model, None, None)
+    assert all(family.name in str(refused.value) for family in FAMILIES)  # phi3 too
 
 
 @pytest.mark.parametrize("model_name,after", [("tiny-bert", "output"), ("tiny-distilbert", "ffn")])

@@ -8,6 +8,7 @@ from torch import nn
 
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import Method
+from peftlab.models.architectures import FAMILIES
 from peftlab.models.sites import layer_blocks
 from peftlab.train.speed.base import RunSetting, SpeedFeature
 
@@ -21,8 +22,9 @@ class CompiledLayers(SpeedFeature):
     def install(self, model: nn.Module, method: Method, run: RunSetting) -> dict[str, Any]:
         found = layer_blocks(model)
         if found is None:
+            families = ", ".join(family.name for family in FAMILIES)
             raise PeftlabError(f"train.compile: peftlab cannot find the layer blocks of {model.config.model_type!r}; "
-                               "use it with the gpt2, bert, distilbert or llama families")
+                               f"use it with a model of the {families} families")
         for layer in found[0]:
             layer.compile(dynamic=True)
         return {"used": True, "layers": len(found[0])}
