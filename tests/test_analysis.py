@@ -540,3 +540,17 @@ def test_rank_heat_maps_show_every_role_a_plan_adapts_fused_ones_included():
     layers = phi3["n_layers"]  # the grids have the most layers of any plan
     assert (phi3_grid[:layers, roles.index("ffn.gate_up")] == 4).all() and (phi3_grid[:layers, roles.index("attn.qkv")] == 4).all()
     assert phi3_grid.sum() == 4 * 4 * phi3["n_layers"] and llama_grid.sum() == 2 * 8 * llama["n_layers"]
+
+
+def test_each_metric_and_cost_is_declared_once_and_read_from_its_record():
+    from peftlab import measures
+
+    names = [m.name for m in measures.METRICS]
+    assert len(names) == len(set(names)) and len({c.name for c in measures.COSTS}) == len(measures.COSTS)
+    assert measures.primary({"classification"}).name == "accuracy" and measures.primary({"instruction"}).name == "loss"
+    assert measures.primary({"classification", "instruction"}).name == "loss"  # mixed kinds: the loss both have
+    assert not measures.higher_is_better("metrics.forgetting.increase") and measures.higher_is_better("metrics.test.rouge_l")
+    assert measures.default_margin("metrics.test.perplexity", 6.9) == pytest.approx(0.138)  # 2% of the baseline's mean
+    assert measures.label("metrics.test.rouge_l") == "ROUGE-L" and measures.label("unknown_thing") == "unknown thing"
+    assert [measures.COST_BY_NAME[n].format(v) for n, v in [("memory", 3 * 2**20), ("time", 2.25), ("trainable", 1e6)]] \
+        == ["3.0 MiB", "2.2 s", "1,000,000"]

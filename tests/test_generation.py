@@ -123,6 +123,9 @@ def test_the_samples_file_holds_base_and_adapted_completions_and_the_base_is_the
     assert {"prompt", "reference", "base", "adapted", "rouge_l", "exact_match", "base_rouge_l"} <= set(samples[0])
     assert result["metrics"]["test"]["rouge_l"] == pytest.approx(sum(s["rouge_l"] for s in samples) / 4)
     assert result["cost"]["generated_tokens"] > 0 and result["cost"]["generation_tokens_per_second"] > 0
+    from peftlab.measures import BY_NAME
+
+    assert set(result["metrics"]["test"]) - {"count"} <= set(BY_NAME)  # every metric a report names is declared
 
     # generating (the base model's completions come before training) changes nothing the run learns
     plain = run_to_dict(instruction_config(data), tmp_path / "plain")

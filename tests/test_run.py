@@ -8,6 +8,7 @@ from peft import PeftModel
 
 from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import validate
+from peftlab.measures import BY_NAME, COSTS
 from peftlab.models.load import load_model, load_tokenizer
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import collate, load_task
@@ -48,6 +49,8 @@ def test_run_writes_every_output_and_reloads(tmp_path, reviews_file):
     assert cost["adapter_bytes"] > 0 and cost["train_tokens"] > 0
     assert cost["peak_memory_process_bytes"] > cost["peak_memory_bytes"] >= 0  # a tiny model adds next to nothing
     assert set(cost["latency_ms_per_batch"]) == {"unmerged", "merged"}
+    assert set(result["metrics"]["test"]) - {"count"} <= set(BY_NAME)  # every metric a report names is declared
+    assert {c.column for c in COSTS} <= set(cost)  # and every cost a study can be judged by
     history = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [h["step"] for h in history if "train_loss" in h] == [10, 12]
     # the saved adapter (PEFT format) gives the same test loss after a reload

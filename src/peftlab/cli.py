@@ -16,11 +16,12 @@ from rich.table import Table
 from typer import TyperException
 from typer._click.exceptions import NoArgsIsHelpError
 
-from peftlab import __version__, quiet_libraries
+from peftlab import __version__, measures, quiet_libraries
 from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.files import check_output, write_atomic
+from peftlab.measures import COSTS, quality_names
 from peftlab.methods.specs import FIXED_SPARSITY, PEFT_TYPES, SPECS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
 from peftlab.records.store import check_study_dir
@@ -195,10 +196,6 @@ def run(
         raise typer.Exit(1)
 
 
-METRIC_NAMES = {"rouge_l": "ROUGE-L", "base_rouge_l": "base model ROUGE-L", "base_exact_match": "base model exact match",
-                "base_loss": "base model loss", "mean_new_tokens": "tokens per completion"}
-
-
 def _print_result(result: RunResult, output: Path) -> None:
     console = _console()
     if not result.done:
@@ -210,7 +207,7 @@ def _print_result(result: RunResult, output: Path) -> None:
     for split, values in result.metrics.items():
         for name, value in values.items():
             if name != "count":
-                shown = METRIC_NAMES.get(name, name.replace("_", " "))
+                shown = measures.label(name)
                 table.add_row(f"{split} {shown}", f"{value:.4f}" if isinstance(value, float) else str(value))
     cost = result.cost
     table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
@@ -637,16 +634,23 @@ def study_export(
         _console().print(f"wrote {export(store, path)}", highlight=False)
 
 
+def _margins() -> str:
+    """The metrics' own equivalence margins, as `--margin`'s help gives them."""
+    known = [f"{m.margin:g} {m.label}" for m in measures.METRICS if m.margin and m.quality]
+    return ", ".join(known) + f"; {measures.RELATIVE_MARGIN:.0%} of the baseline's mean for others"
+
+
 @app.command()
 def report(
     directory: Annotated[Path, typer.Argument(help="Study directory.")],
-    metric: Annotated[Optional[str], typer.Option(help="Quality metric on the test split: accuracy, macro_f1, loss, perplexity.")] = None,
-    cost: Annotated[str, typer.Option(help="Cost for the frontier: trainable | time | memory | size")] = "trainable",
+    metric: Annotated[Optional[str], typer.Option(help=f"Quality metric on the test split: {', '.join(quality_names())} "
+                                                  "(or any dotted metric column, e.g. metrics.forgetting.increase).")] = None,
+    cost: Annotated[str, typer.Option(help=f"Cost for the frontier: {' | '.join(c.name for c in COSTS)}")] = "trainable",
     baseline: Annotated[Optional[str], typer.Option(help="Baseline configuration (default: all-placement uniform-rank LoRA).")] = None,
     test: Annotated[str, typer.Option(help="t (paired t-test) | wilcoxon")] = "t",
     interval: Annotated[str, typer.Option(help="Confidence intervals: t | bootstrap")] = "t",
     margin: Annotated[Optional[float], typer.Option(help="Equivalence margin in metric units (default: the study's, "
-                                                    "else 0.01 accuracy / F1, 0.02 loss).")] = None,
+                                                    f"else {_margins()}).")] = None,
     exclude_degenerate: Annotated[bool, typer.Option("--exclude-degenerate", help="Leave degenerate runs (one predicted "
                                                      "class, majority-class accuracy, no loss gain) out of the statistics.")] = False,
     count_degenerate: Annotated[bool, typer.Option("--count-degenerate", help="Give a verdict also to configurations "

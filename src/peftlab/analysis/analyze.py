@@ -25,22 +25,15 @@ from peftlab.analysis.stats import (
     not_trained,
     summarize,
 )
+from peftlab import measures
 from peftlab.errors import PeftlabError
+from peftlab.measures import COST_BY_NAME, COSTS, format_p
 from peftlab.records.results import primary_metric, run_rows
 from peftlab.records.store import open_existing, run_dir
 from peftlab.records.tuning import RateChoice, rate_choices
 from peftlab.train.result import read_samples
 
-COSTS = {
-    "trainable": "cost.trainable_params",
-    "time": "cost.train_seconds",
-    "memory": "cost.peak_memory_bytes",
-    "size": "cost.adapter_bytes",
-}
-LOWER_IS_BETTER = ("loss", "perplexity")
-DEFAULT_MARGINS = {"accuracy": 0.01, "macro_f1": 0.01, "loss": 0.02, "rouge_l": 0.01, "exact_match": 0.01}  # metric units
 SAMPLES_SHOWN = 3  # generated completions shown per configuration in the report
-RELATIVE_MARGIN = 0.02  # of the baseline's mean, for other metrics (perplexity)
 
 
 @dataclass(frozen=True)
@@ -159,9 +152,9 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         metric = primary_metric(rows)[0]
     else:
         metric = _known_metric(metric, rows)
-    higher = not metric.endswith(LOWER_IS_BETTER)
-    if cost not in COSTS:
-        raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COSTS)}")
+    higher = measures.higher_is_better(metric)
+    if cost not in COST_BY_NAME:
+        raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COST_BY_NAME)}")
     done = [r for r in rows if r["status"] == "done" and r["phase"] == "main" and r.get(metric) is not None
             and current.get(r["label"]) == r["group"]]
     if not done:
@@ -177,7 +170,8 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
             continue
         quality = {r["seed"]: r[metric] for r in runs}
         costs = {name: summarize([r[column] for r in runs if r.get(column) is not None], method=interval)
-                 for name, column in {**COSTS, "base": "cost.base_params", "total": "cost.total_params"}.items()}
+                 for name, column in {**{c.name: f"cost.{c.column}" for c in COSTS}, "base": "cost.base_params",
+                                      "total": "cost.total_params"}.items()}
         numeric = sorted({k for r in runs for k, v in r.items() if k.startswith(("metrics.", "cost."))
                           and isinstance(v, (int, float)) and not isinstance(v, bool)})
         every = {k: summarize([r[k] for r in runs if isinstance(r.get(k), (int, float))], method=interval) for k in numeric}
@@ -191,7 +185,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     others = [c for c in configurations if c is not chosen]
     for c in others:
         c.comparison = compare(c.quality, chosen.quality, test)
-    margin = margin or spec.get("margin") or default_margin(metric, chosen.summary.mean)
+    margin = margin or spec.get("margin") or measures.default_margin(metric, chosen.summary.mean)
     design = _design(spec, study_dir)
     judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
     # the pooled spread of the equivalence tests: from comparisons without degenerate runs (where there are any)
@@ -228,7 +222,7 @@ def improvement(runs: list[dict[str, Any]], metric: str, higher: bool, margin: f
     the loss margin) from the last intermediate evaluation (`train.eval_at`) to the end of training."""
     name = metric.rsplit(".", 1)[-1]
     if not any(f"metrics.validation.{name}" in r for r in runs):
-        name, higher, margin = "loss", False, DEFAULT_MARGINS["loss"]
+        name, higher, margin = "loss", False, measures.BY_NAME["loss"].margin
     pattern = re.compile(rf"metrics\.validation@(\d+(?:\.\d+)?)\.{re.escape(name)}")
     fractions = sorted({float(m.group(1)) for r in runs for k in r if (m := pattern.fullmatch(k))})
     if not fractions:
@@ -265,12 +259,6 @@ def _design(spec: dict[str, Any], study_dir: Path) -> Design:
     return study_design(validate(StudySpec, spec, str(study_dir / "study.yaml")))
 
 
-def default_margin(metric: str, baseline_mean: float) -> float:
-    """The equivalence margin when neither the study nor the command gives one."""
-    name = metric.rsplit(".", 1)[-1]
-    return DEFAULT_MARGINS.get(name) or RELATIVE_MARGIN * abs(baseline_mean) or DEFAULT_MARGINS["loss"]
-
-
 def _read_spec(study_dir: Path) -> dict[str, Any]:
     import yaml
 
@@ -289,18 +277,18 @@ def recommend(analysis: Analysis) -> list[str]:
     steps = [compare(c.quality, prev.quality, analysis.test) for prev, c in zip(front, front[1:])]
     verdicts = judge(steps, analysis.margin, analysis.higher_is_better, analysis.design)
     corrected = [v.p for v in verdicts]
-    unit = COST_UNITS[analysis.cost]
+    cost = COST_BY_NAME[analysis.cost]
     lines = []
     for i, c in enumerate(front):
-        upper = f"below {_fmt_cost(front[i + 1].costs[analysis.cost].mean, analysis.cost)}" if i + 1 < len(front) else "and above"
-        bracket = f"{unit} {_fmt_cost(c.costs[analysis.cost].mean, analysis.cost)} {upper}"
+        upper = f"below {cost.format(front[i + 1].costs[cost.name].mean)}" if i + 1 < len(front) else "and above"
+        bracket = f"{cost.unit} {cost.format(c.costs[cost.name].mean)} {upper}"
         line = f"{bracket}: **{c.label}** ({metric_name(analysis.metric)} {c.summary.mean:.4f}"
         line += f", 95% CI {c.summary.low:.4f} to {c.summary.high:.4f})." if c.summary.n > 1 else ", one seed)."
         if i == 0:
             line += " The cheapest configuration on the frontier."
         else:
             step, p, v, cheaper = steps[i - 1], corrected[i - 1], verdicts[i - 1], front[i - 1].label
-            test = f"difference {step.difference:+.4f}, {step.test}, n={step.n}, Holm p={_fmt_p(p)}"
+            test = f"difference {step.difference:+.4f}, {step.test}, n={step.n}, Holm p={format_p(p)}"
             if step.test == CONSTANT:
                 line += (f" Differs from {cheaper} by exactly {step.difference:+.4f} on each of {step.n} "
                          "seeds: no test applies, and a fixed difference usually means a run predicting one class.")
@@ -468,16 +456,3 @@ def _task_name(task: dict[str, Any]) -> str:
     return f"{name} ({limit} training examples)" if limit else str(name)
 
 
-COST_UNITS = {"trainable": "trainable params", "time": "training seconds", "memory": "peak memory", "size": "adapter size"}
-
-
-def _fmt_cost(value: float, cost: str) -> str:
-    if cost in ("memory", "size"):
-        return f"{value / 2**20:,.1f} MiB"
-    if cost == "time":
-        return f"{value:,.1f} s"
-    return f"{value:,.0f}"
-
-
-def _fmt_p(p: float) -> str:
-    return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")

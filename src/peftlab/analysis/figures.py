@@ -13,7 +13,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from peftlab.analysis.analyze import COST_UNITS, Analysis, metric_name  # noqa: E402
+from peftlab.analysis.analyze import Analysis, metric_name  # noqa: E402
+from peftlab.measures import COST_BY_NAME  # noqa: E402
 from peftlab.models.roles import Role  # noqa: E402
 
 STYLE = {
@@ -49,7 +50,7 @@ def quality_vs_cost(analysis: Analysis, folder: Path) -> Path:
         ax.plot([], [], "x", color="0.55", label="dominated")
         if analysis.cost == "trainable":
             ax.set_xscale("log")
-        ax.set_xlabel(COST_UNITS[analysis.cost] + (" (log scale)" if analysis.cost == "trainable" else ""))
+        ax.set_xlabel(COST_BY_NAME[analysis.cost].unit + (" (log scale)" if analysis.cost == "trainable" else ""))
         ax.set_ylabel(f"{metric_name(analysis.metric)} (mean, 95% CI)")
         ax.set_title(f"{analysis.name}: quality vs cost")
         ax.legend(loc="best")

@@ -13,17 +13,17 @@ from peftlab.analysis.figures import make_figures
 from peftlab.analysis.stats import CONSTANT
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
+from peftlab.measures import COST_BY_NAME, METRICS, format_p
 
 COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "verdict", "trainable params (% of base)",
            "parameter reduction", "training time (s)", "peak memory (MiB)"]
-# Metrics shown beside the quality metric where every configuration has them (instruction tasks): column -> row key
-SECONDARY = {"perplexity": "metrics.test.perplexity", "ROUGE-L": "metrics.test.rouge_l",
-             "exact match": "metrics.test.exact_match"}
 
 
 def secondary_metrics(analysis: Analysis) -> dict[str, str]:
-    """The secondary metrics of this study: present for every configuration, and not its quality metric."""
-    return {name: key for name, key in SECONDARY.items() if key != analysis.metric
+    """The secondary metrics of this study (label -> column): the declared ones every configuration has on the
+    test split (instruction tasks: perplexity, ROUGE-L, exact match), but not its quality metric."""
+    shown = {m.label: f"metrics.test.{m.name}" for m in METRICS if m.secondary}
+    return {name: key for name, key in shown.items() if key != analysis.metric
             and all(key in c.every_metric and c.every_metric[key].n for c in analysis.configurations)}
 
 
@@ -31,10 +31,6 @@ def columns(analysis: Analysis) -> list[str]:
     """The main table's columns: COLUMNS with the secondary metrics after the verdict."""
     extra = [f"{name} (mean, 95% CI)" for name in secondary_metrics(analysis)]
     return COLUMNS[:4] + extra + COLUMNS[4:]
-
-
-def _p(p: float) -> str:
-    return "n/a" if math.isnan(p) else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def main_table(analysis: Analysis) -> list[dict[str, str]]:
@@ -49,7 +45,7 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
         elif c.comparison.test == CONSTANT:
             delta = f"{c.comparison.difference:+.4f} ({c.comparison.relative:+.1f}%) on every seed, no test"
         else:
-            delta = f"{c.comparison.difference:+.4f} ({c.comparison.relative:+.1f}%), p={_p(c.p_holm)}"
+            delta = f"{c.comparison.difference:+.4f} ({c.comparison.relative:+.1f}%), p={format_p(c.p_holm)}"
         trainable, base = c.costs["trainable"].mean, c.costs["base"].mean
         rows.append({
             "configuration": c.label + (" *" if c.on_front else ""),
@@ -157,7 +153,7 @@ def _test_note(analysis: Analysis) -> str:
             f"n = {', '.join(map(str, n))} seeds per configuration, {intervals}. Δ: difference from the baseline "
             f"**{analysis.baseline.label}** over matched seeds ({', '.join(tests) or 'no test'}); p: {kind}, "
             f"Holm-corrected across the {tested} comparison(s) with a test. {verdict_note(analysis)} * = on the Pareto "
-            f"frontier of quality vs {COST_LABELS[analysis.cost]}. Training time counts optimizer steps only; peak "
+            f"frontier of quality vs {COST_BY_NAME[analysis.cost].label}. Training time counts optimizer steps only; peak "
             f"memory is {_memory_label(analysis)}. Degenerate runs (one predicted class, accuracy within noise of the "
             f"majority class, or a test loss not below the base model's) are "
             f"{'left out' if analysis.exclude_degenerate else 'included and counted in the quality column'}.")
@@ -198,10 +194,6 @@ def verdict_note(analysis: Analysis) -> str:
 REPRODUCE = ("To reproduce: install the peftlab version (or commit) and packages below, then run the study spec "
              "saved beside this report (`peftlab study run study.yaml`); each run's exact config is in "
              "`runs/<id>/config.yaml`. A study reuses a run only while its inputs are unchanged.")
-
-
-COST_LABELS = {"trainable": "trainable parameters", "time": "training time", "memory": "peak memory",
-               "size": "adapter size"}
 
 
 def _memory_label(analysis: Analysis) -> str:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.measures import primary
 from peftlab.records.store import Store
 from peftlab.train.result import RunResult
 
@@ -39,11 +40,9 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
 
 
 def primary_metric(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, bool]:
-    """(column, higher is better): accuracy for classification, loss for instruction tuning."""
-    kinds = {r["kind"] for r in rows if r["kind"]}
-    if kinds == {"classification"}:
-        return f"metrics.{split}.accuracy", True
-    return f"metrics.{split}.loss", False
+    """(column, higher is better) of the metric the runs' task kind is judged by (`measures.primary`)."""
+    metric = primary({r["kind"] for r in rows if r["kind"]})
+    return f"metrics.{split}.{metric.name}", metric.higher_is_better
 
 
 def export(store: Store, path: Path) -> Path:
