@@ -48,7 +48,7 @@ def main() -> None:
             }
             result = peftlab_run(config, work, name, env={"PEFTLAB_CACHE": str(work / directory)})
             cost = result["cost"]
-            rows[name] = {"step_ms": 1000 * cost["step_seconds"] / cost["steps"],
+            rows[name] = {"step_ms": 1000 * cost["train_seconds"] / cost["steps"],
                           "cache_seconds": (result["speed"].get("prefix_cache") or {}).get("build_seconds", 0.0),
                           "cache": result["speed"].get("prefix_cache"),
                           "train_examples": result["data"]["train"], "padding_fraction": cost["padding_fraction"]}

@@ -74,7 +74,7 @@ def main() -> None:
                 result = peftlab_run(config, work, f"{label}-{seed}")
                 cost, test, report = result["cost"], result["metrics"]["test"], result["method"] or {}
                 flops = report.get("flops", {})
-                row[label] = {"step_ms": 1000 * cost["step_seconds"] / cost["steps"], "test": test,
+                row[label] = {"step_ms": 1000 * cost["train_seconds"] / cost["steps"], "test": test,
                               "flops": flops.get("executed_share"), "flops_all": flops.get("all_projections_share"),
                               "calibration": _calibration(report.get("calibration"))}
                 if label != "lora":

@@ -288,5 +288,5 @@ def test_building_the_cache_is_not_training_time(tmp_path, no_dropout, varied_re
     assert built["speed"]["prefix_cache"]["build_seconds"] == 1000
     for result in (built, loaded):  # the seed that built the cache is not charged for it
         cost = result["cost"]
-        assert cost["train_seconds"] == cost["step_seconds"] < 1000
+        assert cost["train_seconds"] < 1000 and "step_seconds" not in cost  # one key for the time of the steps
         assert cost["tokens_per_second"] == pytest.approx(cost["train_tokens"] / cost["train_seconds"])

@@ -235,7 +235,6 @@ def _train_and_record(run: ResolvedRun, model, method: Method, accelerator: Acce
             "steps": loop.steps,
             # optimizer steps only: the same work for every seed of a configuration, whichever built a cache
             "train_seconds": loop.train_seconds,
-            "step_seconds": loop.train_seconds,
             # the probe an importance allocation came from (run once per study, then read from the cache)
             "importance_probe_seconds": json.loads(run.scores.read_text())["seconds"] if run.scores else None,
             "train_tokens": loop.train_tokens,
