@@ -241,3 +241,23 @@ def test_lora_on_unequal_slices_of_phi3_writes_only_their_outputs():
     unmerged = logits(model)
     method.merge(model)
     assert torch.allclose(logits(model), unmerged, atol=1e-5)
+
+
+def test_the_head_is_read_from_transformers_registries_also_for_a_model_with_its_own_code():
+    from transformers import LlamaForSequenceClassification
+
+    from peftlab.methods.lora import peft_task_type
+    from peftlab.models.load import head_kind, head_modules
+
+    classifier = tiny("tiny-llama", "sequence-classification")
+    assert (head_kind(classifier), peft_task_type(classifier), head_modules(classifier)) == \
+        ("sequence-classification", "SEQ_CLS", ["score"])
+    assert peft_task_type(tiny("tiny-gpt2", "causal-lm")) == "CAUSAL_LM"
+
+    class MyClassifier(LlamaForSequenceClassification):  # a model's own code (trust_remote_code)
+        pass
+
+    own = MyClassifier(classifier.config)
+    assert head_kind(own) is None and head_modules(own) == []  # unregistered: no head is guessed from its name
+    own.config.auto_map = {"AutoModelForSequenceClassification": "modeling_mine.MyClassifier"}
+    assert head_kind(own) == "sequence-classification" and head_modules(own) == ["score"]

@@ -22,7 +22,7 @@ from peftlab.methods.fused_slices import (
     wrap_slices,
 )
 from peftlab.methods.low_rank import use_low_rank_linears
-from peftlab.models.load import unwrap
+from peftlab.models.load import head_kind, unwrap
 from peftlab.plans.peft_export import lora_config_kwargs, verify_wrapped
 from peftlab.plans.plan import Plan
 from peftlab.tasks.fit import IGNORE
@@ -39,12 +39,7 @@ def _eva_rows(batch: dict[str, torch.Tensor]) -> int:
 
 def peft_task_type(model: nn.Module) -> str | None:
     """PEFT's wrapper class for the model's head (None: the generic PeftModel)."""
-    name = type(model).__name__
-    if "ForSequenceClassification" in name:
-        return "SEQ_CLS"
-    if "ForCausalLM" in name or "LMHeadModel" in name:
-        return "CAUSAL_LM"
-    return None
+    return {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}.get(head_kind(model))
 
 
 class LoraMethod(Method):

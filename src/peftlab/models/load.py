@@ -26,7 +26,7 @@ from transformers import (
 
 from peftlab.errors import PeftlabError
 from peftlab.files import cache_dir
-from peftlab.models.architectures import family_for
+from peftlab.models.architectures import FAMILIES, family_for
 
 if TYPE_CHECKING:
     from peftlab.specs import ModelSpec
@@ -404,7 +404,8 @@ def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec
 
 
 # Task heads a sequence-classification model adds, for a model without a family record (a role_map)
-HEAD_MODULE_NAMES = ("pre_classifier", "classifier", "score")
+HEAD_MODULE_NAMES = tuple(dict.fromkeys(name for family in FAMILIES for name in family.head_modules))
+"""A sequence classifier's head modules where no family record has the model: any family's."""
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -416,7 +417,30 @@ def head_modules(model: nn.Module) -> list[str]:
     """Names of the task-head modules (trained by every method, counted separately): the family record's,
     where the model is an encoder or a sequence classifier."""
     family = family_for(model.config.model_type)
-    if (family is not None and family.encoder) or "ForSequenceClassification" in type(model).__name__:
+    if (family is not None and family.encoder) or head_kind(model) == "sequence-classification":
         names = family.head_modules if family is not None else HEAD_MODULE_NAMES
         return [name for name in names if hasattr(model, name)]
     return []
+
+
+AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+
+
+def head_kind(model: nn.Module) -> str | None:
+    """"sequence-classification" or "causal-lm" where transformers registers the model's class for that head:
+    in its auto-mappings, or in the config's `auto_map` (a model with its own code); None otherwise."""
+    name = type(model).__name__
+    own = getattr(getattr(model, "config", None), "auto_map", None) or {}
+    for kind, auto_class in AUTO_CLASSES.items():
+        if name in _head_classes(kind) or str(own.get(auto_class, "")).rsplit(".", 1)[-1] == name:
+            return kind
+    return None
+
+
+@cache
+def _head_classes(kind: str) -> frozenset[str]:
+    from transformers.models.auto import modeling_auto
+
+    mapping = {"sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+               "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}[kind]
+    return frozenset(n for names in mapping.values() for n in ((names,) if isinstance(names, str) else names))
