@@ -85,7 +85,7 @@ def test_role_map_matching_nothing_is_an_error():
         resolve_sites(Mystery(), {r"nothing\.here": Role.Q})
 
 
-@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-llama"])
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-llama", "tiny-phi3"])
 def test_the_family_record_holds_what_the_model_needs(name):
     """Encoder or decoder, the head a sequence classifier adds, where the last layer can be cut: one record
     per family, and each of its module names exists in a model of the family."""
@@ -103,6 +103,18 @@ def test_the_family_record_holds_what_the_model_needs(name):
         assert blocks[-1].get_submodule(family.sliced_from) is not None
     else:
         assert family.sliced_from is None
+    from transformers.activations import ACT2FN
+
+    assert family.activation(model.config) in ACT2FN  # the FFN's activation, named by the family's own field
+
+
+def test_gemmas_activation_is_read_from_its_own_field():
+    from transformers import Gemma3TextConfig
+
+    from peftlab.models.architectures import family_for
+
+    config = Gemma3TextConfig(hidden_activation="gelu_pytorch_tanh")
+    assert family_for("gemma3_text").activation(config) == "gelu_pytorch_tanh"
 
 
 def test_phi3_fused_projections_split_at_their_own_widths():

@@ -701,7 +701,10 @@ def models() -> None:
 
 
 def _layers(values: dict[str, Any]) -> int:
-    return values.get("num_hidden_layers") or values.get("n_layer") or values.get("n_layers")
+    """The layer count of a config's fields, read through transformers' config class (GPT-2 calls it n_layer)."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**values).num_hidden_layers
 
 
 def main(argv: list[str] | None = None) -> None:

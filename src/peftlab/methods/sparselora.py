@@ -95,12 +95,12 @@ def _normalizes_heads(base: nn.Module, q_path: str, norms: tuple[str, ...]) -> b
     return any(isinstance(getattr(attention, name, None), nn.Module) for name in norms)
 
 
-def _activation(config) -> nn.Module:
-    for key in ("hidden_activation", "hidden_act", "activation_function", "activation"):
-        name = getattr(config, key, None)
-        if isinstance(name, str):
-            return ACT2FN[name]
-    raise PeftlabError(f"sparselora: cannot find the FFN activation in the {config.model_type} config")
+def _activation(model: nn.Module) -> nn.Module:
+    family = model_family(model)
+    name = family.activation(model.config) if family is not None else None
+    if name is None:
+        raise PeftlabError(f"sparselora: cannot find the FFN activation in the {model.config.model_type} config")
+    return ACT2FN[name]
 
 
 class SparseLoraMethod(LoraMethod):
@@ -253,7 +253,7 @@ class SparseLoraMethod(LoraMethod):
         level = self.sparsity["ffn"][layer]
         if level <= 0 or Role.UP not in roles or Role.DOWN not in roles:
             return
-        block = FfnBlock(layer, level, self.state, _activation(base.config), None, None)
+        block = FfnBlock(layer, level, self.state, _activation(base), None, None)
         block.up = self._project(base, roles[Role.UP], "out", block, factors)
         block.gate = self._project(base, roles[Role.GATE], "out", block, factors) if Role.GATE in roles else None
         block.down = self._project(base, roles[Role.DOWN], "in", block, factors)

@@ -50,6 +50,13 @@ class Family:
     qk_norms: tuple[str, ...] = ()
     """Attributes of the attention module that normalize q or k per head after the projection, where a
     model of the family has them (Gemma 3, Qwen 3)."""
+    activation_fields: tuple[str, ...] = ("hidden_act",)
+    """Config fields that name the FFN's activation function, the first one present counting."""
+
+    def activation(self, config: Any) -> str | None:
+        """The name of the FFN's activation function in `config` (transformers' ACT2FN key), if it names one."""
+        return next((name for field in self.activation_fields if isinstance(name := getattr(config, field, None), str)),
+                    None)
 
 
 FAMILIES: tuple[Family, ...] = (
@@ -63,6 +70,7 @@ FAMILIES: tuple[Family, ...] = (
             "mlp.c_fc": Role.UP,
             "mlp.c_proj": Role.DOWN,
         },
+        activation_fields=("activation_function",),
     ),
     Family(
         name="bert",
@@ -95,6 +103,7 @@ FAMILIES: tuple[Family, ...] = (
         encoder=True,
         head_modules=("pre_classifier", "classifier"),
         sliced_from="sa_layer_norm",  # the layer norm after attention, then the FFN
+        activation_fields=("activation",),
     ),
     Family(
         name="llama",
@@ -113,6 +122,7 @@ FAMILIES: tuple[Family, ...] = (
             "mlp.down_proj": Role.DOWN,
         },
         qk_norms=("q_norm", "k_norm"),
+        activation_fields=("hidden_activation", "hidden_act"),  # Gemma names it hidden_activation
     ),
     Family(
         name="phi3",
