@@ -690,8 +690,9 @@ def models() -> None:
     table = Table(title="models", title_justify="left")
     for name in ("name", "kind", "architecture", "layers", "source"):
         table.add_column(name)
-    for name, what in PRESETS.items():
-        table.add_row(name, "preset", catalog()[name]["config"]["model_type"], str(_layers(catalog()[name]["config"])), what)
+    for name, preset in PRESETS.items():
+        table.add_row(name, "preset", catalog()[name]["config"]["model_type"], str(_layers(catalog()[name]["config"])),
+                      preset.description)
     for name, values in tiny_configs().items():
         table.add_row(name, "tiny (random)", values["model_type"], str(_layers(values)), "built from config, for tests")
     for name, entry in catalog().items():

