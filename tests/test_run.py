@@ -394,3 +394,17 @@ def test_cpu_training_memory_is_the_increase_over_the_process():
     assert 240 * 2**20 < peak.training < peak.process
     assert reset_peak_memory()
     assert peak_memory(memory_in_use()).training < 64 * 2**20  # a new peak: the block is gone
+
+
+@pytest.mark.parametrize("method, whole", [({"name": "lora"}, False), ({"name": "lora", "init": "eva"}, True),
+                                           ({"name": "sparselora", "sparsity": "auto(0.02)"}, True)])
+def test_a_few_steps_tokenize_the_examples_they_draw_unless_the_method_starts_from_the_whole_split(
+        reviews_file, method, whole):
+    from peftlab.resolve.run import resolve_run
+
+    def config(**train):
+        return validate(RunConfig, {"model": "tiny-llama", "task": {"path": str(reviews_file), "kind": "classification"},
+                                    "method": method, "train": {"batch_size": 4, **train}}, "test")
+
+    every = len(resolve_run(config()).data.train)
+    assert len(resolve_run(config(max_steps=2)).data.train) == (every if whole else 8)

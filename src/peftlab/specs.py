@@ -209,7 +209,8 @@ class TrainSpec(Spec):
     epochs: float = Field(1.0, gt=0, le=100_000)
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides epochs. A run of fewer steps than an epoch trains on the first
-    max_steps x batch_size x grad_accum training examples (of the split's seeded order): only they are tokenized."""
+    max_steps x batch_size x grad_accum training examples (of the split's seeded order): only they are tokenized,
+    unless the method starts from the whole training split (LoRA's EVA init, SparseLoRA's calibrated sparsity)."""
     batch_size: int = Field(16, ge=1)
     batching: Literal["bucketed", "random"] = "bucketed"
     """bucketed: examples of similar length train together (less padding; a fresh random mix every epoch).

@@ -79,6 +79,12 @@ class Method(ABC):
                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
+    @property
+    def reads_training_data(self) -> bool:
+        """Whether `initialize` draws on the whole training split: then a run of a few steps tokenizes all of it,
+        not only the examples its steps draw (`train.max_steps`)."""
+        return False
+
     def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
                    held_out: list[dict[str, torch.Tensor]] = ()) -> None:
         """Called once before training with a few training batches, for methods that start from the data

@@ -102,6 +102,10 @@ class LoraMethod(Method):
         default = type(self)(self.spec.model_copy(update={"init": "default"}), self.total_steps)
         return super(LoraMethod, default).trainable_for(skeleton, plan, head)
 
+    @property
+    def reads_training_data(self) -> bool:
+        return getattr(self.spec, "init", "default") == "eva"
+
     def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
                    held_out: list[dict[str, torch.Tensor]] = ()) -> None:
         """EVA: A from the SVD of each site's inputs over `batches` (training batches; padding and, for causal LMs,

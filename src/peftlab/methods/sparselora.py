@@ -160,6 +160,10 @@ class SparseLoraMethod(LoraMethod):
         self.state.active = self.dense_steps == 0
         return model
 
+    @property
+    def reads_training_data(self) -> bool:
+        return self.spec.sparsity is not None or super().reads_training_data  # batches spread over every length
+
     def initialize(self, model: nn.Module, batches: list[dict[str, torch.Tensor]],
                    held_out: list[dict[str, torch.Tensor]] = ()) -> None:
         """sparsity: auto(...): profile every block on training batches (cached), choose the levels within the

@@ -37,7 +37,8 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
         text = general_text(forgetting.path, forgetting.text_column)
     planned, scores = resolve_importance(config)
     tokenizer = load_tokenizer(config.model)
-    data = load_task(config.task, tokenizer, spec.examples_drawn)
+    drawn = None if make_method(config.method).reads_training_data else spec.examples_drawn
+    data = load_task(config.task, tokenizer, drawn)
     model = model_spec_for_task(config.model, data.kind, len(data.labels))
     sized, budget = planned, None
     if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
