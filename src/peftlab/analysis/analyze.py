@@ -138,7 +138,9 @@ def _known_metric(given: str, rows: list[dict[str, Any]]) -> str:
 
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
             test: str = "t", interval: str = "t", margin: float | None = None,
-            exclude_degenerate: bool = False, count_degenerate: bool = False) -> Analysis:
+            exclude_degenerate: bool = False, count_degenerate: bool = False, verdicts_only: bool = False) -> Analysis:
+    """The study's analysis. `verdicts_only`: the verdicts' outcomes and nothing the report adds (power
+    figures, recommendations, limits, samples), for deciding which seeds to add after each look."""
     store = open_existing(study_dir)
     try:  # what the analysis reads of the database, read at once
         rows = run_rows(store)
@@ -190,7 +192,8 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
     # the pooled spread of the equivalence tests: from comparisons without degenerate runs (where there are any)
     clean = [not c.degenerate and not chosen.degenerate for c in judged]
-    verdicts = judge([c.comparison for c in judged], margin, higher, design, pooled_from=clean if any(clean) else None)
+    verdicts = judge([c.comparison for c in judged], margin, higher, design, power_figures=not verdicts_only,
+                     pooled_from=clean if any(clean) else None)
     for c, v in zip(judged, verdicts):
         c.p_holm, c.verdict = v.p, v
     for c in others:
@@ -205,6 +208,8 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
                         exclude_degenerate, design=design)
     analysis.count_degenerate = count_degenerate
     analysis.tuning = tuning
+    if verdicts_only:
+        return analysis
     analysis.recommendations = recommend(analysis)
     for c in configurations:
         c.improvement = improvement(c.runs, metric, higher, margin)

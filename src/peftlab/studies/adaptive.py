@@ -55,7 +55,7 @@ def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int
     if spec.until_resolved is None or not rows or any(r["status"] in ("pending", "running") for r in every):
         return None
     try:
-        analysis = analyze(study_dir)
+        analysis = analyze(study_dir, verdicts_only=True)
     except PeftlabError:  # no finished seed run yet
         return None
     have: dict[str, int] = {}
