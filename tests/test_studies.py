@@ -1,6 +1,7 @@
 """Studies: expansion, the resumable store, local and Ray execution, kills, failures, export."""
 
 import json
+import math
 import os
 import random
 import signal
@@ -149,7 +150,7 @@ def test_sigkill_at_random_moments_loses_nothing(tmp_path, data_file):
 
 def test_ray_matches_local(tmp_path, data_file):
     pytest.importorskip("ray")
-    spec = tiny_spec(data_file, seeds=[0])
+    spec = tiny_spec(data_file, seeds=[0], axes={"placement": {"attention": "attention"}})  # one run: Ray's start is the cost
     local = {r["id"]: r for r in run_rows(run_study(spec, tmp_path / "local", threads=1))}
     ray_rows = {r["id"]: r for r in run_rows(run_study(spec, tmp_path / "ray", executor="ray", threads=1))}
     assert set(local) == set(ray_rows)
@@ -357,6 +358,13 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
     assert sorted(seeds["placement=ffn"]) == [0, 1, 2, 3]  # unresolved: seeds up to the maximum, no further
     assert sorted(seeds["placement=all"]) == [0, 1, 2, 3]  # the baseline keeps every comparison paired
     assert all(r["status"] == "done" for r in store.rows())
+    from peftlab.analysis.analyze import analyze
+
+    looked = analyze(study_dir, verdicts_only=True)  # what each look computes: outcomes, no power figures
+    assert {c.label: c.verdict.outcome for c in looked.configurations if c.verdict} == \
+        {"placement=attention": "worse", "placement=ffn": "unresolved"}
+    assert all(math.isnan(c.verdict.detectable) for c in looked.configurations if c.verdict)
+    assert not looked.recommendations and not looked.limits
 
 
 def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(data_file, tmp_path):
