@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from peftlab import measures
 from peftlab.analysis.degenerate import checkable, degenerate_reason
 from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.provenance import provenance_lines
@@ -25,7 +26,6 @@ from peftlab.analysis.stats import (
     not_trained,
     summarize,
 )
-from peftlab import measures
 from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
 from peftlab.records.results import primary_metric, run_rows
