@@ -275,8 +275,8 @@ def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], colum
         answer = supervised.index(True) if True in supervised else len(ids)
         prompt_ids = before + ids[:answer] + after  # framed as `tokenizer(prompt)` frames it: BOS, [CLS] .. [SEP]
         response_ids = ids[answer:] + [eos]
-        prompt_ids, response_ids, cut = fit_example(prompt_ids, response_ids, spec.max_length,
-                                                    keep_first=prompt_ids[0] in tokenizer.all_special_ids)
+        first_is_special = bool(prompt_ids) and prompt_ids[0] in tokenizer.all_special_ids  # BOS, [CLS]: kept
+        prompt_ids, response_ids, cut = fit_example(prompt_ids, response_ids, spec.max_length, first_is_special)
         if cut:
             truncated.append(where)
         if not response_ids or not prompt_ids:  # the first token is never predicted: it needs a prompt before it
