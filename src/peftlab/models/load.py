@@ -441,16 +441,13 @@ def head_modules(model: nn.Module) -> list[str]:
     return []
 
 
-AUTO_CLASSES = {"sequence-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
-
-
 def head_kind(model: nn.Module) -> str | None:
     """"sequence-classification" or "causal-lm" where transformers registers the model's class for that head:
     in its auto-mappings, or in the config's `auto_map` (a model with its own code); None otherwise."""
     name = type(model).__name__
     own = getattr(getattr(model, "config", None), "auto_map", None) or {}
-    for kind, auto_class in AUTO_CLASSES.items():
-        if name in _head_classes(kind) or str(own.get(auto_class, "")).rsplit(".", 1)[-1] == name:
+    for kind in ("sequence-classification", "causal-lm"):
+        if name in _head_classes(kind) or str(own.get(HEAD_CLASSES[kind].__name__, "")).rsplit(".", 1)[-1] == name:
             return kind
     return None
 
