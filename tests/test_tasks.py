@@ -7,7 +7,8 @@ import pytest
 from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.models.load import load_tokenizer
 from peftlab.specs import ModelSpec, TaskSpec
-from peftlab.tasks.prepare import ALPACA_TEMPLATE, IGNORE, collate, load_task, render_prompt
+from peftlab.tasks.kinds import ALPACA_TEMPLATE, render_prompt
+from peftlab.tasks.prepare import IGNORE, collate, load_task
 
 
 @pytest.fixture(scope="module")

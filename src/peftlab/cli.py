@@ -26,6 +26,7 @@ from peftlab.methods.specs import FIXED_SPARSITY, PEFT_TYPES, SPECS
 from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
 from peftlab.records.store import check_study_dir
 from peftlab.specs import PlanConfig
+from peftlab.tasks.kinds import KINDS
 
 if TYPE_CHECKING:
     from peftlab.train.result import RunResult
@@ -43,7 +44,7 @@ app = typer.Typer(
 ModelOption = Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")]
 TaskOption = Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")]
 DataOption = Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")]
-KindOption = Annotated[Optional[str], typer.Option(help="classification | instruction (with --data).")]
+KindOption = Annotated[Optional[str], typer.Option(help=f"{' | '.join(KINDS)} (with --data).")]
 
 
 def _console(stderr: bool = False) -> Console:

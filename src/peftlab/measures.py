@@ -19,16 +19,14 @@ class Metric:
     """Equivalence margin in the metric's units; None: RELATIVE_MARGIN of the baseline's mean."""
     secondary: bool = False
     """Shown beside a study's quality metric where every configuration has it."""
-    primary_for: tuple[str, ...] = ()
-    """Task kinds whose studies judge this metric unless told otherwise."""
     quality: bool = True
     """Listed as a test-split quality metric in `--metric`'s help (which also takes any dotted column)."""
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("accuracy", "accuracy", True, 0.01, primary_for=("classification",)),
+    Metric("accuracy", "accuracy", True, 0.01),
     Metric("macro_f1", "macro F1", True, 0.01),
-    Metric("loss", "loss", False, 0.02, primary_for=("instruction",)),
+    Metric("loss", "loss", False, 0.02),
     Metric("perplexity", "perplexity", False, secondary=True),
     Metric("rouge_l", "ROUGE-L", True, 0.01, secondary=True),
     Metric("exact_match", "exact match", True, 0.01, secondary=True),
@@ -68,14 +66,6 @@ def default_margin(name: str, baseline_mean: float) -> float:
     if known and known.margin:
         return known.margin
     return RELATIVE_MARGIN * abs(baseline_mean) or BY_NAME["loss"].margin
-
-
-def primary(kinds: set[str]) -> Metric:
-    """The metric a study of these task kinds is judged by by default (loss where kinds are mixed)."""
-    for candidate in METRICS:
-        if kinds and kinds <= set(candidate.primary_for):
-            return candidate
-    return BY_NAME["loss"]
 
 
 def quality_names() -> list[str]:

@@ -14,6 +14,7 @@ from peftlab.methods.specs import LoraSpec, MethodSpec
 from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
+from peftlab.tasks.kinds import KINDS, Instruction, task_kind
 
 MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
@@ -147,8 +148,8 @@ class PlanConfig(Spec):
 class TaskSpec(Spec):
     name: Literal["reviews", "reviews-instruct"] | None = None
     """A bundled task. Without `path` or `dataset`, the default is `reviews`."""
-    kind: Literal["classification", "instruction"] | None = None
-    """Required with `path` or `dataset`."""
+    kind: Literal[tuple(KINDS)] | None = None  # type: ignore[valid-type]
+    """Required with `path` or `dataset`: a task kind of `tasks.kinds.KINDS`."""
     path: Path | None = None
     """CSV, JSON (a list of objects) or JSONL with the training rows."""
     test_path: Path | None = None
@@ -161,7 +162,7 @@ class TaskSpec(Spec):
     label_column: str = "label"
     labels: list[str] | None = None
     """Class names in order; default: the sorted labels found in training."""
-    format: Literal["auto", "alpaca", "dolly", "chat"] = "auto"
+    format: Literal[("auto", *Instruction.FORMATS, "chat")] = "auto"  # type: ignore[valid-type]
     """Instruction rows: alpaca = instruction/input/output, dolly = instruction/context/response, chat =
     `messages` ([{role, content}]) or ShareGPT `conversations` ([{from, value}]) formatted with the chat
     template, loss on the assistant turns only. auto: chat when rows have messages or conversations, dolly
@@ -194,7 +195,7 @@ class TaskSpec(Spec):
         if len(sources) > 1:
             raise ValueError("give one of name, path or dataset")
         if self.name is None and self.kind is None:
-            raise ValueError("kind is required with path or dataset: classification or instruction")
+            raise ValueError(f"kind is required with path or dataset: {' or '.join(KINDS)}")
         return self
 
     @property
@@ -375,7 +376,7 @@ class RunConfig(Spec):
 
     @model_validator(mode="after")
     def _evaluation_fits_the_task(self) -> RunConfig:
-        if (self.eval.generate or self.eval.forgetting) and self.task.resolved_kind != "instruction":
+        if (self.eval.generate or self.eval.forgetting) and not task_kind(self.task.resolved_kind).generates:
             raise ValueError("eval.generate and eval.forgetting apply to instruction tasks (a causal LM); "
                              f"this task is {self.task.resolved_kind}")
         if self.train.gradient_checkpointing and (reason := self.method.without_checkpointing()):

@@ -56,6 +56,7 @@ from peftlab.plans.allocation import (
 )
 from peftlab.plans.plan import Plan, plan_on
 from peftlab.specs import PlanSpec, RunConfig, TrainSpec
+from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import collate_indexed, load_task
 from peftlab.train.batching import Batches
 from peftlab.train.device import choose_device
@@ -110,7 +111,7 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     check_lengths(config.model, config.task.max_length)
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)
-    model_spec = model_spec_for_task(config.model, data.kind, len(data.labels))
+    model_spec = model_spec_for_task(config.model, task_kind(data.kind).head, len(data.labels))
     model = load_model(model_spec, seed=seed)
     uniform = PlanSpec(placement=config.plan.placement, allocation=UniformAllocation(rank=max(1, round(rank))),
                        alpha=config.plan.alpha)

@@ -16,17 +16,9 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.models.load import unwrap
+from peftlab.models.load import backbone_hidden, unwrap
 from peftlab.models.sites import Site
 from peftlab.plans.plan import Plan
-
-
-def backbone_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The backbone's last hidden states at the batch's positions (adapters inside it still apply)."""
-    base = unwrap(model)
-    backbone = getattr(base, base.base_model_prefix)
-    return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                    use_cache=False).last_hidden_state  # no key/value cache: nothing generates
 
 
 def generated_tokens(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, config: Any,

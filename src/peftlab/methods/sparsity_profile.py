@@ -39,7 +39,6 @@ from rich.progress import (
 )
 from torch import nn
 
-from peftlab.methods.base import backbone_hidden
 from peftlab.methods.sparse_channels import (
     Block,
     Flops,
@@ -49,6 +48,7 @@ from peftlab.methods.sparse_channels import (
 )
 from peftlab.models.load import unwrap
 from peftlab.models.sites import layer_blocks
+from peftlab.tasks.kinds import task_kind
 
 UNITS = 1000  # the loss budget in knapsack units
 MEASURES = {"loss": "relative training loss increase",
@@ -132,7 +132,7 @@ def measure_profile(model: nn.Module, blocks: Sequence[Block], batches: list[dic
                         total.add(_run(model, batch, kind, prepare_batch, state, reads_first), dense)
                         progress.update(bar, advance=1)
                 b.sparsity = 0.0
-    measure = _measure(kind)
+    measure = task_kind(kind).profile_measure
     profiles = [BlockProfile(b.layer, block_name(b), [_change(measure, t, base) for t in sums],
                              [math.sqrt(t.difference / base.size) if base.size else 0.0 for t in sums],
                              [t.saved / base.dense for t in sums])
@@ -157,12 +157,7 @@ def allocation_increase(model: nn.Module, blocks: Sequence[Block], batches: list
                 b.sparsity = level
             base.add(dense, dense)
             joint.add(_run(model, batch, kind, prepare_batch, state, reads_first), dense)
-    return _change(_measure(kind), joint, base)
-
-
-def _measure(kind: str) -> str:
-    """What the budget bounds for a task kind (a key of `MEASURES`; see the module's docstring)."""
-    return "representation" if kind == "classification" else "loss"
+    return _change(task_kind(kind).profile_measure, joint, base)
 
 
 def _change(measure: str, run: _Sums, dense: _Sums) -> float:
@@ -269,31 +264,11 @@ def _recorded(output: Any, *_args: Any, **_kwargs: Any) -> Any:
 @torch.no_grad()
 def _run(model: nn.Module, batch: dict[str, torch.Tensor], kind: str, prepare_batch, state,
          reads_first: bool) -> _Pass:
-    """A batch's summed loss, the outputs the loss reads (classification: the last hidden state at the token the
-    head reads), and the FLOPs the projections counted."""
-    import torch.nn.functional as F
-
-    from peftlab.tasks.prepare import IGNORE
-
+    """A batch's summed loss, the outputs the loss reads (`TaskKind.profile_pass`), and the FLOPs the projections
+    counted."""
     state.flops = Flops()
     prepare_batch(batch)
-    if kind == "classification":
-        mask = batch["attention_mask"]
-        out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-        loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum").item()
-        read = torch.zeros(len(mask), dtype=torch.long, device=mask.device) if reads_first else mask.sum(dim=1) - 1
-        count, outputs = len(mask), out.hidden_states[-1][torch.arange(len(mask), device=mask.device), read].float()
-    else:
-        hidden = backbone_hidden(model, batch)
-        targets = batch["labels"][:, 1:]
-        supervised = targets != IGNORE
-        read = hidden[:, :-1][supervised]
-        logits = unwrap(model).get_output_embeddings()(read).float()
-        cap = getattr(unwrap(model).config, "final_logit_softcapping", None)
-        if cap:  # as `train.loss.causal_lm_nll` computes the training loss (methods cannot import train)
-            logits = torch.tanh(logits / cap) * cap
-        loss = F.cross_entropy(logits, targets[supervised], reduction="sum").item()
-        count, outputs = int(supervised.sum()), read.float()
+    loss, count, outputs = task_kind(kind).profile_pass(model, batch, reads_first)
     flops, state.flops = state.flops, Flops()
     return _Pass(loss, count, outputs, flops)
 

@@ -146,12 +146,10 @@ def check_lengths(spec: ModelSpec, max_length: int, new_tokens: int = 0) -> None
                            f"exceed the {limit} positions of model {spec.name!r}; use at most {limit - max_length}")
 
 
-def check_task_kind(spec: ModelSpec, kind: str) -> None:
-    """An instruction task needs a model that predicts each token from the ones before it. A bidirectional
-    encoder under a causal-LM head sees every later token, so its loss and completions would mean nothing:
-    refused before any data is read."""
-    if kind != "instruction":
-        return
+def check_causal_lm(spec: ModelSpec) -> None:
+    """A task that trains a causal-LM head needs a model that predicts each token from the ones before it. A
+    bidirectional encoder under a causal-LM head sees every later token, so its loss and completions would mean
+    nothing: refused before any data is read."""
     config = load_config(spec)
     if is_encoder(config.model_type) or spec.head == "sequence-classification" or config.is_encoder_decoder:
         raise PeftlabError(f"model {spec.name!r} is a bidirectional encoder ({config.model_type}) and cannot learn or "
@@ -413,11 +411,10 @@ GEMMA3_CHAT_TEMPLATE = (
 )
 
 
-def model_spec_for_task(model: ModelSpec, kind: str, n_labels: int) -> ModelSpec:
-    """The head a task needs: sequence classification or causal LM."""
-    head = "sequence-classification" if kind == "classification" else "causal-lm"
+def model_spec_for_task(model: ModelSpec, head: str, n_labels: int) -> ModelSpec:
+    """The model with the head a task trains (`TaskKind.head`), refused where `model.head` names another."""
     if model.head not in ("auto", head):
-        raise PeftlabError(f"model.head: {model.head} cannot run a {kind} task; use auto or {head}")
+        raise PeftlabError(f"model.head: {model.head} cannot train a task with a {head} head; use auto or {head}")
     return model.model_copy(update={"head": head, "num_labels": max(n_labels, 2)})
 
 
@@ -429,6 +426,14 @@ HEAD_MODULE_NAMES = tuple(dict.fromkeys(name for family in FAMILIES for name in 
 def unwrap(model: nn.Module) -> nn.Module:
     """The transformers model inside a PEFT wrapper (or the model itself)."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def backbone_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The backbone's last hidden states at the batch's positions (adapters inside it still apply)."""
+    base = unwrap(model)
+    backbone = getattr(base, base.base_model_prefix)
+    return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                    use_cache=False).last_hidden_state  # no key/value cache: nothing generates
 
 
 def head_modules(model: nn.Module) -> list[str]:

@@ -7,8 +7,9 @@ from pathlib import Path
 from typing import Any
 
 from peftlab.errors import PeftlabError
-from peftlab.measures import primary
+from peftlab.measures import higher_is_better
 from peftlab.records.store import Store
+from peftlab.tasks.kinds import primary_metric as kind_primary
 from peftlab.train.result import RunResult
 
 
@@ -40,9 +41,9 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
 
 
 def primary_metric(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, bool]:
-    """(column, higher is better) of the metric the runs' task kind is judged by (`measures.primary`)."""
-    metric = primary({r["kind"] for r in rows if r["kind"]})
-    return f"metrics.{split}.{metric.name}", metric.higher_is_better
+    """(column, higher is better) of the metric the runs' task kind is judged by (`TaskKind.primary`)."""
+    name = kind_primary({r["kind"] for r in rows if r["kind"]})
+    return f"metrics.{split}.{name}", higher_is_better(name)
 
 
 def export(store: Store, path: Path) -> Path:

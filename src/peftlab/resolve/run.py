@@ -13,10 +13,11 @@ from peftlab.errors import PeftlabError, warn
 from peftlab.files import require_file
 from peftlab.importance.probe import resolve_importance
 from peftlab.methods.registry import METHODS, make_method
-from peftlab.models.load import check_lengths, check_task_kind, load_tokenizer, model_spec_for_task
+from peftlab.models.load import check_lengths, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
+from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
 from peftlab.train.device import check_method, choose_device
 from peftlab.train.distributed import process_count
@@ -39,7 +40,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     tokenizer = load_tokenizer(config.model)
     drawn = None if make_method(config.method).reads_training_data else spec.examples_drawn
     data = load_task(config.task, tokenizer, drawn)
-    model = model_spec_for_task(config.model, data.kind, len(data.labels))
+    model = model_spec_for_task(config.model, task_kind(data.kind).head, len(data.labels))
     sized, budget = planned, None
     if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
         sized, budget = match_budget(planned, model, config.budget)
@@ -81,7 +82,7 @@ def _check_before_reading(config: RunConfig) -> None:
             require_file(path, field)
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
-    check_task_kind(config.model, config.task.resolved_kind)
+    task_kind(config.task.resolved_kind).check_model(config.model)
 
 
 EVALUATION_SHARE = 10  # held-out examples per trained example beyond which a run is mostly evaluation

@@ -105,11 +105,10 @@ def describe(config: RunConfig) -> tuple[str, int | None]:
     from peftlab.methods.registry import make_method
     from peftlab.resolve.budget import match_budget, method_params
     from peftlab.specs import PlanConfig
-
-    from peftlab.models.load import check_task_kind
+    from peftlab.tasks.kinds import task_kind
 
     model = config.model
-    check_task_kind(model, config.task.resolved_kind)
+    task_kind(config.task.resolved_kind).check_model(model)
     allocation = config.plan.allocation
     shape = getattr(allocation, "shape_", allocation)
     if shape.kind == "importance":  # needs the probe, which runs on the model's weights and data

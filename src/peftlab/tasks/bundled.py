@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from peftlab.errors import PeftlabError
+from peftlab.tasks.kinds import Classification, Instruction
 
 REVIEW_LABELS = ["great", "other"]
 REVIEW_INSTRUCTION = "Is the following food review great, or other? Answer with one word."
@@ -30,6 +31,6 @@ def reviews_instruct(split: str) -> list[dict[str, Any]]:
 
 
 BUNDLED = {
-    "reviews": ("classification", reviews),
-    "reviews-instruct": ("instruction", reviews_instruct),
+    "reviews": (Classification.name, reviews),
+    "reviews-instruct": (Instruction.name, reviews_instruct),
 }

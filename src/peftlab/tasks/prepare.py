@@ -15,35 +15,18 @@ from peftlab.errors import PeftlabError, warn
 from peftlab.files import write_atomic
 from peftlab.models.load import cache_dir
 from peftlab.tasks.bundled import BUNDLED
-from peftlab.tasks.chat import (
-    CHAT_COLUMNS,
-    chat_column,
-    check_template,
-    end_of_turn,
-    encode_chat,
-    turns,
-)
-from peftlab.tasks.fit import IGNORE, fit_example, tokenize_pieces
+from peftlab.tasks.chat import CHAT_COLUMNS, check_template, end_of_turn
 from peftlab.tasks.data import load_hf_dataset, read_records, read_text, require_columns
+from peftlab.tasks.fit import IGNORE
+from peftlab.tasks.kinds import ALPACA_TEMPLATE, task_kind
 
 if TYPE_CHECKING:
     from peftlab.specs import TaskSpec
 
 
-ALPACA_TEMPLATE = (
-    "Below is an instruction that describes a task{with_input}. "
-    "Write a response that appropriately completes the request.\n\n"
-    "### Instruction:\n{instruction}\n\n{input_block}### Response:\n"
-)
-FORMATS = {  # instruction, input, response columns
-    "alpaca": ("instruction", "input", "output"),
-    "dolly": ("instruction", "context", "response"),
-}
-
-
 @dataclass
 class TaskData:
-    kind: str  # "classification" or "instruction"
+    kind: str  # a key of `tasks.kinds.KINDS`
     labels: list[str]  # class names (classification)
     train: list[dict[str, Any]]  # each {"input_ids": [...], "labels": int | [...]}
     validation: list[dict[str, Any]]
@@ -65,15 +48,16 @@ def load_task(spec: TaskSpec, tokenizer: Any, drawn: int | None = None) -> TaskD
     """`drawn`: the most training examples the run can use (a run of `max_steps`); only the first `drawn` of
     the split's training rows are tokenized. The class names still come from every training row."""
     kind, train, test = _raw(spec)
-    columns = _columns(spec, kind, train)
+    handler = task_kind(kind)
+    columns = handler.columns(spec, train.rows)
     for part in (train, test):
         if part is not None:
             require_columns(part.rows, columns, part.source, part.row_offset,
-                            may_be_empty=columns[1:] if kind == "instruction" else (),
+                            may_be_empty=handler.optional_columns(columns),
                             text=tuple(c for c in columns if c not in CHAT_COLUMNS and c != spec.label_column))
     train_rows, validation_rows, test_rows = _split(spec, train, test)
-    held_out = [(validation_rows, train), (test_rows, test or train)]
-    labels = _labels(spec, kind, train_rows, held_out, train)
+    held_out = [(validation_rows, train.source), (test_rows, (test or train).source)]
+    labels = handler.labels(spec, train_rows, held_out, train.source)
     train_rows = train_rows[:drawn] if drawn else train_rows
     key = _cache_key(spec, kind, tokenizer, labels, train_rows, validation_rows, test_rows)
     ender = None
@@ -88,7 +72,7 @@ def load_task(spec: TaskSpec, tokenizer: Any, drawn: int | None = None) -> TaskD
         return TaskData(kind, labels, cached["train"], cached["validation"], cached["test"], cached["dropped"],
                         cached["truncated"], ender, cache_file)
     truncated: list[str] = []  # where examples were cut to max_length
-    encode = _encoder(spec, kind, tokenizer, labels, columns, truncated)
+    encode = handler.encoder(spec, tokenizer, labels, columns, truncated)
     splits, dropped = {}, 0
     for name, rows in (("train", train_rows), ("validation", validation_rows), ("test", test_rows)):
         source = (test or train).source if name == "test" else train.source
@@ -126,19 +110,6 @@ def _raw(spec: TaskSpec) -> tuple[str, _Rows, _Rows | None]:
     return spec.kind, train, test
 
 
-def _columns(spec: TaskSpec, kind: str, train: _Rows) -> tuple[str, ...]:
-    if kind == "classification":
-        return (spec.text_column, spec.label_column)
-    fmt = spec.format
-    first = train.rows[0]
-    if fmt == "chat" or (fmt == "auto" and chat_column(first)):
-        return (chat_column(first) or "messages",)
-    if fmt == "auto":
-        fmt = "dolly" if "response" in first and "output" not in first else "alpaca"
-    instruction, context, response = FORMATS[fmt]
-    return (instruction, response, context) if all(context in r for r in train.rows[:1]) else (instruction, response)
-
-
 def _split(spec: TaskSpec, train: _Rows, test: _Rows | None):
     """Deterministic by `split_seed`: the same data split for every training seed."""
     indexed = list(enumerate(train.rows, start=train.row_offset))
@@ -158,50 +129,6 @@ def _split(spec: TaskSpec, train: _Rows, test: _Rows | None):
     if not train_rows:
         raise PeftlabError(f"{train.source}: no training rows left after the validation/test split")
     return train_rows, validation_rows, test_rows
-
-
-def _labels(spec: TaskSpec, kind: str, train_rows, held_out: list[tuple[list, _Rows]], train: _Rows) -> list[str]:
-    """The class names: `task.labels`, else every label found (training first). A class that occurs only
-    in the validation or test split is kept with a warning: the model cannot learn it, and every example of
-    it counts as an error."""
-    if kind != "classification":
-        return []
-    column = spec.label_column
-    parts = [(train_rows, train), *held_out]
-    _check_label_types(column, parts)
-    seen = sorted({str(row[column]) for _, row in train_rows})
-    found = sorted({str(row[column]) for rows, _ in held_out for _, row in rows} - set(seen))
-    labels = [str(x) for x in spec.labels] if spec.labels else seen + found
-    for rows, source in parts:
-        unknown = [(i, str(row[column])) for i, row in rows if str(row[column]) not in labels]
-        if unknown:
-            raise PeftlabError(f"{source.source}: row {unknown[0][0]}: label {unknown[0][1]!r} is not in task.labels {labels}")
-    if len(seen) < 2:
-        raise PeftlabError(f"{train.source}: classification needs at least 2 classes in training, found {seen}")
-    untrained = [label for label in labels if label not in seen]
-    if untrained:
-        warn(f"{train.source}: class(es) {', '.join(map(repr, untrained))} never occur in training (only in "
-             "validation, test or task.labels): the model cannot learn them and their examples count as errors")
-    return labels
-
-
-def _check_label_types(column: str, parts: list[tuple[list, _Rows]]) -> None:
-    """Labels are all text or all integers: `1` and `"1"` (or a number among names) are one mistake away from
-    silently becoming separate classes or one."""
-    first: dict[str, tuple[str, int, Any]] = {}
-    for rows, source in parts:
-        for i, row in sorted(rows, key=lambda indexed: indexed[0]):
-            value = row[column]
-            kind = "integer" if isinstance(value, int) and not isinstance(value, bool) else \
-                "text" if isinstance(value, str) else None
-            if kind is None:
-                raise PeftlabError(f"{source.source}: row {i}: label {value!r} is a {type(value).__name__}; labels are "
-                                   "class names (text) or integers")
-            first.setdefault(kind, (source.source, i, value))
-    if len(first) > 1:
-        (a_source, a_row, a), (b_source, b_row, b) = first["integer"], first["text"]
-        raise PeftlabError(f"column {column!r} mixes integer and text labels ({a_source}: row {a_row}: {a!r}; "
-                           f"{b_source}: row {b_row}: {b!r}); write every label the same way")
 
 
 def _fingerprint(tokenizer: Any) -> str:
@@ -224,73 +151,6 @@ def _cache_key(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], *sp
         # answer tokenized as one text
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
-
-
-def render_prompt(template: str, instruction: str, context: str) -> str:
-    context = context.strip()
-    return template.format(
-        instruction=instruction.strip(),
-        input=context,
-        with_input=", paired with an input that provides further context" if context else "",
-        input_block=f"### Input:\n{context}\n\n" if context else "",
-    )
-
-
-def _encoder(spec: TaskSpec, kind: str, tokenizer: Any, labels: list[str], columns: tuple[str, ...],
-             truncated: list[str]):
-    """row, where -> example (None: dropped); where an example is cut to max_length, `where` joins `truncated`."""
-    if kind == "classification":
-        index = {name: i for i, name in enumerate(labels)}
-
-        def encode_classification(row, where):
-            text = str(row[spec.text_column])
-            ids = tokenizer(text, truncation=True, max_length=spec.max_length)["input_ids"]
-            if len(ids) == spec.max_length and len(tokenizer(text)["input_ids"]) > spec.max_length:
-                truncated.append(where)
-            return {"input_ids": ids, "labels": index[str(row[spec.label_column])]}
-
-        return encode_classification
-
-    if columns[0] in CHAT_COLUMNS:
-        def encode_conversation(row, where):
-            conversation = turns(row[columns[0]], f"{where}: {columns[0]}")
-            example, cut = encode_chat(conversation, tokenizer, spec.chat_template, spec.max_length, where)
-            if cut:
-                truncated.append(where)
-            return example
-
-        return encode_conversation
-
-    instruction_col, response_col = columns[0], columns[1]
-    context_col = columns[2] if len(columns) > 2 else None
-    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    template = spec.template or ALPACA_TEMPLATE
-    before, after = _special_tokens_around(tokenizer)
-
-    def encode_instruction(row, where):
-        if not str(row[response_col]).strip():
-            return None  # an empty response teaches nothing but an immediate stop: dropped and counted
-        prompt = render_prompt(template, str(row[instruction_col]), str(row.get(context_col) or "") if context_col else "")
-        ids, supervised = tokenize_pieces(tokenizer, [(prompt, False), (str(row[response_col]), True)])
-        answer = supervised.index(True) if True in supervised else len(ids)
-        prompt_ids = before + ids[:answer] + after  # framed as `tokenizer(prompt)` frames it: BOS, [CLS] .. [SEP]
-        response_ids = ids[answer:] + [eos]
-        first_is_special = bool(prompt_ids) and prompt_ids[0] in tokenizer.all_special_ids  # BOS, [CLS]: kept
-        prompt_ids, response_ids, cut = fit_example(prompt_ids, response_ids, spec.max_length, first_is_special)
-        if cut:
-            truncated.append(where)
-        if not response_ids or not prompt_ids:  # the first token is never predicted: it needs a prompt before it
-            return None
-        return {"input_ids": prompt_ids + response_ids, "labels": [IGNORE] * len(prompt_ids) + response_ids}
-
-    return encode_instruction
-
-
-def _special_tokens_around(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """The special tokens the tokenizer puts before and after a text (e.g. [BOS], or [CLS] and [SEP])."""
-    framed, bare = tokenizer("a")["input_ids"], tokenizer("a", add_special_tokens=False)["input_ids"]
-    start = next((i for i in range(len(framed) - len(bare) + 1) if framed[i : i + len(bare)] == bare), None)
-    return ([], []) if start is None else (framed[:start], framed[start + len(bare):])
 
 
 def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

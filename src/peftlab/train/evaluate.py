@@ -1,26 +1,15 @@
-"""Evaluation: token-weighted loss and perplexity; accuracy and macro-F1 for classification."""
+"""Evaluation: the token- (or example-) weighted loss over a split and the task kind's scores."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
 from torch import nn
 
+from peftlab.tasks.kinds import HiddenStates, task_kind
 from peftlab.train import distributed
-from peftlab.train.loss import HiddenStates, batch_nll
-
-
-def macro_f1(predictions: list[int], golds: list[int], n_labels: int) -> float:
-    scores = []
-    for c in range(n_labels):
-        tp = sum(p == c and g == c for p, g in zip(predictions, golds))
-        fp = sum(p == c and g != c for p, g in zip(predictions, golds))
-        fn = sum(p != c and g == c for p, g in zip(predictions, golds))
-        scores.append(2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0)
-    return sum(scores) / n_labels
 
 
 @torch.no_grad()
@@ -28,7 +17,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
              autocast: Callable[[], AbstractContextManager] = nullcontext,
              hidden_states: HiddenStates | None = None) -> dict[str, float]:
     """Loss = total NLL / total predictions over the whole split (never a mean of batch means), at the
-    training's precision (`autocast`); `hidden_states`: the method's causal-LM forward (see `batch_nll`).
+    training's precision (`autocast`); `hidden_states`: the method's causal-LM forward (see `TaskKind.nll`).
     Over several processes, each evaluates every `count`-th batch and the sums are gathered."""
     was_training = model.training
     model.eval()
@@ -39,7 +28,7 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            nll, count, logits = batch_nll(model, batch, kind, hidden_states)
+            nll, count, logits = task_kind(kind).nll(model, batch, hidden_states)
         total_nll += nll.item()
         total_count += int(count)
         if logits is not None:
@@ -51,13 +40,4 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
         total_count = int(total_count)
         predictions, golds = distributed.gather_lists(predictions), distributed.gather_lists(golds)
     loss = total_nll / max(total_count, 1)
-    metrics = {"loss": loss, "count": total_count}
-    if kind == "classification":
-        metrics["accuracy"] = sum(p == g for p, g in zip(predictions, golds)) / max(len(golds), 1)
-        metrics["macro_f1"] = macro_f1(predictions, golds, n_labels)
-        # what a trivial classifier scores here, and whether this one is one (see analysis.degenerate)
-        metrics["majority_rate"] = max(map(golds.count, set(golds))) / len(golds) if golds else math.nan
-        metrics["predicted_classes"] = len(set(predictions))
-    else:
-        metrics["perplexity"] = math.exp(loss) if loss < 700 else math.inf
-    return metrics
+    return {"loss": loss, "count": total_count, **task_kind(kind).scores(loss, predictions, golds, n_labels)}

@@ -36,6 +36,7 @@ from peftlab.models.load import cache_dir, count_params, head_modules, load_mode
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.plans.plan import Plan
 from peftlab.specs import ModelSpec, RunConfig
+from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import TaskData, collate, collate_indexed
 from peftlab.train import distributed
 from peftlab.train.batching import Batches
@@ -321,7 +322,7 @@ def _train_and_measure(run: ResolvedRun, model, method: Method, accelerator: Acc
     method.initialize(model, on_device(data.train), held_out=on_device(data.validation))
 
     # a causal LM that learned nothing keeps its starting loss: the reference its result is judged against
-    base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if data.kind == "instruction" else None
+    base_loss = _base_loss(model, method, eval_batches["test"], evaluate_split) if task_kind(data.kind).generates else None
     forgetting_batches = _eval_batches(run.forgetting, spec.eval_batch_size, pad_id) if run.forgetting else []
     forgetting_base = _base_loss(model, method, forgetting_batches, evaluate_split)
     base_completions = _base_completions(run, model, method, accelerator) if run.prompts and distributed.is_main() else None

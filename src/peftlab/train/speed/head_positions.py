@@ -22,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 
 from peftlab.methods.base import Method
 from peftlab.models.sites import layer_blocks, model_family
+from peftlab.tasks.kinds import task_kind
 from peftlab.train.speed.base import RunSetting, SpeedFeature
 
 
@@ -46,7 +47,7 @@ def last_layer_at_head(model: nn.Module, kind: str, method: Method) -> Removable
     read the last token), methods that route or add positions (SparseLoRA, prompts)."""
     family = model_family(model)
     found = layer_blocks(model)
-    if kind != "classification" or family is None or family.sliced_from is None or found is None:
+    if task_kind(kind).head != "sequence-classification" or family is None or family.sliced_from is None or found is None:
         return None
     if not method.position_wise:
         return None
