@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from peftlab.errors import PeftlabError
+from peftlab.fields import attribute, field_class, field_info, field_names
 from peftlab.files import require_file
 from peftlab.methods.specs import SPECS
 from peftlab.plans.allocation import ALLOCATIONS
@@ -87,12 +88,12 @@ def set_dotted(cls: type[Spec], data: dict[str, Any], dotted: str, value: Any, s
         if not isinstance(child, dict):
             child = _expanded(cls, parents[: depth + 1], child, owner, source)
         node[part] = child
-        node, owner = child, _field_class(owner, part, child)
-    if owner is not None and isinstance(node, dict) and _fields(owner) and last not in _fields(owner):
+        node, owner = child, field_class(owner, part, child)
+    if owner is not None and isinstance(node, dict) and field_names(owner) and last not in field_names(owner):
         where = ".".join(parents)
         kind = next((repr(node[k]) for k in ("kind", "name") if k in node), owner.__name__)
         raise PeftlabError(f"{source}: {dotted}: {where} is {kind}, which has no field {last!r} "
-                           f"(its fields: {', '.join(sorted(_fields(owner)))}); set {where} as a whole instead")
+                           f"(its fields: {', '.join(sorted(field_names(owner)))}); set {where} as a whole instead")
     node[last] = value
 
 
@@ -100,7 +101,7 @@ def _expanded(root: type[Spec], path: list[str], value: Any, owner: type[BaseMod
     """The mapping a shorthand at `path` stands for, as its spec reads it; for a missing value, {} (or
     the default variant of a discriminated union, e.g. {kind: uniform})."""
     if value is None:
-        info = _field_info(owner, path[-1])
+        info = field_info(owner, path[-1])
         default = getattr(info, "default", None)
         if info is not None and info.discriminator and isinstance(default, BaseModel):
             return {info.discriminator: getattr(default, info.discriminator)}
@@ -110,40 +111,7 @@ def _expanded(root: type[Spec], path: list[str], value: Any, owner: type[BaseMod
         nested = {part: nested}
     parsed: Any = validate(root, nested, source)
     for part in path:
-        parsed = getattr(parsed, _attribute(type(parsed), part))
+        parsed = getattr(parsed, attribute(type(parsed), part))
     if not isinstance(parsed, BaseModel):
         raise PeftlabError(f"{source}: {'.'.join(path)}: {value!r} is not a mapping; cannot set a field inside it")
     return parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
-
-
-def _field_info(owner: type[BaseModel] | None, name: str):
-    if owner is None:
-        return None
-    return owner.model_fields.get(_attribute(owner, name))
-
-
-def _attribute(owner: type[BaseModel], name: str) -> str:
-    """The field that `name` (a field name or an alias, such as budget's `shape`) refers to."""
-    for field_name, info in owner.model_fields.items():
-        if info.alias == name:
-            return field_name
-    return name
-
-
-def _fields(owner: type[BaseModel]) -> set[str]:
-    return {info.alias or name for name, info in owner.model_fields.items()}
-
-
-def _field_class(owner: type[BaseModel] | None, name: str, value: dict[str, Any]) -> type[BaseModel] | None:
-    """The spec class of field `name` of `owner` holding `value`: the variant its discriminator names for a
-    union. None where it is not a spec (a free mapping such as a study's `base`)."""
-    info = _field_info(owner, name)
-    if info is None:
-        return None
-    annotation = info.annotation  # a spec class, or a union of them (with None)
-    members = [annotation] if isinstance(annotation, type) else list(getattr(annotation, "__args__", ()))
-    members = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)]
-    if info.discriminator:
-        tag = value.get(info.discriminator)
-        members = [m for m in members if m.model_fields[info.discriminator].default == tag]
-    return members[0] if len(members) == 1 else None

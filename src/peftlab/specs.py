@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from peftlab.fields import UNLEARNED, added_with
 from peftlab.methods.specs import LoraSpec, MethodSpec
 from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
@@ -227,12 +228,12 @@ class TrainSpec(Spec):
     max_grad_norm: float | None = Field(1.0, gt=0)
     eval_every: int = Field(0, ge=0)
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
-    eval_at: list[float] | None = None
+    eval_at: Annotated[list[float] | None, UNLEARNED] = None
     """Also evaluate on the validation split at these fractions of the steps, e.g. [0.5, 0.75]; the result
     keeps each as `metrics.validation@0.5` beside the final `metrics.validation`, which shows whether a run was
     still improving when it stopped. Default: none for a run, [0.5, 0.75] for a study's seed runs."""
     log_every: int = Field(10, ge=1)
-    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    device: Annotated[Literal["auto", "cuda", "mps", "cpu"], added_with("auto")] = "auto"
     """auto: CUDA, then Apple's MPS, then the CPU."""
     precision: Literal["auto", "native", "fp32", "bf16", "fp16"] = "auto"
     """auto: bf16 autocast on a GPU that supports it (else fp16), fp16 on MPS, fp32 on a CPU. native: as auto, and bf16 on a
@@ -244,11 +245,11 @@ class TrainSpec(Spec):
     last_layer_at_head: bool = True
     """Classification with a BERT-family or DistilBERT encoder: after attention, the last layer runs at [CLS]
     only, the one position the head reads (same logits and gradients, fewer FLOPs)."""
-    checkpoint_every: int = Field(0, ge=0)
+    checkpoint_every: Annotated[int, UNLEARNED] = Field(0, ge=0)
     """Save the training state (trainable weights, optimizer, scheduler, random generators) every N optimizer
     steps in the run's `.partial` directory; the same command (or a study's recovery) after a kill resumes
     from it and ends with the uninterrupted run's metrics. 0: never."""
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: Annotated[bool, UNLEARNED] = False
     """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant): less
     memory for long sequences and large models, more time per step; the same gradients."""
     compile: bool = False
@@ -368,7 +369,7 @@ class RunConfig(Spec):
     train: TrainSpec = TrainSpec()
     eval: EvalSpec = EvalSpec()
     """Evaluation beyond loss and accuracy: generation scores and forgetting (instruction tasks)."""
-    tracking: TrackingSpec | None = None
+    tracking: Annotated[TrackingSpec | None, UNLEARNED] = None
     """Experiment trackers, e.g. [tensorboard, mlflow] (see TrackingSpec)."""
     budget: int | None = Field(None, ge=1)
     """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the

@@ -10,6 +10,8 @@ from typing import Annotated, Any, ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from peftlab.fields import added_with
+
 
 class MethodSpecBase(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
@@ -42,7 +44,7 @@ class LoraSpec(MethodSpecBase):
     loraplus: bool = False
     """LoRA+ (Hayou et al., 2024): the B matrices learn `loraplus_lr_ratio` times faster than A."""
     loraplus_lr_ratio: float = Field(16.0, gt=0)
-    init: Literal["default", "gaussian", "pissa", "olora", "eva", "loftq"] = "default"
+    init: Annotated[Literal["default", "gaussian", "pissa", "olora", "eva", "loftq"], added_with("default")] = "default"
     """How A and B start (PEFT's `init_lora_weights`). default: A Kaiming-uniform, B zero; gaussian: A Gaussian;
     pissa / olora: A and B from the base weight's principal singular vectors / its QR factors, the base keeps the
     rest; eva: A from the SVD of each site's inputs on training batches, at the plan's ranks; loftq: the base
@@ -134,7 +136,7 @@ class SparseLoraSpec(LoraSpec):
     """Share of the optimizer steps at the start that run dense."""
     sparse_outputs: bool = False
     """Run every token sparse, the ones the loss reads (output tokens; the classifier's token) too."""
-    sparsity: AutoSparsity | None = None
+    sparsity: Annotated[AutoSparsity | None, added_with(None)] = None
     """`auto(loss_budget=0.01)`: calibrate every layer's FFN and attention sparsity on the run's own training
     batches instead of `profile`, `ffn_sparsity`, `attention_sparsity` and `layers`."""
 

@@ -19,6 +19,7 @@ import yaml
 
 from peftlab.config import set_dotted, validate
 from peftlab.errors import PeftlabError
+from peftlab.fields import identity_view
 from peftlab.specs import AXIS_PATHS, RunConfig, StudySpec, config_id
 
 
@@ -113,28 +114,19 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
     return PlannedRun(config_id(learned), config_id(unseeded), configuration.label, seed, axes, config, error, phase)
 
 
-# Settings that do not change what a run learns (trackers, training checkpoints, recomputed activations), and
-# settings added later at their default (every run before them had it): left out of run ids, so that adding them
-# to a study, or resuming a study created before they existed, reruns nothing.
-UNLEARNED = {"checkpoint_every", "gradient_checkpointing", "eval_at"}
 STUDY_EVAL_AT = (0.5, 0.75)  # a study's seed runs also evaluate validation here (convergence, in the report)
 
 
 def _train_setting(data: dict[str, Any], name: str) -> Any:
     train = data.get("train")
     return train.get(name) if isinstance(train, dict) else None
-ADDED_DEFAULTS = {("train", "device"): "auto", ("method", "init"): "default", ("method", "sparsity"): None}
 
 
 def learned_config(config: dict[str, Any]) -> dict[str, Any]:
-    """`config` (a dumped RunConfig) without what does not change what the run learns: what its id hashes."""
-    learned = {k: v for k, v in config.items() if k != "tracking"}
-    if isinstance(learned.get("train"), dict):
-        learned["train"] = {k: v for k, v in learned["train"].items() if k not in UNLEARNED}
-    for (section, field), default in ADDED_DEFAULTS.items():
-        if isinstance(learned.get(section), dict) and learned[section].get(field, default) == default:
-            learned[section] = {k: v for k, v in learned[section].items() if k != field}
-    return learned
+    """`config` (a dumped RunConfig, or the raw one of an invalid run) as its id hashes it: without the fields
+    marked as not changing what a run learns, or as added later while they hold the default they came with
+    (`peftlab.fields`)."""
+    return identity_view(RunConfig, config)
 
 
 def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
