@@ -23,7 +23,7 @@ from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.files import check_output, write_atomic
 from peftlab.measures import COSTS, quality_names
 from peftlab.methods.specs import FIXED_SPARSITY, PEFT_TYPES, SPECS
-from peftlab.plans.allocation import ALLOCATIONS, parse_allocation
+from peftlab.plans.allocation import ALLOCATIONS, MEASURES, check_measure, parse_allocation, steps_help
 from peftlab.records.store import check_study_dir
 from peftlab.specs import PlanConfig
 from peftlab.tasks.kinds import KINDS
@@ -321,9 +321,9 @@ def sparsity(
 
 
 def _print_sparsity(profile, allocations) -> None:
-    from peftlab.methods.sparsity_profile import MEASURES
+    from peftlab.methods.sparsity_profile import MEASURES as PROFILE_MEASURES
 
-    table = Table(title=f"{MEASURES[profile.measure]}, one block sparse at a time (base loss {profile.base_loss:.4f}, "
+    table = Table(title=f"{PROFILE_MEASURES[profile.measure]}, one block sparse at a time (base loss {profile.base_loss:.4f}, "
                         f"{profile.examples} examples{', cached' if profile.cached else ''})")
     table.add_column("layer")
     for block in ("ffn", "attention"):
@@ -354,10 +354,10 @@ def importance(
     task: TaskOption = None,
     data: DataOption = None,
     kind: KindOption = None,
-    measure: Annotated[str, typer.Option(help="Comma-separated: gradient, fisher, activation, update, adalora.")] = "gradient,fisher,activation,update",
+    measure: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(MEASURES)}.")] = "gradient,fisher,activation,update",
     placement: Annotated[Optional[str], typer.Option(help="Sites to score: all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | 0,2,5 ...")] = None,
-    steps: Annotated[int, typer.Option(help="Probe batches (gradient, fisher, activation) or training steps (update, adalora).")] = 64,
+    steps: Annotated[int, typer.Option(help=steps_help())] = 64,
     rank: Annotated[float, typer.Option(help="Rank of the update / adalora probe runs; the activation measure's mean rank.")] = 8.0,
     batch_size: Annotated[Optional[int], typer.Option(help="Probe batch size.")] = None,
     max_length: Annotated[Optional[int], typer.Option(help="Tokens per example.")] = None,
@@ -370,12 +370,10 @@ def importance(
 
     from peftlab.analysis.figures import importance_heatmaps
     from peftlab.importance.probe import importance_scores, write_scores
-    from peftlab.plans.allocation import MEASURES
 
     measures = [m.strip() for m in measure.split(",") if m.strip()]
     for name in measures or [measure]:
-        if name not in MEASURES:
-            raise PeftlabError(f"--measure {name!r}: valid measures are {', '.join(MEASURES)}")
+        check_measure(name)
         _probe_settings(name, rank, steps, seed)
     spec = _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr)
     check_output(output, "--output", directory=True)
@@ -417,19 +415,17 @@ def recommend(
     task: TaskOption = None,
     data: DataOption = None,
     kind: KindOption = None,
-    measure: Annotated[str, typer.Option(help="Importance measure: gradient | fisher | activation | update | adalora.")] = "fisher",
+    measure: Annotated[str, typer.Option(help=f"Importance measure: {' | '.join(MEASURES)}.")] = "fisher",
     study: Annotated[Optional[Path], typer.Option(help="A study directory whose measured results to weigh in.")] = None,
     placement: Annotated[Optional[str], typer.Option(help="Sites to plan over: all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | 0,2,5 ...")] = None,
-    steps: Annotated[int, typer.Option(help="Probe batches or steps.")] = 64,
+    steps: Annotated[int, typer.Option(help=steps_help())] = 64,
     output: Annotated[Optional[Path], typer.Option(help="Write a run config (YAML) that trains the proposed plan.")] = None,
 ) -> None:
     """Propose a plan under a parameter budget and say why."""
     from peftlab.analysis.recommend import recommend as propose
-    from peftlab.plans.allocation import MEASURES
 
-    if measure not in MEASURES:
-        raise PeftlabError(f"--measure {measure!r}: valid measures are {', '.join(MEASURES)}")
+    check_measure(measure)
     if budget < 1:
         raise PeftlabError(f"--budget {budget}: give the trainable parameters to spend, a positive number")
     _probe_settings(measure, 8.0, steps, 0)

@@ -58,13 +58,18 @@ class Fisher:
 
     def __init__(self) -> None:
         self.total: dict[str, torch.Tensor] = {}
-        self.batches = 0
+        self.batches: dict[str, int] = {}
 
-    def update(self, name: str, grad: torch.Tensor) -> None:
+    def update(self, name: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
         self.total[name] = self.total.get(name, torch.zeros_like(grad)) + grad.double() ** 2
+        self.batches[name] = self.batches.get(name, 0) + 1
 
     def site_scores(self, name: str, site: Site) -> dict[str, float]:
-        return {"score": float(site_matrix(self.total[name], site).mean() / max(self.batches, 1))}
+        return {"score": float(site_matrix(self.total[name], site).mean() / max(self.batches.get(name, 0), 1))}
+
+
+GRADIENT_SCORES = {"gradient": GradientSensitivity, "fisher": Fisher}
+"""The accumulator of each measure of the gradient probe (`plans.allocation.MEASURES`)."""
 
 
 class InputCovariance:

@@ -29,8 +29,7 @@ from torch.utils.data import DataLoader
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.importance.measures import (
-    Fisher,
-    GradientSensitivity,
+    GRADIENT_SCORES,
     InputCovariance,
     base_linear,
     pooled_ranks,
@@ -53,6 +52,7 @@ from peftlab.plans.allocation import (
     BudgetAllocation,
     ImportanceAllocation,
     UniformAllocation,
+    check_measure,
 )
 from peftlab.plans.plan import Plan, plan_on
 from peftlab.specs import PlanSpec, RunConfig, TrainSpec
@@ -71,8 +71,7 @@ PROBE_TRAINING = ("batch_size", "batching", "grad_accum", "lr", "weight_decay", 
 
 def importance_scores(config: RunConfig, measure: str, rank: float = 8.0, steps: int = 64, seed: int = 0) -> Path:
     """The scores file (JSON) of `measure` on the config's model, task and placement; probed once, then cached."""
-    if measure not in MEASURES:
-        raise PeftlabError(f"--measure {measure!r}: valid measures are {', '.join(MEASURES)}")
+    check_measure(measure)
     settings = {"measure": measure, "rank": rank, "steps": steps, "seed": seed, "batch_size": config.train.batch_size,
                 "lr": config.train.lr, "version": VERSION}
     # What the probe reads: not the run's own seed or length, so every seed of a study shares one probe.
@@ -120,12 +119,13 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     loader = DataLoader(range(len(data.train)), batch_sampler=Batches(lengths, config.train.batch_size, seed, bucketed=False),
                         collate_fn=partial(collate_indexed, examples=data.train, pad_id=tokenizer.pad_token_id))
     device = torch.device(choose_device(config.train.device))
-    if measure in ("gradient", "fisher"):
-        rows = gradient_probe(model.to(device), plan, _batches(loader, steps, device), data.kind, measure)
-    elif measure == "activation":
-        rows = activation_probe(model.to(device), plan, _batches(loader, steps, device), data.kind, rank)
-    else:
+    kind = MEASURES[measure].probe
+    if kind == "training":
         rows = training_probe(model, plan, loader, data.kind, measure, steps, config.train, seed)
+    else:
+        batches = _batches(loader, steps, device)
+        rows = (gradient_probe(model.to(device), plan, batches, data.kind, measure) if kind == "gradient" else
+                activation_probe(model.to(device), plan, batches, data.kind, rank))
     sites = [{"layer": p.site.layer, "role": p.site.role.value, "path": p.site.key, **row} for p, row in zip(plan.sites, rows)]
     return {"measure": measure, "model": model_spec.name, "model_type": plan.model_type, "n_layers": plan.n_layers,
             "task": config.task.name or str(config.task.path or config.task.dataset), "seconds": time.perf_counter() - start,
@@ -157,19 +157,13 @@ def gradient_probe(model: nn.Module, plan: Plan, batches, kind: str, measure: st
         param.requires_grad_(False)
     for weight in weights.values():
         weight.requires_grad_(True)
-    sensitivity, fisher = GradientSensitivity(), Fisher()
+    scores = GRADIENT_SCORES[measure]()
     for batch in track(list(batches), description=f"probe ({measure})", transient=True):
         nll, count, _ = batch_nll(model, batch, kind)
         grads = torch.autograd.grad(nll / count, list(weights.values()), allow_unused=True)
         for (name, weight), grad in zip(weights.items(), grads):
-            grad = torch.zeros_like(weight) if grad is None else grad
-            if measure == "gradient":
-                sensitivity.update(name, weight.detach(), grad)
-            else:
-                fisher.update(name, grad)
-        fisher.batches += 1
-    source = sensitivity if measure == "gradient" else fisher
-    return [source.site_scores(p.site.path, p.site) for p in plan.sites]
+            scores.update(name, weight.detach(), torch.zeros_like(weight) if grad is None else grad)
+    return [scores.site_scores(p.site.path, p.site) for p in plan.sites]
 
 
 def activation_probe(model: nn.Module, plan: Plan, batches, kind: str, rank: float) -> list[dict[str, float]]:

@@ -1,7 +1,9 @@
-"""Rank allocation: how much rank each planned site gets. Strategies are registered by `kind`.
+"""Rank allocation: how much rank each planned site gets. A strategy is a spec class that registers itself by
+its `kind` when defined (as methods do); `AllocationSpec` is the union over the registry.
 
 Each strategy gives a real-valued *shape* per site; ranks are the shape rounded, or for
-`budget` the shape scaled so the total trainable parameters come closest to a target.
+`budget` the shape scaled so the total trainable parameters come closest to a target. Every strategy defined
+before `BudgetAllocation` can be a budget's shape.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Union
 
@@ -27,6 +30,12 @@ if TYPE_CHECKING:  # sites are torch-side; validating an allocation must not imp
 class _Allocation(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
     positional: ClassVar[tuple[str, ...]] = ()  # field names filled by `kind(a, b)` in compact form
+    registry: ClassVar[dict[str, type[_Allocation]]] = {}
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        _Allocation.registry[cls.model_fields["kind"].default] = cls
 
     def shape(self, sites: Sequence[Site]) -> list[float]:
         raise NotImplementedError
@@ -122,7 +131,38 @@ class FromScoresAllocation(_Allocation):
         return shape_from_scores(self.path, sites, self.rank, self.min, self.max)
 
 
-MEASURES = ("gradient", "fisher", "activation", "update", "adalora")
+@dataclass(frozen=True)
+class ImportanceMeasure:
+    """An importance measure, as configs name it; `peftlab.importance.probe` implements each kind of probe."""
+
+    name: str
+    probe: str
+    """gradient: gradients of the loss over `steps` batches, nothing updated; activation: the sites' inputs over
+    `steps` batches; training: a short run of `steps` optimizer steps at the mean rank."""
+    description: str
+
+
+MEASURES: dict[str, ImportanceMeasure] = {m.name: m for m in (
+    ImportanceMeasure("gradient", "gradient", "smoothed |w * dL/dw| (AdaLoRA's sensitivity x uncertainty)"),
+    ImportanceMeasure("fisher", "gradient", "mean squared gradient (the diagonal empirical Fisher information)"),
+    ImportanceMeasure("activation", "activation", "explained variance of the site's inputs, ranks pooled across sites "
+                                                  "as in EVA"),
+    ImportanceMeasure("update", "training", "effective rank of each site's update after a short uniform-rank LoRA run"),
+    ImportanceMeasure("adalora", "training", "AdaLoRA's final ranks after a short run"),
+)}
+
+
+def check_measure(name: str) -> ImportanceMeasure:
+    if name not in MEASURES:
+        raise PeftlabError(f"--measure {name!r}: valid measures are {', '.join(MEASURES)}")
+    return MEASURES[name]
+
+
+def steps_help() -> str:
+    """What a probe's `steps` counts, per measure."""
+    trained = [m.name for m in MEASURES.values() if m.probe == "training"]
+    batches = [m.name for m in MEASURES.values() if m.probe != "training"]
+    return f"Probe batches ({', '.join(batches)}) or training steps ({', '.join(trained)})."
 
 
 class ImportanceAllocation(_Allocation):
@@ -131,10 +171,8 @@ class ImportanceAllocation(_Allocation):
     is filled in by the run before the plan is built (`peftlab plan` takes `from-scores` instead)."""
 
     kind: Literal["importance"] = "importance"
-    measure: Literal[MEASURES] = "gradient"
-    """gradient: smoothed |w * dL/dw| (AdaLoRA's sensitivity x uncertainty); fisher: mean squared gradient;
-    activation: explained variance of the site's inputs, ranks pooled across sites as in EVA; update:
-    effective rank of each site's update after a short uniform-rank LoRA run; adalora: AdaLoRA's final ranks."""
+    measure: Literal[tuple(MEASURES)] = "gradient"  # type: ignore[valid-type]
+    """A key of `MEASURES`: gradient, fisher, activation, update or adalora (each record says what it measures)."""
     rank: float = Field(8.0, gt=0)
     """Mean rank; also the rank of the probe's LoRA / AdaLoRA run (update, adalora)."""
     min: int = Field(1, ge=1)
@@ -166,15 +204,16 @@ def shape_from_scores(path: Path, sites: Sequence[Site], rank: float, low: int, 
     return [min(high, max(low, rank * v / mean)) for v in values]
 
 
+ShapeSpec = Annotated[Union[tuple(_Allocation.registry.values())], Field(discriminator="kind", alias="shape")]  # noqa: UP007
+"""Every strategy defined above: what a budget scales."""
+
+
 class BudgetAllocation(_Allocation):
     """Any shape scaled to integer ranks whose total trainable parameters come closest to `params`."""
 
     kind: Literal["budget"] = "budget"
     params: int = Field(gt=0)
-    shape_: Annotated[
-        Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, FromScoresAllocation, ImportanceAllocation],
-        Field(discriminator="kind", alias="shape"),
-    ] = UniformAllocation()
+    shape_: ShapeSpec = UniformAllocation()
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True,
                               serialize_by_alias=True)
     positional: ClassVar = ("params", "shape")
@@ -188,16 +227,8 @@ class BudgetAllocation(_Allocation):
         return self.shape_.shape(sites)
 
 
-AllocationSpec = Annotated[
-    Union[UniformAllocation, LinearAllocation, RoleWeightedAllocation, BudgetAllocation, FromScoresAllocation,
-          ImportanceAllocation],
-    Field(discriminator="kind"),
-]
-ALLOCATIONS: dict[str, type[_Allocation]] = {
-    cls.model_fields["kind"].default: cls
-    for cls in (UniformAllocation, LinearAllocation, RoleWeightedAllocation, BudgetAllocation, FromScoresAllocation,
-                ImportanceAllocation)
-}
+ALLOCATIONS = _Allocation.registry
+AllocationSpec = Annotated[Union[tuple(ALLOCATIONS.values())], Field(discriminator="kind")]  # noqa: UP007
 
 
 def allocate_ranks(spec: _Allocation, sites: Sequence[Site]) -> list[int]:
