@@ -784,13 +784,12 @@ def peft_option_cases() -> list[tuple[str, str, object]]:
 
     import peft
 
-    from peftlab.methods.peft_types import OPTION_MINIMUM, TYPES
-    from peftlab.methods.specs import PEFT_TYPES, PLAN_FIELDS
+    from peftlab.methods.specs import OPTION_MINIMUM, PEFT_TYPES, PLAN_FIELDS
 
     wrong = {int: [1.5, "x", True], float: ["x", float("nan"), float("inf")], bool: ["yes", 2]}
     cases = []
     for type_name in PEFT_TYPES:
-        config = getattr(peft, TYPES[type_name].config)
+        config = getattr(peft, PEFT_TYPES[type_name])
         hints = typing.get_type_hints(config)
         for field in dataclasses.fields(config):
             kind = hints.get(field.name)

@@ -1,5 +1,5 @@
-"""The packages import one way only (models -> plans -> methods -> specs -> ... -> studies -> cli), and
-validating a config does not import torch or peft."""
+"""The packages import one way only (models -> plans -> methods -> specs -> ... -> studies -> cli), no module
+imports one that imports it back (at any depth), and validating a config does not import torch or peft."""
 
 import ast
 import subprocess
@@ -78,6 +78,30 @@ def test_no_import_cycle_between_peftlab_packages():
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle) + "; via " + "; ".join(
         graph[a][b][0] for a, b in zip(cycle, cycle[1:]))
+
+
+def module_graph() -> dict[str, dict[str, list[str]]]:
+    """module -> peftlab module it imports (the package's own `__init__` left out: it only re-exports)."""
+    modules = {".".join(p.relative_to(SOURCE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in SOURCE.rglob("*.py")}
+
+    def module_of(name: str) -> str | None:  # `peftlab.a.b.name` -> the module that defines it
+        while name not in modules and "." in name:
+            name = name.rsplit(".", 1)[0]
+        return name if name in modules and name != "peftlab" else None
+
+    graph: dict[str, dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for module, path in modules.items():
+        for target in map(module_of, _runtime_imports(ast.parse(path.read_text()))):
+            if target not in (None, module):
+                graph[module][target].append(f"{module} -> {target}")
+    return graph
+
+
+def test_no_import_cycle_between_peftlab_modules():
+    graph = module_graph()
+    cycle = find_cycle(graph)
+    assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
 def test_the_cycle_finder_finds_a_cycle():

@@ -26,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 from peftlab.errors import PeftlabError
 from peftlab.methods.base import Method
 from peftlab.methods.lora import peft_task_type
-from peftlab.methods.specs import PLAN_FIELDS
+from peftlab.methods.specs import PEFT_TYPES
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site
 from peftlab.plans.peft_export import verify_wrapped
@@ -35,7 +35,6 @@ from peftlab.plans.plan import Plan, PlannedSite
 
 @dataclass(frozen=True)
 class PeftType:
-    config: str  # PEFT's config class
     layer: str  # PEFT's layer class, "module:Class": what `verify_wrapped` looks for
     size: str | None  # "rank": the plan's ranks; the name of the option that sets the size; None: no size
     per_site_ranks: bool = False  # PEFT takes a rank_pattern (and alpha_pattern with `alpha`)
@@ -52,52 +51,18 @@ class PeftType:
 
 
 TYPES = {
-    "LOHA": PeftType("LoHaConfig", "peft.tuners.loha:LoHaLayer", "rank", per_site_ranks=True, alpha=True),
-    "LOKR": PeftType("LoKrConfig", "peft.tuners.lokr:LoKrLayer", "rank", per_site_ranks=True, alpha=True),
-    "IA3": PeftType("IA3Config", "peft.tuners.ia3:IA3Layer", None, conv1d=True, size_attribute=None),
-    "VERA": PeftType("VeraConfig", "peft.tuners.vera:VeraLayer", "rank", conv1d=True),
-    "OFT": PeftType("OFTConfig", "peft.tuners.oft:OFTLayer", "oft_block_size", divides_inputs=True, default_size=32,
+    "LOHA": PeftType("peft.tuners.loha:LoHaLayer", "rank", per_site_ranks=True, alpha=True),
+    "LOKR": PeftType("peft.tuners.lokr:LoKrLayer", "rank", per_site_ranks=True, alpha=True),
+    "IA3": PeftType("peft.tuners.ia3:IA3Layer", None, conv1d=True, size_attribute=None),
+    "VERA": PeftType("peft.tuners.vera:VeraLayer", "rank", conv1d=True),
+    "OFT": PeftType("peft.tuners.oft:OFTLayer", "oft_block_size", divides_inputs=True, default_size=32,
                     size_attribute="oft_block_size", fixed=(("r", 0),)),
-    "BOFT": PeftType("BOFTConfig", "peft.tuners.boft:BOFTLayer", "boft_block_size", divides_inputs=True,
+    "BOFT": PeftType("peft.tuners.boft:BOFTLayer", "boft_block_size", divides_inputs=True,
                      default_size=4, size_attribute="boft_block_size", fixed=(("boft_block_num", 0),)),
-    "FOURIERFT": PeftType("FourierFTConfig", "peft.tuners.fourierft:FourierFTLayer", "n_frequency", conv1d=True,
+    "FOURIERFT": PeftType("peft.tuners.fourierft:FourierFTLayer", "n_frequency", conv1d=True,
                           default_size=1000, size_attribute="fourierft_n_frequency"),
 }
 PEFT_ERRORS = (ValueError, TypeError, NotImplementedError)  # how PEFT refuses a config or a module
-OPTION_MINIMUM = {"oft_block_size": 1, "boft_block_size": 1, "boft_block_num": 0, "boft_n_butterfly_factor": 1,
-                  "n_frequency": 1, "projection_prng_key": 0, "random_loc_seed": 0, "num_cayley_neumann_terms": 1,
-                  "r": 0}  # the least value PEFT can work with, where PEFT itself divides by it or indexes with it
-
-
-def check_options(type_name: str, options: dict[str, Any]) -> None:
-    """Each option is a field of the type's PEFT config, of that field's type (strictly: 1.5 is not an int),
-    finite, a probability where it is a dropout, and at least OPTION_MINIMUM's value: ValueError naming it."""
-    import dataclasses
-    import typing
-
-    from pydantic import ConfigDict, TypeAdapter, ValidationError
-
-    config = getattr(peft, TYPES[type_name].config)
-    hints = typing.get_type_hints(config)
-    known = {f.name for f in dataclasses.fields(config)}
-    for name, value in options.items():
-        if name not in known:
-            close = ", ".join(sorted(known - PLAN_FIELDS - {"auto_mapping", "base_model_name_or_path", "revision",
-                                                            "peft_version"}))
-            raise ValueError(f"{name}: not a field of PEFT's {config.__name__}; its fields: {close}")
-        try:
-            TypeAdapter(hints[name], config=ConfigDict(strict=True, allow_inf_nan=False)).validate_python(value)
-        except ValidationError as exc:
-            raise ValueError(f"{name}: {value!r} is not a valid {_type_name(hints[name])} "
-                             f"({exc.errors()[0]['msg'].lower()})") from None
-        if name.endswith("dropout") and not 0 <= value < 1:
-            raise ValueError(f"{name}: {value!r} is not a probability in [0, 1)")
-        if name in OPTION_MINIMUM and isinstance(value, int) and value < OPTION_MINIMUM[name]:
-            raise ValueError(f"{name}: {value!r}; it must be at least {OPTION_MINIMUM[name]}")
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 def _wrap(model: nn.Module, config) -> nn.Module:
@@ -123,6 +88,7 @@ class PeftTypeMethod(Method):
     def __init__(self, spec: Any, total_steps: int | None = None):
         super().__init__(spec, total_steps)
         self.type = TYPES[spec.type]
+        self.config_class = PEFT_TYPES[spec.type]
 
     @property
     def size_parameter(self) -> str | None:  # type: ignore[override]
@@ -182,10 +148,10 @@ class PeftTypeMethod(Method):
         if self.size is not None:
             kwargs[self.type.size] = self.size
         try:
-            return getattr(peft, self.type.config)(task_type=peft_task_type(model) if model is not None else None,
+            return getattr(peft, self.config_class)(task_type=peft_task_type(model) if model is not None else None,
                                                    **{**self.spec.options, **kwargs})
         except PEFT_ERRORS as exc:
-            raise PeftlabError(f"method.options: PEFT's {self.type.config} refuses them: {exc}") from None
+            raise PeftlabError(f"method.options: PEFT's {self.config_class} refuses them: {exc}") from None
 
     def _check_sites(self, plan: Plan) -> None:
         if not plan.sites:

@@ -201,8 +201,10 @@ class BitFitSpec(MethodSpecBase):
     """all: every bias of the model (as published); plan: biases of the planned sites only."""
 
 
-PEFT_TYPES = ("LOHA", "LOKR", "IA3", "VERA", "OFT", "BOFT", "FOURIERFT")
-"""PEFT methods that run on peftlab's plans (`methods/peft_types.py` holds how each one is set up)."""
+PEFT_TYPES = {"LOHA": "LoHaConfig", "LOKR": "LoKrConfig", "IA3": "IA3Config", "VERA": "VeraConfig",
+              "OFT": "OFTConfig", "BOFT": "BOFTConfig", "FOURIERFT": "FourierFTConfig"}
+"""PEFT methods that run on peftlab's plans, each with PEFT's config class (`methods/peft_types.py` holds how each
+one is set up)."""
 PLAN_FIELDS = frozenset({"target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
                          "alpha_pattern", "n_frequency_pattern", "modules_to_save", "feedforward_modules",
                          "fan_in_fan_out", "task_type", "r", "alpha", "inference_mode", "peft_type"})
@@ -213,7 +215,7 @@ class PeftTypeSpec(MethodSpecBase):
     """Any method of PEFT's `PEFT_TYPES` on the plan's sites, e.g. {name: peft, type: LOHA}."""
 
     name: Literal["peft"] = "peft"
-    type: Literal[PEFT_TYPES]  # type: ignore[valid-type]
+    type: Literal[tuple(PEFT_TYPES)]  # type: ignore[valid-type]
     options: dict[str, Any] = {}
     """Further fields of the type's PEFT config (e.g. LOKR's decompose_factor, OFT's oft_block_size)."""
 
@@ -233,13 +235,48 @@ class PeftTypeSpec(MethodSpecBase):
         taken = sorted(PLAN_FIELDS & self.options.keys())
         if taken:
             raise ValueError(f"options {taken} come from the plan (placement, allocation, head); set them there")
-        from peftlab.methods.peft_types import check_options
-
         try:
             check_options(self.type, self.options)
         except ValueError as exc:
             raise ValueError(f"options.{exc}") from None
         return self
+
+
+OPTION_MINIMUM = {"oft_block_size": 1, "boft_block_size": 1, "boft_block_num": 0, "boft_n_butterfly_factor": 1,
+                  "n_frequency": 1, "projection_prng_key": 0, "random_loc_seed": 0, "num_cayley_neumann_terms": 1,
+                  "r": 0}  # the least value PEFT can work with, where PEFT itself divides by it or indexes with it
+
+
+def check_options(type_name: str, options: dict[str, Any]) -> None:
+    """Each option is a field of the type's PEFT config, of that field's type (strictly: 1.5 is not an int),
+    finite, a probability where it is a dropout, and at least OPTION_MINIMUM's value: ValueError naming it."""
+    import dataclasses
+    import typing
+
+    import peft
+    from pydantic import ConfigDict, TypeAdapter, ValidationError
+
+    config = getattr(peft, PEFT_TYPES[type_name])
+    hints = typing.get_type_hints(config)
+    known = {f.name for f in dataclasses.fields(config)}
+    for name, value in options.items():
+        if name not in known:
+            close = ", ".join(sorted(known - PLAN_FIELDS - {"auto_mapping", "base_model_name_or_path", "revision",
+                                                            "peft_version"}))
+            raise ValueError(f"{name}: not a field of PEFT's {config.__name__}; its fields: {close}")
+        try:
+            TypeAdapter(hints[name], config=ConfigDict(strict=True, allow_inf_nan=False)).validate_python(value)
+        except ValidationError as exc:
+            raise ValueError(f"{name}: {value!r} is not a valid {_type_name(hints[name])} "
+                             f"({exc.errors()[0]['msg'].lower()})") from None
+        if name.endswith("dropout") and not 0 <= value < 1:
+            raise ValueError(f"{name}: {value!r} is not a probability in [0, 1)")
+        if name in OPTION_MINIMUM and isinstance(value, int) and value < OPTION_MINIMUM[name]:
+            raise ValueError(f"{name}: {value!r}; it must be at least {OPTION_MINIMUM[name]}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
 class FullSpec(MethodSpecBase):
