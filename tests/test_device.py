@@ -8,7 +8,9 @@ import pytest
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.specs import RunConfig
-from peftlab.train.device import Backends, check_method, choose_device, mixed_precision
+from peftlab.methods.registry import make_method
+from peftlab.methods.specs import SPECS
+from peftlab.train.device import Backends, choose_device, mixed_precision
 
 CUDA, MPS, CPU_ONLY = Backends(cuda=True, mps=False, cuda_bf16=True), Backends(cuda=False, mps=True), Backends(False, False)
 
@@ -38,14 +40,21 @@ def test_an_unavailable_device_is_one_clear_error(requested, backends, message):
         choose_device(requested, backends)
 
 
+def check_method(device: str, method: str) -> None:
+    """`method`: a name, or `lora init X`."""
+    name, _, init = method.partition(" init ")
+    make_method(SPECS[name].model_validate({"name": name, **({"init": init} if init else {})})).check_device(device)
+
+
 def test_qlora_is_refused_on_mps_and_runs_elsewhere():
     with pytest.raises(PeftlabError, match="method qlora cannot run on mps: bitsandbytes"):
         check_method("mps", "qlora")
     for device, method in [("mps", "lora"), ("mps", "sparselora"), ("cpu", "qlora"), ("cuda", "qlora"),
                            ("cuda", "lora init loftq"), ("cpu", "lora init pissa")]:
         check_method(device, method)
-    with pytest.raises(PeftlabError, match="method lora init loftq cannot run on cpu: PEFT's LoftQ .* CUDA"):
-        check_method("cpu", "lora init loftq")
+    for device in ("cpu", "mps"):
+        with pytest.raises(PeftlabError, match=f"method lora init loftq cannot run on {device}: PEFT's LoftQ .* CUDA"):
+            check_method(device, "lora init loftq")
 
 
 @pytest.mark.parametrize("requested, device, backends, cpu_bf16, expected", [

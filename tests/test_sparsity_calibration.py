@@ -274,3 +274,16 @@ def test_the_sparsity_command_writes_the_profile_that_a_run_then_reads(tmp_path,
     assert calibration["levels"] == record["allocations"]["0.02"]["levels"]
     code, _, err = cli("sparsity", "--model", "tiny-llama", "--levels", "half", "--output", tmp_path / "x")
     assert code == 2 and "--levels 'half'" in err
+
+
+def test_run_summary_rows_come_from_the_method():
+    from peftlab.methods.lora import LoraMethod
+    from peftlab.methods.sparselora import SparseLoraMethod
+
+    report = {"flops": {"executed_share": 0.42, "all_projections_share": 0.61},
+              "calibration": {"loss_budget": 0.02, "dense": False, "levels": {"0.ffn": 0.5, "1.ffn": 0.0},
+                              "predicted_increase": 0.015, "measured_increase": 0.012, "held_out_increase": None}}
+    rows = dict(SparseLoraMethod.summary_rows(report))
+    assert rows["frozen FLOPs executed (% of dense: sparsified blocks, all blocks)"] == "42.0%, 61.0%"
+    assert rows["sparsity auto, 2.0% loss budget"] == "1 of 2 blocks sparse; loss +1.50% predicted, +1.20% measured"
+    assert LoraMethod.summary_rows(report) == []

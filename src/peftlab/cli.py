@@ -198,6 +198,8 @@ def run(
 
 
 def _print_result(result: RunResult, output: Path) -> None:
+    from peftlab.methods.registry import METHODS
+
     console = _console()
     if not result.done:
         console.print(f"[red]run failed:[/] {result.error} (record in {output}/result.json)", highlight=False)
@@ -231,22 +233,8 @@ def _print_result(result: RunResult, output: Path) -> None:
     if cost.get("generated_tokens") is not None:
         table.add_row("generation (s, tokens/s; completions in samples.jsonl)",
                       f"{cost['generation_seconds']:.1f}, {cost['generation_tokens_per_second']:,.1f}")
-    flops = result.method.get("flops")
-    if flops:  # SparseLoRA: what the sparsified frozen projections ran, estimator included
-        table.add_row("frozen FLOPs executed (% of dense: sparsified blocks, all blocks)",
-                      f"{100 * flops['executed_share']:.1f}%, {100 * flops.get('all_projections_share', 1.0):.1f}%")
-    calibration = result.method.get("calibration")
-    if calibration:  # sparsity: auto(...)
-        budget = f"sparsity auto, {calibration['loss_budget']:.1%} loss budget"
-        if calibration["dense"]:
-            table.add_row(budget, "every block dense (LoRA)")
-        else:
-            sparse = sum(level > 0 for level in calibration["levels"].values())
-            table.add_row(budget, f"{sparse} of {len(calibration['levels'])} blocks sparse; loss +"
-                                  f"{calibration['predicted_increase']:.2%} predicted, "
-                                  f"{calibration['measured_increase']:+.2%} measured"
-                                  + (f", {calibration['held_out_increase']:+.2%} held out"
-                                     if calibration.get("held_out_increase") is not None else ""))
+    for row in METHODS[(result.config or {}).get("method", {}).get("name", "lora")].summary_rows(result.method):
+        table.add_row(*row)
     table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
     table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
     if cost.get("peak_memory_process_bytes"):

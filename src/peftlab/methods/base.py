@@ -1,7 +1,18 @@
 """The Method interface: what every fine-tuning method gives the loop, the run and the study.
 
-The loop never asks which method it runs: per-step behaviour (AdaLoRA's reallocation, SparseLoRA's
-schedule) lives in `on_step` and `prepare_batch`, optimizer settings (LoRA+'s learning-rate ratio) in `param_groups`.
+Nothing outside a method asks which method it runs. Its hooks, in the order a run calls them:
+
+1. resolve (`peftlab.resolve`), before any data or weights load: `check_device`, `check_plan`,
+   `reads_training_data`; a budget match varies `size_parameter` through `sized_spec` / `trainable_for`.
+2. build: `apply` (freeze, wrap the planned sites), then `initialize` with a few training batches (EVA,
+   calibrated sparsity).
+3. references, before training: the base model's loss and completions under `bypassed`, cached by
+   `base_identity`.
+4. train, per micro-batch: `prepare_batch`, `hidden_states` (the causal-LM forward), `regularization`; per
+   optimizer step: `param_groups` (once), `on_step`.
+5. evaluate and generate: `hidden_states`, and `complete` on the model `merged` yields.
+6. time: the forward unmerged, `bypassed` and `merged`.
+7. save: `save` (and `load` to read it back); `report` is stored with the result and `summary_rows` print it.
 """
 
 from __future__ import annotations
@@ -60,6 +71,19 @@ class Method(ABC):
     def check_plan(self, plan: Plan) -> None:
         """Refuse, in one line, a plan this method cannot serve (an init a layer kind does not support): called
         where a run is resolved, before any data or weights load."""
+
+    def check_device(self, device: str) -> None:
+        """Refuse, in one line, a device type ("cuda", "mps", "cpu") the method cannot train on."""
+
+    def base_identity(self) -> dict[str, Any]:
+        """What, beside the model's files, sets the weights the base model computes with (QLoRA's 4-bit
+        quantization): part of the key of the cached base-model completions."""
+        return {}
+
+    @classmethod
+    def summary_rows(cls, report: dict[str, Any]) -> list[tuple[str, str]]:
+        """(label, value) rows `peftlab run` prints from the method's `report` (SparseLoRA's FLOPs)."""
+        return []
 
     def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
         """Optimizer parameter groups; biases and norms get no weight decay."""

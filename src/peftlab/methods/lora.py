@@ -73,6 +73,11 @@ class LoraMethod(Method):
             wrap_slices(unwrap(model), slices, self.spec.dropout)
         return model
 
+    def check_device(self, device: str) -> None:
+        if self.spec.init == "loftq" and device != "cuda":
+            raise PeftlabError(f"method {self.name} init loftq cannot run on {device}: PEFT's LoftQ quantizes the base "
+                               "weights with bitsandbytes on a CUDA device; use another init, or train.device cuda")
+
     def check_plan(self, plan: Plan) -> None:
         slices = any(p.site.is_slice for p in plan.sites)
         if slices and self.spec.init != "default":

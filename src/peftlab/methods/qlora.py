@@ -39,6 +39,15 @@ def compute_dtype(name: str) -> torch.dtype:
 class QLoraMethod(LoraMethod):
     name = "qlora"
 
+    def check_device(self, device: str) -> None:
+        if device == "mps":
+            raise PeftlabError("method qlora cannot run on mps: bitsandbytes' 4-bit kernels have no MPS backend; "
+                               "use method lora, or train.device cpu or cuda")
+        super().check_device(device)
+
+    def base_identity(self) -> dict[str, Any]:
+        return self.spec.model_dump(mode="json", include={"quant_type", "double_quant", "blocksize", "compute_dtype"})
+
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:
         slices = [p.site for p in plan.sites if p.site.is_slice]
         if slices:

@@ -110,6 +110,26 @@ class SparseLoraMethod(LoraMethod):
     position_wise = False  # routes each batch's positions (context sparse, outputs dense)
     split_ffn = True  # run FFNs held by one module as dense and narrow sparse groups (tests turn it off)
 
+    @classmethod
+    def summary_rows(cls, report: dict[str, Any]) -> list[tuple[str, str]]:
+        rows = []
+        flops = report.get("flops")
+        if flops:  # what the sparsified frozen projections ran, estimator included
+            rows.append(("frozen FLOPs executed (% of dense: sparsified blocks, all blocks)",
+                         f"{100 * flops['executed_share']:.1f}%, {100 * flops.get('all_projections_share', 1.0):.1f}%"))
+        calibration = report.get("calibration")
+        if calibration:  # sparsity: auto(...)
+            budget = f"sparsity auto, {calibration['loss_budget']:.1%} loss budget"
+            if calibration["dense"]:
+                return [*rows, (budget, "every block dense (LoRA)")]
+            sparse = sum(level > 0 for level in calibration["levels"].values())
+            held_out = calibration.get("held_out_increase")
+            rows.append((budget, f"{sparse} of {len(calibration['levels'])} blocks sparse; loss +"
+                                 f"{calibration['predicted_increase']:.2%} predicted, "
+                                 f"{calibration['measured_increase']:+.2%} measured"
+                                 + (f", {held_out:+.2%} held out" if held_out is not None else "")))
+        return rows
+
     def __init__(self, spec: SparseLoraSpec, total_steps: int | None = None):
         super().__init__(spec, total_steps)
         self.state = SparseState()

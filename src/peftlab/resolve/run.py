@@ -19,7 +19,7 @@ from peftlab.resolve.budget import match_budget
 from peftlab.specs import RunConfig
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
-from peftlab.train.device import check_method, choose_device
+from peftlab.train.device import choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
 from peftlab.train.run import ResolvedRun
@@ -65,10 +65,7 @@ def _check_before_reading(config: RunConfig) -> None:
     """What can be refused from the config alone (and the model's config): before any input is read."""
     if config.tracking is not None:
         check_backends(config.tracking)
-    device = choose_device(config.train.device)
-    check_method(device, config.method.name)  # before any data is read
-    if getattr(config.method, "init", "default") != "default":
-        check_method(device, f"{config.method.name} init {config.method.init}")
+    make_method(config.method).check_device(choose_device(config.train.device))  # before any data is read
     if config.train.checkpoint_every and not METHODS[config.method.name].resumable:
         raise PeftlabError(f"train.checkpoint_every: method {config.method.name} keeps training state that a "
                            "checkpoint does not hold, so it cannot resume from one; leave checkpoint_every at 0")

@@ -16,16 +16,6 @@ from peftlab.errors import PeftlabError
 
 DEVICES = ("auto", "cuda", "mps", "cpu")
 
-# method (or `method init X`) -> why it cannot run on a device type, and what can
-LOFTQ = ("PEFT's LoftQ quantizes the base weights with bitsandbytes on a CUDA device",
-         "use another init, or train.device cuda")
-UNSUPPORTED = {
-    "mps": {"qlora": ("bitsandbytes' 4-bit kernels have no MPS backend", "use method lora, or train.device cpu or cuda"),
-            "lora init loftq": LOFTQ},
-    "cpu": {"lora init loftq": LOFTQ},
-}
-
-
 @dataclass(frozen=True)
 class Backends:
     cuda: bool
@@ -51,14 +41,6 @@ def choose_device(requested: str = "auto", backends: Backends | None = None) -> 
         raise PeftlabError(f"train.device: {requested} is not available on this machine (torch finds "
                            f"{', '.join(found)}); use auto or one of those")
     return requested
-
-
-def check_method(device: str, method: str) -> None:
-    """A clear line where `method` (a name, or `lora init loftq`) cannot run on `device`."""
-    unsupported = UNSUPPORTED.get(device, {}).get(method)
-    if unsupported:
-        reason, instead = unsupported
-        raise PeftlabError(f"method {method} cannot run on {device}: {reason}; {instead}")
 
 
 def mixed_precision(requested: str, device: str, backends: Backends, cpu_bf16: bool) -> str:

@@ -400,11 +400,9 @@ def _base_completions(run: ResolvedRun, model, method: Method, accelerator: Acce
     spec = run.config.eval.generate
     if not spec.base:
         return None
-    quantization = run.method.model_dump(mode="json", include={"quant_type", "double_quant", "blocksize",
-                                                                "compute_dtype"})  # QLoRA's 4-bit base
     identity = {"model": run.model.model_dump(mode="json"), "weights": run.inputs.get("model"),
                 "weights_seed": run.config.train.seed if seeded_weights(run.model) else None,
-                "method": run.method.name, "quantization": quantization,
+                "method": run.method.name, "quantization": method.base_identity(),
                 "precision": accelerator.mixed_precision, "device": accelerator.device.type}
     file = cache_dir() / "generations" / f"{base_cache_key(identity, run.prompts, spec)}.json"
     if (cached := read_cached(file)) is not None:
