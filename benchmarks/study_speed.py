@@ -43,7 +43,7 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
     from peftlab.specs import RunConfig, StudySpec
     from peftlab.studies.grid import expand
     from peftlab.tasks.prepare import collate
-    from peftlab.train.run import _precision
+    from peftlab.train.context import precision
 
     accuracies = []
     for run in expand(load_spec(StudySpec, spec_file))[:limit]:
@@ -58,7 +58,7 @@ def trainer_runs(spec_file: Path, out: Path, limit: int | None = None) -> None:
                 num_train_epochs=spec.epochs, learning_rate=spec.lr, lr_scheduler_type=spec.schedule,
                 warmup_steps=round(spec.warmup_ratio * steps), weight_decay=spec.weight_decay,
                 max_grad_norm=spec.max_grad_norm or 0.0,
-                seed=spec.seed, bf16=_precision(spec.precision, "cuda" if torch.cuda.is_available() else "cpu") == "bf16", logging_strategy="no", save_strategy="no", report_to=[],
+                seed=spec.seed, bf16=precision(spec.precision, "cuda" if torch.cuda.is_available() else "cpu") == "bf16", logging_strategy="no", save_strategy="no", report_to=[],
                 disable_tqdm=True,
                 use_cpu=not torch.cuda.is_available(), remove_unused_columns=False)
             trainer = Trainer(model=model, args=arguments, train_dataset=data.train,

@@ -76,12 +76,12 @@ def test_same_seed_same_metrics(tmp_path, reviews_file):
 
 
 def test_native_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(monkeypatch):
-    from peftlab.train import run
+    from peftlab.train import context
 
-    monkeypatch.setattr(run, "cpu_has_bf16", lambda: True)
-    assert (run._precision("native", "cpu"), run._precision("auto", "cpu")) == ("bf16", "no")
-    monkeypatch.setattr(run, "cpu_has_bf16", lambda: False)
-    assert (run._precision("native", "cpu"), run._precision("auto", "cpu")) == ("no", "no")
+    monkeypatch.setattr(context, "cpu_has_bf16", lambda: True)
+    assert (context.precision("native", "cpu"), context.precision("auto", "cpu")) == ("bf16", "no")
+    monkeypatch.setattr(context, "cpu_has_bf16", lambda: False)
+    assert (context.precision("native", "cpu"), context.precision("auto", "cpu")) == ("no", "no")
 
 
 def test_bf16_autocast_on_cpu_trains_and_evaluates_in_bf16(tmp_path, reviews_file):
@@ -364,7 +364,7 @@ def test_cli_budget_chooses_the_prefix_length(tmp_path, alpaca_file, cli):
 
 
 def test_latency_times_a_fixed_random_sample_of_representative_length():
-    from peftlab.train.run import _eval_batches, latency_sample
+    from peftlab.train.phases import eval_batches, latency_sample
 
     split = [{"input_ids": list(range(1, n + 1)), "labels": n % 2} for n in range(1, 201)]  # 1 to 200 tokens
     sample = latency_sample(split, 2, 8, 0)
@@ -373,7 +373,7 @@ def test_latency_times_a_fixed_random_sample_of_representative_length():
     assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(sample, again))  # the same for every run
     tokens = sum(int(b["attention_mask"].sum()) for b in sample) / 16
     assert 50 < tokens < 150  # the split's mean is 100.5
-    shortest = _eval_batches(split, 8, 0)[:2]  # what was timed before: 1 to 16 tokens
+    shortest = eval_batches(split, 8, 0)[:2]  # what was timed before: 1 to 16 tokens
     assert max(b["input_ids"].shape[1] for b in shortest) == 16
     assert len(latency_sample(split[:5], 2, 8, 0)) == 1  # a split smaller than the sample: all of it, once
 

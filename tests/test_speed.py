@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import run_to_dict
 
-import peftlab.train.run as run_module
+import peftlab.train.context as run_module
 from peftlab.config import validate
 from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model

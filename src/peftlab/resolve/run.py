@@ -16,13 +16,13 @@ from peftlab.methods.registry import METHODS, make_method
 from peftlab.models.load import check_lengths, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
+from peftlab.resolve.resolved import ResolvedRun
 from peftlab.specs import RunConfig
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
 from peftlab.train.device import choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
-from peftlab.train.run import ResolvedRun
 from peftlab.train.tracking import check_backends
 
 

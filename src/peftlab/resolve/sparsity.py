@@ -15,7 +15,7 @@ from peftlab.methods.registry import make_method
 from peftlab.methods.sparsity_profile import Allocation, SparsityProfile, choose_levels
 from peftlab.models.load import head_modules, load_model
 from peftlab.specs import RunConfig
-from peftlab.train.run import initial_batches
+from peftlab.train.phases import initial_batches
 
 BUDGETS = (0.005, 0.01, 0.02, 0.05)  # loss budgets the command shows allocations for
 

@@ -1,0 +1,100 @@
+"""A run's context, built once and read by each of its phases (`train.phases`): the resolved run, the model with
+the method applied, the accelerator at the run's precision, the run's directory and its metrics history."""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from accelerate import Accelerator, DataLoaderConfiguration
+from accelerate.state import AcceleratorState
+from accelerate.utils import set_seed
+from torch import nn
+
+from peftlab.methods.base import Method, trainable_counts
+from peftlab.methods.registry import make_method
+from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.quantize import DTYPES, weight_bytes
+from peftlab.train.checkpoint import Checkpoints
+from peftlab.train.device import Backends, choose_device, cpu_has_bf16, memory_in_use, mixed_precision
+from peftlab.train.evaluate import evaluate
+
+if TYPE_CHECKING:
+    from peftlab.resolve.resolved import ResolvedRun
+    from peftlab.specs import TrainSpec
+
+Batches = list[dict[str, torch.Tensor]]
+
+
+@dataclass
+class RunContext:
+    run: ResolvedRun
+    model: nn.Module  # with the method applied, on the accelerator's device
+    method: Method
+    accelerator: Accelerator
+    partial_dir: Path  # where the run writes until it ends (`train.run.execute_run`)
+    memory_before: int  # bytes in use before the model loaded (imports and data: not what training costs)
+    base_params: int
+    head: list[str]  # the task head's modules
+    counts: dict[str, int]  # trainable parameters: the method's own ("adapter") and the head's
+    frozen: dict[str, int]  # frozen weight bytes ("quantized", "other") and "quantized_params"
+    record: Callable[[dict[str, Any]], None] = lambda row: None  # a row of metrics.jsonl (and the trackers)
+
+    @property
+    def train(self) -> TrainSpec:
+        return self.run.config.train
+
+    def evaluate(self, batches: Batches) -> dict[str, float]:
+        """A split's metrics at the training's precision, through the method's forward."""
+        data = self.run.data
+        return evaluate(self.model, batches, kind=data.kind, n_labels=len(data.labels), device=self.accelerator.device,
+                        autocast=self.accelerator.autocast, hidden_states=self.method.hidden_states)
+
+    def on_device(self, batches: Batches) -> Batches:
+        return [{k: v.to(self.accelerator.device) for k, v in b.items()} for b in batches]
+
+    def checkpoints(self) -> Checkpoints | None:
+        return checkpoints_for(self.run, self.partial_dir)
+
+
+def checkpoints_for(run: ResolvedRun, partial_dir: Path) -> Checkpoints | None:
+    every = run.config.train.checkpoint_every
+    return Checkpoints(partial_dir / "checkpoint", every) if every else None
+
+
+def build(run: ResolvedRun, partial_dir: Path) -> RunContext:
+    """The build phase: seeds, an accelerator at the run's precision, the model loaded and the method applied."""
+    spec = run.config.train
+    set_seed(spec.seed)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    # accelerate keeps one precision per process; a run sets its own (runs of one process may differ).
+    # The process-wide distributed state (PartialState) is kept.
+    AcceleratorState._reset_state()
+    device = choose_device(spec.device)  # the method's support for it was checked by `resolve_run`
+    # split_batches: train.batch_size is the global batch, shared out over the processes (train.distributed), so
+    # the prepared scheduler steps once per optimizer step, not once per process
+    accelerator = Accelerator(mixed_precision=precision(spec.precision, device), cpu=device == "cpu",
+                              dataloader_config=DataLoaderConfiguration(split_batches=True))
+    memory_before = memory_in_use(device)
+    model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype])
+    base_params = count_params(model)
+    head = head_modules(model)
+    method = make_method(run.method, run.total_steps)
+    model = method.apply(model, run.plan, head).to(accelerator.device)
+    return RunContext(run, model, method, accelerator, partial_dir, memory_before, base_params, head,
+                      trainable_counts(model, head), weight_bytes(model))
+
+
+def precision(requested: str, device: str) -> str:
+    """accelerate's mixed precision for `train.precision` on `device` (see `device.mixed_precision`); a warning
+    where bf16 autocast is asked for on a CPU without bf16 instructions."""
+    cpu_bf16 = cpu_has_bf16()
+    if device == "cpu" and requested == "bf16" and not cpu_bf16:
+        warnings.warn("train.precision: bf16 on a CPU where peftlab finds no bf16 instructions (AVX512-BF16 or "
+                      "AMX); it may be slower than fp32", stacklevel=2)
+    return mixed_precision(requested, device, Backends.present(), cpu_bf16)
+
