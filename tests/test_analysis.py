@@ -547,8 +547,12 @@ def test_each_metric_and_cost_is_declared_once_and_read_from_its_record():
 
     names = [m.name for m in measures.METRICS]
     assert len(names) == len(set(names)) and len({c.name for c in measures.COSTS}) == len(measures.COSTS)
-    assert measures.primary({"classification"}).name == "accuracy" and measures.primary({"instruction"}).name == "loss"
-    assert measures.primary({"classification", "instruction"}).name == "loss"  # mixed kinds: the loss both have
+    from peftlab.tasks.kinds import KINDS, primary_metric
+
+    assert primary_metric({"classification"}) == "accuracy" and primary_metric({"instruction"}) == "loss"
+    assert primary_metric({"classification", "instruction"}) == "loss"  # mixed kinds: the loss both have
+    for kind in KINDS.values():  # every kind's metrics are declared
+        assert all(measures.metric(name) is not None for name in (kind.primary, *kind.metrics)), kind.name
     assert not measures.higher_is_better("metrics.forgetting.increase") and measures.higher_is_better("metrics.test.rouge_l")
     assert measures.default_margin("metrics.test.perplexity", 6.9) == pytest.approx(0.138)  # 2% of the baseline's mean
     assert measures.label("metrics.test.rouge_l") == "ROUGE-L" and measures.label("unknown_thing") == "unknown thing"

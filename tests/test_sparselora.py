@@ -8,7 +8,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.registry import make_method
-from peftlab.methods.sparse_channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
+from peftlab.methods.sparselora.channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
 from peftlab.methods.sparselora import layer_sparsity
 from peftlab.methods.specs import LoraSpec, SparseLoraSpec
 from peftlab.models.load import count_params, head_modules, load_model, unwrap

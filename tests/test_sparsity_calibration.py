@@ -12,8 +12,8 @@ from conftest import make_plan
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.registry import make_method
-from peftlab.methods.sparse_channels import SparseProjection
-from peftlab.methods.sparsity_profile import (
+from peftlab.methods.sparselora.channels import SparseProjection
+from peftlab.methods.sparselora.profile import (
     BlockProfile,
     SparsityProfile,
     choose_levels,

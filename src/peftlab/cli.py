@@ -159,42 +159,45 @@ def run(
     """Train and evaluate one configuration; write config, plan, metrics, result and adapter."""
     from peftlab.api import run as run_config
     from peftlab.specs import RunConfig, config_id
+    from peftlab.train.distributed import is_main
 
-    overrides: dict[str, Any] = {
-        "model.name": model,
-        "task.name": task,
-        "task.path": str(data) if data else None,
-        "task.kind": kind,
-        "task.max_length": max_length,
-        "method.name": method.partition(":")[0] if method else None,
-        "method.type": method.partition(":")[2] or None if method else None,
-        "plan.placement.roles": placement,
-        "plan.placement.layers": layers,
-        **_allocation_override(allocation, rank),
-        "budget": budget,
-        "train.lr": lr,
-        "train.epochs": epochs,
-        "train.max_steps": max_steps,
-        "train.batch_size": batch_size,
-        "train.seed": seed,
-        "eval.generate.examples": generate,
-        "train.device": device,
-        "train.gradient_checkpointing": gradient_checkpointing,
-        "train.checkpoint_every": checkpoint_every,
-        "tracking.backends": [b.strip() for b in track.split(",")] if track is not None else None,
-    }
-    spec = _load(RunConfig, config, {k: v for k, v in overrides.items() if v is not None})
+    overrides = _run_overrides(dict(model=model, task=task, data=data, kind=kind, max_length=max_length, method=method,
+                                    placement=placement, layers=layers, allocation=allocation, rank=rank, budget=budget,
+                                    lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
+                                    generate=generate, device=device, gradient_checkpointing=gradient_checkpointing,
+                                    checkpoint_every=checkpoint_every, track=track))
+    spec = _load(RunConfig, config, overrides)
     if output is None:
         task_name = spec.task.name or (spec.task.path.stem if spec.task.path else "data")
         output = Path("runs") / f"{Path(spec.model.name).name}-{task_name}-{spec.method.name}-{config_id(spec)}"
     result = run_config(spec, output)
-    from peftlab.train.distributed import is_main
-
     if not is_main():  # one of several processes of this run: the main one reports
         return
     _print_result(result, output)
     if not result.done:
         raise typer.Exit(1)
+
+
+RUN_FLAGS = {"model": "model.name", "task": "task.name", "kind": "task.kind", "max_length": "task.max_length",
+             "placement": "plan.placement.roles", "layers": "plan.placement.layers", "budget": "budget",
+             "lr": "train.lr", "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
+             "seed": "train.seed", "generate": "eval.generate.examples", "device": "train.device",
+             "gradient_checkpointing": "train.gradient_checkpointing", "checkpoint_every": "train.checkpoint_every"}
+"""`run`'s flags that set one config field as given."""
+
+
+def _run_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """The dotted config fields `run`'s flags set (those given)."""
+    method, data, track = flags["method"], flags["data"], flags["track"]
+    overrides: dict[str, Any] = {
+        **{RUN_FLAGS[name]: value for name, value in flags.items() if name in RUN_FLAGS},
+        "task.path": str(data) if data else None,
+        "method.name": method.partition(":")[0] if method else None,
+        "method.type": method.partition(":")[2] or None if method else None,
+        **_allocation_override(flags["allocation"], flags["rank"]),
+        "tracking.backends": [b.strip() for b in track.split(",")] if track is not None else None,
+    }
+    return {k: v for k, v in overrides.items() if v is not None}
 
 
 def _print_result(result: RunResult, output: Path) -> None:
@@ -309,7 +312,7 @@ def sparsity(
 
 
 def _print_sparsity(profile, allocations) -> None:
-    from peftlab.methods.sparsity_profile import MEASURES as PROFILE_MEASURES
+    from peftlab.methods.sparselora.profile import MEASURES as PROFILE_MEASURES
 
     table = Table(title=f"{PROFILE_MEASURES[profile.measure]}, one block sparse at a time (base loss {profile.base_loss:.4f}, "
                         f"{profile.examples} examples{', cached' if profile.cached else ''})")

@@ -141,19 +141,9 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
             exclude_degenerate: bool = False, count_degenerate: bool = False, verdicts_only: bool = False) -> Analysis:
     """The study's analysis. `verdicts_only`: the verdicts' outcomes and nothing the report adds (power
     figures, recommendations, limits, samples), for deciding which seeds to add after each look."""
-    store = open_existing(study_dir)
-    try:  # what the analysis reads of the database, read at once
-        rows = run_rows(store)
-        configs = {r["id"]: json.loads(r["config"]) for r in store.rows()}
-        current = store.current_groups()  # runs an edited spec left behind under a label are not compared
-        tuning = rate_choices(store)
-    finally:
-        store.close()
+    rows, configs, current, tuning = _read_store(study_dir)
     spec = _read_spec(study_dir)
-    if metric is None:
-        metric = primary_metric(rows)[0]
-    else:
-        metric = _known_metric(metric, rows)
+    metric = primary_metric(rows)[0] if metric is None else _known_metric(metric, rows)
     higher = measures.higher_is_better(metric)
     if cost not in COST_BY_NAME:
         raise PeftlabError(f"--cost {cost!r}: valid costs are {', '.join(COST_BY_NAME)}")
@@ -161,25 +151,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
             and current.get(r["label"]) == r["group"]]
     if not done:
         raise PeftlabError(f"{study_dir}: no finished run has {metric}; run the study first")
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for row in done:
-        groups.setdefault(row["group"], []).append(row)
-    configurations = []
-    for group, every_run in groups.items():
-        flagged = {r["seed"]: reason for r in every_run if (reason := degenerate_reason(r))}
-        runs = [r for r in every_run if r["seed"] not in flagged] if exclude_degenerate else every_run
-        if not runs:  # every run of this configuration is degenerate and left out
-            continue
-        quality = {r["seed"]: r[metric] for r in runs}
-        costs = {name: summarize([r[column] for r in runs if r.get(column) is not None], method=interval)
-                 for name, column in {**{c.name: f"cost.{c.column}" for c in COSTS}, "base": "cost.base_params",
-                                      "total": "cost.total_params"}.items()}
-        numeric = sorted({k for r in runs for k, v in r.items() if k.startswith(("metrics.", "cost."))
-                          and isinstance(v, (int, float)) and not isinstance(v, bool)})
-        every = {k: summarize([r[k] for r in runs if isinstance(r.get(k), (int, float))], method=interval) for k in numeric}
-        configurations.append(Configuration(group, runs[0]["label"], configs[runs[0]["id"]], runs, quality,
-                                            summarize(list(quality.values()), method=interval), costs, every,
-                                            degenerate=flagged))
+    configurations = _configurations(done, configs, metric, interval, exclude_degenerate)
     if not configurations:
         raise PeftlabError(f"{study_dir}: every finished run is degenerate; nothing is left to compare without them")
     configurations.sort(key=lambda c: (c.costs[cost].mean, c.label))
@@ -189,17 +161,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         c.comparison = compare(c.quality, chosen.quality, test)
     margin = margin or spec.get("margin") or measures.default_margin(metric, chosen.summary.mean)
     design = _design(spec, study_dir)
-    judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
-    # the pooled spread of the equivalence tests: from comparisons without degenerate runs (where there are any)
-    clean = [not c.degenerate and not chosen.degenerate for c in judged]
-    verdicts = judge([c.comparison for c in judged], margin, higher, design, power_figures=not verdicts_only,
-                     pooled_from=clean if any(clean) else None)
-    for c, v in zip(judged, verdicts):
-        c.p_holm, c.verdict = v.p, v
-    for c in others:
-        if c not in judged:
-            reason = _not_trained_reason(c, tuning) if not c.trained else _not_trained_reason(chosen, tuning, True)
-            c.verdict = not_trained(margin, reason)
+    _judge(chosen, others, margin, higher, design, count_degenerate, tuning, power_figures=not verdicts_only)
     front = pareto_front([c.costs[cost].mean for c in configurations], [c.summary.mean for c in configurations], higher)
     for c, on in zip(configurations, front):
         c.on_front = on
@@ -208,18 +170,76 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
                         exclude_degenerate, design=design)
     analysis.count_degenerate = count_degenerate
     analysis.tuning = tuning
-    if verdicts_only:
-        return analysis
+    if not verdicts_only:
+        _add_report_findings(analysis, rows, study_dir)
+    return analysis
+
+
+def _read_store(study_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str], dict[str, RateChoice]]:
+    """What the analysis reads of the database, read at once: the run rows, each run's config, each label's
+    current group (runs an edited spec left behind under a label are not compared) and the rate choices."""
+    store = open_existing(study_dir)
+    try:
+        return (run_rows(store), {r["id"]: json.loads(r["config"]) for r in store.rows()}, store.current_groups(),
+                rate_choices(store))
+    finally:
+        store.close()
+
+
+def _configurations(done: list[dict[str, Any]], configs: dict[str, Any], metric: str, interval: str,
+                    exclude_degenerate: bool) -> list[Configuration]:
+    """One per group of finished runs, with its quality, costs and every numeric column summarized; degenerate
+    runs flagged (and left out with `exclude_degenerate`)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in done:
+        groups.setdefault(row["group"], []).append(row)
+    cost_columns = {**{c.name: f"cost.{c.column}" for c in COSTS}, "base": "cost.base_params", "total": "cost.total_params"}
+    configurations = []
+    for group, every_run in groups.items():
+        flagged = {r["seed"]: reason for r in every_run if (reason := degenerate_reason(r))}
+        runs = [r for r in every_run if r["seed"] not in flagged] if exclude_degenerate else every_run
+        if not runs:  # every run of this configuration is degenerate and left out
+            continue
+        quality = {r["seed"]: r[metric] for r in runs}
+        costs = {name: summarize([r[column] for r in runs if r.get(column) is not None], method=interval)
+                 for name, column in cost_columns.items()}
+        numeric = sorted({k for r in runs for k, v in r.items() if k.startswith(("metrics.", "cost."))
+                          and isinstance(v, (int, float)) and not isinstance(v, bool)})
+        every = {k: summarize([r[k] for r in runs if isinstance(r.get(k), (int, float))], method=interval) for k in numeric}
+        configurations.append(Configuration(group, runs[0]["label"], configs[runs[0]["id"]], runs, quality,
+                                            summarize(list(quality.values()), method=interval), costs, every,
+                                            degenerate=flagged))
+    return configurations
+
+
+def _judge(chosen: Configuration, others: list[Configuration], margin: float, higher: bool, design: Design,
+           count_degenerate: bool, tuning: dict[str, RateChoice], power_figures: bool) -> None:
+    """Each comparison's verdict; a configuration that never trained (or against a baseline that never did) gets
+    none unless `count_degenerate`."""
+    judged = [c for c in others if count_degenerate or (c.trained and chosen.trained)]
+    # the pooled spread of the equivalence tests: from comparisons without degenerate runs (where there are any)
+    clean = [not c.degenerate and not chosen.degenerate for c in judged]
+    verdicts = judge([c.comparison for c in judged], margin, higher, design, power_figures=power_figures,
+                     pooled_from=clean if any(clean) else None)
+    for c, v in zip(judged, verdicts):
+        c.p_holm, c.verdict = v.p, v
+    for c in others:
+        if c not in judged:
+            reason = _not_trained_reason(c, tuning) if not c.trained else _not_trained_reason(chosen, tuning, True)
+            c.verdict = not_trained(margin, reason)
+
+
+def _add_report_findings(analysis: Analysis, rows: list[dict[str, Any]], study_dir: Path) -> None:
+    """What the report adds to the verdicts: recommendations, convergence, limits, provenance, samples."""
     analysis.recommendations = recommend(analysis)
-    for c in configurations:
-        c.improvement = improvement(c.runs, metric, higher, margin)
+    for c in analysis.configurations:
+        c.improvement = improvement(c.runs, analysis.metric, analysis.higher_is_better, analysis.margin)
     analysis.limits = limits(analysis, rows)
-    analysis.provenance = provenance_lines([r for c in configurations for r in c.runs])
-    for c in configurations:
+    analysis.provenance = provenance_lines([r for c in analysis.configurations for r in c.runs])
+    for c in analysis.configurations:
         first = min(c.runs, key=lambda r: r["seed"])
         if shown := read_samples(run_dir(study_dir, first["id"]), SAMPLES_SHOWN):
             analysis.samples[c.label] = shown
-    return analysis
 
 
 def improvement(runs: list[dict[str, Any]], metric: str, higher: bool, margin: float) -> Improvement | None:

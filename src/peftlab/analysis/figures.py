@@ -152,7 +152,7 @@ def make_figures(analysis: Analysis, study_dir: Path, folder: Path) -> dict[str,
 def sparsity_heatmap(profile, model: str, folder: Path) -> Path:
     """What the budget bounds (%: the loss increase, or the classifier's representation error) per layer (rows)
     and block at each level (columns), from a sparsity profile."""
-    from peftlab.methods.sparsity_profile import MEASURES
+    from peftlab.methods.sparselora.profile import MEASURES
 
     n_layers = max(b.layer for b in profile.blocks) + 1
     columns = [(block, level) for block in ("ffn", "attention") for level in profile.levels]

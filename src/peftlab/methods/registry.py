@@ -12,7 +12,7 @@ from peftlab.methods.lora import LoraMethod
 from peftlab.methods.peft_types import PeftTypeMethod
 from peftlab.methods.prefix import PrefixMethod
 from peftlab.methods.qlora import QLoraMethod
-from peftlab.methods.sparselora import SparseLoraMethod
+from peftlab.methods.sparselora.method import SparseLoraMethod
 from peftlab.methods.specs import SPECS
 
 METHODS: dict[str, type[Method]] = {

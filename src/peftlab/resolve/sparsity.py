@@ -12,7 +12,7 @@ from typing import Any
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.methods.registry import make_method
-from peftlab.methods.sparsity_profile import Allocation, SparsityProfile, choose_levels
+from peftlab.methods.sparselora.profile import Allocation, SparsityProfile, choose_levels
 from peftlab.models.load import head_modules, load_model
 from peftlab.specs import RunConfig
 from peftlab.train.phases import initial_batches

@@ -47,7 +47,7 @@ class TaskKind:
     generates: ClassVar[bool]
     """Completions, the forgetting probe and the base model's loss apply (`eval.generate`, `eval.forgetting`)."""
     profile_measure: ClassVar[str]
-    """What a calibrated SparseLoRA loss budget bounds (`methods.sparsity_profile.MEASURES`)."""
+    """What a calibrated SparseLoRA loss budget bounds (`methods.sparselora.profile.MEASURES`)."""
 
     def check_model(self, spec: ModelSpec) -> None:
         """Refuse, in one line and before any data is read, a model that cannot learn this kind."""

@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -86,47 +87,21 @@ def train_loop(
     evaluations = evaluation_steps(spec, total_steps)
     batches = forever(loader)
     model.train()
-    seconds, tokens, positions, window, final_loss, first = 0.0, 0, 0, [], float("nan"), 1
-    done = checkpoints.latest_step() if checkpoints is not None else 0
-    if done:
-        for _ in range(done * spec.grad_accum):  # the batches already trained on (the sampler is seeded);
-            next(batches)  # drawn before the generators are restored: a new epoch's loader draws a seed
-        state = checkpoints.restore(model, optimizer, scheduler)
-        seconds, tokens, positions = state["seconds"], state["tokens"], state["positions"]
-        window, final_loss, first = state["window"], state["final_loss"], done + 1
+    totals = _resume(checkpoints, batches, spec.grad_accum, model, optimizer, scheduler)
+    first = totals.resumed_from + 1
     columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
                TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
     with Progress(*columns, transient=True, disable=not distributed.is_main()) as progress:
-        bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=final_loss, tps=0.0)
+        bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=totals.final_loss, tps=0.0)
         for step in range(first, total_steps + 1):
             start = time.perf_counter()
             step_loss = 0.0
             for _ in range(spec.grad_accum):  # micro-batches of one optimizer step
-                batch, has_rows = distributed.shard(next(batches))  # this process's rows of the global batch
-                index = batch.pop("index")
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                length = batch["input_ids"].shape[1]
-                method.prepare_batch(batch)
-                with accelerator.autocast(), batch_context(features, index, length, accelerator.device):
-                    nll, count, _ = batch_nll(model, batch, kind, method.hidden_states)
-                mask = batch["attention_mask"]
-                # each process divides by the count of the whole global micro-batch, so the gradients summed over
-                # the processes are those of the mean over all of its predictions
-                local = [float(count), float(mask.sum()), float(mask.numel())] if has_rows else [0.0] * 3
-                total_count, batch_tokens, batch_positions = distributed.sum_across(local)
-                loss = nll / total_count if has_rows else nll * 0.0
-                penalty = method.regularization(model)
-                if penalty is not None:  # every process adds it, and their gradients are summed
-                    loss = loss + penalty / distributed.process_count()
-                loss = loss / spec.grad_accum
-                value = distributed.sum_across([loss.item()])[0]  # the same on every process: they stop together
+                value = _micro_batch(next(batches), model, method, kind, spec.grad_accum, accelerator, features, totals)
                 if not math.isfinite(value):
-                    return LoopResult(step - 1, seconds, tokens, positions, float("nan"),
+                    return LoopResult(step - 1, totals.seconds, totals.tokens, totals.positions, float("nan"),
                                       f"non-finite loss ({value}) at step {step}")
-                accelerator.backward(loss)
                 step_loss += value
-                tokens += int(batch_tokens)
-                positions += int(batch_positions)
             distributed.sum_gradients(trainable)
             if spec.max_grad_norm:
                 accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
@@ -134,16 +109,75 @@ def train_loop(
             scheduler.step()
             method.on_step(model, step, total_steps)  # before zero_grad: AdaLoRA reads the gradients
             optimizer.zero_grad(set_to_none=True)
-            seconds += time.perf_counter() - start
-            window.append(step_loss)
-            progress.update(bar, advance=1, loss=step_loss, tps=tokens / seconds)
+            totals.seconds += time.perf_counter() - start
+            totals.window.append(step_loss)
+            progress.update(bar, advance=1, loss=step_loss, tps=totals.tokens / totals.seconds)
             if step % spec.log_every == 0 or step == total_steps:
-                on_log({"step": step, "train_loss": sum(window) / len(window), "lr": scheduler.get_last_lr()[0],
-                        "tokens_per_second": tokens / seconds})
-                final_loss, window = sum(window) / len(window), []
+                on_log({"step": step, "train_loss": sum(totals.window) / len(totals.window),
+                        "lr": scheduler.get_last_lr()[0], "tokens_per_second": totals.tokens / totals.seconds})
+                totals.final_loss, totals.window = sum(totals.window) / len(totals.window), []
             if step in evaluations:
                 on_eval(step)
             if checkpoints is not None and checkpoints.due(step, total_steps):
-                checkpoints.save(step, model, optimizer, scheduler, {"seconds": seconds, "tokens": tokens,
-                                 "positions": positions, "window": window, "final_loss": final_loss})
-    return LoopResult(total_steps, seconds, tokens, positions, final_loss, resumed_from=first - 1)
+                checkpoints.save(step, model, optimizer, scheduler, totals.state())
+    return LoopResult(total_steps, totals.seconds, totals.tokens, totals.positions, totals.final_loss,
+                      resumed_from=first - 1)
+
+
+@dataclass
+class _Totals:
+    """What the loop has counted so far (a checkpoint keeps it)."""
+
+    seconds: float = 0.0
+    tokens: int = 0
+    positions: int = 0
+    window: list[float] = field(default_factory=list)  # step losses since the last log row
+    final_loss: float = float("nan")
+    resumed_from: int = 0
+
+    def state(self) -> dict[str, Any]:
+        return {"seconds": self.seconds, "tokens": self.tokens, "positions": self.positions, "window": self.window,
+                "final_loss": self.final_loss}
+
+
+def _resume(checkpoints: Checkpoints | None, batches: Iterator[dict], grad_accum: int, model, optimizer,
+            scheduler) -> _Totals:
+    """The totals at the latest checkpoint, with the model, optimizer and scheduler restored to it and the
+    batches it trained on drawn; fresh totals without one."""
+    done = checkpoints.latest_step() if checkpoints is not None else 0
+    if not done:
+        return _Totals()
+    for _ in range(done * grad_accum):  # the batches already trained on (the sampler is seeded);
+        next(batches)  # drawn before the generators are restored: a new epoch's loader draws a seed
+    state = checkpoints.restore(model, optimizer, scheduler)
+    return _Totals(state["seconds"], state["tokens"], state["positions"], state["window"], state["final_loss"], done)
+
+
+def _micro_batch(drawn: dict, model, method: Method, kind: str, grad_accum: int, accelerator: Accelerator,
+                 features: Sequence[SpeedFeature], totals: _Totals) -> float:
+    """Forward and backward of one micro-batch (this process's rows of the global batch); its loss, summed over
+    the processes. A non-finite loss is returned before any gradient is taken."""
+    batch, has_rows = distributed.shard(drawn)
+    index = batch.pop("index")
+    batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+    length = batch["input_ids"].shape[1]
+    method.prepare_batch(batch)
+    with accelerator.autocast(), batch_context(features, index, length, accelerator.device):
+        nll, count, _ = batch_nll(model, batch, kind, method.hidden_states)
+    mask = batch["attention_mask"]
+    # each process divides by the count of the whole global micro-batch, so the gradients summed over
+    # the processes are those of the mean over all of its predictions
+    local = [float(count), float(mask.sum()), float(mask.numel())] if has_rows else [0.0] * 3
+    total_count, batch_tokens, batch_positions = distributed.sum_across(local)
+    loss = nll / total_count if has_rows else nll * 0.0
+    penalty = method.regularization(model)
+    if penalty is not None:  # every process adds it, and their gradients are summed
+        loss = loss + penalty / distributed.process_count()
+    loss = loss / grad_accum
+    value = distributed.sum_across([loss.item()])[0]  # the same on every process: they stop together
+    if not math.isfinite(value):
+        return value
+    accelerator.backward(loss)
+    totals.tokens += int(batch_tokens)
+    totals.positions += int(batch_positions)
+    return value

@@ -2,7 +2,7 @@
 
 The adapters are LoRA's, on the plan. On top, each layer's FFN and attention run sparse in training:
 a rank-k SVD estimator (computed once per model and cached on disk) picks the channels that matter for
-the batch; the frozen projections compute only those (see `sparse_channels`). Context tokens run sparse,
+the batch; the frozen projections compute only those (see `channels`). Context tokens run sparse,
 supervised output tokens dense; the first steps run dense; sparsity is set per layer and block, deeper
 layers sparser by default. Evaluation, merging and saving are LoRA's: the result is a LoRA adapter.
 The FLOPs the frozen projections executed against their dense cost are reported per step.
@@ -26,7 +26,7 @@ from peftlab.files import save_tensors_atomic, tensor_bytes, write_atomic
 from peftlab.methods.fused_slices import SliceLoRA
 from peftlab.methods.lora import LoraMethod
 from peftlab.methods.low_rank import LowRankLinear
-from peftlab.methods.sparse_channels import (
+from peftlab.methods.sparselora.channels import (
     AttentionBlock,
     Block,
     FfnBlock,
@@ -39,7 +39,7 @@ from peftlab.methods.sparse_channels import (
     split_ffn,
     unsplit_ffn,
 )
-from peftlab.methods.sparsity_profile import (
+from peftlab.methods.sparselora.profile import (
     SparsityProfile,
     allocation_increase,
     block_name,

@@ -39,7 +39,7 @@ from rich.progress import (
 )
 from torch import nn
 
-from peftlab.methods.sparse_channels import (
+from peftlab.methods.sparselora.channels import (
     Block,
     Flops,
     NarrowLoraLinear,
