@@ -428,6 +428,7 @@ def test_an_edited_label_is_compared_and_seeded_as_its_newest_configuration(synt
     from peftlab.analysis.analyze import analyze
     from peftlab.api import make_plan
     from peftlab.config import load_spec, validate
+    from peftlab.records.results import Snapshot
     from peftlab.records.store import open_existing
     from peftlab.specs import PlanConfig, RunConfig, StudySpec
     from peftlab.studies.adaptive import seed_counts
@@ -452,7 +453,7 @@ def test_an_edited_label_is_compared_and_seeded_as_its_newest_configuration(synt
     ffn = by_label["placement=ffn"].quality  # the new configuration's runs (and any seed a look added to it)
     assert [ffn[seed] for seed in range(3)] == [0.79, 0.80, 0.81] and set(ffn.values()) <= {0.79, 0.80, 0.81, 0.8}
     assert by_label["placement=ffn"].group == new_ffn[0].group and len(by_label) == 3
-    counts = seed_counts(edited, open_existing(synthetic_study), synthetic_study)
+    counts = seed_counts(edited, Snapshot.of(open_existing(synthetic_study)), synthetic_study)
     assert max(counts.values()) <= 4
 
 

@@ -95,7 +95,7 @@ def test_training_checkpoints_are_refused_over_several_processes(monkeypatch, tm
 def test_a_study_run_over_several_processes_is_stored_like_one_in_one_process(tmp_path, reviews_file, private_cache):
     """What a Ray task holding two GPUs runs (here two CPU processes): the run under torchrun, its result read
     back as the study's worker reads a run's result."""
-    from peftlab.studies.runner import processes_per_run
+    from peftlab.studies.executors import processes_per_run
     from peftlab.studies.worker import execute_parallel_study_run, execute_study_run
 
     config = validate(RunConfig, {"model": {"name": "tiny-bert", "dropout": 0.0},

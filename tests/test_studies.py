@@ -231,6 +231,7 @@ def finish(store, run_id, validation, test):
 
 def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     from peftlab.analysis.analyze import analyze
+    from peftlab.records.results import Snapshot
     from peftlab.records.tuning import chosen_rates, rate_choices
     from peftlab.studies.runner import add_runs, open_study
 
@@ -240,19 +241,19 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     assert added == 4 and {r["phase"] for r in rows} == {"tune"}  # 2 configurations x 2 rates x 1 tuning seed
     assert {json.loads(r["config"])["train"]["seed"] for r in rows} == {7}
     assert all(not json.loads(r["config"])["train"]["evaluate_test"] for r in rows)  # the test split is not read
-    assert chosen_rates(store) == {}  # nothing finished: no seed run yet
+    assert chosen_rates(Snapshot.of(store)) == {}  # nothing finished: no seed run yet
     for row in rows:  # validation prefers 1e-3, test would prefer 1e-2
         low = json.loads(row["config"])["train"]["lr"] == 1e-3
         finish(store, row["id"], validation=0.9 if low else 0.7, test=0.6 if low else 0.95)
-    assert chosen_rates(store) == {"placement=all": 1e-3, "placement=attention": 1e-3}
-    choice = rate_choices(store)["placement=all"]
+    assert chosen_rates(Snapshot.of(store)) == {"placement=all": 1e-3, "placement=attention": 1e-3}
+    choice = rate_choices(Snapshot.of(store))["placement=all"]
     assert choice.scores == {1e-3: 0.9, 1e-2: 0.7} and choice.at_edge and not choice.undecided
-    assert add_runs(spec, store) == 4  # the seed runs, at the chosen rate
+    assert add_runs(spec, store, tmp_path / "study") == 4  # the seed runs, at the chosen rate
     main = [r for r in store.rows() if r["phase"] == "main"]
     assert {json.loads(r["config"])["train"]["lr"] for r in main} == {1e-3}
     assert all(json.loads(r["config"])["train"]["evaluate_test"] for r in main)
     assert sorted(r["seed"] for r in main) == [0, 0, 1, 1]
-    assert add_runs(spec, store) == 0  # resumable: the same choice, the same runs
+    assert add_runs(spec, store, tmp_path / "study") == 0  # resumable: the same choice, the same runs
     for row in main:
         finish(store, row["id"], validation=0.8, test=0.8 + 0.01 * row["seed"])
     analysis = analyze(tmp_path / "study")
@@ -261,13 +262,14 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
 
 
 def test_a_tie_over_the_whole_grid_is_named_not_taken_for_a_choice(data_file, tmp_path):
+    from peftlab.records.results import Snapshot
     from peftlab.records.tuning import rate_choices
     from peftlab.studies.runner import open_study
 
     store, _ = open_study(tuned_spec(data_file), tmp_path / "study")
     for row in store.rows():  # every rate collapsed to the majority class
         finish(store, row["id"], validation=0.62, test=0.62)
-    choice = rate_choices(store)["placement=all"]
+    choice = rate_choices(Snapshot.of(store))["placement=all"]
     assert choice.undecided and choice.rate == 1e-3
 
 
@@ -279,33 +281,34 @@ def test_a_configuration_whose_every_rate_failed_records_why(data_file, tmp_path
     for row in store.rows():
         store.mark_running(row["id"], None)
         store.finish(row["id"], "failed", None, "non-finite loss")
-    add_runs(spec, store)
+    add_runs(spec, store, tmp_path / "study")
     main = [r for r in store.rows() if r["phase"] == "main"]
     assert len(main) == 4 and all(r["status"] == "failed" for r in main)
     assert "every learning rate of the grid failed (0.001, 0.01)" in main[0]["error"]
 
 
-def test_seed_runs_start_once_their_configuration_is_tuned_and_rounds_wait_for_every_run(data_file, tmp_path, monkeypatch):
-    """The runner asks for new runs after every finished one: a configuration's seed runs as soon as its own
+def test_seed_runs_start_once_their_configuration_is_tuned_and_rounds_wait_for_every_run(data_file, tmp_path):
+    """The scheduler gives new runs after every finished one: a configuration's seed runs as soon as its own
     tuning is done (other configurations may still tune); a round of seeds until resolved only once every
-    run of the round is done."""
+    run of the round is done. An executor that records made-up results runs the study without processes."""
     from peftlab.studies import runner
 
     spec = tiny_spec(data_file, tune={"lr": [1e-3, 1e-2], "seeds": [7]}, seeds={"min": 2, "max": 3})
     known: list[tuple[tuple[str, str], list[tuple[str, str, int]]]] = []
 
-    def one_at_a_time(store, study_dir, ids, jobs, threads, on_done):
-        queue = list(ids)
-        while queue:
-            row = store.get(queue.pop(0))
-            accuracy = 0.8 + (0.05 * (-1) ** row["seed"] if row["label"] == "placement=attention" else 0.0)
-            finish(store, row["id"], validation=0.7, test=accuracy + 0.01 * row["seed"])
-            new = on_done()
-            known.append(((row["label"], row["phase"]), [(store.get(i)["label"], store.get(i)["phase"], store.get(i)["seed"]) for i in new]))
-            queue.extend(new)
+    class OneAtATime:
+        def run(self, store, study_dir, ids, next_runs):
+            queue = list(ids)
+            while queue:
+                row = store.get(queue.pop(0))
+                accuracy = 0.8 + (0.05 * (-1) ** row["seed"] if row["label"] == "placement=attention" else 0.0)
+                finish(store, row["id"], validation=0.7, test=accuracy + 0.01 * row["seed"])
+                new = next_runs(row["id"])
+                known.append(((row["label"], row["phase"]), [(store.get(i)["label"], store.get(i)["phase"],
+                                                              store.get(i)["seed"]) for i in new]))
+                queue.extend(new)
 
-    monkeypatch.setattr(runner, "run_local", one_at_a_time)
-    store = runner.run_study(spec, tmp_path / "s", jobs=2, threads=1)
+    store = runner.run_study(spec, tmp_path / "s", executor=OneAtATime())
     # the queue starts with every tuning run, `all`'s before `attention`'s (by label): all's seed runs become
     # known after its second tuning run, before any of attention's tuning runs has finished
     assert known[1] == (("placement=all", "tune"), [("placement=all", "main", 0), ("placement=all", "main", 1)])
@@ -455,3 +458,21 @@ def test_runs_of_an_older_peftlab_without_fingerprints_are_reused_with_a_note(tm
     again = run_study(spec, study_dir, threads=1)
     assert again.rows()[0]["attempts"] == 1
     assert "1 finished run(s) recorded no input fingerprints" in capsys.readouterr().err
+
+
+def test_the_rate_choice_is_a_function_of_the_stored_rows():
+    """Tuning decides from a snapshot of the store's rows: no database, no process."""
+    from peftlab.records.results import Snapshot
+    from peftlab.records.tuning import chosen_rates
+
+    rows, configs = [], {}
+    for i, (label, lr, accuracy, status) in enumerate([("a", 1e-3, 0.7, "done"), ("a", 1e-2, 0.9, "done"),
+                                                        ("b", 1e-3, 0.8, "done"), ("b", 1e-2, None, "failed"),
+                                                        ("c", 1e-3, None, "failed"), ("c", 1e-2, None, "failed"),
+                                                        ("d", 1e-3, 0.6, "done"), ("d", 1e-2, None, "running")]):
+        rows.append({"id": str(i), "phase": "tune", "label": label, "status": status, "kind": "classification",
+                     "metrics.validation.accuracy": accuracy})
+        configs[str(i)] = {"train": {"lr": lr}}
+    chosen = chosen_rates(Snapshot(rows, configs, {}))
+    assert chosen["a"] == 1e-2 and chosen["b"] == 1e-3 and "d" not in chosen  # d: still tuning
+    assert chosen["c"] == "tuning: every learning rate of the grid failed (0.001, 0.01)"

@@ -3,7 +3,6 @@ frontier, recommendations and the study's limits. Everything the report shows is
 
 from __future__ import annotations
 
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from peftlab.analysis.stats import (
 )
 from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
-from peftlab.records.results import primary_metric, run_rows
+from peftlab.records.results import Snapshot, primary_metric
 from peftlab.records.store import open_existing, run_dir
 from peftlab.records.tuning import RateChoice, rate_choices
 from peftlab.train.result import read_samples
@@ -139,10 +138,25 @@ def _known_metric(given: str, rows: list[dict[str, Any]]) -> str:
 def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable", baseline: str | None = None,
             test: str = "t", interval: str = "t", margin: float | None = None,
             exclude_degenerate: bool = False, count_degenerate: bool = False, verdicts_only: bool = False) -> Analysis:
-    """The study's analysis. `verdicts_only`: the verdicts' outcomes and nothing the report adds (power
-    figures, recommendations, limits, samples), for deciding which seeds to add after each look."""
-    rows, configs, current, tuning = _read_store(study_dir)
-    spec = _read_spec(study_dir)
+    """The study's analysis, from its store and spec. `verdicts_only`: the verdicts' outcomes and nothing the report
+    adds (power figures, recommendations, limits, samples), for deciding which seeds to add after each look."""
+    store = open_existing(study_dir)
+    try:
+        snapshot = Snapshot.of(store)
+    finally:
+        store.close()
+    return analyze_snapshot(snapshot, _read_spec(study_dir), study_dir, metric, cost, baseline, test, interval, margin,
+                            exclude_degenerate, count_degenerate, verdicts_only)
+
+
+def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, metric: str | None = None,
+                     cost: str = "trainable", baseline: str | None = None, test: str = "t", interval: str = "t",
+                     margin: float | None = None, exclude_degenerate: bool = False, count_degenerate: bool = False,
+                     verdicts_only: bool = False) -> Analysis:
+    """`analyze` of the stored runs `snapshot` and the study's `spec` (as study.yaml holds it); `study_dir` is read
+    only for the report's samples (not with `verdicts_only`)."""
+    rows, configs, current = snapshot.rows, snapshot.configs, snapshot.current
+    tuning = rate_choices(snapshot)
     metric = primary_metric(rows)[0] if metric is None else _known_metric(metric, rows)
     higher = measures.higher_is_better(metric)
     if cost not in COST_BY_NAME:
@@ -173,17 +187,6 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
     if not verdicts_only:
         _add_report_findings(analysis, rows, study_dir)
     return analysis
-
-
-def _read_store(study_dir: Path) -> tuple[list[dict[str, Any]], dict[str, Any], dict[str, str], dict[str, RateChoice]]:
-    """What the analysis reads of the database, read at once: the run rows, each run's config, each label's
-    current group (runs an edited spec left behind under a label are not compared) and the rate choices."""
-    store = open_existing(study_dir)
-    try:
-        return (run_rows(store), {r["id"]: json.loads(r["config"]) for r in store.rows()}, store.current_groups(),
-                rate_choices(store))
-    finally:
-        store.close()
 
 
 def _configurations(done: list[dict[str, Any]], configs: dict[str, Any], metric: str, interval: str,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,20 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
         row["kind"] = result.data.get("kind")
         rows.append(row)
     return rows
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What a study's store holds at one moment, read at once: what the analysis, tuning and adaptive seeding
+    decide from (so each is a function of it, testable without a database or processes)."""
+
+    rows: list[dict[str, Any]]  # one flat row per run (`run_rows`)
+    configs: dict[str, dict[str, Any]]  # run id -> its config
+    current: dict[str, str]  # label -> its current group (runs an edited spec left behind are not compared)
+
+    @classmethod
+    def of(cls, store: Store) -> Snapshot:
+        return cls(run_rows(store), {r["id"]: json.loads(r["config"]) for r in store.rows()}, store.current_groups())
 
 
 def primary_metric(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, bool]:

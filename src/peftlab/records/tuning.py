@@ -9,12 +9,10 @@ better rate may lie beyond it.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 
-from peftlab.records.results import primary_metric, run_rows
-from peftlab.records.store import Store
+from peftlab.records.results import Snapshot, primary_metric
 
 
 @dataclass(frozen=True)
@@ -48,12 +46,12 @@ class RateChoice:
         return rate is not None and len(self.scores) > 1 and rate in (min(self.scores), max(self.scores))
 
 
-def rate_choices(store: Store) -> dict[str, RateChoice]:
+def rate_choices(snapshot: Snapshot) -> dict[str, RateChoice]:
     """Per configuration label, what its tuning runs show so far."""
-    rows = [r for r in run_rows(store) if r["phase"] == "tune"]
+    rows = [r for r in snapshot.rows if r["phase"] == "tune"]
     if not rows:
         return {}
-    rates = {r["id"]: json.loads(r["config"]).get("train", {}).get("lr") for r in store.rows() if r["phase"] == "tune"}
+    rates = {r["id"]: snapshot.configs[r["id"]].get("train", {}).get("lr") for r in rows}
     metric, higher = primary_metric(rows, split="validation")
     by_label: dict[str, list[dict]] = {}
     for row in rows:
@@ -72,10 +70,10 @@ def rate_choices(store: Store) -> dict[str, RateChoice]:
     return choices
 
 
-def chosen_rates(store: Store) -> dict[str, float | str]:
+def chosen_rates(snapshot: Snapshot) -> dict[str, float | str]:
     """Label -> the chosen rate, or why none could be chosen, for configurations whose tuning is complete."""
     out: dict[str, float | str] = {}
-    for label, choice in rate_choices(store).items():
+    for label, choice in rate_choices(snapshot).items():
         if not choice.complete:
             continue
         out[label] = choice.rate if choice.rate is not None else (

@@ -16,7 +16,7 @@ from pathlib import Path
 from peftlab.analysis.sequential import Design
 from peftlab.analysis.stats import compare, judge
 from peftlab.errors import PeftlabError
-from peftlab.records.store import Store
+from peftlab.records.results import Snapshot
 from peftlab.specs import StudySpec
 
 
@@ -44,24 +44,24 @@ def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float,
     return {label: v.outcome for label, v in zip(others, judge(comparisons, margin, higher_is_better, design, False))}
 
 
-def seed_counts(spec: StudySpec, store: Store, study_dir: Path) -> dict[str, int] | None:
-    """Label -> the seeds each configuration should have, decided from its finished seed runs at this look;
-    None when there is nothing to decide (not an adaptive study, or runs still to finish)."""
-    from peftlab.analysis.analyze import analyze
+def seed_counts(spec: StudySpec, snapshot: Snapshot, study_dir: Path) -> dict[str, int] | None:
+    """Label -> the seeds each configuration should have, decided from the stored runs at this look (the
+    analysis' verdicts, `verdicts_only`); None when there is nothing to decide (not an adaptive study, or runs
+    still to finish)."""
+    from peftlab.analysis.analyze import analyze_snapshot
 
-    every = store.rows()
-    rows = [r for r in every if r["phase"] == "main"]
+    rows = [r for r in snapshot.rows if r["phase"] == "main"]
     # a look needs every configuration's seed runs of this round: none may wait (tuning runs included)
-    if spec.until_resolved is None or not rows or any(r["status"] in ("pending", "running") for r in every):
+    if spec.until_resolved is None or not rows or any(r["status"] in ("pending", "running") for r in snapshot.rows):
         return None
     try:
-        analysis = analyze(study_dir, verdicts_only=True)
+        analysis = analyze_snapshot(snapshot, spec.model_dump(mode="json", exclude_none=True), study_dir,
+                                    verdicts_only=True)
     except PeftlabError:  # no finished seed run yet
         return None
     have: dict[str, int] = {}
-    current = store.current_groups()
     for row in rows:  # the label's current configuration only (an edited spec's earlier runs stay in the store)
-        if row["grp"] == current.get(row["label"]):
+        if row["group"] == snapshot.current.get(row["label"]):
             have[row["label"]] = have.get(row["label"], 0) + 1
     quality = {c.label: c.quality for c in analysis.configurations}
     # the analysis' verdicts: a configuration that did not train (every run degenerate) gets no more seeds

@@ -1,18 +1,11 @@
-"""Running a study: expand, store, recover what a kill left, execute locally or on Ray, show progress.
-
-Local execution starts every run in a fresh process, forked from a server that has done the imports
-(a crash or out-of-memory in one run cannot take the study down); Ray execution makes every run a task
-with declared CPU/GPU resources.
-"""
+"""Running a study: check it, store its runs, recover what a kill left, then a scheduler (which runs, in what
+order: `studies.scheduler`) feeds an executor (where they run: `studies.executors`), with progress shown."""
 
 from __future__ import annotations
 
 import fcntl
 import json
-import multiprocessing
 import os
-import time
-from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -29,18 +22,11 @@ from rich.progress import (
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
 from peftlab.records.store import Store, check_study_dir, run_dir
-from peftlab.records.tuning import chosen_rates
 from peftlab.specs import StudySpec
-from peftlab.studies.adaptive import seed_counts
-from peftlab.studies.grid import expand
+from peftlab.studies.executors import Executor, make_executor
 from peftlab.studies.pinning import enforce
 from peftlab.studies.preview import check_configurations
-from peftlab.studies.worker import (
-    PRELOAD,
-    execute_parallel_study_run,
-    execute_study_run,
-    run_process,
-)
+from peftlab.studies.scheduler import Scheduler, add_runs
 from peftlab.train.result import RunResult
 
 
@@ -68,13 +54,6 @@ def open_study(spec: StudySpec, study_dir: Path) -> tuple[Store, int]:
     return store, add_runs(spec, store, study_dir)
 
 
-def add_runs(spec: StudySpec, store: Store, study_dir: Path | None = None) -> int:
-    """Add the runs known so far: with tuning, the seed runs of each configuration whose rate is chosen;
-    with seeds until resolved, the next round of seeds where a comparison is still unresolved."""
-    counts = seed_counts(spec, store, study_dir) if study_dir is not None else None
-    return store.add(expand(spec, chosen_rates(store) if spec.tune else None, counts))
-
-
 def recover(store: Store, study_dir: Path) -> int:
     """Rows left `running` by a dead process: adopt a run that finished writing its directory
     (killed between the rename and the store update), otherwise run it again."""
@@ -95,150 +74,46 @@ def _progress() -> Progress:
                     TextColumn("{task.fields[state]}"), TimeElapsedColumn(), TimeRemainingColumn())
 
 
-def _processes() -> multiprocessing.context.BaseContext:
-    """Run processes forked from a server that has imported PRELOAD (spawned where fork is unavailable)."""
-    if "forkserver" not in multiprocessing.get_all_start_methods():
-        return multiprocessing.get_context("spawn")
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(list(PRELOAD))  # read when the server starts: the first study of this process
-    return context
-
-
-def run_local(store: Store, study_dir: Path, ids: list[str], jobs: int, threads: int,
-              on_done: Callable[[], list[str]]) -> None:
-    """Run `ids`, `jobs` at a time, and the runs that `on_done` returns after each finished one."""
-    processes = _processes()
-    queue, running = list(ids), {}
-    while queue or running:
-        while queue and len(running) < jobs:
-            run_id = queue.pop(0)
-            log = study_dir / "logs" / f"{run_id}.log"
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            store.mark_running(run_id, None)  # before the start: a kill in between leaves a stale row, not a twin
-            process = processes.Process(target=run_process, args=(study_dir, run_id, threads, log, env),
-                                        name=f"peftlab-run-{run_id}")
-            process.start()
-            store.set_pid(run_id, process.pid)
-            running[run_id] = process
-        time.sleep(0.2)
-        for run_id, process in list(running.items()):
-            code = process.exitcode
-            if code is None:
-                continue
-            process.close()
-            del running[run_id]
-            if store.get(run_id)["status"] == "running":  # the worker died before recording anything
-                store.finish(run_id, "failed", None, f"run process exited with code {code} "
-                             f"(log: {study_dir / 'logs' / (run_id + '.log')})")
-            queue.extend(on_done())
-
-
-def _require_ray():
-    try:
-        import ray
-    except ImportError:
-        raise PeftlabError("--executor ray needs the ray extra: pip install 'peftlab[ray]'") from None
-    return ray
-
-
-def _ray_run(study_dir: str, run_id: str, config: dict, threads: int, processes: int):
-    if processes > 1:  # one process per GPU the task holds
-        return execute_parallel_study_run(Path(study_dir), run_id, config, threads, processes)
-    return execute_study_run(Path(study_dir), run_id, config, threads)
-
-
-def processes_per_run(gpus: float) -> int:
-    """Processes a Ray run starts: one per GPU it declares when it declares several (a whole number)."""
-    if gpus > 1 and gpus != int(gpus):
-        raise PeftlabError(f"--gpus-per-run {gpus:g}: above 1 it is the number of GPUs (and processes) of each run, "
-                           "so a whole number; fractions below 1 share a GPU between runs")
-    return int(gpus) if gpus > 1 else 1
-
-
-def run_ray(store: Store, study_dir: Path, ids: list[str], threads: int, gpus: float, address: str | None,
-            on_done: Callable[[], list[str]]) -> None:
-    """Run `ids` as Ray tasks, and the runs that `on_done` returns after each finished one."""
-    ray = _require_ray()
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
-    # max_calls=1: a fresh worker process per run, as in local execution. Ray sets a task's OMP_NUM_THREADS to its
-    # num_cpus itself (a runtime_env saying the same cost 5 s per run to set up).
-    task = ray.remote(num_cpus=threads, num_gpus=gpus, max_calls=1)(_ray_run)
-    pending = {}
-
-    def submit(run_ids: list[str]) -> None:
-        for run_id in run_ids:
-            config = json.loads(store.get(run_id)["config"])
-            pending[task.remote(str(study_dir.resolve()), run_id, config, threads, processes_per_run(gpus))] = run_id
-            store.mark_running(run_id, os.getpid())  # the study process owns Ray runs
-
-    submit(ids)
-    try:
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            run_id = pending.pop(done[0])
-            try:
-                status, result, error = ray.get(done[0])
-            except Exception as exc:  # the task's process died (e.g. out of memory)
-                status, result, error = "failed", None, f"ray task failed: {str(exc).splitlines()[0]}"
-            store.finish(run_id, status, result, error)
-            submit(on_done())
-    finally:
-        if started_here:
-            ray.shutdown()
-
-
-def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str = "local", address: str | None = None,
-              retry_failed: bool = False, threads: int | None = None, gpus: float = 0.0,
+def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str | Executor = "local",
+              address: str | None = None, retry_failed: bool = False, threads: int | None = None, gpus: float = 0.0,
               rerun_changed: bool = False) -> Store:
-    if jobs < 1:
-        raise PeftlabError(f"--jobs must be >= 1, got {jobs}")
-    if executor not in ("local", "ray"):  # before anything is written
-        raise PeftlabError(f"--executor {executor!r}: valid executors are local and ray")
-    if executor == "ray":
-        _require_ray()
-    processes_per_run(gpus)  # a bad value is refused before anything is written
+    """Run every run of the study not yet done (`retry_failed`: the failed ones too). `executor`: "local", "ray",
+    or an `Executor`."""
+    threads = threads or max(1, (os.cpu_count() or 1) // max(jobs, 1))
+    if isinstance(executor, str):  # a bad setting is refused before anything is written
+        executor = make_executor(executor, jobs, threads, gpus, address)
     check_study_dir(study_dir)
     check_configurations(spec)
     study_dir.mkdir(parents=True, exist_ok=True)
     with study_lock(study_dir):
         if (study_dir / "study.db").is_file():  # before anything is written: changed inputs stop the study
-            existing = Store(study_dir / "study.db")
-            try:
-                check = enforce(existing, str(study_dir), rerun_changed)
-            finally:
-                existing.close()
-            if check.unchecked:
-                Console(stderr=True).print(f"note: {check.unchecked} finished run(s) recorded no input fingerprints "
-                                           "(an older peftlab): reused, their inputs could not be checked",
-                                           highlight=False)
+            _check_inputs(study_dir, rerun_changed)
         store, added = open_study(spec, study_dir)
         recovered = recover(store, study_dir)
-        ids = store.to_run(retry_failed)
-        threads = threads or max(1, (os.cpu_count() or 1) // jobs)
         counts = store.counts()
-        state = f"{added} new, {recovered} recovered, {counts.get('done', 0)} done before"
         with _progress() as progress:
-            bar = progress.add_task(f"study {spec.name}", total=len(ids), state=state)
-            started = set(ids)
+            bar = progress.add_task(f"study {spec.name}",
+                                    state=f"{added} new, {recovered} recovered, {counts.get('done', 0)} done before")
 
-            def on_done() -> list[str]:
-                """After each finished run: the runs it made known. A configuration's seed runs start as soon
-                as its tuning runs are done (its rate is chosen); with seeds until resolved, the next round
-                starts once every run of this one is done."""
-                add_runs(spec, store, study_dir)
-                new = [run_id for run_id in store.to_run(retry_failed=False) if run_id not in started]
-                started.update(new)
+            def on_finished(run_id: str, added: int) -> None:
                 now = store.counts()
-                progress.update(bar, advance=1, total=progress.tasks[bar].total + len(new),
+                progress.update(bar, advance=1, total=progress.tasks[bar].total + added,
                                 state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
-                return new
 
+            scheduler = Scheduler(spec, store, study_dir, retry_failed, on_finished)
+            ids = scheduler.first()
+            progress.update(bar, total=len(ids))
             if ids:
-                if executor == "ray":
-                    run_ray(store, study_dir, ids, threads, gpus, address, on_done)
-                else:
-                    run_local(store, study_dir, ids, jobs, threads, on_done)
+                executor.run(store, study_dir, ids, scheduler.after)
     return store
 
+
+def _check_inputs(study_dir: Path, rerun_changed: bool) -> None:
+    existing = Store(study_dir / "study.db")
+    try:
+        check = enforce(existing, str(study_dir), rerun_changed)
+    finally:
+        existing.close()
+    if check.unchecked:
+        Console(stderr=True).print(f"note: {check.unchecked} finished run(s) recorded no input fingerprints "
+                                   "(an older peftlab): reused, their inputs could not be checked", highlight=False)

@@ -1,0 +1,54 @@
+"""Which runs a study has and which to start next, decided from its stored runs (an executor, `studies.executors`,
+runs them).
+
+The spec's runs become known as the stored results allow: every tuning run at once; a configuration's seed runs
+once its tuning runs are done and its rate is chosen (`records.tuning`); with seeds until resolved, each further
+round once every run of the round before is done (`studies.adaptive`). Runs start in the order the store keeps:
+when they became known, then by label and seed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from peftlab.records.results import Snapshot
+from peftlab.records.store import Store
+from peftlab.records.tuning import chosen_rates
+from peftlab.specs import StudySpec
+from peftlab.studies.adaptive import seed_counts
+from peftlab.studies.grid import PlannedRun, expand
+
+
+def known_runs(spec: StudySpec, snapshot: Snapshot, study_dir: Path) -> list[PlannedRun]:
+    """Every run the stored runs make known: the tuning runs, the seed runs of each configuration whose rate is
+    chosen, and with seeds until resolved, the seeds each configuration should have at this look."""
+    return expand(spec, chosen_rates(snapshot) if spec.tune else None, seed_counts(spec, snapshot, study_dir))
+
+
+def add_runs(spec: StudySpec, store: Store, study_dir: Path) -> int:
+    """Store the runs known so far; how many were new."""
+    return store.add(known_runs(spec, Snapshot.of(store), study_dir))
+
+
+class Scheduler:
+    """The runs to start: those waiting when the study starts, then after each finished run, the runs it made
+    known (each once). `on_finished(run_id, added)` hears of each finished run (a progress bar)."""
+
+    def __init__(self, spec: StudySpec, store: Store, study_dir: Path, retry_failed: bool = False,
+                 on_finished: Callable[[str, int], None] = lambda run_id, added: None) -> None:
+        self.spec, self.store, self.study_dir = spec, store, study_dir
+        self.retry_failed, self.on_finished = retry_failed, on_finished
+        self.started: set[str] = set()
+
+    def first(self) -> list[str]:
+        ids = self.store.to_run(self.retry_failed)
+        self.started.update(ids)
+        return ids
+
+    def after(self, run_id: str) -> list[str]:
+        add_runs(self.spec, self.store, self.study_dir)
+        new = [i for i in self.store.to_run(retry_failed=False) if i not in self.started]
+        self.started.update(new)
+        self.on_finished(run_id, len(new))
+        return new
