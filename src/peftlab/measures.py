@@ -79,6 +79,19 @@ class Cost:
     label: str  # in sentences: "the frontier of quality vs training time"
     unit: str  # on an axis and in a budget bracket
     kind: str  # how a value is written: count, seconds or bytes
+    tabled: bool = False  # a column of the report's main table
+
+    @property
+    def title(self) -> str:
+        """The table column's: the label with the unit its cells are in."""
+        symbol = {"bytes": "MiB", "seconds": "s"}.get(self.kind)
+        return f"{self.label} ({symbol})" if symbol else self.label
+
+    def cell(self, value: float) -> str:
+        """A value in a table cell, in the title's unit."""
+        if self.kind == "bytes":
+            return f"{value / 2**20:,.0f}"
+        return f"{value:.1f}" if self.kind == "seconds" else f"{value:,.0f}"
 
     def format(self, value: float) -> str:
         if self.kind == "bytes":
@@ -90,8 +103,8 @@ class Cost:
 
 COSTS: tuple[Cost, ...] = (
     Cost("trainable", "trainable_params", "trainable parameters", "trainable params", "count"),
-    Cost("time", "train_seconds", "training time", "training seconds", "seconds"),
-    Cost("memory", "peak_memory_bytes", "peak memory", "peak memory", "bytes"),
+    Cost("time", "train_seconds", "training time", "training seconds", "seconds", tabled=True),
+    Cost("memory", "peak_memory_bytes", "peak memory", "peak memory", "bytes", tabled=True),
     Cost("size", "adapter_bytes", "adapter size", "adapter size", "bytes"),
 )
 COST_BY_NAME = {cost.name: cost for cost in COSTS}

@@ -13,10 +13,11 @@ from peftlab.analysis.figures import make_figures
 from peftlab.analysis.stats import CONSTANT
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
-from peftlab.measures import COST_BY_NAME, METRICS, format_p
+from peftlab.measures import COST_BY_NAME, COSTS, METRICS, format_p
 
+TABLED = [cost for cost in COSTS if cost.tabled]
 COLUMNS = ["configuration", "quality (mean, 95% CI)", "Δ vs baseline (Holm p)", "verdict", "trainable params (% of base)",
-           "parameter reduction", "training time (s)", "peak memory (MiB)"]
+           "parameter reduction", *(cost.title for cost in TABLED)]
 
 
 def secondary_metrics(analysis: Analysis) -> dict[str, str]:
@@ -55,8 +56,7 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             + (" (still improving)" if c.improvement and c.improvement.still_improving else ""),
             "trainable params (% of base)": f"{trainable:,.0f} ({100 * trainable / base:.3f}%)",
             "parameter reduction": f"{base / trainable:,.0f}×" if trainable else "-",
-            "training time (s)": f"{c.costs['time'].mean:.1f}",
-            "peak memory (MiB)": f"{c.costs['memory'].mean / 2**20:,.0f}",
+            **{cost.title: cost.cell(c.costs[cost.name].mean) for cost in TABLED},
             **{f"{name} (mean, 95% CI)": _summary_cell(c.every_metric[key], analysis.interval)
                for name, key in secondary_metrics(analysis).items()},
         })
