@@ -67,9 +67,9 @@ def measure(harness: str, config) -> dict:
         config = config.model_copy(update={"train": spec.model_copy(update=changes)})
         with tempfile.TemporaryDirectory() as tmp:
             cost = run_peftlab(config, Path(tmp) / "run").cost
-        return {"tokens": cost["train_tokens"], "seconds": cost["train_seconds"], "steps": cost["steps"],
-                "padding_fraction": cost["padding_fraction"],
-                "peak_memory_bytes": cost["peak_memory_bytes"], "peak_memory_kind": cost["peak_memory_kind"]}
+        return {"tokens": cost.train_tokens, "seconds": cost.train_seconds, "steps": cost.steps,
+                "padding_fraction": cost.padding_fraction,
+                "peak_memory_bytes": cost.peak_memory_bytes, "peak_memory_kind": cost.peak_memory_kind}
 
     torch.manual_seed(spec.seed)
     before = memory_in_use()  # as in a peftlab run: the model's weights count, the interpreter does not

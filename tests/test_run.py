@@ -408,3 +408,17 @@ def test_a_few_steps_tokenize_the_examples_they_draw_unless_the_method_starts_fr
 
     every = len(resolve_run(config()).data.train)
     assert len(resolve_run(config(max_steps=2)).data.train) == (every if whole else 8)
+
+
+def test_the_cost_section_is_typed_and_reads_other_versions_keys():
+    from peftlab.train.result import Costs, RunResult
+
+    written = {"trainable_params": 10, "train_seconds": 1.5, "latency_ms_per_batch": {"merged": 2.0},
+               "a_future_cost": 7}
+    result = RunResult.from_dict({"status": "done", "cost": written})
+    assert result.cost.train_seconds == 1.5 and result.cost.other == {"a_future_cost": 7}
+    again = result.to_dict()["cost"]
+    assert again["a_future_cost"] == 7 and again["trainable_params"] == 10 and "generated_tokens" not in again
+    assert "generated_tokens" in Costs(generated_tokens=3).to_dict()  # written where the run generated
+    with pytest.raises(TypeError):
+        Costs(train_secnds=1.0)  # a misspelt cost is an error where it is written, not a missing column

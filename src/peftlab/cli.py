@@ -216,35 +216,35 @@ def _print_result(result: RunResult, output: Path) -> None:
                 shown = measures.label(name)
                 table.add_row(f"{split} {shown}", f"{value:.4f}" if isinstance(value, float) else str(value))
     cost = result.cost
-    table.add_row("trainable params (adapter + head)", f"{cost['adapter_params']:,} + {cost['head_params']:,}")
-    table.add_row("% of total params", f"{100 * cost['trainable_share']:.3f}%")
+    table.add_row("trainable params (adapter + head)", f"{cost.adapter_params:,} + {cost.head_params:,}")
+    table.add_row("% of total params", f"{100 * cost.trainable_share:.3f}%")
     if result.budget:
         match = result.budget
         chosen = f"{match['parameter']} {match['size']}" if match["size"] else "fixed size"
         table.add_row("budget (chosen size)", f"{match['target']:,} ({chosen})")
-    if cost.get("quantized_weight_bytes"):
-        table.add_row("4-bit weights (MiB)", f"{cost['quantized_weight_bytes'] / 2**20:,.1f}")
-    table.add_row("training time (s, optimizer steps)", f"{cost['train_seconds']:.1f}")
+    if cost.quantized_weight_bytes:
+        table.add_row("4-bit weights (MiB)", f"{cost.quantized_weight_bytes / 2**20:,.1f}")
+    table.add_row("training time (s, optimizer steps)", f"{cost.train_seconds:.1f}")
     cache = result.speed.get("prefix_cache") or {}
     if cache.get("used"):
         how = "loaded" if cache["loaded"] else "built"
         table.add_row(f"prefix cache (layers < {cache['layer']}, {how}, s, not in training time)",
                       f"{cache['build_seconds']:.1f}")
-    if cost.get("importance_probe_seconds") is not None:  # once per study, then cached
-        table.add_row("importance probe (s, not in training time)", f"{cost['importance_probe_seconds']:.1f}")
-    table.add_row("tokens/s", f"{cost['tokens_per_second']:,.0f}")
-    if cost.get("generated_tokens") is not None:
+    if cost.importance_probe_seconds is not None:  # once per study, then cached
+        table.add_row("importance probe (s, not in training time)", f"{cost.importance_probe_seconds:.1f}")
+    table.add_row("tokens/s", f"{cost.tokens_per_second:,.0f}")
+    if cost.generated_tokens is not None:
         table.add_row("generation (s, tokens/s; completions in samples.jsonl)",
-                      f"{cost['generation_seconds']:.1f}, {cost['generation_tokens_per_second']:,.1f}")
+                      f"{cost.generation_seconds:.1f}, {cost.generation_tokens_per_second:,.1f}")
     for row in METHODS[(result.config or {}).get("method", {}).get("name", "lora")].summary_rows(result.method):
         table.add_row(*row)
-    table.add_row("padding (% of positions)", f"{100 * cost['padding_fraction']:.1f}%")
-    table.add_row(f"peak memory ({cost['peak_memory_kind']}, MiB)", f"{cost['peak_memory_bytes'] / 2**20:,.0f}")
-    if cost.get("peak_memory_process_bytes"):
-        table.add_row("peak memory of the process (MiB)", f"{cost['peak_memory_process_bytes'] / 2**20:,.0f}")
-    if cost["adapter_bytes"] is not None:
-        table.add_row("adapter size (KiB)", f"{cost['adapter_bytes'] / 1024:,.0f}")
-    for kind, ms in cost["latency_ms_per_batch"].items():
+    table.add_row("padding (% of positions)", f"{100 * cost.padding_fraction:.1f}%")
+    table.add_row(f"peak memory ({cost.peak_memory_kind}, MiB)", f"{cost.peak_memory_bytes / 2**20:,.0f}")
+    if cost.peak_memory_process_bytes:
+        table.add_row("peak memory of the process (MiB)", f"{cost.peak_memory_process_bytes / 2**20:,.0f}")
+    if cost.adapter_bytes is not None:
+        table.add_row("adapter size (KiB)", f"{cost.adapter_bytes / 1024:,.0f}")
+    for kind, ms in cost.latency_ms_per_batch.items():
         table.add_row(f"latency per batch, {kind} (ms)", f"{ms:.1f}")
     console.print(table)
     if cache.get("note"):

@@ -34,8 +34,9 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
         }
         _flatten("axis", json.loads(r["axes"]), row)
         result = RunResult.from_dict(json.loads(r["result"])) if r["result"] else RunResult(r["status"])
+        written = result.to_dict()
         for section in ("metrics", "cost", "speed", "environment", "inputs"):
-            _flatten(section, getattr(result, section), row)
+            _flatten(section, written[section], row)
         row["kind"] = result.data.get("kind")
         rows.append(row)
     return rows

@@ -5,9 +5,55 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 SAMPLES_FILE = "samples.jsonl"  # a run's generated completions (instruction tasks with eval.generate)
+
+
+@dataclass
+class Costs:
+    """result.json's `cost`: what a run cost. Every field is written (the generation ones only where the run
+    generated); keys of other peftlab versions' files are kept as read, in `other`."""
+
+    trainable_params: int | None = None  # the method's own and the task head's
+    adapter_params: int | None = None
+    head_params: int | None = None
+    plan_params: int | None = None  # the plan's count where the method's parameters are a sum over its sites
+    base_params: int | None = None
+    total_params: int | None = None
+    trainable_share: float | None = None  # of the total
+    steps: int | None = None
+    train_seconds: float | None = None  # optimizer steps only: the same work for every seed, whichever built a cache
+    importance_probe_seconds: float | None = None  # the probe the ranks came from (once per study, then cached)
+    train_tokens: int | None = None
+    tokens_per_second: float | None = None
+    padding_fraction: float | None = None
+    peak_memory_bytes: int | None = None
+    peak_memory_kind: str | None = None  # what the peak measures (the device's allocator, or the process)
+    peak_memory_process_bytes: int | None = None
+    adapter_bytes: int | None = None  # on disk
+    frozen_weight_bytes: int | None = None
+    quantized_weight_bytes: int | None = None
+    quantized_params: int | None = None
+    latency_ms_per_batch: dict[str, float] = field(default_factory=dict)  # unmerged, base, merged
+    latency_padded_length: float | None = None  # positions per timed example
+    generation_seconds: float | None = None
+    generated_tokens: int | None = None
+    generation_tokens_per_second: float | None = None
+    other: dict[str, Any] = field(default_factory=dict)
+
+    GENERATION: ClassVar[tuple[str, ...]] = ("generation_seconds", "generated_tokens", "generation_tokens_per_second")
+
+    def to_dict(self) -> dict[str, Any]:
+        written = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other"}
+        if self.generated_tokens is None:
+            written = {k: v for k, v in written.items() if k not in self.GENERATION}
+        return {**written, **self.other}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Costs:
+        known = {f.name for f in fields(cls)} - {"other"}
+        return cls(**{k: v for k, v in data.items() if k in known}, other={k: v for k, v in data.items() if k not in known})
 
 
 @dataclass
@@ -15,7 +61,7 @@ class RunResult:
     status: str  # done | failed
     error: str | None = None  # why it failed
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metric -> value
-    cost: dict[str, Any] = field(default_factory=dict)  # parameters, time, tokens, memory, sizes, latency
+    cost: Costs = field(default_factory=Costs)  # parameters, time, tokens, memory, sizes, latency
     final_train_loss: float | None = None  # mean training loss over the last log window
     method: dict[str, Any] = field(default_factory=dict)  # what the method learned beyond its weights
     budget: dict[str, Any] | None = None  # the equal-budget match (target, parameter, size, params)
@@ -30,7 +76,7 @@ class RunResult:
         return self.status == "done"
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "cost": self.cost.to_dict()}
 
     def stored(self) -> dict[str, Any]:
         """What a study's store keeps: everything but the config (the store has it): the same whether the
@@ -51,7 +97,7 @@ class RunResult:
         for old in ("prefix_cache_used", "prefix_cache_seconds"):
             cost.pop(old, None)
         known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in {**data, "cost": cost, "speed": speed}.items() if k in known})
+        return cls(**{k: v for k, v in {**data, "cost": Costs.from_dict(cost), "speed": speed}.items() if k in known})
 
 
 def read_samples(run_dir: Path, count: int) -> list[dict[str, Any]]:

@@ -26,7 +26,7 @@ from peftlab.models.load import unwrap
 from peftlab.train import distributed, phases
 from peftlab.train.checkpoint import DamagedCheckpoint, history_rows
 from peftlab.train.context import RunContext, build, checkpoints_for
-from peftlab.train.result import RunResult
+from peftlab.train.result import Costs, RunResult
 from peftlab.train.tracking import finish_trackers, flat, log_result, log_row, tracker_run_ids, trackers
 
 if TYPE_CHECKING:
@@ -163,39 +163,39 @@ def _after_training(ctx: RunContext, held_out: phases.HeldOut, references: phase
     return metrics, measured
 
 
-def _cost(ctx: RunContext, trained: phases.Trained, measured: dict[str, Any], padded_length: float | None) -> dict[str, Any]:
+def _cost(ctx: RunContext, trained: phases.Trained, measured: dict[str, Any], padded_length: float | None) -> Costs:
     """result.json's `cost`: parameters, time, tokens, memory, sizes, latency (`peftlab.measures.COSTS` names
     those a study can be judged by)."""
     run, method, counts, loop, memory = ctx.run, ctx.method, ctx.counts, trained.loop, trained.memory
     trainable = counts["adapter"] + counts["head"]
     total = ctx.base_params + (counts["adapter"] if method.adds_parameters else 0)
-    return {
-        "trainable_params": trainable,
-        "adapter_params": counts["adapter"],
-        "head_params": counts["head"],
-        "plan_params": sum(method.site_params(p.site, p.rank) for p in run.plan.sites) if method.counted_per_site else None,
-        "base_params": ctx.base_params,
-        "total_params": total,
-        "trainable_share": trainable / total,
-        "steps": loop.steps,
+    return Costs(
+        trainable_params=trainable,
+        adapter_params=counts["adapter"],
+        head_params=counts["head"],
+        plan_params=sum(method.site_params(p.site, p.rank) for p in run.plan.sites) if method.counted_per_site else None,
+        base_params=ctx.base_params,
+        total_params=total,
+        trainable_share=trainable / total,
+        steps=loop.steps,
         # optimizer steps only: the same work for every seed of a configuration, whichever built a cache
-        "train_seconds": loop.train_seconds,
+        train_seconds=loop.train_seconds,
         # the probe an importance allocation came from (run once per study, then read from the cache)
-        "importance_probe_seconds": json.loads(run.scores.read_text())["seconds"] if run.scores else None,
-        "train_tokens": loop.train_tokens,
-        "tokens_per_second": loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
-        "padding_fraction": 1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
-        "peak_memory_bytes": memory.training,
-        "peak_memory_kind": memory.kind,
-        "peak_memory_process_bytes": memory.process,
-        "adapter_bytes": measured["adapter_bytes"],
-        "frozen_weight_bytes": ctx.frozen["quantized"] + ctx.frozen["other"],
-        "quantized_weight_bytes": ctx.frozen["quantized"],
-        "quantized_params": ctx.frozen["quantized_params"],
-        "latency_ms_per_batch": measured["latency_ms_per_batch"],
-        "latency_padded_length": padded_length,  # positions per timed example
+        importance_probe_seconds=json.loads(run.scores.read_text())["seconds"] if run.scores else None,
+        train_tokens=loop.train_tokens,
+        tokens_per_second=loop.train_tokens / loop.train_seconds if loop.train_seconds else 0.0,
+        padding_fraction=1 - loop.train_tokens / loop.train_positions if loop.train_positions else 0.0,
+        peak_memory_bytes=memory.training,
+        peak_memory_kind=memory.kind,
+        peak_memory_process_bytes=memory.process,
+        adapter_bytes=measured["adapter_bytes"],
+        frozen_weight_bytes=ctx.frozen["quantized"] + ctx.frozen["other"],
+        quantized_weight_bytes=ctx.frozen["quantized"],
+        quantized_params=ctx.frozen["quantized_params"],
+        latency_ms_per_batch=measured["latency_ms_per_batch"],
+        latency_padded_length=padded_length,  # positions per timed example
         **measured.get("generation", {}),
-    }
+    )
 
 
 def non_finite(metrics: dict[str, dict[str, Any]]) -> str | None:
