@@ -434,6 +434,7 @@ def test_an_edited_label_is_compared_and_seeded_as_its_newest_configuration(synt
     from peftlab.studies.adaptive import seed_counts
     from peftlab.studies.grid import expand
     from peftlab.studies.runner import open_study
+    from peftlab.studies.scheduler import waiting
 
     old = load_spec(StudySpec, synthetic_study / "study.yaml")
     edited = validate(StudySpec, {**old.model_dump(), "seeds": {"min": 3, "max": 4, "step": 1},
@@ -445,7 +446,7 @@ def test_an_edited_label_is_compared_and_seeded_as_its_newest_configuration(synt
         config = RunConfig.model_validate(run.config)
         finish(store, run.id, make_plan(PlanConfig(model=config.model, plan=config.plan)),
                {"accuracy": accuracy, "loss": 1 - accuracy}, "classification", head=130)
-    for run_id in store.to_run(retry_failed=False):  # the seeds the first look added elsewhere
+    for run_id in waiting(store, ("pending",)):  # the seeds the first look added elsewhere
         config = RunConfig.model_validate(json.loads(store.get(run_id)["config"]))
         finish(store, run_id, make_plan(PlanConfig(model=config.model, plan=config.plan)),
                {"accuracy": 0.8, "loss": 0.2}, "classification", head=130)

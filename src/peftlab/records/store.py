@@ -119,12 +119,6 @@ class Store:
         rows = self.db.execute("SELECT * FROM runs WHERE status = 'running'").fetchall()
         return [r for r in rows if not pid_alive(r["pid"])]
 
-    def to_run(self, retry_failed: bool) -> list[str]:
-        statuses = ("pending", "failed") if retry_failed else ("pending",)
-        marks = ",".join("?" * len(statuses))
-        query = f"SELECT id FROM runs WHERE status IN ({marks}) ORDER BY created, label, seed"
-        return [r[0] for r in self.db.execute(query, statuses).fetchall()]
-
     def reset(self, run_id: str) -> None:
         self.db.execute("UPDATE runs SET status = 'pending', pid = NULL WHERE id = ?", (run_id,))
 

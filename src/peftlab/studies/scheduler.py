@@ -42,13 +42,20 @@ class Scheduler:
         self.started: set[str] = set()
 
     def first(self) -> list[str]:
-        ids = self.store.to_run(self.retry_failed)
+        ids = waiting(self.store, ("pending", "failed") if self.retry_failed else ("pending",))
         self.started.update(ids)
         return ids
 
     def after(self, run_id: str) -> list[str]:
         add_runs(self.spec, self.store, self.study_dir)
-        new = [i for i in self.store.to_run(retry_failed=False) if i not in self.started]
+        new = [i for i in waiting(self.store, ("pending",)) if i not in self.started]
         self.started.update(new)
         self.on_finished(run_id, len(new))
         return new
+
+
+def waiting(store: Store, statuses: tuple[str, ...]) -> list[str]:
+    """The ids of runs in `statuses`, in the order they start: as they became known (tuning before the seed runs
+    it decided, a round of seeds before the next), then by label and seed."""
+    rows = [r for r in store.rows() if r["status"] in statuses]
+    return [r["id"] for r in sorted(rows, key=lambda r: (r["created"], r["label"], r["seed"]))]
