@@ -7,9 +7,9 @@ import pytest
 
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
-from peftlab.specs import RunConfig
 from peftlab.methods.registry import make_method
 from peftlab.methods.specs import SPECS
+from peftlab.specs import RunConfig
 from peftlab.train.device import Backends, choose_device, mixed_precision
 
 CUDA, MPS, CPU_ONLY = Backends(cuda=True, mps=False, cuda_bf16=True), Backends(cuda=False, mps=True), Backends(False, False)

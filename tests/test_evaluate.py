@@ -8,8 +8,8 @@ import torch.nn.functional as F
 
 from peftlab.models.load import load_model
 from peftlab.specs import ModelSpec
-from peftlab.tasks.prepare import IGNORE, collate
 from peftlab.tasks.kinds import macro_f1
+from peftlab.tasks.prepare import IGNORE, collate
 from peftlab.train.evaluate import evaluate
 
 

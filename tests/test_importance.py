@@ -114,8 +114,9 @@ def test_pooled_ranks_give_the_budget_to_the_most_concentrated_inputs():
 
 
 def test_importance_allocation_in_a_run(tmp_path, reviews_file, monkeypatch):
-    from peftlab.importance import probe as probe_module
     from conftest import run_to_dict
+
+    from peftlab.importance import probe as probe_module
 
     config = config_for(reviews_file, allocation="budget(6000, importance(fisher, steps=4))")
     config = config.model_copy(update={"train": TrainSpec(max_steps=3, batch_size=8, latency_batches=0)})
@@ -177,8 +178,8 @@ def test_cli_recommend_writes_a_config_under_the_budget(cli, tmp_path, reviews_f
 
 
 def test_recommend_follows_a_study_that_measured_a_clear_winner(tmp_path, reviews_file):
-    from peftlab.api import make_plan
     from peftlab.analysis.recommend import recommend
+    from peftlab.api import make_plan
     from peftlab.specs import PlanConfig, StudySpec
     from peftlab.studies.grid import expand
     from peftlab.studies.runner import open_study

@@ -200,8 +200,9 @@ def test_instruction_run_reports_perplexity(tmp_path, alpaca_file):
 
 
 def test_non_finite_loss_is_a_failure_record(tmp_path, reviews_file, monkeypatch):
-    import peftlab.train.loop as loop
     from conftest import run_to_dict
+
+    import peftlab.train.loop as loop
 
     real = loop.batch_nll
     calls = {"n": 0}

@@ -8,8 +8,8 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.methods.registry import make_method
-from peftlab.methods.sparselora.channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
 from peftlab.methods.sparselora import layer_sparsity
+from peftlab.methods.sparselora.channels import AttentionBlock, SparseProjection, SparseState, SplitFfn
 from peftlab.methods.specs import LoraSpec, SparseLoraSpec
 from peftlab.models.load import count_params, head_modules, load_model, unwrap
 from peftlab.models.sites import resolve_sites
@@ -239,9 +239,10 @@ def test_merge_reaches_the_frozen_weights_under_the_sparse_wrapper():
 def test_a_run_reports_executed_flops_per_step(tmp_path):
     import json
 
+    from conftest import run_to_dict
+
     from peftlab.config import validate
     from peftlab.specs import RunConfig
-    from conftest import run_to_dict
 
     rows = [{"instruction": f"Repeat the word {w} twice.", "input": "", "output": f"{w} {w}"}
             for w in ["apple", "river", "stone", "cloud"] * 6]

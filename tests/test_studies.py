@@ -371,8 +371,8 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
 
 
 def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(data_file, tmp_path):
-    from peftlab.studies.runner import open_study, recover
     from peftlab.records.store import run_dir
+    from peftlab.studies.runner import open_study, recover
     from peftlab.studies.worker import execute_study_run
     from peftlab.train.result import RunResult
 

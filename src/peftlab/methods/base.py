@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from peftlab.errors import PeftlabError
-from peftlab.models.load import backbone_hidden, unwrap
+from peftlab.models.load import backbone_hidden
 from peftlab.models.sites import Site
 from peftlab.plans.plan import Plan
 
