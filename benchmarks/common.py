@@ -79,11 +79,13 @@ def peft_model_and_data(config):
     from peftlab.models.sites import resolve_sites
     from peftlab.plans.peft_export import lora_config_kwargs
     from peftlab.plans.plan import build_plan
+    from peftlab.tasks.kinds import task_kind
     from peftlab.tasks.prepare import load_task
 
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer, config.train.examples_drawn)  # the examples a peftlab run tokenizes
-    spec = model_spec_for_task(config.model, data.kind, len(data.labels))
+    kind = task_kind(data.kind)
+    spec = model_spec_for_task(config.model, kind.head, kind.num_labels(data.labels))
     model = load_model(spec, seed=config.train.seed)
     plan = build_plan(resolve_sites(model), count_params(model), config.plan, spec.name)
     lora = LoraConfig(task_type=peft_task_type(model), **lora_config_kwargs(plan, modules_to_save=head_modules(model) or None))

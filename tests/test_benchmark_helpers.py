@@ -1,0 +1,25 @@
+"""The benchmark scripts' shared helpers still fit the library's interfaces (the scripts themselves run on demand)."""
+
+import json
+
+import pytest
+
+from peftlab.specs import ModelSpec, PlanSpec, RunConfig, TaskSpec, TrainSpec
+
+pytestmark = pytest.mark.usefixtures("private_cache")
+
+
+def test_the_peft_baseline_is_built_on_the_same_model_and_data(tmp_path, reviews_file):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parents[1] / "benchmarks"))
+    try:
+        from common import peft_model_and_data
+    finally:
+        sys.path.pop(0)
+    config = RunConfig(model=ModelSpec(name="tiny-bert"), task=TaskSpec(path=reviews_file, kind="classification"),
+                       plan=PlanSpec(allocation=2), train=TrainSpec(max_steps=2, batch_size=4))
+    model, data, pad_id = peft_model_and_data(config)
+    assert model.peft_config["default"].r == 2 and data.kind == "classification" and isinstance(pad_id, int)
+    assert json.dumps(data.labels) == '["neg", "pos"]'
