@@ -26,6 +26,10 @@ class Metric:
 METRICS: tuple[Metric, ...] = (
     Metric("accuracy", "accuracy", True, 0.01),
     Metric("macro_f1", "macro F1", True, 0.01),
+    Metric("mcc", "Matthews correlation", True, 0.01),  # CoLA's metric; 0 for a classifier of one class
+    Metric("f1", "F1", True, 0.01),  # binary, of the second class (MRPC, QQP)
+    Metric("pearson", "Pearson r", True, 0.01),  # regression (STS-B)
+    Metric("spearman", "Spearman rho", True, 0.01),
     Metric("loss", "loss", False, 0.02),
     Metric("perplexity", "perplexity", False, secondary=True),
     Metric("rouge_l", "ROUGE-L", True, 0.01, secondary=True),
@@ -38,6 +42,7 @@ METRICS: tuple[Metric, ...] = (
     Metric("generated", "completions", True, quality=False),
     Metric("majority_rate", "majority-class share", True, quality=False),  # the accuracy of always one class
     Metric("predicted_classes", "classes predicted", True, quality=False),
+    Metric("predicted_values", "distinct values predicted", True, quality=False),  # a regression's
 )
 BY_NAME = {metric.name: metric for metric in METRICS}
 RELATIVE_MARGIN = 0.02  # of the baseline's mean, for a metric without a margin of its own (perplexity)

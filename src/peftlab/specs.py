@@ -160,6 +160,9 @@ class TaskSpec(Spec):
     train_split: str = "train"
     test_split: str | None = None
     text_column: str = "text"
+    text_pair_column: Annotated[str | None, added_with(None)] = None
+    """Sentence pairs (MRPC, RTE, QNLI, QQP, STS-B): the second text's column, encoded as the tokenizer encodes a
+    pair ([CLS] a [SEP] b [SEP] for BERT)."""
     label_column: str = "label"
     labels: list[str] | None = None
     """Class names in order; default: the sorted labels found in training."""

@@ -1,7 +1,7 @@
 """Degenerate runs: runs that finished but learned nothing a study should compare.
 
 A classifier that predicts one class, or whose accuracy a majority-class guess matches within sampling
-noise, measures the learning rate's failure, not the configuration. A causal LM whose test loss is not
+noise, or a regression that predicts one value, measures the learning rate's failure, not the configuration. A causal LM whose test loss is not
 below the base model's learned nothing. Such runs are named in `study status` and the report, and can
 be left out of the statistics (`peftlab report --exclude-degenerate`).
 """
@@ -21,6 +21,8 @@ def degenerate_reason(row: dict[str, Any]) -> str | None:
     classes = row.get("metrics.test.predicted_classes")
     if classes == 1:
         return "predicts a single class"
+    if row.get("metrics.test.predicted_values") == 1:
+        return "predicts a single value"
     accuracy, majority, count = (row.get(f"metrics.test.{k}") for k in ("accuracy", "majority_rate", "count"))
     if _number(accuracy) and _number(majority) and _number(count) and count > 0:
         band = NOISE_Z * math.sqrt(majority * (1 - majority) / count)
@@ -36,7 +38,8 @@ def degenerate_reason(row: dict[str, Any]) -> str | None:
 
 def checkable(row: dict[str, Any]) -> bool:
     """Whether a run recorded what `degenerate_reason` reads (runs of older peftlab versions did not)."""
-    return any(_number(row.get(f"metrics.test.{k}")) for k in ("predicted_classes", "majority_rate", "base_loss"))
+    return any(_number(row.get(f"metrics.test.{k}")) for k in ("predicted_classes", "predicted_values", "majority_rate",
+                                                              "base_loss"))
 
 
 def _number(value: Any) -> bool:

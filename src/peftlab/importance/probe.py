@@ -110,7 +110,7 @@ def probe(config: RunConfig, measure: str, rank: float, steps: int, seed: int) -
     check_lengths(config.model, config.task.max_length)
     tokenizer = load_tokenizer(config.model)
     data = load_task(config.task, tokenizer)
-    model_spec = model_spec_for_task(config.model, task_kind(data.kind).head, len(data.labels))
+    model_spec = model_spec_for_task(config.model, task_kind(data.kind).head, task_kind(data.kind).num_labels(data.labels))
     model = load_model(model_spec, seed=seed)
     uniform = PlanSpec(placement=config.plan.placement, allocation=UniformAllocation(rank=max(1, round(rank))),
                        alpha=config.plan.alpha)

@@ -120,7 +120,7 @@ class LoraMethod(Method):
         from peft import initialize_lora_eva_weights
 
         def forward(peft_model, inputs):
-            return peft_model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"])
+            return peft_model(**{k: inputs[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in inputs})
 
         causal = peft_task_type(unwrap(model)) == "CAUSAL_LM"
         inputs = [b if causal else {k: v for k, v in b.items() if k != "labels"} for b in batches]

@@ -411,11 +411,12 @@ GEMMA3_CHAT_TEMPLATE = (
 )
 
 
-def model_spec_for_task(model: ModelSpec, head: str, n_labels: int) -> ModelSpec:
-    """The model with the head a task trains (`TaskKind.head`), refused where `model.head` names another."""
+def model_spec_for_task(model: ModelSpec, head: str, num_labels: int) -> ModelSpec:
+    """The model with the head a task trains (`TaskKind.head`, with `TaskKind.num_labels` outputs for a sequence
+    head), refused where `model.head` names another."""
     if model.head not in ("auto", head):
         raise PeftlabError(f"model.head: {model.head} cannot train a task with a {head} head; use auto or {head}")
-    return model.model_copy(update={"head": head, "num_labels": max(n_labels, 2)})
+    return model.model_copy(update={"head": head, "num_labels": num_labels})
 
 
 # Task heads a sequence-classification model adds, for a model without a family record (a role_map)

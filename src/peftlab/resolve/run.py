@@ -40,7 +40,7 @@ def resolve_run(config: RunConfig) -> ResolvedRun:
     tokenizer = load_tokenizer(config.model)
     drawn = None if make_method(config.method).reads_training_data else spec.examples_drawn
     data = load_task(config.task, tokenizer, drawn)
-    model = model_spec_for_task(config.model, task_kind(data.kind).head, len(data.labels))
+    model = model_spec_for_task(config.model, task_kind(data.kind).head, task_kind(data.kind).num_labels(data.labels))
     sized, budget = planned, None
     if config.budget:  # equal-budget comparison: the method's size parameter is chosen here
         sized, budget = match_budget(planned, model, config.budget)

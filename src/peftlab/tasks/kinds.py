@@ -69,10 +69,22 @@ class TaskKind:
         """Where an example is cut to `task.max_length`, the encoder adds where it is to `truncated`."""
         raise NotImplementedError
 
+    def num_labels(self, labels: list[str]) -> int:
+        """Outputs of the head a sequence-classification model gets for these class names."""
+        return max(len(labels), 2)
+
+    def matches(self, config: Any) -> bool:
+        """Whether a model with this kind's head and `config` was built for this kind (`kind_for_model`)."""
+        return True
+
     def nll(self, model: nn.Module, batch: Batch, hidden_states: HiddenStates | None = None):
-        """(summed NLL, predictions counted, class logits or None); `hidden_states`: the method's forward to the
-        last hidden states where it adds positions (`Method.hidden_states`; default: the backbone's)."""
+        """(summed loss, predictions counted, the head's outputs or None); `hidden_states`: the method's forward to
+        the last hidden states where it adds positions (`Method.hidden_states`; default: the backbone's)."""
         raise NotImplementedError
+
+    def predictions(self, outputs: torch.Tensor) -> list[Any]:
+        """What `scores` compares with the labels, from the head's outputs (`nll`)."""
+        return outputs.argmax(-1).tolist()
 
     def profile_pass(self, model: nn.Module, batch: Batch, reads_first: bool) -> tuple[float, int, torch.Tensor]:
         """(summed loss, predictions, the outputs the loss reads) for a sparsity profile; `reads_first`: a
@@ -85,17 +97,22 @@ class TaskKind:
 
 
 class Classification(TaskKind):
-    """Rows of text and a label; a sequence-classification head; cross-entropy per example."""
+    """Rows of a text (or a sentence pair) and a label; a sequence-classification head; cross-entropy per
+    example."""
 
     name = "classification"
     head = "sequence-classification"
     primary = "accuracy"
-    metrics = ("accuracy", "macro_f1", "majority_rate", "predicted_classes")
+    metrics = ("accuracy", "macro_f1", "mcc", "f1", "majority_rate", "predicted_classes")
     generates = False
     profile_measure = "representation"  # the head is untrained when the profile runs: its loss barely moves
 
     def columns(self, spec: TaskSpec, rows: list[dict[str, Any]]) -> tuple[str, ...]:
-        return (spec.text_column, spec.label_column)
+        pair = (spec.text_pair_column,) if spec.text_pair_column else ()
+        return (spec.text_column, *pair, spec.label_column)
+
+    def matches(self, config: Any) -> bool:
+        return getattr(config, "num_labels", 2) >= 2
 
     def labels(self, spec: TaskSpec, train_rows: Indexed, held_out: list[tuple[Indexed, str]], source: str) -> list[str]:
         """`task.labels`, else every label found (training first). A class that occurs only in the validation or
@@ -121,43 +138,89 @@ class Classification(TaskKind):
     def encoder(self, spec: TaskSpec, tokenizer: Any, labels: list[str], columns: tuple[str, ...],
                 truncated: list[str]) -> Encoder:
         index = {name: i for i, name in enumerate(labels)}
-
-        def encode(row: dict[str, Any], where: str) -> dict[str, Any]:
-            text = str(row[spec.text_column])
-            ids = tokenizer(text, truncation=True, max_length=spec.max_length)["input_ids"]
-            if len(ids) == spec.max_length and len(tokenizer(text)["input_ids"]) > spec.max_length:
-                truncated.append(where)
-            return {"input_ids": ids, "labels": index[str(row[spec.label_column])]}
-
-        return encode
+        return _text_encoder(spec, tokenizer, truncated, lambda row: index[str(row[spec.label_column])])
 
     def nll(self, model: nn.Module, batch: Batch, hidden_states: HiddenStates | None = None):
         import torch
+
+        logits = model(**_inputs(batch)).logits
+        return self.loss(logits, batch["labels"]), torch.tensor(len(logits), device=logits.device), logits
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Summed over the batch's examples."""
         import torch.nn.functional as F
 
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        nll = F.cross_entropy(logits.float(), batch["labels"], reduction="sum")
-        return nll, torch.tensor(len(logits), device=logits.device), logits
+        return F.cross_entropy(outputs.float(), labels, reduction="sum")
 
     def profile_pass(self, model: nn.Module, batch: Batch, reads_first: bool) -> tuple[float, int, torch.Tensor]:
         """The outputs: the last hidden state at the position the head reads."""
         import torch
-        import torch.nn.functional as F
 
         mask = batch["attention_mask"]
-        out = model(input_ids=batch["input_ids"], attention_mask=mask, output_hidden_states=True)
-        loss = F.cross_entropy(out.logits.float(), batch["labels"], reduction="sum").item()
+        out = model(**_inputs(batch), output_hidden_states=True)
+        loss = self.loss(out.logits, batch["labels"]).item()
         read = torch.zeros(len(mask), dtype=torch.long, device=mask.device) if reads_first else mask.sum(dim=1) - 1
         return loss, len(mask), out.hidden_states[-1][torch.arange(len(mask), device=mask.device), read].float()
 
     def scores(self, loss: float, predictions: list[int], golds: list[int], n_labels: int) -> dict[str, float]:
+        from sklearn.metrics import f1_score, matthews_corrcoef
+
+        binary = {"f1": float(f1_score(golds, predictions, pos_label=1, labels=[0, 1], average="binary",
+                                       zero_division=0.0))} if n_labels == 2 and golds else {}
         return {
             "accuracy": sum(p == g for p, g in zip(predictions, golds)) / max(len(golds), 1),
             "macro_f1": macro_f1(predictions, golds, n_labels),
+            "mcc": float(matthews_corrcoef(golds, predictions)) if golds else math.nan,
+            **binary,  # of the second class (GLUE's MRPC and QQP: "equivalent", "duplicate")
             # what a trivial classifier scores here, and whether this one is one (see analysis.degenerate)
             "majority_rate": max(map(golds.count, set(golds))) / len(golds) if golds else math.nan,
             "predicted_classes": len(set(predictions)),
         }
+
+
+class Regression(Classification):
+    """Rows of a text (or a sentence pair) and a number; a one-output head; squared error per example (GLUE's
+    STS-B)."""
+
+    name = "regression"
+    primary = "pearson"
+    metrics = ("pearson", "spearman", "predicted_values")
+
+    def num_labels(self, labels: list[str]) -> int:
+        return 1
+
+    def matches(self, config: Any) -> bool:
+        return getattr(config, "num_labels", 2) == 1
+
+    def labels(self, spec: TaskSpec, train_rows: Indexed, held_out: list[tuple[Indexed, str]], source: str) -> list[str]:
+        """None: a regression has no classes. Every label is checked to be a finite number."""
+        for rows, where in [(train_rows, source), *held_out]:
+            for i, row in rows:
+                _number(row[spec.label_column], f"{where}: row {i}: label")
+        return []
+
+    def encoder(self, spec: TaskSpec, tokenizer: Any, labels: list[str], columns: tuple[str, ...],
+                truncated: list[str]) -> Encoder:
+        return _text_encoder(spec, tokenizer, truncated, lambda row: _number(row[spec.label_column], "label"))
+
+    def loss(self, outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return (outputs.float().squeeze(-1) - labels.float()).pow(2).sum()
+
+    def predictions(self, outputs: torch.Tensor) -> list[Any]:
+        return outputs.float().squeeze(-1).tolist()
+
+    def scores(self, loss: float, predictions: list[float], golds: list[float], n_labels: int) -> dict[str, float]:
+        from scipy.stats import pearsonr, spearmanr
+
+        distinct = len(set(predictions))  # 1: the model predicts one value (a degenerate run, `analysis.degenerate`)
+        if len(golds) < 2 or len(set(golds)) < 2:
+            correlations = {"pearson": math.nan, "spearman": math.nan}  # labels without spread: nothing to correlate
+        elif distinct < 2:
+            correlations = {"pearson": 0.0, "spearman": 0.0}  # a constant prediction follows none of the labels
+        else:
+            correlations = {"pearson": float(pearsonr(predictions, golds).statistic),
+                            "spearman": float(spearmanr(predictions, golds).statistic)}
+        return {**correlations, "predicted_values": distinct}
 
 
 class Instruction(TaskKind):
@@ -221,16 +284,21 @@ class Instruction(TaskKind):
         return {"perplexity": math.exp(loss) if loss < 700 else math.inf}
 
 
-KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Instruction())}
+KINDS: dict[str, TaskKind] = {kind.name: kind for kind in (Classification(), Regression(), Instruction())}
 
 
 def task_kind(name: str) -> TaskKind:
     return KINDS[name]
 
 
-def kind_for_head(head: str | None) -> TaskKind:
-    """The kind a model with this head (`models.load.head_kind`) trains; a model no head registers is a causal LM."""
-    return next((kind for kind in KINDS.values() if kind.head == head), KINDS["instruction"])
+def kind_for_model(model: nn.Module) -> TaskKind:
+    """The kind a model was built for: by its head (`models.load.head_kind`) and its config (a one-output
+    sequence head is a regression, as in transformers); a model no head registers is a causal LM."""
+    from peftlab.models.load import head_kind, unwrap
+
+    base = unwrap(model)
+    head = head_kind(base)
+    return next((k for k in KINDS.values() if k.head == head and k.matches(base.config)), KINDS["instruction"])
 
 
 def primary_metric(kinds: set[str]) -> str:
@@ -266,6 +334,37 @@ def _check_label_types(column: str, parts: list[tuple[Indexed, str]]) -> None:
         (a_source, a_row, a), (b_source, b_row, b) = first["integer"], first["text"]
         raise PeftlabError(f"column {column!r} mixes integer and text labels ({a_source}: row {a_row}: {a!r}; "
                            f"{b_source}: row {b_row}: {b!r}); write every label the same way")
+
+
+def _text_encoder(spec: TaskSpec, tokenizer: Any, truncated: list[str], label: Callable[[dict[str, Any]], Any]) -> Encoder:
+    """A row's text (and its pair, as the tokenizer encodes sentence pairs) cut to `task.max_length`, and its label."""
+
+    def encode(row: dict[str, Any], where: str) -> dict[str, Any]:
+        texts = [str(row[spec.text_column])] + ([str(row[spec.text_pair_column])] if spec.text_pair_column else [])
+        encoded = tokenizer(*texts, truncation=True, max_length=spec.max_length)
+        ids = encoded["input_ids"]
+        if len(ids) == spec.max_length and len(tokenizer(*texts)["input_ids"]) > spec.max_length:
+            truncated.append(where)
+        segments = {"token_type_ids": encoded["token_type_ids"]} if len(texts) > 1 and "token_type_ids" in encoded else {}
+        return {"input_ids": ids, **segments, "labels": label(row)}  # segments: which text of a pair (BERT)
+
+    return encode
+
+
+def _inputs(batch: Batch) -> Batch:
+    """What a sequence classifier reads of a batch: the tokens, their mask and, for a sentence pair, the segments."""
+    return {k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch}
+
+
+def _number(value: Any, where: str) -> float:
+    """A regression label: an int, a float or numeric text, finite."""
+    try:
+        number = float(value) if not isinstance(value, bool) and isinstance(value, (int, float, str)) else math.nan
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise PeftlabError(f"{where} {value!r} is not a finite number; a regression's labels are numbers")
+    return number
 
 
 def render_prompt(template: str, instruction: str, context: str) -> str:

@@ -159,16 +159,21 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     input_ids = torch.full((len(examples), longest), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(examples), longest), dtype=torch.long)
     token_labels = isinstance(examples[0]["labels"], list)
+    segments = torch.zeros((len(examples), longest), dtype=torch.long) if "token_type_ids" in examples[0] else None
     labels = torch.full((len(examples), longest), IGNORE, dtype=torch.long) if token_labels else None
     for i, e in enumerate(examples):
         n = len(e["input_ids"])
         input_ids[i, :n] = torch.tensor(e["input_ids"])
         attention_mask[i, :n] = 1
+        if segments is not None:
+            segments[i, :n] = torch.tensor(e["token_type_ids"])
         if token_labels:
             labels[i, :n] = torch.tensor(e["labels"])
-    if not token_labels:
-        labels = torch.tensor([e["labels"] for e in examples], dtype=torch.long)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    if not token_labels:  # a class index, or a regression's number
+        dtype = torch.float32 if isinstance(examples[0]["labels"], float) else torch.long
+        labels = torch.tensor([e["labels"] for e in examples], dtype=dtype)
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return {**batch, "token_type_ids": segments} if segments is not None else batch
 
 
 def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:

@@ -25,14 +25,15 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
     predictions: list[int] = []
     golds: list[int] = []
     batches = list(batches)[distributed.process_index()::distributed.process_count()] if distributed.active() else batches
+    handler = task_kind(kind)
     for batch in batches:
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            nll, count, logits = task_kind(kind).nll(model, batch, hidden_states)
+            nll, count, outputs = handler.nll(model, batch, hidden_states)
         total_nll += nll.item()
         total_count += int(count)
-        if logits is not None:
-            predictions += logits.argmax(-1).tolist()
+        if outputs is not None:
+            predictions += handler.predictions(outputs)
             golds += batch["labels"].tolist()
     model.train(was_training)
     if distributed.active():
@@ -40,4 +41,4 @@ def evaluate(model: nn.Module, batches: Iterable[dict[str, torch.Tensor]], kind:
         total_count = int(total_count)
         predictions, golds = distributed.gather_lists(predictions), distributed.gather_lists(golds)
     loss = total_nll / max(total_count, 1)
-    return {"loss": loss, "count": total_count, **task_kind(kind).scores(loss, predictions, golds, n_labels)}
+    return {"loss": loss, "count": total_count, **handler.scores(loss, predictions, golds, n_labels)}

@@ -47,11 +47,11 @@ from peftlab.methods.sparselora.profile import (
     measure_profile,
 )
 from peftlab.methods.specs import SparseLoraSpec
-from peftlab.models.load import cache_dir, head_kind, unwrap
+from peftlab.models.load import cache_dir, unwrap
 from peftlab.models.roles import Role
 from peftlab.models.sites import Site, model_family, resolve_sites
 from peftlab.plans.plan import Plan
-from peftlab.tasks.kinds import kind_for_head
+from peftlab.tasks.kinds import kind_for_model
 from peftlab.tasks.prepare import IGNORE
 
 ESTIMATOR_VERSION = 1
@@ -195,7 +195,7 @@ class SparseLoraMethod(LoraMethod):
         if auto is None or not self.blocks:
             return
         chosen = self.profile_batches(batches)
-        kind = kind_for_head(head_kind(unwrap(model))).name
+        kind = kind_for_model(model).name
         profile = self.profile(model, chosen, kind) if auto.loss_budget > 0 else None  # 0: dense, nothing to measure
         allocation = choose_levels(profile, auto.loss_budget)
         n_layers = len(self.sparsity["ffn"])

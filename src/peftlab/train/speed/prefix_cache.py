@@ -171,6 +171,8 @@ def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_ke
     layer = lowest_trainable_layer(model)
     if not layer:
         return None, None
+    if "token_type_ids" in examples[0]:
+        return None, "off: sentence pairs carry segment ids, which the cached layers' inputs do not hold"
     layers, _ = layer_blocks(model)
     start = time.perf_counter()
     probe = _probe(model, layers, layer, examples[0], pad_id, device)
