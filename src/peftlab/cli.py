@@ -44,6 +44,8 @@ app = typer.Typer(
 ModelOption = Annotated[Optional[str], typer.Option(help="Preset, catalog name, local dir or hub id (default minilm-l6).")]
 TaskOption = Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")]
 DataOption = Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")]
+DatasetOption = Annotated[Optional[str], typer.Option(
+    help="A datasets id or local dataset, ID or ID:CONFIG (glue:sst2); needs --kind. Splits: task.train_split, task.test_split.")]
 KindOption = Annotated[Optional[str], typer.Option(help=f"{' | '.join(KINDS)} (with --data).")]
 
 
@@ -131,6 +133,7 @@ def run(
     model: ModelOption = None,
     task: TaskOption = None,
     data: DataOption = None,
+    dataset: DatasetOption = None,
     kind: KindOption = None,
     method: Annotated[Optional[str], typer.Option(help=" | ".join(SPECS) + f" (peft:TYPE, TYPE one of {', '.join(PEFT_TYPES)})")] = None,
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
@@ -161,9 +164,10 @@ def run(
     from peftlab.specs import RunConfig, config_id
     from peftlab.train.distributed import is_main
 
-    overrides = _run_overrides(dict(model=model, task=task, data=data, kind=kind, max_length=max_length, method=method,
-                                    placement=placement, layers=layers, allocation=allocation, rank=rank, budget=budget,
-                                    lr=lr, epochs=epochs, max_steps=max_steps, batch_size=batch_size, seed=seed,
+    overrides = _run_overrides(dict(model=model, task=task, data=data, dataset=dataset, kind=kind,
+                                    max_length=max_length, method=method, placement=placement, layers=layers,
+                                    allocation=allocation, rank=rank, budget=budget, lr=lr, epochs=epochs,
+                                    max_steps=max_steps, batch_size=batch_size, seed=seed,
                                     generate=generate, device=device, gradient_checkpointing=gradient_checkpointing,
                                     checkpoint_every=checkpoint_every, track=track))
     spec = _load(RunConfig, config, overrides)
@@ -178,8 +182,9 @@ def run(
         raise typer.Exit(1)
 
 
-RUN_FLAGS = {"model": "model.name", "task": "task.name", "kind": "task.kind", "max_length": "task.max_length",
-             "placement": "plan.placement.roles", "layers": "plan.placement.layers", "budget": "budget",
+RUN_FLAGS = {"model": "model.name", "task": "task.name", "dataset": "task.dataset", "kind": "task.kind",
+             "max_length": "task.max_length", "placement": "plan.placement.roles", "layers": "plan.placement.layers",
+             "budget": "budget",
              "lr": "train.lr", "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
              "seed": "train.seed", "generate": "eval.generate.examples", "device": "train.device",
              "gradient_checkpointing": "train.gradient_checkpointing", "checkpoint_every": "train.checkpoint_every"}
@@ -263,10 +268,11 @@ def _load(cls, config: Path | None, overrides: dict[str, Any]):
     return validate(cls, data, "command line")
 
 
-def _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr):
+def _probe_config(config, model, task, data, dataset, kind, placement, layers, batch_size, max_length, lr):
     from peftlab.specs import RunConfig
 
-    overrides = {"model.name": model, "task.name": task, "task.path": str(data) if data else None, "task.kind": kind,
+    overrides = {"model.name": model, "task.name": task, "task.path": str(data) if data else None,
+                 "task.dataset": dataset, "task.kind": kind,
                  "task.max_length": max_length, "plan.placement.roles": placement, "plan.placement.layers": layers,
                  "train.batch_size": batch_size, "train.lr": lr}
     return _load(RunConfig, config, {k: v for k, v in overrides.items() if v is not None})
@@ -278,6 +284,7 @@ def sparsity(
     model: ModelOption = None,
     task: TaskOption = None,
     data: DataOption = None,
+    dataset: DatasetOption = None,
     kind: KindOption = None,
     placement: Annotated[Optional[str], typer.Option(help="Sites the run adapts: all | attention | ffn | roles such as q,v")] = None,
     levels: Annotated[str, typer.Option(help="Comma-separated sparsities each block is measured at.")] = "0.25,0.5,0.75,0.9",
@@ -297,7 +304,7 @@ def sparsity(
         raise PeftlabError(f"--levels {levels!r}: comma-separated numbers between 0 and 1, e.g. 0.25,0.5,0.9") from None
     from peftlab.specs import RunConfig
 
-    spec = _probe_config(config, model, task, data, kind, placement, None, batch_size, max_length, None)
+    spec = _probe_config(config, model, task, data, dataset, kind, placement, None, batch_size, max_length, None)
     dumped = spec.model_dump(mode="json", by_alias=True)
     method = {k: v for k, v in dumped["method"].items() if k not in FIXED_SPARSITY} if dumped["method"]["name"] == "sparselora" \
         else {"name": "sparselora"}
@@ -344,6 +351,7 @@ def importance(
     model: ModelOption = None,
     task: TaskOption = None,
     data: DataOption = None,
+    dataset: DatasetOption = None,
     kind: KindOption = None,
     measure: Annotated[str, typer.Option(help=f"Comma-separated: {', '.join(MEASURES)}.")] = "gradient,fisher,activation,update",
     placement: Annotated[Optional[str], typer.Option(help="Sites to score: all | attention | ffn | roles such as q,v")] = None,
@@ -366,7 +374,7 @@ def importance(
     for name in measures or [measure]:
         check_measure(name)
         _probe_settings(name, rank, steps, seed)
-    spec = _probe_config(config, model, task, data, kind, placement, layers, batch_size, max_length, lr)
+    spec = _probe_config(config, model, task, data, dataset, kind, placement, layers, batch_size, max_length, lr)
     check_output(output, "--output", directory=True)
     records = []
     for name in measures:
@@ -405,6 +413,7 @@ def recommend(
     model: ModelOption = None,
     task: TaskOption = None,
     data: DataOption = None,
+    dataset: DatasetOption = None,
     kind: KindOption = None,
     measure: Annotated[str, typer.Option(help=f"Importance measure: {' | '.join(MEASURES)}.")] = "fisher",
     study: Annotated[Optional[Path], typer.Option(help="A study directory whose measured results to weigh in.")] = None,
@@ -422,7 +431,7 @@ def recommend(
     _probe_settings(measure, 8.0, steps, 0)
     if study is not None and not (study / "study.yaml").is_file():
         raise PeftlabError(f"--study {study}: not a study directory (no study.yaml)")
-    spec = _probe_config(config, model, task, data, kind, placement, layers, None, None, None)
+    spec = _probe_config(config, model, task, data, dataset, kind, placement, layers, None, None, None)
     if output is not None:
         check_output(output, "--output", directory=False)
     result = propose(spec, budget, measure, steps, study)

