@@ -79,3 +79,20 @@ def test_the_command_line_names_a_dataset_by_id_and_configuration(glue_like, cli
     assert code == 0, err
     result = json.loads((tmp_path / "run" / "result.json").read_text())
     assert result["config"]["task"]["dataset"] == f"{glue_like}:sst2" and result["status"] == "done"
+
+
+def test_glue_tasks_are_judged_by_their_published_metric_and_the_readme_shows_the_same_table():
+    from pathlib import Path
+
+    from peftlab.records.results import primary_metric
+    from peftlab.tasks.glue import GLUE, glue_task
+
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    for task in GLUE.values():
+        columns = task.text + (f", {task.pair}" if task.pair else "")
+        assert f"| {task.name} | {task.kind} | {columns} | {task.test_split} | {', '.join(task.metrics)} |" in readme
+        spec = TaskSpec.model_validate(task.task(max_length=64))
+        assert glue_task(spec.model_dump(mode="json")) == task
+    assert primary_metric([{"kind": "classification", "benchmark": "glue/cola"}])[0] == "metrics.test.mcc"
+    assert primary_metric([{"kind": "regression", "benchmark": "glue/stsb"}])[0] == "metrics.test.pearson"
+    assert primary_metric([{"kind": "classification", "benchmark": None}])[0] == "metrics.test.accuracy"

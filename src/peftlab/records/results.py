@@ -10,6 +10,7 @@ from typing import Any
 from peftlab.errors import PeftlabError
 from peftlab.measures import higher_is_better
 from peftlab.records.store import Store
+from peftlab.tasks.glue import GLUE, glue_task
 from peftlab.tasks.kinds import primary_metric as kind_primary
 from peftlab.train.result import RunResult
 
@@ -38,6 +39,8 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
         for section in ("metrics", "cost", "speed", "environment", "inputs"):
             _flatten(section, written[section], row)
         row["kind"] = result.data.get("kind")
+        glue = glue_task(json.loads(r["config"]).get("task"))
+        row["benchmark"] = f"glue/{glue.name}" if glue else None
         rows.append(row)
     return rows
 
@@ -57,8 +60,11 @@ class Snapshot:
 
 
 def primary_metric(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, bool]:
-    """(column, higher is better) of the metric the runs' task kind is judged by (`TaskKind.primary`)."""
-    name = kind_primary({r["kind"] for r in rows if r["kind"]})
+    """(column, higher is better) of the metric the runs are judged by: their GLUE task's (`tasks.glue`), else their
+    task kind's (`TaskKind.primary`)."""
+    benchmarks = {r.get("benchmark") for r in rows}
+    glue = GLUE.get(benchmarks.pop().removeprefix("glue/")) if len(benchmarks) == 1 and None not in benchmarks else None
+    name = glue.metrics[0] if glue else kind_primary({r["kind"] for r in rows if r["kind"]})
     return f"metrics.{split}.{name}", higher_is_better(name)
 
 
