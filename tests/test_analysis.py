@@ -560,3 +560,41 @@ def test_each_metric_and_cost_is_declared_once_and_read_from_its_record():
     assert measures.label("metrics.test.rouge_l") == "ROUGE-L" and measures.label("unknown_thing") == "unknown thing"
     assert [measures.COST_BY_NAME[n].format(v) for n, v in [("memory", 3 * 2**20), ("time", 2.25), ("trainable", 1e6)]] \
         == ["3.0 MiB", "2.2 s", "1,000,000"]
+
+
+def test_published_references_sit_beside_the_study_s_results(synthetic_study):
+    import yaml
+
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import write_report
+
+    spec = yaml.safe_load((synthetic_study / "study.yaml").read_text())
+    spec["references"] = {
+        "placement=all": {"value": 0.80, "spread": 0.02, "n": 5, "source": "Paper A, Table 2"},
+        "placement=ffn": {"value": 0.80, "interval": [0.79, 0.81], "source": "Paper B"},
+        "placement=attention": {"value": 0.25, "metric": "loss", "source": "Paper C"},
+        "placement=none": {"value": 0.5, "spread": 0.1, "source": "Paper D"},
+    }
+    (synthetic_study / "study.yaml").write_text(yaml.safe_dump(spec))
+    analysis, _ = write_report(synthetic_study)
+    rows = {row.label: row for row in analysis.references}
+    assert rows["placement=all"].placement == "within" and rows["placement=all"].published == "0.8 ± 0.02 (n=5)"
+    assert rows["placement=ffn"].placement == "below (-0.0917)"  # mean 0.6983 against [0.79, 0.81]
+    assert rows["placement=attention"].metric == "metrics.test.loss"
+    assert rows["placement=attention"].placement == "no published interval"
+    assert rows["placement=none"].ours == "no such configuration in this study"
+    markdown = (synthetic_study / "report.md").read_text()
+    assert "## Published references" in markdown and "| placement=all | accuracy | 0.8100 [" in markdown
+    assert [c.verdict.outcome if c.verdict else None for c in analysis.configurations] == \
+        [c.verdict.outcome if c.verdict else None for c in analyze(synthetic_study).configurations]  # verdicts unchanged
+
+
+def test_a_reference_holds_its_value_inside_its_interval():
+    from peftlab.config import validate
+    from peftlab.errors import PeftlabError
+    from peftlab.specs import Reference
+
+    with pytest.raises(PeftlabError, match="does not hold value"):
+        validate(Reference, {"value": 0.9, "interval": [0.7, 0.8], "source": "x"}, "study")
+    with pytest.raises(PeftlabError, match="a spread or an interval, not both"):
+        validate(Reference, {"value": 0.9, "interval": [0.8, 0.95], "spread": 0.1, "source": "x"}, "study")

@@ -496,6 +496,38 @@ class SeedRounds(Spec):
     """Seeds added per round to each unresolved configuration."""
 
 
+class Reference(Spec):
+    """A published result for one configuration, shown beside the study's own in the report (the verdicts and the
+    frontier do not read it)."""
+
+    value: float
+    """In the metric's units as peftlab reports it (accuracy 0.945, not 94.5)."""
+    spread: float | None = Field(None, gt=0)
+    """The ± the source prints; the published interval is value ± spread."""
+    interval: tuple[float, float] | None = None
+    """The published interval itself, where the source gives one (instead of a spread)."""
+    n: int | None = Field(None, ge=1)
+    """Runs (seeds) behind the published value."""
+    source: str = Field(min_length=1)
+    """Where it is published, e.g. "LoRA (Hu et al., 2021), Table 2"."""
+    metric: str | None = None
+    """The metric it reports (e.g. mcc); default: the study's quality metric."""
+
+    @model_validator(mode="after")
+    def _one_interval(self) -> Reference:
+        if self.spread is not None and self.interval is not None:
+            raise ValueError("give a spread or an interval, not both")
+        if self.interval is not None and not self.interval[0] <= self.value <= self.interval[1]:
+            raise ValueError(f"interval {list(self.interval)} does not hold value {self.value}")
+        return self
+
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        if self.interval is not None:
+            return self.interval
+        return (self.value - self.spread, self.value + self.spread) if self.spread is not None else None
+
+
 class StudySpec(Spec):
     """A study: a base run config, axes whose values are combined, and seeds for each combination."""
 
@@ -516,6 +548,9 @@ class StudySpec(Spec):
     until_resolved: SeedRounds | None = None
     """Add seeds where comparisons are unresolved; `seeds: {min: 3, max: 12}` is short for seeds [0, 1, 2]
     with until_resolved {max: 12}."""
+    references: dict[str, Reference] = {}
+    """Configuration label -> a published result to show beside it, e.g. {"method=lora": {value: 0.948, spread:
+    0.003, n: 5, source: "LoRA paper, Table 2"}}."""
 
     @model_validator(mode="before")
     @classmethod

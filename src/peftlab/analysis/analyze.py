@@ -13,6 +13,7 @@ from peftlab import measures
 from peftlab.analysis.degenerate import checkable, degenerate_reason
 from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.provenance import provenance_lines
+from peftlab.analysis.references import ReferenceRow, reference_rows
 from peftlab.analysis.sequential import FIXED, Design, study_design
 from peftlab.analysis.stats import (
     BOOTSTRAP_MIN_SEEDS,
@@ -99,6 +100,7 @@ class Analysis:
     limits: list[str] = field(default_factory=list)
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # label -> completions of its first seed
     provenance: list[str] = field(default_factory=list)  # versions, device and inputs of the compared runs
+    references: list[ReferenceRow] = field(default_factory=list)  # published results beside the study's
 
 
 def _is_uniform_all_lora(config: dict[str, Any]) -> tuple[bool, float]:
@@ -186,6 +188,7 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     analysis.tuning = tuning
     if not verdicts_only:
         _add_report_findings(analysis, rows, study_dir)
+        analysis.references = reference_rows(analysis, spec.get("references") or {})
     return analysis
 
 

@@ -10,6 +10,7 @@ from typing import Any
 
 from peftlab.analysis.analyze import Analysis, analyze, metric_name, verdict_text
 from peftlab.analysis.figures import make_figures
+from peftlab.analysis.references import HEADER as REFERENCE_HEADER
 from peftlab.analysis.stats import CONSTANT
 from peftlab.errors import PeftlabError
 from peftlab.files import write_atomic
@@ -121,6 +122,24 @@ def _tuning_markdown(analysis: Analysis) -> list[str]:
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 
 
+def _references_markdown(analysis: Analysis) -> list[str]:
+    if not analysis.references:
+        return []
+    lines = ["", "## Published references", "", "Each published result beside this study's own (the verdicts and the "
+             "frontier do not read them); the interval is the published value ± the spread it prints, or its own.", "",
+             "| " + " | ".join(REFERENCE_HEADER) + " |", "|" + "---|" * len(REFERENCE_HEADER)]
+    return lines + ["| " + " | ".join(row.cells()) + " |" for row in analysis.references]
+
+
+def _references_html(analysis: Analysis) -> str:
+    if not analysis.references:
+        return ""
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in REFERENCE_HEADER)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row.cells()) + "</tr>"
+                   for row in analysis.references)
+    return f"<h2>Published references</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
 def _tuning_html(analysis: Analysis) -> str:
     header, rows = tuning_table(analysis)
     if not rows:
@@ -211,6 +230,7 @@ def write_markdown(analysis: Analysis, figures: dict[str, Path], out: Path) -> P
              "| " + " | ".join(names) + " |", "|" + "---|" * len(names)]
     lines += ["| " + " | ".join(row[c] for c in names) + " |" for row in table]
     lines += ["", "Every metric of every configuration (n, mean, sd, 95% CI) is in `summary.csv`."]
+    lines += _references_markdown(analysis)
     lines += _tuning_markdown(analysis)
     if analysis.samples:
         lines += ["", "## Samples", "", "Completions of the first test prompts (first seed of each "
@@ -277,7 +297,7 @@ def write_html(analysis: Analysis, figures: dict[str, Path], out: Path) -> Path:
 <style>{CSS}</style></head><body><h1>Study report: {html.escape(analysis.name)}</h1>
 <p>{html.escape(analysis.description)}</p><h2>Results</h2><p class="note">{_md_inline(_test_note(analysis))}</p>
 <table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-{_tuning_html(analysis)}{_samples_html(analysis)}<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
+{_references_html(analysis)}{_tuning_html(analysis)}{_samples_html(analysis)}<h2>Degenerate runs</h2><ul>{items(degenerate_lines(analysis))}</ul>
 <h2>Recommendations</h2><ul>{items(analysis.recommendations)}</ul><h2>Limits</h2><ul>{items(analysis.limits)}</ul>
 <h2>Provenance</h2><p class="note">{_md_inline(REPRODUCE)}</p><ul>{items(analysis.provenance)}</ul>
 <h2>Figures</h2>{figs}{CHECK}</body></html>"""
