@@ -598,3 +598,15 @@ def test_a_reference_holds_its_value_inside_its_interval():
         validate(Reference, {"value": 0.9, "interval": [0.7, 0.8], "source": "x"}, "study")
     with pytest.raises(PeftlabError, match="a spread or an interval, not both"):
         validate(Reference, {"value": 0.9, "interval": [0.8, 0.95], "spread": 0.1, "source": "x"}, "study")
+
+
+def test_a_study_names_its_quality_metric(synthetic_study):
+    import yaml
+
+    from peftlab.analysis.analyze import analyze
+
+    spec = yaml.safe_load((synthetic_study / "study.yaml").read_text())
+    (synthetic_study / "study.yaml").write_text(yaml.safe_dump({**spec, "metric": "loss"}))
+    analysis = analyze(synthetic_study)
+    assert analysis.metric == "metrics.test.loss" and not analysis.higher_is_better
+    assert analyze(synthetic_study, metric="accuracy").metric == "metrics.test.accuracy"  # the command line wins

@@ -192,6 +192,6 @@ def test_forgetting_is_zero_for_an_adapter_that_stays_at_zero(tmp_path):
 
 
 def test_generation_needs_an_instruction_task(tmp_path, reviews_file):
-    with pytest.raises(Exception, match="eval.generate and eval.forgetting apply to instruction tasks"):
+    with pytest.raises(Exception, match="eval.generate, eval.forgetting and eval.benchmarks apply to instruction tasks"):
         validate(RunConfig, {"task": {"path": str(reviews_file), "kind": "classification"},
                              "eval": {"generate": True}}, "test")

@@ -217,9 +217,11 @@ def _print_result(result: RunResult, output: Path) -> None:
     table.add_column("value", justify="right")
     for split, values in result.metrics.items():
         for name, value in values.items():
-            if name != "count":
-                shown = measures.label(name)
-                table.add_row(f"{split} {shown}", f"{value:.4f}" if isinstance(value, float) else str(value))
+            for inner, shown_value in (value.items() if isinstance(value, dict) else [("", value)]):  # benchmarks
+                if name != "count":
+                    shown = f"{name} {inner}" if inner else measures.label(name)
+                    table.add_row(f"{split} {shown}", f"{shown_value:.4f}" if isinstance(shown_value, float)
+                                  else str(shown_value))
     cost = result.cost
     table.add_row("trainable params (adapter + head)", f"{cost.adapter_params:,} + {cost.head_params:,}")
     table.add_row("% of total params", f"{100 * cost.trainable_share:.3f}%")

@@ -43,6 +43,10 @@ METRICS: tuple[Metric, ...] = (
     Metric("majority_rate", "majority-class share", True, quality=False),  # the accuracy of always one class
     Metric("predicted_classes", "classes predicted", True, quality=False),
     Metric("predicted_values", "distinct values predicted", True, quality=False),  # a regression's
+    # lm-evaluation-harness' (metrics.benchmarks.<task>.<name>): its other names default to higher is better
+    Metric("acc", "accuracy", True, 0.01, quality=False),
+    Metric("acc_norm", "length-normalized accuracy", True, 0.01, quality=False),
+    Metric("bits_per_byte", "bits per byte", False, quality=False),
 )
 BY_NAME = {metric.name: metric for metric in METRICS}
 RELATIVE_MARGIN = 0.02  # of the baseline's mean, for a metric without a margin of its own (perplexity)

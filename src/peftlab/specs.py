@@ -350,12 +350,43 @@ class ForgettingSpec(Spec):
         return {"path": value} if isinstance(value, (str, Path)) else value
 
 
+class BenchmarksSpec(Spec):
+    """Standard benchmarks through lm-evaluation-harness (the `bench` extra) on the adapted model, merged where the
+    method merges, and once on the base model (cached): e.g. {tasks: [arc_easy, gsm8k], num_fewshot: 5}."""
+
+    tasks: list[str] = Field(min_length=1)
+    """lm-evaluation-harness task (or group) names, or those of the YAML files in `include`."""
+    num_fewshot: int | None = Field(None, ge=0)
+    """Examples shown before each question; default: each task's own."""
+    limit: int | None = Field(None, ge=1)
+    """Examples scored per task (the first ones); default: all. Scores on a limit are not the published ones'."""
+    batch_size: int = Field(8, ge=1)
+    chat_template: bool = False
+    """Render each prompt with the tokenizer's chat template (instruction-tuned models)."""
+    include: Path | None = None
+    """A folder of task YAML files of your own (lm-evaluation-harness' format), read besides its own tasks."""
+    base: bool = True
+    """Also score the base model (cached: a study pays for it once per model and settings)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        return {"tasks": value} if isinstance(value, (list, str)) and value else value
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _one_task(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+
 class EvalSpec(Spec):
     generate: GenerateSpec | None = None
     """Score generated completions of the test prompts (instruction tasks), e.g. {examples: 200,
     max_new_tokens: 128}; `true` takes the defaults."""
     forgetting: ForgettingSpec | None = None
     """A general text (FILE) whose loss before and after adaptation measures forgetting (causal LMs)."""
+    benchmarks: Annotated[BenchmarksSpec | None, added_with(None)] = None
+    """lm-evaluation-harness tasks scored at the end of the run (causal LMs); see BenchmarksSpec."""
 
     @field_validator("generate", mode="before")
     @classmethod
@@ -413,8 +444,9 @@ class RunConfig(Spec):
 
     @model_validator(mode="after")
     def _evaluation_fits_the_task(self) -> RunConfig:
-        if (self.eval.generate or self.eval.forgetting) and not task_kind(self.task.resolved_kind).generates:
-            raise ValueError("eval.generate and eval.forgetting apply to instruction tasks (a causal LM); "
+        if (self.eval.generate or self.eval.forgetting or self.eval.benchmarks) and \
+                not task_kind(self.task.resolved_kind).generates:
+            raise ValueError("eval.generate, eval.forgetting and eval.benchmarks apply to instruction tasks (a causal LM); "
                              f"this task is {self.task.resolved_kind}")
         if self.train.gradient_checkpointing and (reason := self.method.without_checkpointing()):
             raise ValueError(f"train.gradient_checkpointing: method {self.method.label} cannot use it: {reason}; "
@@ -539,6 +571,9 @@ class StudySpec(Spec):
     """axis (a shortcut such as placement, or a dotted path such as train.lr) -> values,
     as a list or as a mapping name -> value (names label the configurations)."""
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS)
+    metric: str | None = None
+    """The quality metric the verdicts, seeds until resolved and the report judge: a name (mcc) or a dotted column
+    (metrics.benchmarks.arc_easy.acc); default: the task's (its GLUE metric, else its kind's primary)."""
     margin: float | None = Field(None, gt=0)
     """Equivalence margin in the units of the quality metric (e.g. 0.01 accuracy, 0.02 loss): a difference
     from the baseline whose confidence interval lies within ±margin is a verdict of `equivalent`.

@@ -159,6 +159,7 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     only for the report's samples (not with `verdicts_only`)."""
     rows, configs, current = snapshot.rows, snapshot.configs, snapshot.current
     tuning = rate_choices(snapshot)
+    metric = metric or spec.get("metric")
     metric = primary_metric(rows)[0] if metric is None else _known_metric(metric, rows)
     higher = measures.higher_is_better(metric)
     if cost not in COST_BY_NAME:

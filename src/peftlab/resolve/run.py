@@ -20,6 +20,7 @@ from peftlab.resolve.resolved import ResolvedRun
 from peftlab.specs import RunConfig
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
+from peftlab.train.benchmarks import check_tasks
 from peftlab.train.device import choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
@@ -80,6 +81,8 @@ def _check_before_reading(config: RunConfig) -> None:
     generate = config.eval.generate
     check_lengths(config.model, config.task.max_length, generate.max_new_tokens if generate else 0)
     task_kind(config.task.resolved_kind).check_model(config.model)
+    if config.eval.benchmarks is not None and config.train.evaluate_test:  # lm-eval installed, every task known
+        check_tasks(config.eval.benchmarks)
 
 
 EVALUATION_SHARE = 10  # held-out examples per trained example beyond which a run is mostly evaluation

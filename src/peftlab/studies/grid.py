@@ -208,4 +208,4 @@ def with_base_overrides(spec: StudySpec, data: Path | None, settings: list[str])
     return validate(StudySpec, {**study, "base": base}, "study (after --data/--set)")
 
 
-STUDY_SETTINGS = ("seeds", "margin", "until_resolved", "tune", "description")  # `--set` keys of the study itself
+STUDY_SETTINGS = ("seeds", "metric", "margin", "until_resolved", "tune", "description", "references")  # `--set` keys of the study itself

@@ -7,6 +7,7 @@ context and returning its part of the result:
 - `train`: the loop with the speed features installed;
 - `evaluate`: every held-out split, the validation curve, the forgetting probe;
 - `generate`: the adapted model's completions, scored beside the base model's;
+- `score_benchmarks_after`: lm-evaluation-harness tasks on the adapted model, beside the base model's scores;
 - `time`: inference latency unmerged, bypassed and merged;
 - `save`: the adapter.
 """
@@ -27,8 +28,10 @@ from torch.utils.data import DataLoader
 from peftlab.models.load import cache_dir, seeded_weights
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import collate, collate_indexed
-from peftlab.train import distributed
+from peftlab.train import benchmarks, distributed
 from peftlab.train.batching import Batches
+from peftlab.train.benchmarks import BenchmarkScores, score_benchmarks, write_benchmark_samples
+from peftlab.train.benchmarks import SAMPLES_FILE as BENCHMARK_SAMPLES
 from peftlab.train.context import RunContext
 from peftlab.train.device import PeakMemory, peak_memory, reset_peak_memory
 from peftlab.train.generation import (
@@ -67,6 +70,7 @@ class References:
     test_loss: float | None  # a causal LM keeps its starting loss when it learns nothing
     forgetting_loss: float | None
     completions: Completions | None
+    benchmarks: BenchmarkScores | None = None
 
 
 @dataclass
@@ -94,7 +98,15 @@ def prepare(ctx: RunContext, batches: HeldOut) -> References:
     test_loss = _base_loss(ctx, batches.test) if task_kind(data.kind).generates else None
     forgetting_loss = _base_loss(ctx, batches.forgetting)
     completions = _base_completions(ctx) if ctx.run.prompts and distributed.is_main() else None
-    return References(test_loss, forgetting_loss, completions)
+    wanted = ctx.run.config.eval.benchmarks
+    scored = _base_benchmarks(ctx) if wanted and wanted.base and benchmarks_apply(ctx) else None
+    return References(test_loss, forgetting_loss, completions, scored)
+
+
+def benchmarks_apply(ctx: RunContext) -> bool:
+    """The run scores `eval.benchmarks`: it has some, evaluates its test data (a tuning run does not) and is the
+    main process."""
+    return ctx.run.config.eval.benchmarks is not None and ctx.train.evaluate_test and distributed.is_main()
 
 
 def train(ctx: RunContext, batches: HeldOut) -> Trained:
@@ -156,6 +168,21 @@ def generate_completions(ctx: RunContext, references: References) -> dict[str, A
         scores.update(base_scores.means("base_"))
     return {"scores": scores, "generation_seconds": adapted.seconds, "generated_tokens": sum(adapted.new_tokens),
             "generation_tokens_per_second": adapted.tokens_per_second}
+
+
+def score_benchmarks_after(ctx: RunContext, references: References) -> dict[str, Any]:
+    """`eval.benchmarks` on the adapted model as it would be served (merged where the method merges), beside the
+    base model's scores (`base_<metric>`); the samples file written; the scores under `scores`, the rest for the
+    run's costs and data."""
+    spec, method = ctx.run.config.eval.benchmarks, ctx.method
+    with method.merged(ctx.model) if method.mergeable else nullcontext(ctx.model) as serving:
+        adapted = score_benchmarks(serving, ctx.run.tokenizer, spec, ctx.accelerator.device)
+    base = references.benchmarks
+    write_benchmark_samples(ctx.partial_dir / BENCHMARK_SAMPLES, adapted, base)
+    scores = {task: dict(values) for task, values in adapted.scores.items()}
+    for task, values in (base.scores if base else {}).items():
+        scores.setdefault(task, {}).update({f"base_{name}": value for name, value in values.items()})
+    return {"scores": scores, "versions": adapted.versions, "benchmark_seconds": adapted.seconds}
 
 
 @torch.no_grad()
@@ -236,6 +263,30 @@ def _base_loss(ctx: RunContext, batches: list[Batch]) -> float | None:
         return ctx.evaluate(batches)["loss"]
 
 
+def _base_benchmarks(ctx: RunContext) -> BenchmarkScores:
+    """The base model's benchmark scores, before training, adapters that change the output bypassed; cached by
+    what sets the base's weights (as the base completions are) and the benchmark settings."""
+    run, method, accelerator = ctx.run, ctx.method, ctx.accelerator
+    file = cache_dir() / "benchmarks" / f"{benchmarks.base_key(_base_identity(ctx), run.config.eval.benchmarks)}.json"
+    if (cached := benchmarks.read_cached(file)) is not None:
+        return cached
+    bypass = method.bypassed(ctx.model)
+    with bypass if bypass is not None else nullcontext():
+        scored = score_benchmarks(ctx.model, run.tokenizer, run.config.eval.benchmarks, accelerator.device)
+    benchmarks.write_cached(file, scored)
+    return scored
+
+
+def _base_identity(ctx: RunContext) -> dict[str, Any]:
+    """Everything that sets the base model's weights and how it computes: the files', the seed of a model built
+    from a config, and what the method does to them (`Method.base_identity`)."""
+    run, accelerator = ctx.run, ctx.accelerator
+    return {"model": run.model.model_dump(mode="json"), "weights": run.inputs.get("model"),
+            "weights_seed": run.config.train.seed if seeded_weights(run.model) else None,
+            "method": run.method.name, "quantization": ctx.method.base_identity(),
+            "precision": accelerator.mixed_precision, "device": accelerator.device.type}
+
+
 def _base_completions(ctx: RunContext) -> Completions | None:
     """The base model's completions of the test prompts, before training (adapters that change the output at
     initialization are bypassed). Cached: every run of a study on the same base computes the same ones; the key
@@ -245,11 +296,7 @@ def _base_completions(ctx: RunContext) -> Completions | None:
     spec = run.config.eval.generate
     if not spec.base:
         return None
-    identity = {"model": run.model.model_dump(mode="json"), "weights": run.inputs.get("model"),
-                "weights_seed": run.config.train.seed if seeded_weights(run.model) else None,
-                "method": run.method.name, "quantization": method.base_identity(),
-                "precision": accelerator.mixed_precision, "device": accelerator.device.type}
-    file = cache_dir() / "generations" / f"{base_cache_key(identity, run.prompts, spec)}.json"
+    file = cache_dir() / "generations" / f"{base_cache_key(_base_identity(ctx), run.prompts, spec)}.json"
     if (cached := read_cached(file)) is not None:
         return cached
     bypass = method.bypassed(ctx.model)

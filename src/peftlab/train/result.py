@@ -40,14 +40,16 @@ class Costs:
     generation_seconds: float | None = None
     generated_tokens: int | None = None
     generation_tokens_per_second: float | None = None
+    benchmark_seconds: float | None = None  # lm-evaluation-harness on the adapted model (`eval.benchmarks`)
     other: dict[str, Any] = field(default_factory=dict)
 
-    GENERATION: ClassVar[tuple[str, ...]] = ("generation_seconds", "generated_tokens", "generation_tokens_per_second")
+    WHERE_MEASURED: ClassVar[tuple[str, ...]] = ("generation_seconds", "generated_tokens", "generation_tokens_per_second",
+                                                 "benchmark_seconds")
+    """Written only where the run measured them."""
 
     def to_dict(self) -> dict[str, Any]:
         written = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "other"}
-        if self.generated_tokens is None:
-            written = {k: v for k, v in written.items() if k not in self.GENERATION}
+        written = {k: v for k, v in written.items() if k not in self.WHERE_MEASURED or v is not None}
         return {**written, **self.other}
 
     @classmethod

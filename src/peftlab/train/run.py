@@ -133,7 +133,7 @@ def _run_phases(ctx: RunContext) -> RunResult:
         speed=trained.speed,
         data={"train": len(run.data.train), "validation": len(run.data.validation), "test": len(run.data.test),
               "dropped": run.data.dropped, "truncated": run.data.truncated, "labels": run.data.labels,
-              "kind": run.data.kind},
+              "kind": run.data.kind, **_benchmark_versions(measured)},
         environment=_environment(ctx.accelerator, ctx.model),
         inputs=run.inputs,
         config=run.config.model_dump(mode="json", by_alias=True),
@@ -158,9 +158,17 @@ def _after_training(ctx: RunContext, held_out: phases.HeldOut, references: phase
     if ctx.run.prompts:
         measured["generation"] = phases.generate_completions(ctx, references)
         metrics.setdefault("test", {}).update(measured["generation"].pop("scores"))
+    if phases.benchmarks_apply(ctx):
+        measured["benchmarks"] = phases.score_benchmarks_after(ctx, references)
+        metrics["benchmarks"] = measured["benchmarks"].pop("scores")
     measured["latency_ms_per_batch"] = phases.time_inference(ctx, held_out.timed)
     measured["adapter_bytes"] = phases.save(ctx)
     return metrics, measured
+
+
+def _benchmark_versions(measured: dict[str, Any]) -> dict[str, Any]:
+    """The lm-eval version of each benchmark task a run scored (scores of different versions do not compare)."""
+    return {"benchmark_versions": measured["benchmarks"]["versions"]} if "benchmarks" in measured else {}
 
 
 def _cost(ctx: RunContext, trained: phases.Trained, measured: dict[str, Any], padded_length: float | None) -> Costs:
@@ -195,6 +203,7 @@ def _cost(ctx: RunContext, trained: phases.Trained, measured: dict[str, Any], pa
         latency_ms_per_batch=measured["latency_ms_per_batch"],
         latency_padded_length=padded_length,  # positions per timed example
         **measured.get("generation", {}),
+        benchmark_seconds=measured.get("benchmarks", {}).get("benchmark_seconds"),
     )
 
 
