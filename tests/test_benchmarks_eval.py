@@ -6,7 +6,7 @@ import json
 import pytest
 
 from peftlab.errors import PeftlabError
-from peftlab.specs import ModelSpec, PlanSpec, RunConfig, TaskSpec, TrainSpec
+from peftlab.specs import PlanSpec, RunConfig, TaskSpec, TrainSpec
 
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.usefixtures("private_cache")

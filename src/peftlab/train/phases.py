@@ -30,8 +30,8 @@ from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import collate, collate_indexed
 from peftlab.train import benchmarks, distributed
 from peftlab.train.batching import Batches
-from peftlab.train.benchmarks import BenchmarkScores, score_benchmarks, write_benchmark_samples
 from peftlab.train.benchmarks import SAMPLES_FILE as BENCHMARK_SAMPLES
+from peftlab.train.benchmarks import BenchmarkScores, score_benchmarks, write_benchmark_samples
 from peftlab.train.context import RunContext
 from peftlab.train.device import PeakMemory, peak_memory, reset_peak_memory
 from peftlab.train.generation import (
