@@ -610,3 +610,32 @@ def test_a_study_names_its_quality_metric(synthetic_study):
     analysis = analyze(synthetic_study)
     assert analysis.metric == "metrics.test.loss" and not analysis.higher_is_better
     assert analyze(synthetic_study, metric="accuracy").metric == "metrics.test.accuracy"  # the command line wins
+
+
+def test_a_study_judged_by_a_benchmark_metric(tmp_path):
+    """A study's `metric:` names an lm-evaluation-harness score; its verdicts, intervals and frontier are on it."""
+    from peftlab.analysis.analyze import analyze
+    from peftlab.api import make_plan
+    from peftlab.config import validate
+    from peftlab.specs import PlanConfig, RunConfig, StudySpec
+    from peftlab.studies.grid import expand
+    from peftlab.studies.runner import open_study
+
+    spec = validate(StudySpec, {
+        "name": "bench", "metric": "metrics.benchmarks.tiny_mc.acc",
+        "base": {"model": "tiny-llama", "task": {"path": "data.jsonl", "kind": "instruction"},
+                 "eval": {"benchmarks": ["tiny_mc"]}},
+        "axes": {"placement": {"all": "all", "attention": "attention"}}, "seeds": [0, 1, 2, 3]}, "test")
+    store, _ = open_study(spec, tmp_path / "study")
+    scores = {"all": [0.60, 0.62, 0.61, 0.63], "attention": [0.70, 0.71, 0.72, 0.70]}
+    for run in expand(spec):
+        config = RunConfig.model_validate(run.config)
+        plan = make_plan(PlanConfig(model=config.model, plan=config.plan))
+        finish(store, run.id, plan, {"loss": 1.0}, "instruction")
+        result = json.loads(store.get(run.id)["result"])
+        result["metrics"]["benchmarks"] = {"tiny_mc": {"acc": scores[run.axes["placement"]][run.seed], "acc_stderr": 0.1}}
+        store.finish(run.id, "done", result, None)
+    analysis = analyze(tmp_path / "study")
+    assert analysis.metric == "metrics.benchmarks.tiny_mc.acc" and analysis.higher_is_better
+    attention = next(c for c in analysis.configurations if c.label == "placement=attention")
+    assert attention.summary.mean == pytest.approx(0.7075) and attention.verdict.outcome == "better"

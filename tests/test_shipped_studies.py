@@ -145,3 +145,14 @@ def test_study_data_and_settings_override_the_base(tmp_path, cli):
                          "--dry-run")
     assert code == 0, err
     assert "studies/instruct-placement-alpaca" in out.replace("\n", "") and "nothing was written" in out
+
+
+def test_glue_lora_trains_the_lora_paper_s_parameter_counts():
+    """RoBERTa-base, q and v, r = 8: 294,912 LoRA parameters (the LoRA paper's 0.3M); BitFit's 0.1M."""
+    spec = load_spec(StudySpec, shipped_studies()["glue-lora"])
+    counts = {}
+    for run in expand(spec):
+        config = RunConfig.model_validate(run.config)
+        counts[run.axes["variant"]] = make_plan(PlanConfig(model=config.model, plan=config.plan)).trainable_params
+    assert counts["lora"] == 294_912
+    assert set(spec.references) == {"variant=lora", "variant=full", "variant=bitfit"} and spec.metric == "accuracy"
