@@ -15,7 +15,7 @@ from peftlab.models.load import (
 from peftlab.specs import ModelSpec
 
 # Parameter counts as published with the weights: encoders without a task head, decoders with their
-# LM head (tied to the embeddings in GPT-2, Qwen2.5 and Gemma 3, untied in LLaMA and Mistral).
+# LM head (tied to the embeddings in GPT-2, Qwen2.5, Gemma 3 and Llama 3.2, untied in LLaMA 2/3 and Mistral).
 ENCODERS = {"bert-base", "roberta-base", "distilbert-base", "minilm-l6"}
 KNOWN = {
     "gpt2": 124_439_808,
@@ -27,6 +27,7 @@ KNOWN = {
     "minilm-l6": 22_713_216,
     "llama-2-7b": 6_738_415_616,
     "llama-3-8b": 8_030_261_248,
+    "llama-3.2-3b": 3_212_749_824,  # PEFT's method comparison records the same
     "mistral-7b": 7_241_732_096,
     "qwen2.5-0.5b": 494_032_768,
     "gemma-3-270m": 268_098_176,

@@ -156,3 +156,15 @@ def test_glue_lora_trains_the_lora_paper_s_parameter_counts():
         counts[run.axes["variant"]] = make_plan(PlanConfig(model=config.model, plan=config.plan)).trainable_params
     assert counts["lora"] == 294_912
     assert set(spec.references) == {"variant=lora", "variant=full", "variant=bitfit"} and spec.metric == "accuracy"
+
+
+def test_metamath_gsm8k_counts_as_peft_s_method_comparison_does():
+    """Llama-3.2-3B, q and v, r = 32: 9,175,040 LoRA parameters and 3,212,749,824 in the model, PEFT's figures."""
+    spec = load_spec(StudySpec, shipped_studies()["metamath-gsm8k"])
+    plans = {}
+    for run in expand(spec):
+        config = RunConfig.model_validate(run.config)
+        plans[run.axes["variant"]] = make_plan(PlanConfig(model=config.model, plan=config.plan))
+    assert plans["lora"].trainable_params == 9_175_040 and plans["lora"].base_params == 3_212_749_824
+    assert spec.metric == "metrics.benchmarks.gsm8k.exact_match_flexible-extract"
+    assert RunConfig.model_validate(expand(spec)[0].config).eval.benchmarks.tasks == ["gsm8k"]

@@ -543,7 +543,8 @@ class Reference(Spec):
     source: str = Field(min_length=1)
     """Where it is published, e.g. "LoRA (Hu et al., 2021), Table 2"."""
     metric: str | None = None
-    """The metric it reports (e.g. mcc); default: the study's quality metric."""
+    """The metric it reports: a name (mcc) or a dotted column (metrics.benchmarks.gsm8k.exact_match); default: the
+    study's quality metric."""
 
     @model_validator(mode="after")
     def _one_interval(self) -> Reference:

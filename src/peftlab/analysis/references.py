@@ -36,7 +36,8 @@ def reference_rows(analysis: Analysis, references: dict[str, dict[str, Any]]) ->
     rows = []
     for label, given in references.items():
         reference = Reference.model_validate(given)
-        metric = f"metrics.test.{reference.metric}" if reference.metric else analysis.metric
+        metric = analysis.metric if not reference.metric else (
+            reference.metric if reference.metric.startswith("metrics.") else f"metrics.test.{reference.metric}")
         configuration = by_label.get(label)
         summary = None if configuration is None else (
             configuration.summary if metric == analysis.metric else configuration.every_metric.get(metric))
