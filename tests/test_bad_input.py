@@ -732,7 +732,8 @@ def test_a_report_refuses_a_metric_its_runs_lack_and_paths_in_the_way_before_wri
     (work / "study" / "report.html").unlink()
     for metric in ("nonsense", "ACCURACY", "rouge_l"):
         check_refused(work, ["report", "study", "--metric", metric],
-                      f"--metric '{metric}': not a metric of this study's runs; valid: accuracy, loss, macro_f1")
+                      f"--metric '{metric}': not a metric of this study's runs; valid: accuracy, f1, loss, macro_f1, "
+                      "majority_rate, mcc, predicted_classes")
     (work / "study" / "report.html").mkdir()
     check_refused(work, ["report", "study"], "study/report.html: is a directory, where the report writes a file")
     (work / "study" / "report.html").rmdir()

@@ -125,15 +125,16 @@ def choose_baseline(configurations: list[Configuration], label: str | None) -> C
 
 
 def _known_metric(given: str, rows: list[dict[str, Any]]) -> str:
-    """`given` as a dotted metric of the study's finished runs (`accuracy` -> metrics.test.accuracy); one line
-    listing the valid names when no finished run has it (before any run has finished, any name passes)."""
+    """`given` as a dotted metric of the study's finished runs (`accuracy` -> metrics.test.accuracy, or a dotted
+    column such as metrics.benchmarks.arc_easy.acc); one line listing the valid names when no finished run has it
+    (before any run has finished, any name passes)."""
     metric = given if given.startswith("metrics.") else f"metrics.test.{given}"
     done = [r for r in rows if r["status"] == "done" and r["phase"] == "main"]
     if not done or any(r.get(metric) is not None for r in done):
         return metric
     valid = sorted({key.removeprefix("metrics.test.") for r in done for key, value in r.items()
-                    if key.startswith("metrics.test.") and isinstance(value, (int, float)) and not isinstance(value, bool)
-                    and key != "metrics.test.count"})
+                    if key.startswith(("metrics.test.", "metrics.benchmarks.")) and not key.endswith("_stderr")
+                    and isinstance(value, (int, float)) and not isinstance(value, bool) and key != "metrics.test.count"})
     raise PeftlabError(f"--metric {given!r}: not a metric of this study's runs; valid: {', '.join(valid)}")
 
 
