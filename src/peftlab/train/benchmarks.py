@@ -14,6 +14,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -59,11 +60,17 @@ def check_tasks(spec: BenchmarksSpec) -> None:
 
 def _task_manager(spec: BenchmarksSpec):
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
     if spec.include is not None and not spec.include.is_dir():
         raise PeftlabError(f"eval.benchmarks.include: {spec.include} is not a folder of task YAML files")
-    return TaskManager(include_path=str(spec.include) if spec.include else None, verbosity="ERROR")
+    return _indexed_tasks(str(spec.include.resolve()) if spec.include else None)
+
+
+@cache
+def _indexed_tasks(include: str | None):
+    """lm-eval's task index (its own tasks and `include`'s), built once per process: indexing takes seconds."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include, verbosity="ERROR")
 
 
 def score_benchmarks(model: nn.Module, tokenizer: Any, spec: BenchmarksSpec, device: Any) -> BenchmarkScores:
