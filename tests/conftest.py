@@ -29,6 +29,15 @@ def run_to_dict(config, output_dir):
 
 
 @pytest.fixture
+def alpaca_file(tmp_path):
+    """24 Alpaca-format rows whose response repeats a word of the instruction."""
+    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w} for w in ["apple", "river", "stone"] * 8]
+    path = tmp_path / "alpaca.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+@pytest.fixture
 def private_cache(tmp_path, monkeypatch):
     """A peftlab cache of the test's own (tokenized data, prefix caches, estimators, importance scores)."""
     monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))

@@ -26,14 +26,6 @@ TASKS = {
 
 
 @pytest.fixture
-def alpaca_file(tmp_path):
-    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w} for w in ["apple", "river", "stone"] * 8]
-    path = tmp_path / "alpaca.json"
-    path.write_text(json.dumps(rows))
-    return path
-
-
-@pytest.fixture
 def task_folder(tmp_path):
     folder = tmp_path / "tasks"
     folder.mkdir()

@@ -17,14 +17,6 @@ from peftlab.train.evaluate import evaluate
 pytestmark = pytest.mark.usefixtures("private_cache")  # a cache of its own per test
 
 
-@pytest.fixture
-def alpaca_file(tmp_path):
-    rows = [{"instruction": f"Repeat the word {w}.", "input": "", "output": w} for w in ["apple", "river", "stone"] * 8]
-    path = tmp_path / "alpaca.json"
-    path.write_text(json.dumps(rows))
-    return path
-
-
 def classification_config(path, **train):
     return validate(RunConfig, {
         "model": "tiny-bert",
