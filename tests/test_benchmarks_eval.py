@@ -79,3 +79,21 @@ def test_benchmarks_need_a_causal_lm_task():
         validate(RunConfig, {"eval": {"benchmarks": ["arc_easy"]}}, "run.yaml")
     assert validate(RunConfig, {"task": "reviews-instruct", "model": "tiny-llama",
                                 "eval": {"benchmarks": "arc_easy"}}, "run.yaml").eval.benchmarks.tasks == ["arc_easy"]
+
+
+def test_peftlab_s_own_benchmark_is_known_offline_with_balanced_labels():
+    """`peftlab_reviews_sentiment` needs no `include`: the bundled reviews' test split, balanced and alternating, each
+    doc's target the index of its label's answer."""
+    from peftlab.specs import BenchmarksSpec
+    from peftlab.train.benchmarks import _task_manager, check_tasks
+
+    spec = BenchmarksSpec(tasks=["peftlab_reviews_sentiment"])
+    check_tasks(spec)
+    task = _task_manager(spec).load(spec.tasks)["tasks"]["peftlab_reviews_sentiment"]
+    docs = list(task.test_docs())
+    targets = [task.doc_to_target(doc) for doc in docs]
+    assert len(docs) == 548 and targets.count(0) == targets.count(1) == 274
+    assert targets[:4] == [0, 1, 0, 1] and all(len(doc["text"]) <= 600 for doc in docs)
+    assert all(t == (0 if doc["label"] == "great" else 1) for t, doc in zip(targets, docs))
+    assert task.doc_to_choice(docs[0]) == ["positive", "negative"]
+    assert task.doc_to_text(docs[0]) == f"Review: {docs[0]['text']}\nQuestion: Is this review positive or negative?\nAnswer:"

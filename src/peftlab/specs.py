@@ -355,12 +355,15 @@ class BenchmarksSpec(Spec):
     method merges, and once on the base model (cached): e.g. {tasks: [arc_easy, gsm8k], num_fewshot: 5}."""
 
     tasks: list[str] = Field(min_length=1)
-    """lm-evaluation-harness task (or group) names, or those of the YAML files in `include`."""
+    """lm-evaluation-harness task (or group) names, those of the YAML files in `include`, or peftlab's own
+    offline ones (`peftlab_reviews_sentiment`: positive or negative, on the bundled reviews' test split)."""
     num_fewshot: int | None = Field(None, ge=0)
     """Examples shown before each question; default: each task's own."""
     limit: int | None = Field(None, ge=1)
     """Examples scored per task (the first ones); default: all. Scores on a limit are not the published ones'."""
     batch_size: int = Field(8, ge=1)
+    """Requests scored at once. lm-eval scores the longest first, and a batch's logits take batch x longest
+    request x vocabulary floats (8 x 150 tokens x Gemma's 262,144: 1.3 GB, twice while normalised)."""
     chat_template: bool = False
     """Render each prompt with the tokenizer's chat template (instruction-tuned models)."""
     include: Path | None = None

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from peftlab.specs import BenchmarksSpec
 
 SAMPLES_FILE = "benchmarks.jsonl"
+BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "catalog" / "benchmarks"  # peftlab's own, offline
 CACHE_VERSION = 1
 
 
@@ -67,10 +68,11 @@ def _task_manager(spec: BenchmarksSpec):
 
 @cache
 def _indexed_tasks(include: str | None):
-    """lm-eval's task index (its own tasks and `include`'s), built once per process: indexing takes seconds."""
+    """lm-eval's task index (its own tasks, peftlab's bundled ones and `include`'s), built once per process:
+    indexing takes seconds."""
     from lm_eval.tasks import TaskManager
 
-    return TaskManager(include_path=include, verbosity="ERROR")
+    return TaskManager(include_path=[str(BUNDLED_TASKS)] + ([include] if include else []))
 
 
 def score_benchmarks(model: nn.Module, tokenizer: Any, spec: BenchmarksSpec, device: Any) -> BenchmarkScores:
@@ -89,7 +91,7 @@ def score_benchmarks(model: nn.Module, tokenizer: Any, spec: BenchmarksSpec, dev
         out = simple_evaluate(model=lm, tasks=list(spec.tasks), num_fewshot=spec.num_fewshot, limit=spec.limit,
                               task_manager=_task_manager(spec), log_samples=True,
                               apply_chat_template=spec.chat_template, random_seed=0, numpy_random_seed=0,
-                              torch_random_seed=0, fewshot_random_seed=0, verbosity="ERROR")
+                              torch_random_seed=0, fewshot_random_seed=0)
     finally:
         for log, level in zip(quiet, levels):
             log.setLevel(level)
@@ -150,11 +152,12 @@ def write_benchmark_samples(path: Path, adapted: BenchmarkScores, base: Benchmar
 
 def base_key(model_identity: dict[str, Any], spec: BenchmarksSpec) -> str:
     """What the base model's scores depend on: the model and how it computes, the benchmark settings, the task
-    files of `include` and lm-eval's version (task versions are recorded beside the scores)."""
+    files (peftlab's and `include`'s) and lm-eval's version (task versions are recorded beside the scores)."""
     from importlib.metadata import version
 
-    include = sorted((str(p.relative_to(spec.include)), p.read_bytes().hex()) for p in spec.include.rglob("*")
-                     if p.is_file()) if spec.include else []
+    include = [(str(p.relative_to(folder)), hashlib.sha256(p.read_bytes()).hexdigest())
+               for folder in [BUNDLED_TASKS] + ([spec.include] if spec.include else [])
+               for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts]
     content = {"model": model_identity, "benchmarks": spec.model_dump(mode="json", exclude={"base", "include"}),
                "include": include, "lm_eval": version("lm-eval"), "version": CACHE_VERSION}
     return hashlib.sha256(json.dumps(content, sort_keys=True, default=str).encode()).hexdigest()[:24]
