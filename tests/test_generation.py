@@ -170,6 +170,27 @@ def test_the_base_completions_cache_tells_apart_the_seeds_that_build_a_tiny_mode
     assert samples[0] != samples[1]
 
 
+def test_of_runs_started_together_one_computes_a_base_cache_file_and_the_other_reads_it(tmp_path):
+    """`files.exclusive` around the base's completions and benchmark scores: without it both would compute."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from peftlab.files import exclusive, write_atomic
+
+    file = tmp_path / "cache" / "base.json"
+
+    def base_scores(_: int) -> str:
+        with exclusive(file):
+            if file.is_file():
+                return "read"
+            time.sleep(0.3)  # the other run starts meanwhile
+            write_atomic(file, "{}")
+            return "computed"
+
+    with ThreadPoolExecutor(2) as pool:
+        assert sorted(pool.map(base_scores, range(2))) == ["computed", "read"]
+
+
 def test_forgetting_is_zero_for_an_adapter_that_stays_at_zero(tmp_path):
     from conftest import run_to_dict
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
@@ -62,6 +64,25 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+@contextmanager
+def exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across processes while the block runs (a lock file beside it), so that of a
+    study's runs started together one computes a cache file and the others wait and read it. Where the platform
+    has no `fcntl`, no lock: the runs compute the same file and the last rename wins."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f"{path.name}.lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def save_tensors_atomic(path: Path, tensors: dict) -> None:

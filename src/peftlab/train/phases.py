@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
+from peftlab.files import exclusive
 from peftlab.models.load import cache_dir, seeded_weights
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import collate, collate_indexed
@@ -268,12 +269,13 @@ def _base_benchmarks(ctx: RunContext) -> BenchmarkScores:
     what sets the base's weights (as the base completions are) and the benchmark settings."""
     run, method, accelerator = ctx.run, ctx.method, ctx.accelerator
     file = cache_dir() / "benchmarks" / f"{benchmarks.base_key(_base_identity(ctx), run.config.eval.benchmarks)}.json"
-    if (cached := benchmarks.read_cached(file)) is not None:
-        return cached
-    bypass = method.bypassed(ctx.model)
-    with bypass if bypass is not None else nullcontext():
-        scored = score_benchmarks(ctx.model, run.tokenizer, run.config.eval.benchmarks, accelerator.device)
-    benchmarks.write_cached(file, scored)
+    with exclusive(file):  # runs started together score the base once
+        if (cached := benchmarks.read_cached(file)) is not None:
+            return cached
+        bypass = method.bypassed(ctx.model)
+        with bypass if bypass is not None else nullcontext():
+            scored = score_benchmarks(ctx.model, run.tokenizer, run.config.eval.benchmarks, accelerator.device)
+        benchmarks.write_cached(file, scored)
     return scored
 
 
@@ -297,11 +299,12 @@ def _base_completions(ctx: RunContext) -> Completions | None:
     if not spec.base:
         return None
     file = cache_dir() / "generations" / f"{base_cache_key(_base_identity(ctx), run.prompts, spec)}.json"
-    if (cached := read_cached(file)) is not None:
-        return cached
-    bypass = method.bypassed(ctx.model)
-    with bypass if bypass is not None else nullcontext():
-        completions = generate(ctx.model, run.prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast,
-                               method.complete)
-    write_cached(file, completions)
+    with exclusive(file):  # runs started together complete the base's prompts once
+        if (cached := read_cached(file)) is not None:
+            return cached
+        bypass = method.bypassed(ctx.model)
+        with bypass if bypass is not None else nullcontext():
+            completions = generate(ctx.model, run.prompts, spec, run.tokenizer, accelerator.device,
+                                   accelerator.autocast, method.complete)
+        write_cached(file, completions)
     return completions
