@@ -106,3 +106,19 @@ def test_a_tracker_that_fails_mid_run_is_dropped_with_one_warning_and_the_run_ke
     assert messages == ["tracking: mlflow failed at step 4 and is dropped for the rest of the run (the tracking "
                         "server went away); the run's own files are complete"]
     assert calls == [2, 4]  # never asked again
+
+
+def test_nested_final_metrics_are_logged_by_their_path():
+    """A benchmark's scores (`metrics.benchmarks.<task>.<metric>`) reach the trackers as final/benchmarks/..."""
+    from types import SimpleNamespace
+
+    from peftlab.train.tracking import log_result
+
+    logged = []
+    tracker = SimpleNamespace(name="stub", log=lambda values, step: logged.append((values, step)))
+    result = {"metrics": {"test": {"loss": 1.5, "degenerate": False, "note": "text"},
+                          "benchmarks": {"arc_easy": {"acc": 0.25, "acc_stderr": float("nan")}}},
+              "cost": {"train_seconds": 3.0, "peak": {"device": 7}}, "final_train_loss": 2.0}
+    log_result(SimpleNamespace(trackers=[tracker]), result, step=9)
+    assert logged == [({"final/test/loss": 1.5, "final/benchmarks/arc_easy/acc": 0.25, "cost/train_seconds": 3.0,
+                        "cost/peak/device": 7, "final/train_loss": 2.0}, 9)]

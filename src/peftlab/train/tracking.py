@@ -179,10 +179,19 @@ def _first_line(exc: BaseException) -> str:
 
 
 def log_result(accelerator: Accelerator, result: dict[str, Any], step: int) -> None:
-    """The final metrics (`final/<split>/<name>`) and scalar costs (`cost/<name>`)."""
-    values = {f"final/{split}/{name}": value for split, metrics in result["metrics"].items()
-              for name, value in metrics.items() if isinstance(value, (int, float)) and not isinstance(value, bool)}
-    values.update({f"cost/{name}": value for name, value in result["cost"].items()
-                   if isinstance(value, (int, float)) and not isinstance(value, bool)})
-    values["final/train_loss"] = result["final_train_loss"]
+    """The final metrics (`final/<split>/<name>`, nested ones by their path: `final/benchmarks/<task>/<metric>`)
+    and scalar costs (`cost/<name>`)."""
+    values = {**_scalars("final", result["metrics"]), **_scalars("cost", result["cost"]),
+              "final/train_loss": result["final_train_loss"]}
     _log(accelerator, {k: v for k, v in values.items() if v == v}, step)  # NaN: not a number to plot
+
+
+def _scalars(prefix: str, values: dict[str, Any]) -> dict[str, float]:
+    """Every number in `values`, at any depth, under its `/`-joined path."""
+    found: dict[str, float] = {}
+    for name, value in values.items():
+        if isinstance(value, dict):
+            found.update(_scalars(f"{prefix}/{name}", value))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            found[f"{prefix}/{name}"] = value
+    return found
