@@ -89,11 +89,14 @@ def test_a_changed_config_starts_afresh(tmp_path, reviews_file, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["adalora", "sparselora"])
-def test_methods_with_state_outside_a_checkpoint_refuse_it(reviews_file, method):
+@pytest.mark.parametrize("field", ["checkpoint_every", "stop_after"])
+def test_methods_with_state_outside_a_checkpoint_refuse_it(reviews_file, method, field):
     from peftlab.resolve.run import resolve_run
 
-    with pytest.raises(PeftlabError, match=f"train.checkpoint_every: method {method} keeps training state"):
-        resolve_run(validate(RunConfig, config_dict(reviews_file, method=method), "t"))
+    config = config_dict(reviews_file, method=method, every=0)
+    config["train"][field] = 2
+    with pytest.raises(PeftlabError, match=f"train.{field}: method {method} keeps training state"):
+        resolve_run(validate(RunConfig, config, "t"))
 
 
 def test_sigkill_then_the_same_command_resumes(tmp_path, reviews_file):
@@ -209,3 +212,34 @@ def test_a_last_metrics_line_cut_short_by_a_kill_is_dropped_and_the_run_resumes(
     with (tmp_path / "run.partial" / "metrics.jsonl").open("a") as history:
         history.write('{"step": 5, "train_lo')
     assert run_to_dict(config, tmp_path / "run")["speed"]["checkpoint"]["resumed_from_step"] == 4
+
+
+def test_a_run_stopped_at_a_rung_resumes_to_the_uninterrupted_run_s_weights_and_metrics(tmp_path, reviews_file):
+    """`train.stop_after`: successive halving's rung. The stopped run keeps only a `.partial` directory and its
+    validation scores; the config without the stop resumes on the full run's schedule, bit for bit."""
+    from safetensors.torch import load_file
+
+    config = config_dict(reviews_file, every=0)
+    whole = run_to_dict(validate(RunConfig, config, "t"), tmp_path / "whole")
+    config["train"]["stop_after"] = 4
+    stopped = run_to_dict(validate(RunConfig, config, "t"), tmp_path / "rung")
+    assert stopped["status"] == "stopped" and stopped["cost"]["steps"] == 4 and set(stopped["metrics"]) == {"validation"}
+    assert not (tmp_path / "rung").exists() and (tmp_path / "rung.partial" / "checkpoint" / "latest").is_file()
+    assert stopped["metrics"]["validation"]["loss"] != whole["metrics"]["validation"]["loss"]  # four steps of nine
+
+    del config["train"]["stop_after"]
+    resumed = run_to_dict(validate(RunConfig, config, "t"), tmp_path / "rung")
+    assert resumed["status"] == "done" and resumed["speed"]["checkpoint"]["resumed_from_step"] == 4
+    assert resumed["metrics"]["test"] == whole["metrics"]["test"]  # exactly
+    assert resumed["metrics"]["validation"] == whole["metrics"]["validation"]
+    adapters = [load_file(tmp_path / name / "adapter" / "adapter_model.safetensors") for name in ("whole", "rung")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(adapters[0][k].equal(adapters[1][k]) for k in adapters[0])
+    assert not (tmp_path / "rung" / "checkpoint").exists() and not (tmp_path / "rung.partial").exists()
+
+
+def test_a_study_refuses_stopped_runs(tmp_path):
+    from peftlab.specs import StudySpec
+
+    with pytest.raises(PeftlabError, match="train.stop_after stops a single run"):
+        validate(StudySpec, {"name": "s", "base": {"train": {"stop_after": 3}}}, "study.yaml")

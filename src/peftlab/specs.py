@@ -285,6 +285,12 @@ class TrainSpec(Spec):
     """Save the training state (trainable weights, optimizer, scheduler, random generators) every N optimizer
     steps in the run's `.partial` directory; the same command (or a study's recovery) after a kill resumes
     from it and ends with the uninterrupted run's metrics. 0: never."""
+    stop_after: Annotated[int | None, UNLEARNED] = Field(None, ge=1)
+    """Stop after this many optimizer steps (a rung of successive halving): the run saves its training state
+    in its `.partial` directory, scores the validation split and ends with status `stopped`, writing no result
+    directory. The same config without it (or with a later stop) resumes from there, on the full run's
+    learning-rate schedule, to the uninterrupted run's weights and metrics. At or past the last step: no
+    stop."""
     gradient_checkpointing: Annotated[bool, UNLEARNED] = False
     """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant): less
     memory for long sequences and large models, more time per step; the same gradients."""
@@ -642,4 +648,7 @@ class StudySpec(Spec):
         if self.tune is not None and self.tune.lr is not None and any(
                 AXIS_PATHS.get(axis, axis) == "train.lr" for axis in self.axes):
             raise ValueError("tune.lr chooses the learning rate: remove the lr axis, or tune with lr_factors")
+        train = self.base.get("train")
+        if (isinstance(train, dict) and train.get("stop_after")) or "train.stop_after" in self.axes:
+            raise ValueError("train.stop_after stops a single run (`peftlab run`); a study's runs train to the end")
         return self

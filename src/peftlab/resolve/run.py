@@ -67,12 +67,13 @@ def _check_before_reading(config: RunConfig) -> None:
     if config.tracking is not None:
         check_backends(config.tracking)
     make_method(config.method).check_device(choose_device(config.train.device))  # before any data is read
-    if config.train.checkpoint_every and not METHODS[config.method.name].resumable:
-        raise PeftlabError(f"train.checkpoint_every: method {config.method.name} keeps training state that a "
-                           "checkpoint does not hold, so it cannot resume from one; leave checkpoint_every at 0")
-    if config.train.checkpoint_every and process_count() > 1:
-        raise PeftlabError("train.checkpoint_every: not available for a run over several processes yet; "
-                           "leave it at 0 or run in one process")
+    for field in ("checkpoint_every", "stop_after"):  # both save a checkpoint to resume from
+        if getattr(config.train, field) and not METHODS[config.method.name].resumable:
+            raise PeftlabError(f"train.{field}: method {config.method.name} keeps training state that a checkpoint "
+                               f"does not hold, so it cannot resume from one; leave {field} unset")
+        if getattr(config.train, field) and process_count() > 1:
+            raise PeftlabError(f"train.{field}: not available for a run over several processes yet; leave it unset "
+                               "or run in one process")
     forgetting = config.eval.forgetting
     for field, path in (("task.path", config.task.path), ("task.test_path", config.task.test_path),
                         ("eval.forgetting.path", forgetting.path if forgetting else None)):

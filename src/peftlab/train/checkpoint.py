@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -27,6 +28,18 @@ from peftlab.files import save_tensors_atomic, write_atomic
 
 LATEST = "latest"
 COUNTERS = {"seconds": (int, float), "tokens": int, "positions": int, "final_loss": (int, float), "window": list}
+
+
+def same_training(saved: str, config: str) -> bool:
+    """Whether two run configs (YAML) train the same steps: equal but for `train.stop_after` (a run stopped at
+    a rung resumes under the config without it)."""
+    def without_stop(text: str) -> Any:
+        data = yaml.safe_load(text)
+        if isinstance(data, dict) and isinstance(data.get("train"), dict):
+            data["train"].pop("stop_after", None)
+        return data
+
+    return without_stop(saved) == without_stop(config)
 
 
 class DamagedCheckpoint(Exception):
@@ -41,7 +54,7 @@ class Checkpoints:
         self.every = every
 
     def due(self, step: int, total_steps: int) -> bool:
-        return step % self.every == 0 and step < total_steps
+        return bool(self.every) and step % self.every == 0 and step < total_steps
 
     def save(self, step: int, model: nn.Module, optimizer, scheduler, counters: dict[str, Any]) -> None:
         folder = self.directory / f"step-{step:08d}"

@@ -57,13 +57,15 @@ class RunContext:
     def on_device(self, batches: Batches) -> Batches:
         return [{k: v.to(self.accelerator.device) for k, v in b.items()} for b in batches]
 
-    def checkpoints(self) -> Checkpoints | None:
+    def checkpoints(self) -> Checkpoints:
         return checkpoints_for(self.run, self.partial_dir)
 
 
-def checkpoints_for(run: ResolvedRun, partial_dir: Path) -> Checkpoints | None:
-    every = run.config.train.checkpoint_every
-    return Checkpoints(partial_dir / "checkpoint", every) if every else None
+def checkpoints_for(run: ResolvedRun, partial_dir: Path) -> Checkpoints:
+    """Where the run saves its training state: every `train.checkpoint_every` steps (0: never), at
+    `train.stop_after`; where a run resumes from, whether it saves or not (a run stopped at a rung resumes
+    without either)."""
+    return Checkpoints(partial_dir / "checkpoint", run.config.train.checkpoint_every)
 
 
 def build(run: ResolvedRun, partial_dir: Path) -> RunContext:

@@ -37,6 +37,7 @@ class LoopResult:
     final_loss: float  # mean training loss over the last log window
     failure: str | None = None
     resumed_from: int = 0  # the checkpoint's step a resumed run started after (0: from the start)
+    stopped: bool = False  # at `train.stop_after`, its state saved to resume from
 
 
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
@@ -79,7 +80,8 @@ def train_loop(
 ) -> LoopResult:
     """Batches carry their examples' `index` (for speed features such as the prefix cache); the model never
     sees it. Each micro-batch runs in the context of every installed speed feature. With `checkpoints`, the
-    loop resumes after the latest one and saves one every `train.checkpoint_every` steps."""
+    loop resumes after the latest one, saves one every `train.checkpoint_every` steps, and at
+    `train.stop_after` (before the last step) saves one and stops: the schedule is the full run's."""
     optimizer = make_optimizer(spec.optimizer, method.param_groups(model, spec.lr, spec.weight_decay))
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
@@ -89,11 +91,10 @@ def train_loop(
     model.train()
     totals = _resume(checkpoints, batches, spec.grad_accum, model, optimizer, scheduler)
     first = totals.resumed_from + 1
-    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
-               TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=True, disable=not distributed.is_main()) as progress:
+    stop = spec.stop_after if checkpoints is not None and first <= (spec.stop_after or 0) < total_steps else None
+    with _progress() as progress:
         bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=totals.final_loss, tps=0.0)
-        for step in range(first, total_steps + 1):
+        for step in range(first, (stop or total_steps) + 1):
             start = time.perf_counter()
             step_loss = 0.0
             for _ in range(spec.grad_accum):  # micro-batches of one optimizer step
@@ -118,10 +119,16 @@ def train_loop(
                 totals.final_loss, totals.window = sum(totals.window) / len(totals.window), []
             if step in evaluations:
                 on_eval(step)
-            if checkpoints is not None and checkpoints.due(step, total_steps):
+            if checkpoints is not None and (checkpoints.due(step, total_steps) or step == stop):
                 checkpoints.save(step, model, optimizer, scheduler, totals.state())
-    return LoopResult(total_steps, totals.seconds, totals.tokens, totals.positions, totals.final_loss,
-                      resumed_from=first - 1)
+    return LoopResult(stop or total_steps, totals.seconds, totals.tokens, totals.positions, totals.final_loss,
+                      resumed_from=first - 1, stopped=stop is not None)
+
+
+def _progress() -> Progress:
+    columns = (TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]:.4f}"),
+               TextColumn("{task.fields[tps]:,.0f} tok/s"), TimeElapsedColumn(), TimeRemainingColumn())
+    return Progress(*columns, transient=True, disable=not distributed.is_main())
 
 
 @dataclass

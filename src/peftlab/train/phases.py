@@ -127,10 +127,10 @@ def train(ctx: RunContext, batches: HeldOut) -> Trained:
     checkpoints = ctx.checkpoints()
     loop = train_loop(ctx.model, ctx.method, loader, data.kind, ctx.run.total_steps, spec, accelerator, ctx.record,
                       on_eval, features, checkpoints)
-    if checkpoints is not None:
+    if checkpoints.every or loop.resumed_from:
         speed["checkpoint"] = {"every": checkpoints.every, "resumed_from_step": loop.resumed_from}
-        if not loop.failure:
-            checkpoints.remove()  # the adapter is saved with the result; optimizer state is not kept
+    if not loop.failure and not loop.stopped:
+        checkpoints.remove()  # the adapter is saved with the result; optimizer state is not kept
     return Trained(loop, peak_memory(ctx.memory_before, accelerator.device.type), speed, features)
 
 

@@ -3,7 +3,8 @@
 What to train (plan, budget match, importance scores, data) is decided before, in `peftlab.resolve`; the phases
 (build, prepare, train, evaluate, generate, time, save) are in `train.context` and `train.phases`. The run
 directory is written as `<dir>.partial` and renamed when the run ends, so a crash never leaves a directory
-that looks like a result. A NaN/inf loss ends the run with status `failed`.
+that looks like a result. A NaN/inf loss ends the run with status `failed`; a run stopped at `train.stop_after`
+ends with status `stopped` and keeps its `.partial` directory to resume from.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from peftlab.errors import PeftlabError, warn
 from peftlab.files import check_output, write_atomic
 from peftlab.models.load import unwrap
 from peftlab.train import distributed, phases
-from peftlab.train.checkpoint import DamagedCheckpoint, history_rows
+from peftlab.train.checkpoint import DamagedCheckpoint, history_rows, same_training
 from peftlab.train.context import RunContext, build, checkpoints_for
 from peftlab.train.result import Costs, RunResult
 from peftlab.train.tracking import finish_trackers, flat, log_result, log_row, tracker_run_ids, trackers
@@ -42,7 +43,8 @@ def check_output_dir(output_dir: Path) -> None:
 
 def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     """Build, train, evaluate and measure `run`; write its outputs to `output_dir` (nothing there if it
-    raises) and return its result."""
+    raises) and return its result. A run stopped at `train.stop_after` writes no `output_dir`: its `.partial`
+    directory holds the state the same config resumes from."""
     check_output_dir(output_dir)  # in every process: they all stop, or none
     if not distributed.is_main():  # it trains and evaluates beside the main process, which writes the outputs
         with tempfile.TemporaryDirectory(prefix="peftlab-process-") as scratch:
@@ -54,12 +56,14 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
         result = _execute(run, partial_dir)
     except KeyboardInterrupt:
         checkpoints = checkpoints_for(run, partial_dir)
-        if checkpoints is None or not checkpoints.latest_step():
+        if not checkpoints.latest_step():
             shutil.rmtree(partial_dir, ignore_errors=True)
         raise  # with a checkpoint, the same command resumes from it
     except BaseException:
         shutil.rmtree(partial_dir, ignore_errors=True)
         raise
+    if result.status == "stopped":
+        return result
     if output_dir.exists():
         output_dir.rmdir()  # empty, checked above
     partial_dir.rename(output_dir)
@@ -67,11 +71,12 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
 
 
 def _resumable(run: ResolvedRun, partial_dir: Path) -> bool:
-    """A `.partial` directory left by a killed run of the same config, with a checkpoint to resume from. A
-    damaged checkpoint (or history) is named in one warning, and the run starts over."""
+    """A `.partial` directory left by a killed run of the same config (or one stopped at a rung: its
+    `train.stop_after` aside), with a checkpoint to resume from. A damaged checkpoint (or history) is named in
+    one warning, and the run starts over."""
     checkpoints = checkpoints_for(run, partial_dir)
     config = partial_dir / "config.yaml"
-    if checkpoints is None or not config.is_file() or config.read_text() != run.config.to_yaml():
+    if not config.is_file() or not same_training(config.read_text(), run.config.to_yaml()):
         return False
     try:
         step = checkpoints.verify(run.total_steps)
@@ -105,8 +110,7 @@ def _run_phases(ctx: RunContext) -> RunResult:
     (partial_dir / "plan.json").write_text(run.plan.to_json() + "\n")
     if run.scores:  # the importance scores the ranks came from
         shutil.copyfile(run.scores, partial_dir / "importance.json")
-    checkpoints = ctx.checkpoints()
-    step = checkpoints.latest_step() if checkpoints is not None else 0
+    step = ctx.checkpoints().latest_step()
     if step:  # a resumed run: the rows up to its checkpoint (verified by `_resumable`)
         rows = history_rows(partial_dir / "metrics.jsonl", step)
         (partial_dir / "metrics.jsonl").write_text("".join(r + "\n" for r in rows))
@@ -123,7 +127,7 @@ def _run_phases(ctx: RunContext) -> RunResult:
         metrics, measured = _after_training(ctx, held_out, references, trained)
     failure = trained.loop.failure or non_finite(metrics)
     result = RunResult(
-        status="failed" if failure else "done",
+        status="failed" if failure else "stopped" if trained.loop.stopped else "done",
         error=failure,
         metrics=metrics,
         cost=_cost(ctx, trained, measured, phases.mean_length(held_out.timed)),
@@ -138,6 +142,8 @@ def _run_phases(ctx: RunContext) -> RunResult:
         inputs=run.inputs,
         config=run.config.model_dump(mode="json", by_alias=True),
     )
+    if result.status == "stopped":
+        return result  # its validation scores go to the caller; the directory is a checkpoint
     (partial_dir / "result.json").write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
     log_result(ctx.accelerator, result.to_dict(), trained.loop.steps)
     return result
@@ -146,10 +152,12 @@ def _run_phases(ctx: RunContext) -> RunResult:
 def _after_training(ctx: RunContext, held_out: phases.HeldOut, references: phases.References,
                     trained: phases.Trained) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(metrics, the costs measured after training): evaluation in every process; generation, latency and the
-    adapter in the main one. Nothing after a failed loop."""
+    adapter in the main one. Nothing after a failed loop; the validation split alone after a stopped one."""
     measured: dict[str, Any] = {"latency_ms_per_batch": {}, "adapter_bytes": None}
     if trained.loop.failure:
         return {}, measured
+    if trained.loop.stopped:
+        return {"validation": ctx.evaluate(held_out.validation)} if held_out.validation else {}, measured
     metrics = phases.evaluate(ctx, held_out, references, trained.loop.steps)
     if not distributed.is_main():
         return metrics, measured
