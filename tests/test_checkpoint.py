@@ -89,12 +89,12 @@ def test_a_changed_config_starts_afresh(tmp_path, reviews_file, monkeypatch):
 
 
 @pytest.mark.parametrize("method", ["adalora", "sparselora"])
-@pytest.mark.parametrize("field", ["checkpoint_every", "stop_after"])
+@pytest.mark.parametrize("field", ["checkpoint_every", "stop_at"])
 def test_methods_with_state_outside_a_checkpoint_refuse_it(reviews_file, method, field):
     from peftlab.resolve.run import resolve_run
 
     config = config_dict(reviews_file, method=method, every=0)
-    config["train"][field] = 2
+    config["train"][field] = 2 if field == "checkpoint_every" else 0.5
     with pytest.raises(PeftlabError, match=f"train.{field}: method {method} keeps training state"):
         resolve_run(validate(RunConfig, config, "t"))
 
@@ -215,19 +215,19 @@ def test_a_last_metrics_line_cut_short_by_a_kill_is_dropped_and_the_run_resumes(
 
 
 def test_a_run_stopped_at_a_rung_resumes_to_the_uninterrupted_run_s_weights_and_metrics(tmp_path, reviews_file):
-    """`train.stop_after`: successive halving's rung. The stopped run keeps only a `.partial` directory and its
+    """`train.stop_at`: successive halving's rung. The stopped run keeps only a `.partial` directory and its
     validation scores; the config without the stop resumes on the full run's schedule, bit for bit."""
     from safetensors.torch import load_file
 
     config = config_dict(reviews_file, every=0)
     whole = run_to_dict(validate(RunConfig, config, "t"), tmp_path / "whole")
-    config["train"]["stop_after"] = 4
+    config["train"]["stop_at"] = 0.45  # of 9 steps: 4
     stopped = run_to_dict(validate(RunConfig, config, "t"), tmp_path / "rung")
     assert stopped["status"] == "stopped" and stopped["cost"]["steps"] == 4 and set(stopped["metrics"]) == {"validation"}
     assert not (tmp_path / "rung").exists() and (tmp_path / "rung.partial" / "checkpoint" / "latest").is_file()
     assert stopped["metrics"]["validation"]["loss"] != whole["metrics"]["validation"]["loss"]  # four steps of nine
 
-    del config["train"]["stop_after"]
+    del config["train"]["stop_at"]
     resumed = run_to_dict(validate(RunConfig, config, "t"), tmp_path / "rung")
     assert resumed["status"] == "done" and resumed["speed"]["checkpoint"]["resumed_from_step"] == 4
     assert resumed["metrics"]["test"] == whole["metrics"]["test"]  # exactly
@@ -241,5 +241,5 @@ def test_a_run_stopped_at_a_rung_resumes_to_the_uninterrupted_run_s_weights_and_
 def test_a_study_refuses_stopped_runs(tmp_path):
     from peftlab.specs import StudySpec
 
-    with pytest.raises(PeftlabError, match="train.stop_after stops a single run"):
-        validate(StudySpec, {"name": "s", "base": {"train": {"stop_after": 3}}}, "study.yaml")
+    with pytest.raises(PeftlabError, match="train.stop_at: a study stops its runs itself"):
+        validate(StudySpec, {"name": "s", "base": {"train": {"stop_at": 0.5}}}, "study.yaml")

@@ -211,8 +211,8 @@ def _print_result(result: RunResult, output: Path) -> None:
     console = _console()
     if result.status == "stopped":
         scores = ", ".join(f"{k} {v:.4f}" for k, v in result.metrics.get("validation", {}).items() if isinstance(v, float))
-        console.print(f"stopped after step {result.cost.steps} (train.stop_after){': validation ' + scores if scores else ''}; "
-                      f"the same config without train.stop_after resumes from {output}.partial", highlight=False)
+        console.print(f"stopped after step {result.cost.steps} (train.stop_at){': validation ' + scores if scores else ''}; "
+                      f"the same config without train.stop_at resumes from {output}.partial", highlight=False)
         return
     if not result.done:
         console.print(f"[red]run failed:[/] {result.error} (record in {output}/result.json)", highlight=False)

@@ -285,12 +285,11 @@ class TrainSpec(Spec):
     """Save the training state (trainable weights, optimizer, scheduler, random generators) every N optimizer
     steps in the run's `.partial` directory; the same command (or a study's recovery) after a kill resumes
     from it and ends with the uninterrupted run's metrics. 0: never."""
-    stop_after: Annotated[int | None, UNLEARNED] = Field(None, ge=1)
-    """Stop after this many optimizer steps (a rung of successive halving): the run saves its training state
-    in its `.partial` directory, scores the validation split and ends with status `stopped`, writing no result
-    directory. The same config without it (or with a later stop) resumes from there, on the full run's
-    learning-rate schedule, to the uninterrupted run's weights and metrics. At or past the last step: no
-    stop."""
+    stop_at: Annotated[float | None, UNLEARNED] = Field(None, gt=0, lt=1)
+    """Stop at this fraction of the run's optimizer steps (rounded, at least one; a rung of successive halving):
+    the run saves its training state in its `.partial` directory, scores the validation split and ends with
+    status `stopped`, writing no result directory. The same config without it (or with a later stop) resumes
+    from there, on the full run's learning-rate schedule, to the uninterrupted run's weights and metrics."""
     gradient_checkpointing: Annotated[bool, UNLEARNED] = False
     """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant): less
     memory for long sequences and large models, more time per step; the same gradients."""
@@ -649,6 +648,6 @@ class StudySpec(Spec):
                 AXIS_PATHS.get(axis, axis) == "train.lr" for axis in self.axes):
             raise ValueError("tune.lr chooses the learning rate: remove the lr axis, or tune with lr_factors")
         train = self.base.get("train")
-        if (isinstance(train, dict) and train.get("stop_after")) or "train.stop_after" in self.axes:
-            raise ValueError("train.stop_after stops a single run (`peftlab run`); a study's runs train to the end")
+        if (isinstance(train, dict) and train.get("stop_at")) or "train.stop_at" in self.axes:
+            raise ValueError("train.stop_at: a study stops its runs itself (tune.rungs); leave it out of the study")
         return self

@@ -67,7 +67,7 @@ def _check_before_reading(config: RunConfig) -> None:
     if config.tracking is not None:
         check_backends(config.tracking)
     make_method(config.method).check_device(choose_device(config.train.device))  # before any data is read
-    for field in ("checkpoint_every", "stop_after"):  # both save a checkpoint to resume from
+    for field in ("checkpoint_every", "stop_at"):  # both save a checkpoint to resume from
         if getattr(config.train, field) and not METHODS[config.method.name].resumable:
             raise PeftlabError(f"train.{field}: method {config.method.name} keeps training state that a checkpoint "
                                f"does not hold, so it cannot resume from one; leave {field} unset")

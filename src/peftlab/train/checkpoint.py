@@ -31,12 +31,12 @@ COUNTERS = {"seconds": (int, float), "tokens": int, "positions": int, "final_los
 
 
 def same_training(saved: str, config: str) -> bool:
-    """Whether two run configs (YAML) train the same steps: equal but for `train.stop_after` (a run stopped at
-    a rung resumes under the config without it)."""
+    """Whether two run configs (YAML) train the same steps: equal but for `train.stop_at` (a run stopped at a
+    rung resumes under the config without it)."""
     def without_stop(text: str) -> Any:
         data = yaml.safe_load(text)
         if isinstance(data, dict) and isinstance(data.get("train"), dict):
-            data["train"].pop("stop_after", None)
+            data["train"].pop("stop_at", None)
         return data
 
     return without_stop(saved) == without_stop(config)

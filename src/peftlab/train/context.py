@@ -63,7 +63,7 @@ class RunContext:
 
 def checkpoints_for(run: ResolvedRun, partial_dir: Path) -> Checkpoints:
     """Where the run saves its training state: every `train.checkpoint_every` steps (0: never), at
-    `train.stop_after`; where a run resumes from, whether it saves or not (a run stopped at a rung resumes
+    `train.stop_at`; where a run resumes from, whether it saves or not (a run stopped at a rung resumes
     without either)."""
     return Checkpoints(partial_dir / "checkpoint", run.config.train.checkpoint_every)
 

@@ -37,7 +37,7 @@ class LoopResult:
     final_loss: float  # mean training loss over the last log window
     failure: str | None = None
     resumed_from: int = 0  # the checkpoint's step a resumed run started after (0: from the start)
-    stopped: bool = False  # at `train.stop_after`, its state saved to resume from
+    stopped: bool = False  # at `train.stop_at`, its state saved to resume from
 
 
 def make_optimizer(name: str, groups: list[dict]) -> torch.optim.Optimizer:
@@ -81,7 +81,7 @@ def train_loop(
     """Batches carry their examples' `index` (for speed features such as the prefix cache); the model never
     sees it. Each micro-batch runs in the context of every installed speed feature. With `checkpoints`, the
     loop resumes after the latest one, saves one every `train.checkpoint_every` steps, and at
-    `train.stop_after` (before the last step) saves one and stops: the schedule is the full run's."""
+    `train.stop_at` (before the last step) saves one and stops: the schedule is the full run's."""
     optimizer = make_optimizer(spec.optimizer, method.param_groups(model, spec.lr, spec.weight_decay))
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
@@ -91,7 +91,8 @@ def train_loop(
     model.train()
     totals = _resume(checkpoints, batches, spec.grad_accum, model, optimizer, scheduler)
     first = totals.resumed_from + 1
-    stop = spec.stop_after if checkpoints is not None and first <= (spec.stop_after or 0) < total_steps else None
+    stop = max(1, round(spec.stop_at * total_steps)) if spec.stop_at and checkpoints is not None else None
+    stop = stop if stop is not None and first <= stop < total_steps else None
     with _progress() as progress:
         bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=totals.final_loss, tps=0.0)
         for step in range(first, (stop or total_steps) + 1):

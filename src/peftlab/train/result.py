@@ -60,7 +60,7 @@ class Costs:
 
 @dataclass
 class RunResult:
-    status: str  # done | failed | stopped (at train.stop_after, to resume)
+    status: str  # done | failed | stopped (at train.stop_at, to resume)
     error: str | None = None  # why it failed
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)  # split -> metric -> value
     cost: Costs = field(default_factory=Costs)  # parameters, time, tokens, memory, sizes, latency

@@ -3,7 +3,7 @@
 What to train (plan, budget match, importance scores, data) is decided before, in `peftlab.resolve`; the phases
 (build, prepare, train, evaluate, generate, time, save) are in `train.context` and `train.phases`. The run
 directory is written as `<dir>.partial` and renamed when the run ends, so a crash never leaves a directory
-that looks like a result. A NaN/inf loss ends the run with status `failed`; a run stopped at `train.stop_after`
+that looks like a result. A NaN/inf loss ends the run with status `failed`; a run stopped at `train.stop_at`
 ends with status `stopped` and keeps its `.partial` directory to resume from.
 """
 
@@ -43,7 +43,7 @@ def check_output_dir(output_dir: Path) -> None:
 
 def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
     """Build, train, evaluate and measure `run`; write its outputs to `output_dir` (nothing there if it
-    raises) and return its result. A run stopped at `train.stop_after` writes no `output_dir`: its `.partial`
+    raises) and return its result. A run stopped at `train.stop_at` writes no `output_dir`: its `.partial`
     directory holds the state the same config resumes from."""
     check_output_dir(output_dir)  # in every process: they all stop, or none
     if not distributed.is_main():  # it trains and evaluates beside the main process, which writes the outputs
@@ -72,7 +72,7 @@ def execute_run(run: ResolvedRun, output_dir: Path) -> RunResult:
 
 def _resumable(run: ResolvedRun, partial_dir: Path) -> bool:
     """A `.partial` directory left by a killed run of the same config (or one stopped at a rung: its
-    `train.stop_after` aside), with a checkpoint to resume from. A damaged checkpoint (or history) is named in
+    `train.stop_at` aside), with a checkpoint to resume from. A damaged checkpoint (or history) is named in
     one warning, and the run starts over."""
     checkpoints = checkpoints_for(run, partial_dir)
     config = partial_dir / "config.yaml"
