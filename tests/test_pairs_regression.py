@@ -86,7 +86,7 @@ def test_the_scores_are_scipy_and_scikit_learn_s():
     assert regression["spearman"] == pytest.approx(spearmanr(values, truth).statistic)
     constant = task_kind("regression").scores(0.1, [0.5] * 5, truth, 0)
     assert constant["pearson"] == 0.0 and constant["predicted_values"] == 1
-    from peftlab.analysis.degenerate import degenerate_reason
+    from peftlab.records.degenerate import degenerate_reason
 
     assert degenerate_reason({"metrics.test.predicted_values": 1}) == "predicts a single value"
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 from peft import PeftModel
 
-from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import validate
 from peftlab.measures import BY_NAME, COSTS
 from peftlab.models.load import load_model, load_tokenizer
+from peftlab.records.degenerate import degenerate_reason
 from peftlab.specs import ModelSpec, RunConfig
 from peftlab.tasks.prepare import collate, load_task
 from peftlab.train.evaluate import evaluate

@@ -476,3 +476,80 @@ def test_the_rate_choice_is_a_function_of_the_stored_rows():
     chosen = chosen_rates(Snapshot(rows, configs, {}))
     assert chosen["a"] == 1e-2 and chosen["b"] == 1e-3 and "d" not in chosen  # d: still tuning
     assert chosen["c"] == "tuning: every learning rate of the grid failed (0.001, 0.01)"
+
+
+def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_uninterrupted(data_file, tmp_path):
+    """tune.rungs: three rates train a third of their 6 steps; the best goes on from its checkpoint to the end and
+    its result equals an uninterrupted tuning run's; the others stop there, their checkpoints removed. The
+    configuration's seed run trains at the survivor's rate; the report shows where each rate stopped."""
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import tuning_table
+    from peftlab.api import run
+    from peftlab.specs import RunConfig
+    from peftlab.studies.runner import run_study
+
+    spec = tiny_spec(data_file, axes={"placement": {"all": "all"}}, seeds=[0],
+                     tune={"lr": [1e-4, 3e-3, 3.0], "seeds": [7], "rungs": [0.34]})
+    spec.base["train"]["max_steps"] = 6
+    study = tmp_path / "study"
+    store = run_study(spec, study, threads=1)
+    tuning = {json.loads(r["config"])["train"]["lr"]: r for r in store.rows() if r["phase"] == "tune"}
+    finished = [lr for lr, r in tuning.items() if r["status"] == "done"]
+    assert len(finished) == 1 and sorted(r["status"] for r in tuning.values()) == ["done", "stopped", "stopped"]
+    survivor = tuning[finished[0]]
+    assert [p["result"]["cost"]["steps"] for p in json.loads(survivor["rungs"])] == [2]  # round(0.34 x 6)
+    assert all(json.loads(r["result"])["cost"]["steps"] == 2 for r in tuning.values() if r["status"] == "stopped")
+    assert not list((study / "runs").glob("*.partial"))  # the stopped rates' checkpoints are gone
+
+    config = json.loads(survivor["config"])
+    assert "stop_at" not in config["train"]
+    whole = run(RunConfig.model_validate(config), tmp_path / "whole").to_dict()
+    assert json.loads(survivor["result"])["metrics"] == whole["metrics"]  # exactly, not approximately
+
+    (main,) = [r for r in store.rows() if r["phase"] == "main"]
+    assert main["status"] == "done" and json.loads(main["config"])["train"]["lr"] == finished[0]
+    _, rows = tuning_table(analyze(study))
+    assert sum("stopped at 34% (" in cell for cell in rows[0]) == 2 and rows[0][-1].startswith(f"{finished[0]:g}")
+
+
+def test_a_rate_degenerate_at_a_rung_stops_even_when_it_scores_best():
+    """records.halving on hand-made rows: at the rung, 3e-3 scores best but predicts one class; 1e-3 goes on."""
+    from peftlab.records.halving import halving
+    from peftlab.records.results import Snapshot
+    from peftlab.specs import TuneSpec
+
+    rows, configs = [], {}
+    for i, (lr, accuracy, classes) in enumerate([(1e-4, 0.55, 2), (1e-3, 0.60, 2), (3e-3, 0.66, 1)]):
+        rows.append({"id": f"r{i}", "label": "all", "phase": "tune", "status": "stopped", "kind": "classification",
+                     "metrics.validation.accuracy": accuracy, "metrics.validation.predicted_classes": classes})
+        configs[f"r{i}"] = {"train": {"lr": lr, "stop_at": 0.25}}
+    tune = TuneSpec(lr=[1e-4, 1e-3, 3e-3], rungs=[0.25, 0.5])  # keeps a third
+    plan = halving(tune, Snapshot(rows, configs, {}))["all"]
+    assert plan.promote == {"r1": 0.5}  # to the next rung
+    assert plan.stopped == {1e-4: "stopped at 25% (0.5500; the best 1 of 3 went on)",
+                            3e-3: "stopped at 25% (predicts a single class)"}
+    assert not plan.decided  # the next rung waits for r1 to reach it
+    rows[0]["status"] = "pending"  # a run not at the rung yet: nothing is decided
+    assert halving(tune, Snapshot(rows, configs, {}))["all"].promote == {}
+
+
+def test_a_study_database_from_before_successive_halving_takes_stopped_runs(tmp_path):
+    import sqlite3
+
+    from peftlab.records.store import Store
+
+    path = tmp_path / "study.db"
+    db = sqlite3.connect(path)
+    db.execute("CREATE TABLE runs (id TEXT PRIMARY KEY, grp TEXT NOT NULL, label TEXT NOT NULL, seed INTEGER NOT NULL, "
+               "axes TEXT NOT NULL, config TEXT NOT NULL, status TEXT NOT NULL CHECK (status IN ('pending', 'running', "
+               "'done', 'failed')), attempts INTEGER NOT NULL DEFAULT 0, pid INTEGER, created REAL NOT NULL, "
+               "started REAL, finished REAL, result TEXT, error TEXT, phase TEXT NOT NULL DEFAULT 'main')")
+    db.execute("INSERT INTO runs (id, grp, label, seed, axes, config, status, created, result, phase) VALUES "
+               "('a', 'g', 'all', 0, '{}', '{\"train\": {\"stop_at\": 0.5}}', 'done', 1.0, '{\"status\": \"done\"}', 'tune')")
+    db.commit()
+    db.close()
+    store = Store(path)
+    assert store.get("a")["status"] == "done" and store.get("a")["result"] == '{"status": "done"}'
+    store.finish("a", "stopped", {"status": "stopped"}, None)  # refused by the old CHECK constraint
+    assert store.promote("a", {"train": {}}) and store.get("a")["status"] == "pending"
+    assert json.loads(store.get("a")["rungs"]) == [{"at": 0.5, "result": {"status": "stopped"}}]

@@ -17,13 +17,13 @@ from typer import TyperException
 from typer._click.exceptions import NoArgsIsHelpError
 
 from peftlab import __version__, measures, quiet_libraries
-from peftlab.analysis.degenerate import degenerate_reason
 from peftlab.config import load_spec, set_dotted, validate
 from peftlab.errors import PeftlabError, PeftlabWarning
 from peftlab.files import check_output, write_atomic
 from peftlab.measures import COSTS, quality_names
 from peftlab.methods.specs import FIXED_SPARSITY, PEFT_TYPES, SPECS
 from peftlab.plans.allocation import ALLOCATIONS, MEASURES, check_measure, parse_allocation, steps_help
+from peftlab.records.degenerate import degenerate_reason
 from peftlab.records.store import check_study_dir
 from peftlab.specs import PlanConfig
 from peftlab.tasks.kinds import KINDS
@@ -526,6 +526,9 @@ def study_run(
         tuning = ""
         if spec.tune is not None:
             tuning = f" after {sum(len(p.rates) for p in previews) * len(spec.tune.seeds)} tuning runs"
+            if spec.tune.rungs:
+                tuning += (f" (successive halving: compared at {', '.join(f'{f:.0%}' for f in spec.tune.rungs)} of "
+                           f"their steps, {spec.tune.keep:.0%} of the rates going on at each)")
         seeds = f"{len(spec.seeds)} seeds"
         if spec.until_resolved is not None:
             seeds = f"{len(spec.seeds)} to {spec.until_resolved.max} seeds (more only where a comparison is unresolved)"

@@ -507,6 +507,21 @@ class TuneSpec(Spec):
     """Or factors of each configuration's own train.lr, e.g. [0.3, 1, 3] (a range around each method's rate)."""
     seeds: list[Seed] = Field(default_factory=lambda: [1000], min_length=1, max_length=MAX_SEEDS)
     """Tuning seeds, kept apart from the study's seeds so that no tuning run is reused as a result."""
+    rungs: list[float] = []
+    """Successive halving: fractions of the training steps (ascending, e.g. [0.33]) at which a configuration's
+    rates are compared on validation once all have reached it; a rate degenerate there stops, and of the rest
+    the best `keep` share (at least one) continues, resuming from its checkpoint, so the rate chosen at the end
+    trained exactly as it would have uninterrupted. []: every rate trains to the end. Methods that cannot
+    resume from a checkpoint (AdaLoRA, SparseLoRA) train to the end."""
+    keep: float = Field(1 / 3, gt=0, lt=1)
+    """Share of the rates that continues at each rung (rounded up): 1/3 keeps one of three."""
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs_within_a_run(cls, value: list[float]) -> list[float]:
+        if any(not 0 < f < 1 for f in value) or value != sorted(set(value)):
+            raise ValueError(f"rungs: ascending fractions of the training steps, each between 0 and 1; got {value}")
+        return value
 
     @model_validator(mode="after")
     def _one_grid(self) -> TuneSpec:

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import measures
-from peftlab.analysis.degenerate import checkable, degenerate_reason
 from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.provenance import provenance_lines
 from peftlab.analysis.references import ReferenceRow, reference_rows
@@ -28,9 +27,11 @@ from peftlab.analysis.stats import (
 )
 from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
+from peftlab.records.degenerate import checkable, degenerate_reason
 from peftlab.records.results import Snapshot, primary_metric
 from peftlab.records.store import open_existing, run_dir
 from peftlab.records.tuning import RateChoice, rate_choices
+from peftlab.specs import TuneSpec
 from peftlab.train.result import read_samples
 
 SAMPLES_SHOWN = 3  # generated completions shown per configuration in the report
@@ -159,7 +160,7 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     """`analyze` of the stored runs `snapshot` and the study's `spec` (as study.yaml holds it); `study_dir` is read
     only for the report's samples (not with `verdicts_only`)."""
     rows, configs, current = snapshot.rows, snapshot.configs, snapshot.current
-    tuning = rate_choices(snapshot)
+    tuning = rate_choices(snapshot, TuneSpec.model_validate(spec["tune"]) if spec.get("tune") else None)
     metric = metric or spec.get("metric")
     metric = primary_metric(rows)[0] if metric is None else _known_metric(metric, rows)
     higher = measures.higher_is_better(metric)

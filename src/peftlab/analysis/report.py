@@ -103,8 +103,8 @@ def tuning_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     header = ["configuration", *(f"rate {i + 1}" for i in range(width)), "chosen"]
     rows = []
     for label, choice in sorted(analysis.tuning.items()):
-        cells = [f"{rate:g}: " + ("failed" if score is None else f"{score:.4f}") + (" *" if rate == choice.rate else "")
-                 for rate, score in choice.scores.items()]
+        cells = [f"{rate:g}: " + (choice.stopped.get(rate) or ("failed" if score is None else f"{score:.4f}")) +
+                 (" *" if rate == choice.rate else "") for rate, score in choice.scores.items()]
         chosen = "pending" if not choice.complete else ("none" if choice.rate is None else f"{choice.rate:g}")
         flag = " (every rate scored the same)" if choice.undecided else (" (edge of the grid)" if choice.at_edge else "")
         rows.append([label, *cells, *[""] * (width - len(cells)), chosen + flag])
@@ -116,8 +116,11 @@ def _tuning_markdown(analysis: Analysis) -> list[str]:
     if not rows:
         return []
     metric = metric_name(next(iter(analysis.tuning.values())).metric)
+    halving = any(c.stopped for c in analysis.tuning.values())
     lines = ["", "## Learning rates", "", f"Chosen per configuration by the mean {metric} of its tuning runs "
-             "(the test split is not read); * marks the choice.", "",
+             "(the test split is not read); * marks the choice." + (
+                 " Successive halving stopped some rates early: where, with their validation score there and how "
+                 "many went on (only rates that trained to the end are chosen from)." if halving else ""), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
 

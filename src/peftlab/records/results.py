@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,15 +34,21 @@ def run_rows(store: Store) -> list[dict[str, Any]]:
             "phase": r["phase"],
         }
         _flatten("axis", json.loads(r["axes"]), row)
-        result = RunResult.from_dict(json.loads(r["result"])) if r["result"] else RunResult(r["status"])
-        written = result.to_dict()
-        for section in ("metrics", "cost", "speed", "environment", "inputs"):
-            _flatten(section, written[section], row)
-        row["kind"] = result.data.get("kind")
+        row.update(flat_result(json.loads(r["result"]) if r["result"] else {"status": r["status"]}))
         glue = glue_task(json.loads(r["config"]).get("task"))
         row["benchmark"] = f"glue/{glue.name}" if glue else None
         rows.append(row)
     return rows
+
+
+def flat_result(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored result's metrics.*, cost.*, speed.*, environment.* and inputs.* columns, and its task kind."""
+    result = RunResult.from_dict(stored)
+    written, row = result.to_dict(), {}
+    for section in ("metrics", "cost", "speed", "environment", "inputs"):
+        _flatten(section, written[section], row)
+    row["kind"] = result.data.get("kind")
+    return row
 
 
 @dataclass(frozen=True)
@@ -53,10 +59,14 @@ class Snapshot:
     rows: list[dict[str, Any]]  # one flat row per run (`run_rows`)
     configs: dict[str, dict[str, Any]]  # run id -> its config
     current: dict[str, str]  # label -> its current group (runs an edited spec left behind are not compared)
+    rungs: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # run id -> the rungs it passed
+    # ({at: fraction, result: its stored result there}; successive halving, `records.halving`)
 
     @classmethod
     def of(cls, store: Store) -> Snapshot:
-        return cls(run_rows(store), {r["id"]: json.loads(r["config"]) for r in store.rows()}, store.current_groups())
+        stored = store.rows()
+        return cls(run_rows(store), {r["id"]: json.loads(r["config"]) for r in stored}, store.current_groups(),
+                   {r["id"]: json.loads(r["rungs"]) for r in stored if r["rungs"]})
 
 
 def primary_metric(rows: list[dict[str, Any]], split: str = "test") -> tuple[str, bool]:

@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     seed INTEGER NOT NULL,
     axes TEXT NOT NULL,
     config TEXT NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed')),
+    status TEXT NOT NULL CHECK (status IN ('pending', 'running', 'done', 'failed', 'stopped')),
     attempts INTEGER NOT NULL DEFAULT 0,
     pid INTEGER,
     created REAL NOT NULL,
@@ -36,9 +36,12 @@ CREATE TABLE IF NOT EXISTS runs (
     finished REAL,
     result TEXT,
     error TEXT,
-    phase TEXT NOT NULL DEFAULT 'main'
+    phase TEXT NOT NULL DEFAULT 'main',
+    rungs TEXT
 )
 """
+# `stopped`: a tuning run at a rung of successive halving (its result: the validation scores there); promoted, it
+# is pending again with its next stop, and `rungs` keeps the results of the rungs it passed.
 
 
 def pid_alive(pid: int | None) -> bool:
@@ -80,6 +83,19 @@ class Store:
                                "study database (left as it is)")
         if "phase" not in columns:  # a study created before tuning runs existed: all its runs are results
             self.db.execute("ALTER TABLE runs ADD COLUMN phase TEXT NOT NULL DEFAULT 'main'")
+        if "rungs" not in columns:
+            self._add_stopped_status()
+
+    def _add_stopped_status(self) -> None:
+        """A study created before successive halving: its table rebuilt, in one transaction, with the status
+        `stopped` allowed and the `rungs` column (a CHECK constraint cannot be altered in place)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            self.db.execute("ALTER TABLE runs RENAME TO runs_before_rungs")
+            self.db.execute(SCHEMA)
+            kept = ", ".join(sorted(COLUMNS | {"phase"}))
+            self.db.execute(f"INSERT INTO runs ({kept}) SELECT {kept} FROM runs_before_rungs")
+            self.db.execute("DROP TABLE runs_before_rungs")
 
     def close(self) -> None:
         self.db.close()
@@ -137,6 +153,20 @@ class Store:
             "UPDATE runs SET status = ?, result = ?, error = ?, finished = ?, pid = NULL WHERE id = ?",
             (status, json.dumps(result) if result is not None else None, error, time.time(), run_id),
         )
+
+    def promote(self, run_id: str, config: dict[str, Any]) -> bool:
+        """A run stopped at a rung continues (pending again) under `config` (its next stop, or none); the rung's
+        result joins its `rungs`. False where the run was not stopped (already promoted)."""
+        with self.db:
+            self.db.execute("BEGIN IMMEDIATE")
+            row = self.get(run_id)
+            if row is None or row["status"] != "stopped":
+                return False
+            at = json.loads(row["config"]).get("train", {}).get("stop_at")
+            rungs = json.loads(row["rungs"] or "[]") + [{"at": at, "result": json.loads(row["result"] or "null")}]
+            self.db.execute("UPDATE runs SET status = 'pending', config = ?, rungs = ?, result = NULL WHERE id = ?",
+                            (json.dumps(config), json.dumps(rungs), run_id))
+        return True
 
     def current_groups(self) -> dict[str, str]:
         """Label -> the group of its seed runs that was added last. An edited spec keeps the runs of its earlier

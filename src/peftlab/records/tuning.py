@@ -4,15 +4,18 @@ Every rate of the grid trains with each tuning seed; the rate with the best mean
 (accuracy for classification, loss for instruction tuning) is the configuration's rate for its seed runs.
 Only validation metrics are read: the test split, on which the study's verdicts rest, plays no part.
 A rate whose runs all failed is never chosen; a choice at either end of the grid is flagged, since a
-better rate may lie beyond it.
+better rate may lie beyond it. With `tune.rungs`, rates stopped early by successive halving
+(`records.halving`) are out of the choice, which is made among the rates that trained to the end.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from peftlab.records.halving import halving
 from peftlab.records.results import Snapshot, primary_metric
+from peftlab.specs import TuneSpec
 
 
 @dataclass(frozen=True)
@@ -20,8 +23,10 @@ class RateChoice:
     label: str  # the configuration
     metric: str  # e.g. metrics.validation.accuracy
     higher_is_better: bool
-    scores: dict[float, float | None]  # rate -> mean validation metric over the tuning seeds (None: all failed)
-    complete: bool  # every tuning run has finished (done or failed)
+    scores: dict[float, float | None]  # rate -> mean validation metric over the tuning seeds (None: all failed,
+    # or stopped early)
+    complete: bool  # every tuning run has finished (done or failed, or stopped for good at a rung)
+    stopped: dict[float, str] = field(default_factory=dict)  # rate -> where successive halving stopped it, and why
 
     @property
     def rate(self) -> float | None:
@@ -36,7 +41,7 @@ class RateChoice:
     def undecided(self) -> bool:
         """Every rate scored the same (typically every one collapsed to the majority class): the choice is
         the tie-break, not evidence."""
-        scored = [score for score in self.scores.values() if score is not None]
+        scored = [score for rate, score in self.scores.items() if score is not None and rate not in self.stopped]
         return self.complete and len(scored) > 1 and max(scored) - min(scored) < 1e-12
 
     @property
@@ -46,11 +51,12 @@ class RateChoice:
         return rate is not None and len(self.scores) > 1 and rate in (min(self.scores), max(self.scores))
 
 
-def rate_choices(snapshot: Snapshot) -> dict[str, RateChoice]:
-    """Per configuration label, what its tuning runs show so far."""
+def rate_choices(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, RateChoice]:
+    """Per configuration label, what its tuning runs show so far (`tune`: the study's, for its rungs)."""
     rows = [r for r in snapshot.rows if r["phase"] == "tune"]
     if not rows:
         return {}
+    halved = halving(tune, snapshot) if tune is not None else {}
     rates = {r["id"]: snapshot.configs[r["id"]].get("train", {}).get("lr") for r in rows}
     metric, higher = primary_metric(rows, split="validation")
     by_label: dict[str, list[dict]] = {}
@@ -65,15 +71,19 @@ def rate_choices(snapshot: Snapshot) -> dict[str, RateChoice]:
             if run["status"] == "done" and isinstance(score, (int, float)) and math.isfinite(score):
                 values[rates[run["id"]]].append(score)
         scores = {rate: (sum(v) / len(v) if v else None) for rate, v in sorted(values.items())}
-        complete = all(run["status"] in ("done", "failed") for run in runs)
-        choices[label] = RateChoice(label, metric, higher, scores, complete)
+        plan = halved.get(label)
+        stopped = plan.stopped if plan else {}
+        complete = (plan is None or plan.decided and not plan.promote) and all(
+            run["status"] in ("done", "failed") or (run["status"] == "stopped" and rates[run["id"]] in stopped)
+            for run in runs)
+        choices[label] = RateChoice(label, metric, higher, scores, complete, dict(stopped))
     return choices
 
 
-def chosen_rates(snapshot: Snapshot) -> dict[str, float | str]:
+def chosen_rates(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, float | str]:
     """Label -> the chosen rate, or why none could be chosen, for configurations whose tuning is complete."""
     out: dict[str, float | str] = {}
-    for label, choice in rate_choices(snapshot).items():
+    for label, choice in rate_choices(snapshot, tune).items():
         if not choice.complete:
             continue
         out[label] = choice.rate if choice.rate is not None else (

@@ -20,6 +20,7 @@ import yaml
 from peftlab.config import set_dotted, validate
 from peftlab.errors import PeftlabError
 from peftlab.fields import identity_view
+from peftlab.methods.registry import METHODS
 from peftlab.specs import AXIS_PATHS, RunConfig, StudySpec, config_id
 
 
@@ -99,6 +100,8 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
             set_dotted(RunConfig, data, "train.latency_batches", 0, source)
         if error is None:
             config = validate(RunConfig, data, source).model_dump(mode="json", by_alias=True)
+            if phase == "tune" and spec.tune.rungs and METHODS[config["method"]["name"]].resumable:
+                config["train"]["stop_at"] = spec.tune.rungs[0]  # successive halving (`records.halving`)
     except PeftlabError as exc:
         error = error or str(exc)
     if error is None and config.get("tracking"):  # each run named and tagged so that trackers line runs up

@@ -3,17 +3,21 @@ runs them).
 
 The spec's runs become known as the stored results allow: every tuning run at once; a configuration's seed runs
 once its tuning runs are done and its rate is chosen (`records.tuning`); with seeds until resolved, each further
-round once every run of the round before is done (`studies.adaptive`). Runs start in the order the store keeps:
-when they became known, then by label and seed.
+round once every run of the round before is done (`studies.adaptive`). With successive halving (`tune.rungs`),
+the tuning runs a rung keeps are started again to the next one, and those it stops leave their checkpoints
+(`records.halving`). Runs start in the order the store keeps: when they became known, then by label and seed.
 """
 
 from __future__ import annotations
 
+import copy
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from peftlab.records.halving import halving
 from peftlab.records.results import Snapshot
-from peftlab.records.store import Store
+from peftlab.records.store import Store, run_dir
 from peftlab.records.tuning import chosen_rates
 from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
@@ -23,12 +27,37 @@ from peftlab.studies.grid import PlannedRun, expand
 def known_runs(spec: StudySpec, snapshot: Snapshot, study_dir: Path) -> list[PlannedRun]:
     """Every run the stored runs make known: the tuning runs, the seed runs of each configuration whose rate is
     chosen, and with seeds until resolved, the seeds each configuration should have at this look."""
-    return expand(spec, chosen_rates(snapshot) if spec.tune else None, seed_counts(spec, snapshot, study_dir))
+    return expand(spec, chosen_rates(snapshot, spec.tune) if spec.tune else None,
+                  seed_counts(spec, snapshot, study_dir))
 
 
 def add_runs(spec: StudySpec, store: Store, study_dir: Path) -> int:
-    """Store the runs known so far; how many were new."""
+    """Apply the rung decisions the stored runs allow, then store the runs known so far; how many were new."""
+    halve(spec, store, study_dir)
     return store.add(known_runs(spec, Snapshot.of(store), study_dir))
+
+
+def halve(spec: StudySpec, store: Store, study_dir: Path) -> list[str]:
+    """Successive halving's decisions so far (none without `tune.rungs`): the tuning runs a rung keeps are pending
+    again with their next stop (their ids returned); the checkpoints of those it stops for good are removed."""
+    if spec.tune is None or not spec.tune.rungs:
+        return []
+    snapshot = Snapshot.of(store)
+    promoted = []
+    for label, plan in halving(spec.tune, snapshot).items():
+        for run_id, following in plan.promote.items():
+            config = copy.deepcopy(snapshot.configs[run_id])
+            config["train"].pop("stop_at", None)
+            if following is not None:
+                config["train"]["stop_at"] = following
+            if store.promote(run_id, config):
+                promoted.append(run_id)
+        for row in snapshot.rows:
+            if row["label"] == label and row["phase"] == "tune" and row["status"] == "stopped" and \
+                    snapshot.configs[row["id"]]["train"].get("lr") in plan.stopped:
+                partial = run_dir(study_dir, row["id"])
+                shutil.rmtree(partial.with_name(partial.name + ".partial"), ignore_errors=True)
+    return promoted
 
 
 class Scheduler:
@@ -47,6 +76,7 @@ class Scheduler:
         return ids
 
     def after(self, run_id: str) -> list[str]:
+        self.started.difference_update(halve(self.spec, self.store, self.study_dir))  # they start again
         add_runs(self.spec, self.store, self.study_dir)
         new = [i for i in waiting(self.store, ("pending",)) if i not in self.started]
         self.started.update(new)

@@ -172,7 +172,7 @@ class Classification(TaskKind):
             "macro_f1": macro_f1(predictions, golds, n_labels),
             "mcc": float(matthews_corrcoef(golds, predictions)) if golds else math.nan,
             **binary,  # of the second class (GLUE's MRPC and QQP: "equivalent", "duplicate")
-            # what a trivial classifier scores here, and whether this one is one (see analysis.degenerate)
+            # what a trivial classifier scores here, and whether this one is one (see records.degenerate)
             "majority_rate": max(map(golds.count, set(golds))) / len(golds) if golds else math.nan,
             "predicted_classes": len(set(predictions)),
         }
@@ -212,7 +212,7 @@ class Regression(Classification):
     def scores(self, loss: float, predictions: list[float], golds: list[float], n_labels: int) -> dict[str, float]:
         from scipy.stats import pearsonr, spearmanr
 
-        distinct = len(set(predictions))  # 1: the model predicts one value (a degenerate run, `analysis.degenerate`)
+        distinct = len(set(predictions))  # 1: the model predicts one value (a degenerate run, `records.degenerate`)
         if len(golds) < 2 or len(set(golds)) < 2:
             correlations = {"pearson": math.nan, "spearman": math.nan}  # labels without spread: nothing to correlate
         elif distinct < 2:

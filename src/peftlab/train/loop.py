@@ -92,7 +92,7 @@ def train_loop(
     totals = _resume(checkpoints, batches, spec.grad_accum, model, optimizer, scheduler)
     first = totals.resumed_from + 1
     stop = max(1, round(spec.stop_at * total_steps)) if spec.stop_at and checkpoints is not None else None
-    stop = stop if stop is not None and first <= stop < total_steps else None
+    stop = stop if stop is not None and first - 1 <= stop < total_steps else None  # resumed at it: stops at once
     with _progress() as progress:
         bar = progress.add_task("train", total=total_steps, completed=first - 1, loss=totals.final_loss, tps=0.0)
         for step in range(first, (stop or total_steps) + 1):

@@ -15,24 +15,24 @@ NOISE_Z = 1.96  # a two-sided 95% band around the majority rate
 BASE_TOLERANCE = 1e-3  # a test loss within 0.1% of the base model's is no gain
 
 
-def degenerate_reason(row: dict[str, Any]) -> str | None:
-    """Why a finished run (a flat study row) is degenerate, or None. Rows from runs that did not record
-    the needed figures (older peftlab versions) are never flagged."""
-    classes = row.get("metrics.test.predicted_classes")
+def degenerate_reason(row: dict[str, Any], split: str = "test") -> str | None:
+    """Why a finished run (a flat study row) is degenerate on `split`, or None. Rows from runs that did not
+    record the needed figures (older peftlab versions) are never flagged."""
+    classes = row.get(f"metrics.{split}.predicted_classes")
     if classes == 1:
         return "predicts a single class"
-    if row.get("metrics.test.predicted_values") == 1:
+    if row.get(f"metrics.{split}.predicted_values") == 1:
         return "predicts a single value"
-    accuracy, majority, count = (row.get(f"metrics.test.{k}") for k in ("accuracy", "majority_rate", "count"))
+    accuracy, majority, count = (row.get(f"metrics.{split}.{k}") for k in ("accuracy", "majority_rate", "count"))
     if _number(accuracy) and _number(majority) and _number(count) and count > 0:
         band = NOISE_Z * math.sqrt(majority * (1 - majority) / count)
         if accuracy <= majority + band:
             return f"accuracy {accuracy:.3f} within noise of the majority class ({majority:.3f} ± {band:.3f})"
-    loss, base = row.get("metrics.test.loss"), row.get("metrics.test.base_loss")
+    loss, base = row.get(f"metrics.{split}.loss"), row.get(f"metrics.{split}.base_loss")
     if _number(loss) and not math.isfinite(loss):
-        return "diverged (non-finite test loss)"
+        return f"diverged (non-finite {split} loss)"
     if _number(loss) and _number(base) and loss > base * (1 - BASE_TOLERANCE):
-        return f"test loss {loss:.4f} not below the base model's {base:.4f} (by more than 0.1%)"
+        return f"{split} loss {loss:.4f} not below the base model's {base:.4f} (by more than 0.1%)"
     return None
 
 
