@@ -59,6 +59,9 @@ def execute_parallel_study_run(study_dir: Path, run_id: str, config: dict[str, A
 
     out = run_dir(study_dir, run_id)
     shutil.rmtree(out, ignore_errors=True)
+    config = {**config, "train": {k: v for k, v in config.get("train", {}).items() if k != "stop_at"}}
+    # a run over several processes cannot stop at a rung (no checkpoints yet): it trains to the end, and
+    # successive halving reads its final scores at every rung
     with tempfile.TemporaryDirectory(prefix="peftlab-run-") as scratch:
         config_file = Path(scratch) / "config.yaml"
         config_file.write_text(RunConfig.model_validate(config).to_yaml())
