@@ -96,3 +96,20 @@ def test_glue_tasks_are_judged_by_their_published_metric_and_the_readme_shows_th
     assert primary_metric([{"kind": "classification", "benchmark": "glue/cola"}])[0] == "metrics.test.mcc"
     assert primary_metric([{"kind": "regression", "benchmark": "glue/stsb"}])[0] == "metrics.test.pearson"
     assert primary_metric([{"kind": "classification", "benchmark": None}])[0] == "metrics.test.accuracy"
+
+
+@pytest.mark.parametrize("dataset, kind, columns, split", [
+    ("glue:mrpc", "classification", ("sentence1", "sentence2"), "validation"),
+    ({"path": "nyu-mll/glue", "name": "stsb"}, "regression", ("sentence1", "sentence2"), "validation"),
+    ("glue:mnli", "classification", ("premise", "hypothesis"), "validation_matched"),
+    ("glue:cola", "classification", ("sentence", None), "validation"),
+])
+def test_a_glue_dataset_brings_its_kind_columns_and_scored_split(dataset, kind, columns, split):
+    from peftlab.config import validate
+    from peftlab.specs import RunConfig
+
+    task = validate(RunConfig, {"model": "tiny-bert", "task": {"dataset": dataset}}, "t").task
+    assert (task.kind, (task.text_column, task.text_pair_column), task.test_split) == (kind, columns, split)
+    mine = validate(RunConfig, {"model": "tiny-bert", "task": {"dataset": dataset, "test_split": "test",
+                                                               "text_column": "s"}}, "t").task
+    assert (mine.test_split, mine.text_column, mine.kind) == ("test", "s", kind)  # what a config says wins

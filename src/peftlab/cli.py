@@ -45,7 +45,7 @@ ModelOption = Annotated[Optional[str], typer.Option(help="Preset, catalog name, 
 TaskOption = Annotated[Optional[str], typer.Option(help="Bundled task: reviews | reviews-instruct.")]
 DataOption = Annotated[Optional[Path], typer.Option(help="Training data file (CSV / JSON / JSONL); needs --kind.")]
 DatasetOption = Annotated[Optional[str], typer.Option(
-    help="A datasets id or local dataset, ID or ID:CONFIG (glue:sst2); needs --kind. Splits: task.train_split, task.test_split.")]
+    help="A datasets id or local dataset, ID or ID:CONFIG (glue:sst2); needs --kind, except GLUE tasks. Splits: task.train_split, task.test_split.")]
 KindOption = Annotated[Optional[str], typer.Option(help=f"{' | '.join(KINDS)} (with --data).")]
 
 

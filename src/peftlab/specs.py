@@ -15,6 +15,7 @@ from peftlab.methods.specs import LoraSpec, MethodSpec
 from peftlab.models.roles import Role, parse_role, parse_roles
 from peftlab.plans.allocation import AllocationSpec, UniformAllocation, parse_allocation
 from peftlab.plans.placement import validate_layer_selector
+from peftlab.tasks.glue import glue_task
 from peftlab.tasks.kinds import KINDS, Instruction, task_kind
 
 MAX_SEED = 2**32 - 1  # what numpy's and torch's generators take
@@ -189,7 +190,8 @@ class TaskSpec(Spec):
     test_path: Path | None = None
     """Test rows; without it a `test_fraction` of the training rows is held out."""
     dataset: DatasetSpec | None = None
-    """A `datasets` id or local path (`ID` or `ID:CONFIG`), read with `datasets.load_dataset` (see DatasetSpec)."""
+    """A `datasets` id or local path (`ID` or `ID:CONFIG`), read with `datasets.load_dataset` (see DatasetSpec).
+    A GLUE task (`glue:mrpc`, `nyu-mll/glue:stsb`) brings its kind, columns and scored split (`tasks.glue`)."""
     train_split: str = "train"
     test_split: str | None = None
     text_column: str = "text"
@@ -224,6 +226,8 @@ class TaskSpec(Spec):
             return {"name": value}
         if isinstance(value, dict) and not any(value.get(k) is not None for k in ("name", "path", "dataset")):
             return {**value, "name": "reviews"}
+        if isinstance(value, dict) and (glue := glue_task(value)) is not None:  # its kind, columns and splits
+            return {**glue.defaults(), **{k: v for k, v in value.items() if v is not None}}
         return value
 
     @model_validator(mode="after")

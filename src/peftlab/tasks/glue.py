@@ -23,9 +23,13 @@ class GlueTask:
 
     def task(self, path: str = "glue", **settings: Any) -> dict[str, Any]:
         """A `task:` mapping that trains on it (`settings`: further task fields, e.g. max_length)."""
+        return {"dataset": f"{path}:{self.name}", **self.defaults(), **settings}
+
+    def defaults(self) -> dict[str, Any]:
+        """The task fields a `task.dataset` naming it implies: its kind, columns and the splits scored."""
         pair = {"text_pair_column": self.pair} if self.pair else {}
-        return {"dataset": f"{path}:{self.name}", "kind": self.kind, "text_column": self.text, **pair,
-                "train_split": "train", "test_split": self.test_split, **settings}
+        return {"kind": self.kind, "text_column": self.text, **pair, "train_split": "train",
+                "test_split": self.test_split}
 
 
 GLUE: dict[str, GlueTask] = {t.name: t for t in (
