@@ -482,8 +482,7 @@ def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_u
     """tune.rungs: three rates train a third of their 6 steps; the best goes on from its checkpoint to the end and
     its result equals an uninterrupted tuning run's; the others stop there, their checkpoints removed. The
     configuration's seed run trains at the survivor's rate; the report shows where each rate stopped."""
-    from peftlab.analysis.analyze import analyze
-    from peftlab.analysis.report import tuning_table
+    from peftlab.analysis.report import tuning_table, write_report
     from peftlab.api import run
     from peftlab.specs import RunConfig
     from peftlab.studies.runner import run_study
@@ -508,8 +507,11 @@ def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_u
 
     (main,) = [r for r in store.rows() if r["phase"] == "main"]
     assert main["status"] == "done" and json.loads(main["config"])["train"]["lr"] == finished[0]
-    _, rows = tuning_table(analyze(study))
+    analysis, written = write_report(study)
+    _, rows = tuning_table(analysis)
     assert sum("stopped at 34% (" in cell for cell in rows[0]) == 2 and rows[0][-1].startswith(f"{finished[0]:g}")
+    assert analysis.tuning_steps == (2 + 2 + 6, 3 * 6)  # two rates stopped at step 2, one trained its 6
+    assert "Tuning trained 10 optimizer steps, 56% of the 18 of training every rate" in written["markdown"].read_text()
 
 
 def test_a_rate_degenerate_at_a_rung_stops_even_when_it_scores_best():

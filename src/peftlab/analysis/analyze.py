@@ -28,6 +28,7 @@ from peftlab.analysis.stats import (
 from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
 from peftlab.records.degenerate import checkable, degenerate_reason
+from peftlab.records.halving import tuning_steps
 from peftlab.records.results import Snapshot, primary_metric
 from peftlab.records.store import open_existing, run_dir
 from peftlab.records.tuning import RateChoice, rate_choices
@@ -96,6 +97,7 @@ class Analysis:
     exclude_degenerate: bool = False  # degenerate runs left out of the statistics (else included and named)
     count_degenerate: bool = False  # a configuration whose runs are all degenerate still gets a verdict
     tuning: dict[str, RateChoice] = field(default_factory=dict)  # label -> its learning-rate choice
+    tuning_steps: tuple[int, int] | None = None  # (steps tuning trained, steps it would to the end): halving
     design: Design = FIXED  # the looks and level of the tests (several looks: seeds until resolved)
     recommendations: list[str] = field(default_factory=list)
     limits: list[str] = field(default_factory=list)
@@ -188,7 +190,7 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
                         configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
                         exclude_degenerate, design=design)
     analysis.count_degenerate = count_degenerate
-    analysis.tuning = tuning
+    analysis.tuning, analysis.tuning_steps = tuning, tuning_steps(snapshot)
     if not verdicts_only:
         _add_report_findings(analysis, rows, study_dir)
         analysis.references = reference_rows(analysis, spec.get("references") or {})

@@ -116,13 +116,20 @@ def _tuning_markdown(analysis: Analysis) -> list[str]:
     if not rows:
         return []
     metric = metric_name(next(iter(analysis.tuning.values())).metric)
-    halving = any(c.stopped for c in analysis.tuning.values())
     lines = ["", "## Learning rates", "", f"Chosen per configuration by the mean {metric} of its tuning runs "
-             "(the test split is not read); * marks the choice." + (
-                 " Successive halving stopped some rates early: where, with their validation score there and how "
-                 "many went on (only rates that trained to the end are chosen from)." if halving else ""), "",
+             "(the test split is not read); * marks the choice." + _halving_sentence(analysis), "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def _halving_sentence(analysis: Analysis) -> str:
+    if not any(c.stopped for c in analysis.tuning.values()):
+        return ""
+    steps = analysis.tuning_steps
+    spent = (f" Tuning trained {steps[0]:,} optimizer steps, {steps[0] / steps[1]:.0%} of the {steps[1]:,} of "
+             "training every rate to the end." if steps and steps[1] else "")
+    return (" Successive halving stopped some rates early: where, with their validation score there and how many went "
+            "on (the choice is among the rates that trained to the end)." + spent)
 
 
 def _references_markdown(analysis: Analysis) -> list[str]:
@@ -149,7 +156,8 @@ def _tuning_html(analysis: Analysis) -> str:
         return ""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<h2>Learning rates</h2><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    note = f"<p>{html.escape(_halving_sentence(analysis).strip())}</p>" if _halving_sentence(analysis) else ""
+    return f"<h2>Learning rates</h2>{note}<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def degenerate_lines(analysis: Analysis) -> list[str]:

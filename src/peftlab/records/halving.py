@@ -76,6 +76,16 @@ def _label_halving(tune: TuneSpec, rates: dict[float, list[dict[str, Any]]], sna
     return out
 
 
+def tuning_steps(snapshot: Snapshot) -> tuple[int, int] | None:
+    """(optimizer steps the tuning runs trained, steps they would have trained to the end), over the tuning runs
+    that recorded both; None without any."""
+    rows = [r for r in snapshot.rows if r["phase"] == "tune" and r["status"] in ("done", "stopped")
+            and _finite(r.get("cost.steps")) and _finite(r.get("cost.planned_steps"))]
+    if not rows:
+        return None
+    return int(sum(r["cost.steps"] for r in rows)), int(sum(r["cost.planned_steps"] for r in rows))
+
+
 def _kept(scores: dict[float, float], degenerate: dict[float, str], keep: float, higher: bool, n: int) -> list[float]:
     """The rates that continue: the best ceil(keep x n) (at least one) of those scored and not degenerate; where
     every scored rate is degenerate, the best of them (a configuration keeps a rate to choose, flagged later)."""

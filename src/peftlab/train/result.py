@@ -22,7 +22,8 @@ class Costs:
     base_params: int | None = None
     total_params: int | None = None
     trainable_share: float | None = None  # of the total
-    steps: int | None = None
+    steps: int | None = None  # optimizer steps trained (a run stopped at a rung: up to there)
+    planned_steps: int | None = None  # the run's whole budget
     train_seconds: float | None = None  # optimizer steps only: the same work for every seed, whichever built a cache
     importance_probe_seconds: float | None = None  # the probe the ranks came from (once per study, then cached)
     train_tokens: int | None = None

@@ -194,6 +194,7 @@ def _cost(ctx: RunContext, trained: phases.Trained, measured: dict[str, Any], pa
         total_params=total,
         trainable_share=trainable / total,
         steps=loop.steps,
+        planned_steps=run.total_steps,
         # optimizer steps only: the same work for every seed of a configuration, whichever built a cache
         train_seconds=loop.train_seconds,
         # the probe an importance allocation came from (run once per study, then read from the cache)
