@@ -531,6 +531,9 @@ def test_a_rate_degenerate_at_a_rung_stops_even_when_it_scores_best():
     assert plan.stopped == {1e-4: "stopped at 25% (0.5500; the best 1 of 3 went on)",
                             3e-3: "stopped at 25% (predicts a single class)"}
     assert not plan.decided  # the next rung waits for r1 to reach it
+    for row in rows:  # every rate still at the majority class: too early to tell, all go on
+        row["metrics.validation.predicted_classes"] = 1
+    assert halving(tune, Snapshot(rows, configs, {}))["all"].promote == {"r0": 0.5, "r1": 0.5, "r2": 0.5}
     rows[0]["status"] = "pending"  # a run not at the rung yet: nothing is decided
     assert halving(tune, Snapshot(rows, configs, {}))["all"].promote == {}
 

@@ -3,7 +3,8 @@
 Every candidate rate of a configuration trains (with each tuning seed) to the first rung, a fraction of the full
 run's steps on the full run's learning-rate schedule (`train.stop_at`). Once all of them are there, the rates are
 ranked by their mean validation metric: a rate whose runs are degenerate there stops at once, and of the others
-the best `tune.keep` share (at least one) continues to the next rung, the rest stop for good. After the last rung
+the best `tune.keep` share (at least one) continues to the next rung, the rest stop for good (where every rate
+is degenerate, it is too early to tell them apart: all continue). After the last rung
 the survivors train to the end, resuming from their checkpoints, so their results are an uninterrupted run's.
 
 The decisions are a function of the stored rows alone (the rung results a promoted run passed are kept in the
@@ -87,13 +88,14 @@ def tuning_steps(snapshot: Snapshot) -> tuple[int, int] | None:
 
 
 def _kept(scores: dict[float, float], degenerate: dict[float, str], keep: float, higher: bool, n: int) -> list[float]:
-    """The rates that continue: the best ceil(keep x n) (at least one) of those scored and not degenerate; where
-    every scored rate is degenerate, the best of them (a configuration keeps a rate to choose, flagged later)."""
+    """The rates that continue: the best ceil(keep x n) (at least one) of those scored and not degenerate. Where
+    every scored rate is degenerate (too early for any to have learnt: the majority class everywhere), the rung
+    decides nothing and all of them continue."""
     sign = -1 if higher else 1
     ranked = sorted(scores, key=lambda rate: (sign * scores[rate], rate))
     healthy = [rate for rate in ranked if rate not in degenerate]
     count = max(1, math.ceil(keep * n - 1e-9))
-    return sorted(healthy[:count] if healthy else ranked[:1])
+    return sorted(healthy[:count] if healthy else ranked)
 
 
 def _at_rung(run: dict[str, Any], at: float, snapshot: Snapshot) -> dict[str, Any] | None | str:
