@@ -97,3 +97,21 @@ def test_peftlab_s_own_benchmark_is_known_offline_with_balanced_labels():
     assert all(t == (0 if doc["label"] == "great" else 1) for t, doc in zip(targets, docs))
     assert task.doc_to_choice(docs[0]) == ["positive", "negative"]
     assert task.doc_to_text(docs[0]) == f"Review: {docs[0]['text']}\nQuestion: Is this review positive or negative?\nAnswer:"
+
+
+def test_a_benchmark_answered_blindly_is_degenerate():
+    """Multiple-choice answer counts (from lm-eval's per-example likelihoods) and the verdict-side check: one
+    answer to everything, or an accuracy within noise of always giving the commonest right answer."""
+    from peftlab.records.degenerate import degenerate_reason
+    from peftlab.train.benchmarks import _answer_stats
+
+    one = [-1.0, False], [-2.0, False]
+    logged = [{"target": t, "filtered_resps": list(one)} for t in [0, 1] * 50]  # always answers 0
+    stats = _answer_stats({"mc": logged, "gen": [{"target": "4", "filtered_resps": ["4"]}]})
+    assert stats == {"mc": {"count": 100.0, "predicted_choices": 1.0, "majority_rate": 0.5}}
+    row = {f"metrics.benchmarks.mc.{k}": v for k, v in {**stats["mc"], "acc": 0.5}.items()}
+    assert degenerate_reason(row, benchmark="mc") == "benchmark mc: gives one answer to every question"
+    row["metrics.benchmarks.mc.predicted_choices"] = 2
+    assert "accuracy 0.550 within noise" in degenerate_reason({**row, "metrics.benchmarks.mc.acc": 0.55}, benchmark="mc")
+    assert degenerate_reason({**row, "metrics.benchmarks.mc.acc": 0.7}, benchmark="mc") is None
+    assert degenerate_reason(row) is None  # a study judged by another metric does not read it

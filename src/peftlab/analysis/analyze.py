@@ -27,7 +27,7 @@ from peftlab.analysis.stats import (
 )
 from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
-from peftlab.records.degenerate import checkable, degenerate_reason
+from peftlab.records.degenerate import BENCHMARK, checkable, degenerate_reason
 from peftlab.records.halving import tuning_steps
 from peftlab.records.results import Snapshot, primary_metric
 from peftlab.records.store import open_existing, run_dir
@@ -207,7 +207,8 @@ def _configurations(done: list[dict[str, Any]], configs: dict[str, Any], metric:
     cost_columns = {**{c.name: f"cost.{c.column}" for c in COSTS}, "base": "cost.base_params", "total": "cost.total_params"}
     configurations = []
     for group, every_run in groups.items():
-        flagged = {r["seed"]: reason for r in every_run if (reason := degenerate_reason(r))}
+        benchmark = metric.split(".")[2] if metric.startswith("metrics.benchmarks.") else None
+        flagged = {r["seed"]: reason for r in every_run if (reason := degenerate_reason(r, benchmark=benchmark))}
         runs = [r for r in every_run if r["seed"] not in flagged] if exclude_degenerate else every_run
         if not runs:  # every run of this configuration is degenerate and left out
             continue
@@ -277,6 +278,10 @@ def _numbers(*values: Any) -> bool:
 
 def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baseline: bool = False) -> str:
     """Why a comparison gets no verdict: its configuration (or the baseline) did not train, at which rates."""
+    reasons = sorted(set(c.degenerate.values()))
+    if reasons and all(r.startswith(BENCHMARK) for r in reasons):  # it trained, but answers the benchmark blindly
+        whose = f"every run of the baseline {c.label}" if baseline else "every run"
+        return f"{whose} is degenerate on the benchmark ({reasons[0]})"
     who = f"the baseline {c.label} did not train" if baseline else "did not train"
     choice = tuning.get(c.label)
     if choice and len(choice.scores) > 1:
@@ -344,7 +349,9 @@ def degenerate_caution(c: Configuration) -> str:
     if not c.degenerate:
         return ""
     total = c.seeds_run
-    most = "most of its runs learned nothing" if 2 * len(c.degenerate) > total else "some of its runs learned nothing"
+    what = ("answer the benchmark blindly" if all(r.startswith(BENCHMARK) for r in c.degenerate.values())
+            else "learned nothing")
+    most = f"most of its runs {what}" if 2 * len(c.degenerate) > total else f"some of its runs {what}"
     return f" Caution: {len(c.degenerate)} of {total} runs of {c.label} are degenerate ({most})."
 
 
@@ -438,8 +445,10 @@ def _degenerate_limits(analysis: Analysis) -> list[str]:
     how = ("left out of the statistics (--exclude-degenerate)" if analysis.exclude_degenerate
            else "included in the statistics; `--exclude-degenerate` leaves them out")
     names = ", ".join(f"{c.label} ({len(c.degenerate)})" for c in flagged)
-    return [f"{count} degenerate run(s), {how}: {names}. They measure a training failure (often the learning rate), "
-            "not the configuration; see the list of degenerate runs."]
+    blind = all(r.startswith(BENCHMARK) for c in flagged for r in c.degenerate.values())
+    meaning = ("They answer the benchmark no better than always giving one answer would"
+               if blind else "They measure a training failure (often the learning rate), not the configuration")
+    return [f"{count} degenerate run(s), {how}: {names}. {meaning}; see the list of degenerate runs."]
 
 
 def _convergence_limits(analysis: Analysis) -> list[str]:

@@ -185,7 +185,8 @@ def _test_note(analysis: Analysis) -> str:
             f"Holm-corrected across the {tested} comparison(s) with a test. {verdict_note(analysis)} * = on the Pareto "
             f"frontier of quality vs {COST_BY_NAME[analysis.cost].label}. Training time counts optimizer steps only; peak "
             f"memory is {_memory_label(analysis)}. Degenerate runs (one predicted class, accuracy within noise of the "
-            f"majority class, or a test loss not below the base model's) are "
+            f"majority class, a test loss not below the base model's, or, judged by a benchmark, one answer to every "
+            f"question or an accuracy within noise of always giving its commonest right answer) are "
             f"{'left out' if analysis.exclude_degenerate else 'included and counted in the quality column'}.")
 
 

@@ -13,11 +13,16 @@ from typing import Any
 
 NOISE_Z = 1.96  # a two-sided 95% band around the majority rate
 BASE_TOLERANCE = 1e-3  # a test loss within 0.1% of the base model's is no gain
+BENCHMARK = "benchmark"  # how the reasons that concern a benchmark begin
 
 
-def degenerate_reason(row: dict[str, Any], split: str = "test") -> str | None:
-    """Why a finished run (a flat study row) is degenerate on `split`, or None. Rows from runs that did not
-    record the needed figures (older peftlab versions) are never flagged."""
+def degenerate_reason(row: dict[str, Any], split: str = "test", benchmark: str | None = None) -> str | None:
+    """Why a finished run (a flat study row) is degenerate on `split` (and, for a study judged by a benchmark task,
+    on `benchmark`: one answer to every question, or an accuracy within noise of always giving the commonest
+    right answer), or None. Rows from runs that did not record the needed figures (older peftlab versions) are
+    never flagged."""
+    if benchmark is not None and (reason := _benchmark_reason(row, benchmark)):
+        return reason
     classes = row.get(f"metrics.{split}.predicted_classes")
     if classes == 1:
         return "predicts a single class"
@@ -33,6 +38,19 @@ def degenerate_reason(row: dict[str, Any], split: str = "test") -> str | None:
         return f"diverged (non-finite {split} loss)"
     if _number(loss) and _number(base) and loss > base * (1 - BASE_TOLERANCE):
         return f"{split} loss {loss:.4f} not below the base model's {base:.4f} (by more than 0.1%)"
+    return None
+
+
+def _benchmark_reason(row: dict[str, Any], task: str) -> str | None:
+    prefix = f"metrics.benchmarks.{task}."
+    if row.get(prefix + "predicted_choices") == 1:
+        return f"{BENCHMARK} {task}: gives one answer to every question"
+    accuracy, majority, count = (row.get(prefix + k) for k in ("acc", "majority_rate", "count"))
+    if _number(accuracy) and _number(majority) and _number(count) and count > 0:
+        band = NOISE_Z * math.sqrt(majority * (1 - majority) / count)
+        if accuracy <= majority + band:
+            return (f"{BENCHMARK} {task}: accuracy {accuracy:.3f} within noise of always giving its commonest right "
+                    f"answer ({majority:.3f} ± {band:.3f})")
     return None
 
 

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 SAMPLES_FILE = "benchmarks.jsonl"
 BUNDLED_TASKS = Path(__file__).resolve().parent.parent / "catalog" / "benchmarks"  # peftlab's own, offline
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: multiple-choice answer counts beside the scores
 
 
 @dataclass
@@ -96,7 +96,10 @@ def score_benchmarks(model: nn.Module, tokenizer: Any, spec: BenchmarksSpec, dev
         for log, level in zip(quiet, levels):
             log.setLevel(level)
         model.train(was_training)
-    return BenchmarkScores(_scores(out["results"]), dict(out.get("versions") or {}), time.perf_counter() - start,
+    scores = _scores(out["results"])
+    for task, stats in _answer_stats(out.get("samples") or {}).items():
+        scores.setdefault(task, {}).update(stats)
+    return BenchmarkScores(scores, dict(out.get("versions") or {}), time.perf_counter() - start,
                            _samples(out.get("samples") or {}))
 
 
@@ -131,6 +134,30 @@ def _scores(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
                 "_stderr" if metric.endswith("_stderr") else "")
             scores.setdefault(task, {})[name] = float(value) if math.isfinite(float(value)) else math.nan
     return scores
+
+
+def _answer_stats(samples: dict[str, list[dict[str, Any]]]) -> dict[str, dict[str, float]]:
+    """Per multiple-choice task (each scored example's responses one (loglikelihood, is greedy) pair per choice and
+    its target a choice's index): `count`, `majority_rate` (the share of the commonest right answer) and
+    `predicted_choices` (how many different answers the model gave), from which `records.degenerate` tells a
+    model that gives one answer to everything."""
+    stats = {}
+    for task, logged in samples.items():
+        targets, answers = [], []
+        for sample in logged:
+            choices, target = sample.get("filtered_resps"), sample.get("target")
+            target = int(target) if isinstance(target, str) and target.isdigit() else target
+            if not isinstance(target, int) or not isinstance(choices, list) or len(choices) < 2 or not all(
+                    isinstance(c, (list, tuple)) and c and isinstance(c[0], (int, float)) for c in choices):
+                break  # not a multiple-choice task
+            likelihoods = [float(c[0]) for c in choices]
+            targets.append(target)
+            answers.append(likelihoods.index(max(likelihoods)))
+        else:
+            if targets:
+                stats[task] = {"count": float(len(targets)), "predicted_choices": float(len(set(answers))),
+                               "majority_rate": max(map(targets.count, set(targets))) / len(targets)}
+    return stats
 
 
 def _samples(samples: dict[str, list[dict[str, Any]]]) -> list[dict[str, Any]]:
