@@ -558,3 +558,17 @@ def test_a_study_database_from_before_successive_halving_takes_stopped_runs(tmp_
     store.finish("a", "stopped", {"status": "stopped"}, None)  # refused by the old CHECK constraint
     assert store.promote("a", {"train": {}}) and store.get("a")["status"] == "pending"
     assert json.loads(store.get("a")["rungs"]) == [{"at": 0.5, "result": {"status": "stopped"}}]
+
+
+def test_runs_stopped_at_a_rung_an_edited_spec_no_longer_has_go_on():
+    """A study whose rungs were edited (or removed) after some runs stopped: they continue to the next rung there
+    is, or to the end, instead of waiting for a rung that never comes."""
+    from peftlab.records.halving import halving
+    from peftlab.records.results import Snapshot
+    from peftlab.specs import TuneSpec
+
+    rows = [{"id": "r0", "label": "all", "phase": "tune", "status": "stopped", "kind": "classification"},
+            {"id": "r1", "label": "all", "phase": "tune", "status": "pending", "kind": "classification"}]
+    configs = {"r0": {"train": {"lr": 1e-3, "stop_at": 0.25}}, "r1": {"train": {"lr": 3e-3, "stop_at": 0.5}}}
+    assert halving(TuneSpec(lr=[1e-3, 3e-3], rungs=[0.5]), Snapshot(rows, configs, {}))["all"].promote == {"r0": 0.5}
+    assert halving(TuneSpec(lr=[1e-3, 3e-3]), Snapshot(rows, configs, {}))["all"].promote == {"r0": None}

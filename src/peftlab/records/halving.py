@@ -34,7 +34,7 @@ class Halving:
 def halving(tune: TuneSpec, snapshot: Snapshot) -> dict[str, Halving]:
     """Per configuration label, the rung decisions its tuning runs allow so far."""
     rows = [r for r in snapshot.rows if r["phase"] == "tune"]
-    if not rows or not tune.rungs:
+    if not rows or not (tune.rungs or any(r["status"] == "stopped" for r in rows)):
         return {}
     metric, higher = primary_metric(rows, split="validation")
     by_label: dict[str, dict[float, list[dict[str, Any]]]] = {}
@@ -47,6 +47,12 @@ def halving(tune: TuneSpec, snapshot: Snapshot) -> dict[str, Halving]:
 def _label_halving(tune: TuneSpec, rates: dict[float, list[dict[str, Any]]], snapshot: Snapshot, metric: str,
                    higher: bool) -> Halving:
     out = Halving()
+    for run in (run for runs in rates.values() for run in runs):  # stopped at a rung the spec no longer has
+        stop = _stop_of(run, snapshot)
+        if run["status"] == "stopped" and stop not in tune.rungs:
+            out.promote[run["id"]] = next((f for f in tune.rungs if f > (stop or 0)), None)
+    if out.promote:
+        return out  # the rungs are decided once those runs reach them
     alive = sorted(rates)
     for k, at in enumerate(tune.rungs):
         states = {rate: [_at_rung(run, at, snapshot) for run in rates[rate]] for rate in alive}

@@ -4,8 +4,8 @@ runs them).
 The spec's runs become known as the stored results allow: every tuning run at once; a configuration's seed runs
 once its tuning runs are done and its rate is chosen (`records.tuning`); with seeds until resolved, each further
 round once every run of the round before is done (`studies.adaptive`). With successive halving (`tune.rungs`),
-the tuning runs a rung keeps are started again to the next one, and those it stops leave their checkpoints
-(`records.halving`). Runs start in the order the store keeps: when they became known, then by label and seed.
+the tuning runs a rung keeps are started again to the next one, and the checkpoints of those it stops are
+removed (`records.halving`). Runs start in the order the store keeps: when they became known, then by label and seed.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def add_runs(spec: StudySpec, store: Store, study_dir: Path) -> int:
 def halve(spec: StudySpec, store: Store, study_dir: Path) -> list[str]:
     """Successive halving's decisions so far (none without `tune.rungs`): the tuning runs a rung keeps are pending
     again with their next stop (their ids returned); the checkpoints of those it stops for good are removed."""
-    if spec.tune is None or not spec.tune.rungs:
+    if spec.tune is None:
         return []
     snapshot = Snapshot.of(store)
     promoted = []
