@@ -98,7 +98,8 @@ def run_study(spec: StudySpec, study_dir: Path, *, jobs: int = 1, executor: str 
             def on_finished(run_id: str, added: int) -> None:
                 now = store.counts()
                 progress.update(bar, advance=1, total=progress.tasks[bar].total + added,
-                                state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed")
+                                state=f"{now.get('done', 0)} done, {now.get('failed', 0)} failed" + (
+                                    f", {now['stopped']} stopped at a rung" if now.get("stopped") else ""))
 
             scheduler = Scheduler(spec, store, study_dir, retry_failed, on_finished)
             ids = scheduler.first()

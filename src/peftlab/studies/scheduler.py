@@ -77,7 +77,7 @@ class Scheduler:
 
     def after(self, run_id: str) -> list[str]:
         self.started.difference_update(halve(self.spec, self.store, self.study_dir))  # they start again
-        add_runs(self.spec, self.store, self.study_dir)
+        self.store.add(known_runs(self.spec, Snapshot.of(self.store), self.study_dir))
         new = [i for i in waiting(self.store, ("pending",)) if i not in self.started]
         self.started.update(new)
         self.on_finished(run_id, len(new))
