@@ -478,18 +478,21 @@ def test_the_rate_choice_is_a_function_of_the_stored_rows():
     assert chosen["c"] == "tuning: every learning rate of the grid failed (0.001, 0.01)"
 
 
-def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_uninterrupted(data_file, tmp_path):
-    """tune.rungs: three rates train a third of their 6 steps; the best goes on from its checkpoint to the end and
-    its result equals an uninterrupted tuning run's; the others stop there, their checkpoints removed. The
-    configuration's seed run trains at the survivor's rate; the report shows where each rate stopped."""
+def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_uninterrupted(alpaca_file, tmp_path):
+    """tune.rungs: three rates train a third of their 6 steps; the best (by validation loss: a causal LM's runs are
+    never degenerate there) goes on from its checkpoint to the end and its result equals an uninterrupted tuning
+    run's; the others stop there, their checkpoints removed. The configuration's seed run trains at the survivor's
+    rate; the report shows where each rate stopped and what tuning spent."""
     from peftlab.analysis.report import tuning_table, write_report
     from peftlab.api import run
     from peftlab.specs import RunConfig
     from peftlab.studies.runner import run_study
 
-    spec = tiny_spec(data_file, axes={"placement": {"all": "all"}}, seeds=[0],
-                     tune={"lr": [1e-4, 3e-3, 3.0], "seeds": [7], "rungs": [0.34]})
-    spec.base["train"]["max_steps"] = 6
+    spec = validate(StudySpec, {
+        "name": "halving", "seeds": [0], "axes": {"placement": {"all": "all"}},
+        "base": {"model": "tiny-llama", "task": {"path": str(alpaca_file), "kind": "instruction"},
+                 "plan": {"allocation": 2}, "train": {"max_steps": 6, "batch_size": 4, "latency_batches": 0}},
+        "tune": {"lr": [1e-5, 1e-3, 1e-2], "seeds": [7], "rungs": [0.34]}}, "test")
     study = tmp_path / "study"
     store = run_study(spec, study, threads=1)
     tuning = {json.loads(r["config"])["train"]["lr"]: r for r in store.rows() if r["phase"] == "tune"}
