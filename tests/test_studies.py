@@ -478,7 +478,7 @@ def test_the_rate_choice_is_a_function_of_the_stored_rows():
     assert chosen["c"] == "tuning: every learning rate of the grid failed (0.001, 0.01)"
 
 
-def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_uninterrupted(alpaca_file, tmp_path):
+def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_uninterrupted(alpaca_file, tmp_path, cli):
     """tune.rungs: three rates train a third of their 6 steps; the best (by validation loss: a causal LM's runs are
     never degenerate there) goes on from its checkpoint to the end and its result equals an uninterrupted tuning
     run's; the others stop there, their checkpoints removed. The configuration's seed run trains at the survivor's
@@ -515,6 +515,8 @@ def test_successive_halving_stops_the_weaker_rates_and_the_survivor_ends_as_if_u
     assert sum("stopped at 34% (" in cell for cell in rows[0]) == 2 and rows[0][-1].startswith(f"{finished[0]:g}")
     assert analysis.tuning_steps == (2 + 2 + 6, 3 * 6)  # two rates stopped at step 2, one trained its 6
     assert "Tuning trained 10 optimizer steps, 56% of the 18 of training every rate" in written["markdown"].read_text()
+    code, out, _ = cli("study", "status", study)
+    assert code == 0 and f"(tuning, lr {finished[0]:g})" in out and out.count("at step 2 of 6") == 2
 
 
 def test_a_rate_degenerate_at_a_rung_stops_even_when_it_scores_best():

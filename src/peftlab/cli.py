@@ -612,9 +612,11 @@ def study_status(directory: Annotated[Path, typer.Argument(help="Study directory
         value = row.get(metric)
         reason = degenerate_reason(row) if row["status"] == "done" else None
         degenerate += reason is not None
-        note = f"[yellow]degenerate:[/] {reason}" if reason else (row["error"] or "")[:80]
-        label = row["label"] + (f" [tuning, lr {row.get('axis.lr')}]" if row["phase"] == "tune" else "")
-        table.add_row(row["id"], label, str(row["seed"]), row["status"],
+        note = f"[yellow]degenerate:[/] {rich_escape(reason)}" if reason else rich_escape((row["error"] or "")[:80])
+        if row["status"] == "stopped":  # successive halving: where it is, or where it stopped for good
+            note = f"at step {row.get('cost.steps')} of {row.get('cost.planned_steps')} (successive halving)"
+        label = row["label"] + (f" (tuning, lr {row.get('axis.lr')})" if row["phase"] == "tune" else "")
+        table.add_row(row["id"], rich_escape(label), str(row["seed"]), row["status"],
                       "-" if value is None else f"{value:.4f}", note)
     console = _console()
     console.print(table)
