@@ -27,7 +27,7 @@ from peftlab.analysis.stats import (
 )
 from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
-from peftlab.records.degenerate import BENCHMARK, checkable, degenerate_reason
+from peftlab.records.degenerate import blind, checkable, degenerate_reason
 from peftlab.records.halving import tuning_steps
 from peftlab.records.results import Snapshot, primary_metric
 from peftlab.records.store import open_existing, run_dir
@@ -279,7 +279,7 @@ def _numbers(*values: Any) -> bool:
 def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baseline: bool = False) -> str:
     """Why a comparison gets no verdict: its configuration (or the baseline) did not train, at which rates."""
     reasons = sorted(set(c.degenerate.values()))
-    if reasons and all(r.startswith(BENCHMARK) for r in reasons):  # it trained, but answers the benchmark blindly
+    if blind(reasons):
         whose = f"every run of the baseline {c.label}" if baseline else "every run"
         return f"{whose} is degenerate on the benchmark ({reasons[0]})"
     who = f"the baseline {c.label} did not train" if baseline else "did not train"
@@ -349,8 +349,7 @@ def degenerate_caution(c: Configuration) -> str:
     if not c.degenerate:
         return ""
     total = c.seeds_run
-    what = ("answer the benchmark blindly" if all(r.startswith(BENCHMARK) for r in c.degenerate.values())
-            else "learned nothing")
+    what = "answer the benchmark blindly" if blind(c.degenerate.values()) else "learned nothing"
     most = f"most of its runs {what}" if 2 * len(c.degenerate) > total else f"some of its runs {what}"
     return f" Caution: {len(c.degenerate)} of {total} runs of {c.label} are degenerate ({most})."
 
@@ -445,9 +444,8 @@ def _degenerate_limits(analysis: Analysis) -> list[str]:
     how = ("left out of the statistics (--exclude-degenerate)" if analysis.exclude_degenerate
            else "included in the statistics; `--exclude-degenerate` leaves them out")
     names = ", ".join(f"{c.label} ({len(c.degenerate)})" for c in flagged)
-    blind = all(r.startswith(BENCHMARK) for c in flagged for r in c.degenerate.values())
     meaning = ("They answer the benchmark no better than always giving one answer would"
-               if blind else "They measure a training failure (often the learning rate), not the configuration")
+               if blind(r for c in flagged for r in c.degenerate.values()) else "They measure a training failure (often the learning rate), not the configuration")
     return [f"{count} degenerate run(s), {how}: {names}. {meaning}; see the list of degenerate runs."]
 
 

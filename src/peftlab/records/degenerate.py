@@ -29,10 +29,8 @@ def degenerate_reason(row: dict[str, Any], split: str = "test", benchmark: str |
     if row.get(f"metrics.{split}.predicted_values") == 1:
         return "predicts a single value"
     accuracy, majority, count = (row.get(f"metrics.{split}.{k}") for k in ("accuracy", "majority_rate", "count"))
-    if _number(accuracy) and _number(majority) and _number(count) and count > 0:
-        band = NOISE_Z * math.sqrt(majority * (1 - majority) / count)
-        if accuracy <= majority + band:
-            return f"accuracy {accuracy:.3f} within noise of the majority class ({majority:.3f} ± {band:.3f})"
+    if (band := _noise_band(accuracy, majority, count)) is not None:
+        return f"accuracy {accuracy:.3f} within noise of the majority class ({majority:.3f} ± {band:.3f})"
     loss, base = row.get(f"metrics.{split}.loss"), row.get(f"metrics.{split}.base_loss")
     if _number(loss) and not math.isfinite(loss):
         return f"diverged (non-finite {split} loss)"
@@ -46,12 +44,25 @@ def _benchmark_reason(row: dict[str, Any], task: str) -> str | None:
     if row.get(prefix + "predicted_choices") == 1:
         return f"{BENCHMARK} {task}: gives one answer to every question"
     accuracy, majority, count = (row.get(prefix + k) for k in ("acc", "majority_rate", "count"))
-    if _number(accuracy) and _number(majority) and _number(count) and count > 0:
-        band = NOISE_Z * math.sqrt(majority * (1 - majority) / count)
-        if accuracy <= majority + band:
-            return (f"{BENCHMARK} {task}: accuracy {accuracy:.3f} within noise of always giving its commonest right "
-                    f"answer ({majority:.3f} ± {band:.3f})")
+    if (band := _noise_band(accuracy, majority, count)) is not None:
+        return (f"{BENCHMARK} {task}: accuracy {accuracy:.3f} within noise of always giving its commonest right "
+                f"answer ({majority:.3f} ± {band:.3f})")
     return None
+
+
+def _noise_band(accuracy: Any, majority: Any, count: Any) -> float | None:
+    """The two-sided 95% band around the majority rate when `accuracy` lies within it (a trivial answerer's
+    score); None otherwise, or where a figure is missing."""
+    if not (_number(accuracy) and _number(majority) and _number(count) and count > 0):
+        return None
+    band = NOISE_Z * math.sqrt(majority * (1 - majority) / count)
+    return band if accuracy <= majority + band else None
+
+
+def blind(reasons: Any) -> bool:
+    """Whether every one of these degenerate reasons concerns a benchmark (the runs trained, but answer it blindly)."""
+    reasons = list(reasons)
+    return bool(reasons) and all(r.startswith(BENCHMARK) for r in reasons)
 
 
 def checkable(row: dict[str, Any]) -> bool:

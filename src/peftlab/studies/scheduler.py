@@ -43,8 +43,8 @@ def halve(spec: StudySpec, store: Store, study_dir: Path) -> list[str]:
     if spec.tune is None:
         return []
     snapshot = Snapshot.of(store)
-    promoted = []
-    for label, plan in halving(spec.tune, snapshot).items():
+    plans, promoted = halving(spec.tune, snapshot), []
+    for plan in plans.values():
         for run_id, following in plan.promote.items():
             config = copy.deepcopy(snapshot.configs[run_id])
             config["train"].pop("stop_at", None)
@@ -52,11 +52,11 @@ def halve(spec: StudySpec, store: Store, study_dir: Path) -> list[str]:
                 config["train"]["stop_at"] = following
             if store.promote(run_id, config):
                 promoted.append(run_id)
-        for row in snapshot.rows:
-            if row["label"] == label and row["phase"] == "tune" and row["status"] == "stopped" and \
-                    snapshot.configs[row["id"]]["train"].get("lr") in plan.stopped:
-                partial = run_dir(study_dir, row["id"])
-                shutil.rmtree(partial.with_name(partial.name + ".partial"), ignore_errors=True)
+    for row in snapshot.rows:  # stopped for good: their checkpoints go
+        plan = plans.get(row["label"])
+        if plan and row["status"] == "stopped" and snapshot.configs[row["id"]]["train"].get("lr") in plan.stopped:
+            partial = run_dir(study_dir, row["id"])
+            shutil.rmtree(partial.with_name(partial.name + ".partial"), ignore_errors=True)
     return promoted
 
 

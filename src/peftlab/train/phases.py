@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -267,16 +268,10 @@ def _base_loss(ctx: RunContext, batches: list[Batch]) -> float | None:
 def _base_benchmarks(ctx: RunContext) -> BenchmarkScores:
     """The base model's benchmark scores, before training, adapters that change the output bypassed; cached by
     what sets the base's weights (as the base completions are) and the benchmark settings."""
-    run, method, accelerator = ctx.run, ctx.method, ctx.accelerator
+    run, accelerator = ctx.run, ctx.accelerator
     file = cache_dir() / "benchmarks" / f"{benchmarks.base_key(_base_identity(ctx), run.config.eval.benchmarks)}.json"
-    with exclusive(file):  # runs started together score the base once
-        if (cached := benchmarks.read_cached(file)) is not None:
-            return cached
-        bypass = method.bypassed(ctx.model)
-        with bypass if bypass is not None else nullcontext():
-            scored = score_benchmarks(ctx.model, run.tokenizer, run.config.eval.benchmarks, accelerator.device)
-        benchmarks.write_cached(file, scored)
-    return scored
+    return _cached_on_base(ctx, file, benchmarks.read_cached, benchmarks.write_cached, lambda: score_benchmarks(
+        ctx.model, run.tokenizer, run.config.eval.benchmarks, accelerator.device))
 
 
 def _base_identity(ctx: RunContext) -> dict[str, Any]:
@@ -299,12 +294,19 @@ def _base_completions(ctx: RunContext) -> Completions | None:
     if not spec.base:
         return None
     file = cache_dir() / "generations" / f"{base_cache_key(_base_identity(ctx), run.prompts, spec)}.json"
-    with exclusive(file):  # runs started together complete the base's prompts once
-        if (cached := read_cached(file)) is not None:
+    return _cached_on_base(ctx, file, read_cached, write_cached, lambda: generate(
+        ctx.model, run.prompts, spec, run.tokenizer, accelerator.device, accelerator.autocast, method.complete))
+
+
+def _cached_on_base(ctx: RunContext, file: Path, read: Callable[[Path], Any], write: Callable[[Path, Any], None],
+                    compute: Callable[[], Any]) -> Any:
+    """`file`'s contents, else `compute()` on the base model (adapters that change the output bypassed), written
+    there. Under a lock: of a study's runs started together, one computes and the others wait and read it."""
+    with exclusive(file):
+        if (cached := read(file)) is not None:
             return cached
-        bypass = method.bypassed(ctx.model)
+        bypass = ctx.method.bypassed(ctx.model)
         with bypass if bypass is not None else nullcontext():
-            completions = generate(ctx.model, run.prompts, spec, run.tokenizer, accelerator.device,
-                                   accelerator.autocast, method.complete)
-        write_cached(file, completions)
-    return completions
+            computed = compute()
+        write(file, computed)
+    return computed
