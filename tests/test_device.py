@@ -10,7 +10,7 @@ from peftlab.errors import PeftlabError
 from peftlab.methods.registry import make_method
 from peftlab.methods.specs import SPECS
 from peftlab.specs import RunConfig
-from peftlab.train.device import Backends, choose_device, mixed_precision
+from peftlab.train.device import Backends, attention_implementation, choose_device, mixed_precision
 
 CUDA, MPS, CPU_ONLY = Backends(cuda=True, mps=False, cuda_bf16=True), Backends(cuda=False, mps=True), Backends(False, False)
 
@@ -87,3 +87,37 @@ def test_train_device_is_validated_and_recorded(tmp_path, reviews_file, cli):
     assert code == 0, err
     result = json.loads((tmp_path / "x" / "result.json").read_text())
     assert result["environment"]["device"] == "cpu" and result["cost"]["peak_memory_kind"] == "rss_increase"
+
+
+@pytest.mark.parametrize(("requested", "device", "mixed", "expected"), [
+    ("auto", "cpu", "bf16", "eager"),  # torch's CPU flash-attention backward is slow in bf16
+    ("auto", "cpu", "no", None),  # transformers' default (sdpa where the model has it)
+    ("auto", "cuda", "bf16", None),
+    ("sdpa", "cpu", "bf16", "sdpa"),
+    ("eager", "cuda", "bf16", "eager"),
+])
+def test_attention_implementation_per_device(requested, device, mixed, expected):
+    assert attention_implementation(requested, device, mixed) == expected
+
+
+def test_flash_attention_is_refused_without_a_cuda_gpu_in_one_line(tmp_path, reviews_file, cli):
+    with pytest.raises(PeftlabError, match="flash_attention_2 needs a CUDA GPU"):
+        attention_implementation("flash_attention_2", "cpu", "bf16")
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: tiny-bert, attn_implementation: flash_attention_2}}\n"
+                      f"task: {{path: {reviews_file}, kind: classification}}\ntrain: {{max_steps: 1}}\n")
+    code, _, err = cli("run", "-c", config, "--output", tmp_path / "x")
+    assert code == 2 and "model.attn_implementation: flash_attention_2 needs a CUDA GPU" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa"])
+def test_the_attention_kernel_is_used_and_recorded(tmp_path, reviews_file, cli, kernel):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: {{name: tiny-bert, attn_implementation: {kernel}}}\n"
+                      f"task: {{path: {reviews_file}, kind: classification}}\ntrain: {{max_steps: 1}}\n"
+                      "plan: {allocation: 2}\n")
+    code, _, err = cli("run", "-c", config, "--output", tmp_path / "x")
+    assert code == 0, err
+    result = json.loads((tmp_path / "x" / "result.json").read_text())
+    assert result["environment"]["attn_implementation"] == kernel

@@ -302,15 +302,18 @@ def seeded_weights(spec: ModelSpec) -> bool:
     return spec.name in tiny_configs() or _is_config_file(spec.name)
 
 
-def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float32,
+               attn_implementation: str | None = None) -> nn.Module:
     """The model with its weights. Tiny models and a config .json file (an architecture without
-    weights, e.g. a scaled-up layout for speed benchmarks) are initialised from `seed`."""
+    weights, e.g. a scaled-up layout for speed benchmarks) are initialised from `seed`. `attn_implementation`:
+    transformers' (None: its default)."""
     config = load_config(spec)
     head_class = HEAD_CLASSES[_head(config, spec)]
+    kernel = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if seeded_weights(spec):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return _build(head_class, config, spec.name, dtype=dtype)
+            return _build(head_class, config, spec.name, dtype=dtype, **kernel)
     source: str | Path = spec.name
     if spec.name in PRESETS:
         source = PRESETS[spec.name].directory()
@@ -325,9 +328,20 @@ def load_model(spec: ModelSpec, seed: int = 0, dtype: torch.dtype = torch.float3
                 revision=spec.revision,
                 trust_remote_code=spec.trust_remote_code,
                 dtype=dtype,
+                **kernel,
             )
     except OSError as exc:
         raise PeftlabError(f"model {spec.name!r}: cannot load weights: {str(exc).strip().splitlines()[0]}") from None
+    except ValueError as exc:
+        if not kernel:
+            raise
+        raise PeftlabError(f"model.attn_implementation: {attn_implementation} for {spec.name!r}: "
+                           f"{str(exc).strip().splitlines()[0]}") from None
+
+
+def attention_kernel(model: nn.Module) -> str | None:
+    """The attention implementation `model` computes with (transformers' `attn_implementation`)."""
+    return getattr(getattr(unwrap(model), "config", None), "_attn_implementation", None)
 
 
 def gemma_path() -> Path:

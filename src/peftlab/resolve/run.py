@@ -21,7 +21,7 @@ from peftlab.specs import RunConfig
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
 from peftlab.train.benchmarks import check_tasks
-from peftlab.train.device import choose_device
+from peftlab.train.device import attention_implementation, choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
 from peftlab.train.tracking import check_backends
@@ -66,7 +66,10 @@ def _check_before_reading(config: RunConfig) -> None:
     """What can be refused from the config alone (and the model's config): before any input is read."""
     if config.tracking is not None:
         check_backends(config.tracking)
-    make_method(config.method).check_device(choose_device(config.train.device))  # before any data is read
+    device = choose_device(config.train.device)
+    make_method(config.method).check_device(device)  # before any data is read
+    if config.model.attn_implementation == "flash_attention_2":
+        attention_implementation("flash_attention_2", device, "")
     for field in ("checkpoint_every", "stop_at"):  # both save a checkpoint to resume from
         if getattr(config.train, field) and not METHODS[config.method.name].resumable:
             raise PeftlabError(f"train.{field}: method {config.method.name} keeps training state that a checkpoint "

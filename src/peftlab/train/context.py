@@ -20,7 +20,14 @@ from peftlab.methods.registry import make_method
 from peftlab.models.load import count_params, head_modules, load_model
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.train.checkpoint import Checkpoints
-from peftlab.train.device import Backends, choose_device, cpu_has_bf16, memory_in_use, mixed_precision
+from peftlab.train.device import (
+    Backends,
+    attention_implementation,
+    choose_device,
+    cpu_has_bf16,
+    memory_in_use,
+    mixed_precision,
+)
 from peftlab.train.evaluate import evaluate
 
 if TYPE_CHECKING:
@@ -79,10 +86,12 @@ def build(run: ResolvedRun, partial_dir: Path) -> RunContext:
     device = choose_device(spec.device)  # the method's support for it was checked by `resolve_run`
     # split_batches: train.batch_size is the global batch, shared out over the processes (train.distributed), so
     # the prepared scheduler steps once per optimizer step, not once per process
-    accelerator = Accelerator(mixed_precision=precision(spec.precision, device), cpu=device == "cpu",
+    mixed = precision(spec.precision, device)
+    accelerator = Accelerator(mixed_precision=mixed, cpu=device == "cpu",
                               dataloader_config=DataLoaderConfiguration(split_batches=True))
     memory_before = memory_in_use(device)
-    model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype])
+    attention = attention_implementation(run.model.attn_implementation, device, mixed)
+    model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype], attn_implementation=attention)
     base_params = count_params(model)
     head = head_modules(model)
     method = make_method(run.method, run.total_steps)

@@ -5,6 +5,7 @@ The choice takes the available backends as an argument, so that its logic is tes
 
 from __future__ import annotations
 
+import importlib.util
 import resource
 import sys
 from dataclasses import dataclass
@@ -61,6 +62,25 @@ def mixed_precision(requested: str, device: str, backends: Backends, cpu_bf16: b
     if requested == "native":
         return "bf16" if cpu_bf16 else "no"
     return "bf16" if requested == "bf16" else "no"
+
+
+def attention_implementation(requested: str, device: str, mixed: str) -> str | None:
+    """transformers' `attn_implementation` for `model.attn_implementation` on `device` at accelerate's `mixed`
+    precision; None leaves transformers' default (sdpa where the model has it, else eager).
+
+    auto is eager on a CPU under bf16 autocast: torch's CPU flash-attention kernel (what sdpa runs there) takes
+    several times longer for its bf16 backward pass than for its fp32 one (`benchmarks/attention.py`)."""
+    if requested == "flash_attention_2":
+        if device != "cuda":
+            raise PeftlabError(f"model.attn_implementation: flash_attention_2 needs a CUDA GPU (this run is on {device}); "
+                               "use auto, sdpa or eager")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise PeftlabError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                               "(pip install flash-attn); use auto, sdpa or eager")
+        return requested
+    if requested == "auto":
+        return "eager" if device == "cpu" and mixed == "bf16" else None
+    return requested
 
 
 def cpu_has_bf16() -> bool:

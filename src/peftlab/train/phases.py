@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftlab.files import exclusive
-from peftlab.models.load import cache_dir, seeded_weights
+from peftlab.models.load import attention_kernel, cache_dir, seeded_weights
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import collate, collate_indexed
 from peftlab.train import benchmarks, distributed
@@ -281,7 +281,8 @@ def _base_identity(ctx: RunContext) -> dict[str, Any]:
     return {"model": run.model.model_dump(mode="json"), "weights": run.inputs.get("model"),
             "weights_seed": run.config.train.seed if seeded_weights(run.model) else None,
             "method": run.method.name, "quantization": ctx.method.base_identity(),
-            "precision": accelerator.mixed_precision, "device": accelerator.device.type}
+            "precision": accelerator.mixed_precision, "device": accelerator.device.type,
+            "attention": attention_kernel(ctx.model)}
 
 
 def _base_completions(ctx: RunContext) -> Completions | None:

@@ -23,7 +23,7 @@ from accelerate import Accelerator
 
 from peftlab.errors import PeftlabError, warn
 from peftlab.files import check_output, write_atomic
-from peftlab.models.load import unwrap
+from peftlab.models.load import attention_kernel, unwrap
 from peftlab.train import distributed, phases
 from peftlab.train.checkpoint import DamagedCheckpoint, history_rows, same_training
 from peftlab.train.context import RunContext, build, checkpoints_for
@@ -240,6 +240,7 @@ def _environment(accelerator: Accelerator, model) -> dict[str, Any]:
         **{name: found[name] for name in ("torch", "transformers", "peft")},
         "versions": found,
         "model_commit": getattr(getattr(unwrap(model), "config", None), "_commit_hash", None),  # a Hub model's
+        "attn_implementation": attention_kernel(model),
         "mixed_precision": accelerator.mixed_precision,
         "processes": accelerator.num_processes,  # data parallel: train.batch_size is the global batch
     }

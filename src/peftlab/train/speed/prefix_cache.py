@@ -34,7 +34,7 @@ from torch import nn
 
 from peftlab.files import save_tensors_atomic, tensor_bytes
 from peftlab.methods.base import Method
-from peftlab.models.load import cache_dir, unwrap
+from peftlab.models.load import attention_kernel, cache_dir, unwrap
 from peftlab.models.sites import layer_blocks
 from peftlab.tasks.prepare import collate
 from peftlab.train.speed.base import RunSetting, SpeedFeature
@@ -187,7 +187,7 @@ def build_prefix_cache(model: nn.Module, examples: list[dict[str, Any]], data_ke
         return None, (f"off: it would hold {size / 2**30:.1f} GiB, more than a quarter of this machine's memory")
     key = hashlib.sha256(json.dumps({
         "weights": _digest(model, layers, layer), "data": data_key, "layer": layer, "device": device.type,
-        "precision": precision, "version": VERSION,
+        "precision": precision, "attention": attention_kernel(model), "version": VERSION,
     }, sort_keys=True).encode()).hexdigest()[:24]
     file = cache_dir() / "prefix" / f"{key}.safetensors"
     loaded = file.is_file()
