@@ -412,8 +412,8 @@ def test_run_ids_stay_those_of_studies_made_before_newer_settings():
     on_cpu = validate(StudySpec, {**spec.model_dump(), "base": {**base, "train": {"max_steps": 3, "device": "cpu"}}}, "s")
     assert expand(on_cpu)[0].id != expand(spec)[0].id  # an explicit device may change the numbers: its own runs
     assert "device" not in learned_config(expand(spec)[0].config)["train"]
-    # seed runs evaluate validation at 50% and 75% of their steps (convergence): not part of the id
-    assert expand(spec)[0].config["train"]["eval_at"] == [0.5, 0.75]
+    # seed runs evaluate validation at 75% of their steps (convergence): not part of the id
+    assert expand(spec)[0].config["train"]["eval_at"] == [0.75]
     assert "eval_at" not in learned_config(expand(spec)[0].config)["train"]
 
 

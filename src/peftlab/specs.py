@@ -278,7 +278,7 @@ class TrainSpec(Spec):
     eval_at: Annotated[list[float] | None, UNLEARNED] = None
     """Also evaluate on the validation split at these fractions of the steps, e.g. [0.5, 0.75]; the result
     keeps each as `metrics.validation@0.5` beside the final `metrics.validation`, which shows whether a run was
-    still improving when it stopped. Default: none for a run, [0.5, 0.75] for a study's seed runs."""
+    still improving when it stopped. Default: none for a run, [0.75] for a study's seed runs."""
     log_every: int = Field(10, ge=1)
     device: Annotated[Literal["auto", "cuda", "mps", "cpu"], added_with("auto")] = "auto"
     """auto: CUDA, then Apple's MPS, then the CPU."""
