@@ -121,3 +121,27 @@ def test_the_attention_kernel_is_used_and_recorded(tmp_path, reviews_file, cli, 
     assert code == 0, err
     result = json.loads((tmp_path / "x" / "result.json").read_text())
     assert result["environment"]["attn_implementation"] == kernel
+    assert result["environment"]["attn_implementation_forward"] == kernel  # chosen: in every phase
+
+
+def test_auto_trains_eager_under_bf16_on_a_cpu_and_evaluates_with_sdpa(tmp_path, reviews_file, cli, monkeypatch):
+    import peftlab.train.context as context
+
+    monkeypatch.setattr(context, "cpu_has_bf16", lambda: True)  # bf16 autocast runs (slowly) on any CPU
+    kernels = []
+    evaluate = context.evaluate
+
+    def spying(model, *args, **kwargs):
+        kernels.append(model.config._attn_implementation)
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(context, "evaluate", spying)
+    config = tmp_path / "c.yaml"
+    config.write_text(f"model: tiny-bert\ntask: {{path: {reviews_file}, kind: classification}}\n"
+                      "train: {max_steps: 2, precision: native}\nplan: {allocation: 2}\n")
+    code, _, err = cli("run", "-c", config, "--output", tmp_path / "x")
+    assert code == 0, err
+    environment = json.loads((tmp_path / "x" / "result.json").read_text())["environment"]
+    assert environment["mixed_precision"] == "bf16"
+    assert (environment["attn_implementation"], environment["attn_implementation_forward"]) == ("eager", "sdpa")
+    assert kernels and set(kernels) == {"sdpa"}  # validation and test: the forward-only kernel

@@ -4,7 +4,8 @@ the method applied, the accelerator at the run's precision, the run's directory 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from torch import nn
 
 from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
-from peftlab.models.load import count_params, head_modules, load_model
+from peftlab.models.load import attention_kernel, count_params, head_modules, load_model, unwrap
 from peftlab.models.quantize import DTYPES, weight_bytes
 from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.device import (
@@ -50,6 +51,8 @@ class RunContext:
     counts: dict[str, int]  # trainable parameters: the method's own ("adapter") and the head's
     frozen: dict[str, int]  # frozen weight bytes ("quantized", "other") and "quantized_params"
     record: Callable[[dict[str, Any]], None] = lambda row: None  # a row of metrics.jsonl (and the trackers)
+    # the attention kernel of forward-only phases where it differs from training's (`forward_only`)
+    forward_attention: str | None = None
 
     @property
     def train(self) -> TrainSpec:
@@ -58,8 +61,25 @@ class RunContext:
     def evaluate(self, batches: Batches) -> dict[str, float]:
         """A split's metrics at the training's precision, through the method's forward."""
         data = self.run.data
-        return evaluate(self.model, batches, kind=data.kind, n_labels=len(data.labels), device=self.accelerator.device,
-                        autocast=self.accelerator.autocast, hidden_states=self.method.hidden_states)
+        with self.forward_only():
+            return evaluate(self.model, batches, kind=data.kind, n_labels=len(data.labels),
+                            device=self.accelerator.device, autocast=self.accelerator.autocast,
+                            hidden_states=self.method.hidden_states)
+
+    @contextmanager
+    def forward_only(self) -> Iterator[None]:
+        """Evaluation, generation and timing (no backward pass): with `forward_attention` where it is set (auto
+        trains with eager attention on a CPU under bf16 for its backward pass; its forward passes keep
+        transformers' sdpa, as fast there and faster in generation), then back to the training's kernel."""
+        model, training = unwrap(self.model), attention_kernel(self.model)
+        if self.forward_attention is None or training == self.forward_attention:
+            yield
+            return
+        model.set_attn_implementation(self.forward_attention)
+        try:
+            yield
+        finally:
+            model.set_attn_implementation(training)
 
     def on_device(self, batches: Batches) -> Batches:
         return [{k: v.to(self.accelerator.device) for k, v in b.items()} for b in batches]
@@ -92,12 +112,15 @@ def build(run: ResolvedRun, partial_dir: Path) -> RunContext:
     memory_before = memory_in_use(device)
     attention = attention_implementation(run.model.attn_implementation, device, mixed)
     model = load_model(run.model, seed=spec.seed, dtype=DTYPES[run.model.dtype], attn_implementation=attention)
+    # auto's eager is for the backward pass: forward-only phases keep sdpa where the model has it
+    forward = "sdpa" if (run.model.attn_implementation == "auto" and attention == "eager"
+                         and getattr(model, "_supports_sdpa", False)) else None
     base_params = count_params(model)
     head = head_modules(model)
     method = make_method(run.method, run.total_steps)
     model = method.apply(model, run.plan, head).to(accelerator.device)
     return RunContext(run, model, method, accelerator, partial_dir, memory_before, base_params, head,
-                      trainable_counts(model, head), weight_bytes(model))
+                      trainable_counts(model, head), weight_bytes(model), forward_attention=forward)
 
 
 def precision(requested: str, device: str) -> str:

@@ -97,11 +97,12 @@ def prepare(ctx: RunContext, batches: HeldOut) -> References:
     data, size, pad_id = ctx.run.data, ctx.train.batch_size, ctx.run.pad_id
     ctx.method.initialize(ctx.model, ctx.on_device(initial_batches(data.train, size, pad_id)),
                           held_out=ctx.on_device(initial_batches(data.validation, size, pad_id)))
-    test_loss = _base_loss(ctx, batches.test) if task_kind(data.kind).generates else None
-    forgetting_loss = _base_loss(ctx, batches.forgetting)
-    completions = _base_completions(ctx) if ctx.run.prompts and distributed.is_main() else None
-    wanted = ctx.run.config.eval.benchmarks
-    scored = _base_benchmarks(ctx) if wanted and wanted.base and benchmarks_apply(ctx) else None
+    with ctx.forward_only():
+        test_loss = _base_loss(ctx, batches.test) if task_kind(data.kind).generates else None
+        forgetting_loss = _base_loss(ctx, batches.forgetting)
+        completions = _base_completions(ctx) if ctx.run.prompts and distributed.is_main() else None
+        wanted = ctx.run.config.eval.benchmarks
+        scored = _base_benchmarks(ctx) if wanted and wanted.base and benchmarks_apply(ctx) else None
     return References(test_loss, forgetting_loss, completions, scored)
 
 

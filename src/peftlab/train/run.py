@@ -124,7 +124,8 @@ def _run_phases(ctx: RunContext) -> RunResult:
         held_out = phases.held_out(ctx)
         references = phases.prepare(ctx, held_out)
         trained = phases.train(ctx, held_out)
-        metrics, measured = _after_training(ctx, held_out, references, trained)
+        with ctx.forward_only():
+            metrics, measured = _after_training(ctx, held_out, references, trained)
     failure = trained.loop.failure or non_finite(metrics)
     result = RunResult(
         status="failed" if failure else "stopped" if trained.loop.stopped else "done",
@@ -138,7 +139,7 @@ def _run_phases(ctx: RunContext) -> RunResult:
         data={"train": len(run.data.train), "validation": len(run.data.validation), "test": len(run.data.test),
               "dropped": run.data.dropped, "truncated": run.data.truncated, "labels": run.data.labels,
               "kind": run.data.kind, **_benchmark_versions(measured)},
-        environment=_environment(ctx.accelerator, ctx.model),
+        environment=_environment(ctx.accelerator, ctx.model, ctx.forward_attention),
         inputs=run.inputs,
         config=run.config.model_dump(mode="json", by_alias=True),
     )
@@ -226,7 +227,7 @@ def non_finite(metrics: dict[str, dict[str, Any]]) -> str | None:
     return None
 
 
-def _environment(accelerator: Accelerator, model) -> dict[str, Any]:
+def _environment(accelerator: Accelerator, model, forward_attention: str | None = None) -> dict[str, Any]:
     """The machine and versions a run used (recorded, not part of what decides reuse)."""
     from peftlab.provenance import device_identity, versions
 
@@ -240,7 +241,8 @@ def _environment(accelerator: Accelerator, model) -> dict[str, Any]:
         **{name: found[name] for name in ("torch", "transformers", "peft")},
         "versions": found,
         "model_commit": getattr(getattr(unwrap(model), "config", None), "_commit_hash", None),  # a Hub model's
-        "attn_implementation": attention_kernel(model),
+        "attn_implementation": attention_kernel(model),  # training's; evaluation's and generation's:
+        "attn_implementation_forward": forward_attention or attention_kernel(model),
         "mixed_precision": accelerator.mixed_precision,
         "processes": accelerator.num_processes,  # data parallel: train.batch_size is the global batch
     }
