@@ -49,12 +49,13 @@ class ModelSpec(Spec):
     """Set every dropout probability of the model (hidden, attention, classifier) to this value; default:
     the model's own. 0 lets the prefix cache skip the frozen lower layers without changing the result."""
     attn_implementation: Annotated[Literal["auto", "sdpa", "eager", "flash_attention_2"], added_with("auto")] = "auto"
-    """The attention kernel (transformers' `attn_implementation`). auto: eager on a CPU under bf16 autocast, where
-    torch's fused attention kernel can run its backward pass several times slower than in fp32 (at MiniLM's
-    32-wide heads: 18 ms against 4 ms per call; eager makes MiniLM's training step 1.5x as fast and Gemma 3 270M's
-    no slower: `benchmarks/attention.py`); elsewhere transformers' default (sdpa where the model has it).
-    flash_attention_2 needs a CUDA GPU and the flash-attn package. The kernel a run used is in its result
-    (`environment.attn_implementation`)."""
+    """The attention kernel (transformers' `attn_implementation`). auto: on a CPU under bf16 autocast, eager for
+    training, where torch's fused attention kernel can run its backward pass several times slower than in fp32 (at
+    MiniLM's 32-wide heads: 18 ms against 4 ms per call; eager makes MiniLM's training step 1.5x as fast and Gemma 3
+    270M's no slower: `benchmarks/attention.py`), and sdpa for evaluation, generation and timing (forward only);
+    elsewhere transformers' default (sdpa where the model has it).
+    flash_attention_2 needs a CUDA GPU and the flash-attn package. The kernels a run used are in its result
+    (`environment.attn_implementation`, and `attn_implementation_forward` for its forward-only phases)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -70,7 +70,7 @@ class RunContext:
     def forward_only(self) -> Iterator[None]:
         """Evaluation, generation and timing (no backward pass): with `forward_attention` where it is set (auto
         trains with eager attention on a CPU under bf16 for its backward pass; its forward passes keep
-        transformers' sdpa, as fast there and faster in generation), then back to the training's kernel."""
+        transformers' sdpa, whose fused kernel is slow only in its backward pass), then back to the training's kernel."""
         model, training = unwrap(self.model), attention_kernel(self.model)
         if self.forward_attention is None or training == self.forward_attention:
             yield
