@@ -68,8 +68,7 @@ def _check_before_reading(config: RunConfig) -> None:
         check_backends(config.tracking)
     device = choose_device(config.train.device)
     make_method(config.method).check_device(device)  # before any data is read
-    if config.model.attn_implementation == "flash_attention_2":
-        attention_implementation("flash_attention_2", device, "")
+    attention_implementation(config.model.attn_implementation, device, "")  # refuses a kernel this machine lacks
     for field in ("checkpoint_every", "stop_at"):  # both save a checkpoint to resume from
         if getattr(config.train, field) and not METHODS[config.method.name].resumable:
             raise PeftlabError(f"train.{field}: method {config.method.name} keeps training state that a checkpoint "

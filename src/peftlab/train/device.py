@@ -68,8 +68,9 @@ def attention_implementation(requested: str, device: str, mixed: str) -> str | N
     """transformers' `attn_implementation` for `model.attn_implementation` on `device` at accelerate's `mixed`
     precision; None leaves transformers' default (sdpa where the model has it, else eager).
 
-    auto is eager on a CPU under bf16 autocast: torch's CPU flash-attention kernel (what sdpa runs there) takes
-    several times longer for its bf16 backward pass than for its fp32 one (`benchmarks/attention.py`)."""
+    auto trains with eager attention on a CPU under bf16 autocast: torch's CPU flash-attention kernel (what sdpa
+    runs there) can take several times longer for its bf16 backward pass than for its fp32 one
+    (`benchmarks/attention.py`); the run's forward-only phases switch back to sdpa (`RunContext.forward_only`)."""
     if requested == "flash_attention_2":
         if device != "cuda":
             raise PeftlabError(f"model.attn_implementation: flash_attention_2 needs a CUDA GPU (this run is on {device}); "
