@@ -444,6 +444,8 @@ def test_a_study_whose_data_changed_under_it_refuses_or_reruns_never_reuses(tmp_
 
     provenance = "\n".join(analyze(study_dir).provenance)
     assert "peftlab 0.1.0" in provenance and "Packages: torch 2.13.0" in provenance and "Device: cpu" in provenance
+    kernel = json.loads(again.rows()[0]["result"])["environment"]["attn_implementation"]
+    assert kernel and f"Arithmetic: fp32, {kernel} attention." in provenance
     assert f"Input task.path: {json.loads(again.rows()[0]['result'])['inputs']['task.path']}." in provenance
 
 
@@ -577,3 +579,18 @@ def test_runs_stopped_at_a_rung_an_edited_spec_no_longer_has_go_on():
     configs = {"r0": {"train": {"lr": 1e-3, "stop_at": 0.25}}, "r1": {"train": {"lr": 3e-3, "stop_at": 0.5}}}
     assert halving(TuneSpec(lr=[1e-3, 3e-3], rungs=[0.5]), Snapshot(rows, configs, {}))["all"].promote == {"r0": 0.5}
     assert halving(TuneSpec(lr=[1e-3, 3e-3]), Snapshot(rows, configs, {}))["all"].promote == {"r0": None}
+
+
+def test_provenance_names_the_arithmetic_and_where_runs_differ_in_it():
+    from peftlab.analysis.provenance import provenance_lines
+
+    def row(kernel, forward):
+        return {"environment.versions.peftlab.version": "0.1.0", "environment.device": "cpu",
+                "environment.mixed_precision": "bf16", "environment.attn_implementation": kernel,
+                "environment.attn_implementation_forward": forward}
+
+    lines = provenance_lines([row("eager", "sdpa"), row("eager", "sdpa"), row("sdpa", "sdpa")])
+    assert ("Arithmetic: bf16 autocast, eager attention in training and sdpa in evaluation and generation (2 runs); "
+            "bf16 autocast, sdpa attention (1 runs).") in lines
+    older = {k: v for k, v in row("sdpa", None).items() if "attn" not in k}
+    assert "Arithmetic: bf16 autocast, attention kernel not recorded." in provenance_lines([older])

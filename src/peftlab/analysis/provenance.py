@@ -28,6 +28,7 @@ def provenance_lines(runs: list[dict[str, Any]]) -> list[str]:
                 for name in PACKAGES if any(r.get(f"environment.versions.{name}") for r in recorded)]
     lines.append("Packages: " + ", ".join(packages) + ".")
     lines.append("Device: " + _counted(recorded, _device) + ".")
+    lines.append("Arithmetic: " + _counted(recorded, _arithmetic) + ".")
     fields = sorted({k.removeprefix("inputs.") for r in recorded for k in r if k.startswith("inputs.")})
     for field in fields:
         lines.append(f"Input {field}: {_counted(recorded, lambda r, f=field: str(r.get(f'inputs.{f}')))}.")
@@ -39,6 +40,18 @@ def _device(row: dict[str, Any]) -> str:
     if row.get("environment.gpu"):
         device += f" ({row['environment.gpu']}, CUDA {row.get('environment.cuda')}, driver {row.get('environment.driver')})"
     return f"{device}, {row.get('environment.threads')} threads on {row.get('environment.cpus')} CPUs"
+
+
+def _arithmetic(row: dict[str, Any]) -> str:
+    """The precision and attention kernels a run computed with (runs of an older peftlab recorded no kernel)."""
+    precision = row.get("environment.mixed_precision")
+    text = "fp32" if precision in (None, "no") else f"{precision} autocast"
+    training, forward = row.get("environment.attn_implementation"), row.get("environment.attn_implementation_forward")
+    if training is None:
+        return text + ", attention kernel not recorded"
+    if forward in (None, training):
+        return f"{text}, {training} attention"
+    return f"{text}, {training} attention in training and {forward} in evaluation and generation"
 
 
 def _counted(rows: list[dict[str, Any]], value) -> str:
