@@ -445,7 +445,8 @@ def _degenerate_limits(analysis: Analysis) -> list[str]:
            else "included in the statistics; `--exclude-degenerate` leaves them out")
     names = ", ".join(f"{c.label} ({len(c.degenerate)})" for c in flagged)
     meaning = ("They answer the benchmark no better than always giving one answer would"
-               if blind(r for c in flagged for r in c.degenerate.values()) else "They measure a training failure (often the learning rate), not the configuration")
+               if blind(r for c in flagged for r in c.degenerate.values())
+               else "They measure a training failure (often the learning rate), not the configuration")
     return [f"{count} degenerate run(s), {how}: {names}. {meaning}; see the list of degenerate runs."]
 
 

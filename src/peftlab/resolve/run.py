@@ -21,7 +21,7 @@ from peftlab.specs import RunConfig
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
 from peftlab.train.benchmarks import check_tasks
-from peftlab.train.device import attention_implementation, choose_device
+from peftlab.train.device import check_attention, choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
 from peftlab.train.tracking import check_backends
@@ -68,7 +68,7 @@ def _check_before_reading(config: RunConfig) -> None:
         check_backends(config.tracking)
     device = choose_device(config.train.device)
     make_method(config.method).check_device(device)  # before any data is read
-    attention_implementation(config.model.attn_implementation, device, "")  # refuses a kernel this machine lacks
+    check_attention(config.model.attn_implementation, device)
     for field in ("checkpoint_every", "stop_at"):  # both save a checkpoint to resume from
         if getattr(config.train, field) and not METHODS[config.method.name].resumable:
             raise PeftlabError(f"train.{field}: method {config.method.name} keeps training state that a checkpoint "

@@ -71,17 +71,22 @@ def attention_implementation(requested: str, device: str, mixed: str) -> str | N
     auto trains with eager attention on a CPU under bf16 autocast: torch's CPU flash-attention kernel (what sdpa
     runs there) can take several times longer for its bf16 backward pass than for its fp32 one
     (`benchmarks/attention.py`); the run's forward-only phases switch back to sdpa (`RunContext.forward_only`)."""
-    if requested == "flash_attention_2":
-        if device != "cuda":
-            raise PeftlabError(f"model.attn_implementation: flash_attention_2 needs a CUDA GPU (this run is on {device}); "
-                               "use auto, sdpa or eager")
-        if importlib.util.find_spec("flash_attn") is None:
-            raise PeftlabError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
-                               "(pip install flash-attn); use auto, sdpa or eager")
-        return requested
+    check_attention(requested, device)
     if requested == "auto":
         return "eager" if device == "cpu" and mixed == "bf16" else None
     return requested
+
+
+def check_attention(requested: str, device: str) -> None:
+    """Refuses a kernel this machine cannot run (flash_attention_2 needs CUDA and the flash-attn package)."""
+    if requested != "flash_attention_2":
+        return
+    if device != "cuda":
+        raise PeftlabError(f"model.attn_implementation: flash_attention_2 needs a CUDA GPU (this run is on {device}); "
+                           "use auto, sdpa or eager")
+    if importlib.util.find_spec("flash_attn") is None:
+        raise PeftlabError("model.attn_implementation: flash_attention_2 needs the flash-attn package "
+                           "(pip install flash-attn); use auto, sdpa or eager")
 
 
 def cpu_has_bf16() -> bool:
