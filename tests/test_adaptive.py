@@ -14,8 +14,9 @@ from peftlab.studies.grid import seeds_of
 from peftlab.studies.simulate import simulate_study
 
 
-def spec(minimum=3, maximum=12, step=1):
-    return validate(StudySpec, {"name": "s", "seeds": {"min": minimum, "max": maximum, "step": step}}, "test")
+def spec(minimum=3, maximum=12, step=1, futility=0.1):
+    return validate(StudySpec, {"name": "s", "seeds": {"min": minimum, "max": maximum, "step": step,
+                                                       "futility": futility}}, "test")
 
 
 def test_the_looks_are_planned_in_advance():
@@ -27,7 +28,7 @@ def test_the_looks_are_planned_in_advance():
 
 
 def test_seeds_go_only_to_unresolved_comparisons_and_stop_at_the_maximum():
-    s = spec(3, 5, 1)
+    s = spec(3, 5, 1, futility=0)  # the noisy comparison would stop for futility (below)
     base = {0: 0.80, 1: 0.82, 2: 0.78}
     quality = {
         "base": base,
@@ -43,6 +44,10 @@ def test_seeds_go_only_to_unresolved_comparisons_and_stop_at_the_maximum():
     assert next_counts(quality, "base", verdicts, s) == {"base": 4, "clear": 3, "same": 4, "noisy": 4}
     at_max = {label: {**values, 3: values[0], 4: values[1]} for label, values in quality.items()}
     assert next_counts(at_max, "base", verdicts, s) == {label: 5 for label in quality}  # the maximum: no more
+    # with futility: differences of ±0.05 cannot settle ±0.01 in two more seeds, so no more for noisy
+    verdicts = outcomes(quality, "base", 0.01, True, study_design(spec(3, 5, 1)))
+    assert verdicts == {"clear": "better", "same": "unresolved", "noisy": "futile"}
+    assert next_counts(quality, "base", verdicts, s) == {"base": 4, "clear": 3, "same": 4, "noisy": 3}
 
 
 def error_rate(s, differences, studies, margin=0.02, seed=0, **options):
@@ -107,3 +112,45 @@ def test_plain_p_values_at_every_look_inflate_false_positives():
     naive = Design((12,))  # a fixed design's plain p-values, applied at every look
     false_difference, _, _ = error_rate(s, [0.0] * 3, 400, margin=0.01, seed=1, design=naive)
     assert false_difference > 0.08
+
+
+def test_the_chance_of_resolving_reads_the_demo_s_first_look():
+    from scipy import stats
+
+    from peftlab.analysis.futility import DRAWS, resolve_chance
+
+    design = Design((3, 6), step=3, futility=0.1)
+    upper, ffn = [-0.029, 0.023, 0.011], [0.008, 0.006, -0.001]  # paired differences from `all` at 3 seeds
+    assert resolve_chance(upper, design, 0.02) < 0.1 < 0.5 < resolve_chance(ffn, design, 0.02)
+    assert resolve_chance(upper, design, 0.02) == resolve_chance(upper, design, 0.02)  # seeded: one decision
+    assert resolve_chance([0.01], design, 0.02) is None and resolve_chance([0.01, 0.01, 0.01], design, 0.02) is None
+    assert resolve_chance(upper + [0.0] * 3, design, 0.02) is None  # at the last look there is nothing to predict
+    # the same draws judged with p-values (not critical values): the same share
+    rng, n, d = np.random.default_rng(0), 3, np.array(ffn)
+    sigma = d.std(ddof=1) * np.sqrt((n - 1) / rng.chisquare(n - 1, DRAWS))
+    mu = rng.normal(d.mean(), sigma / np.sqrt(n))
+    x = np.concatenate([np.broadcast_to(d, (DRAWS, n)), rng.normal(mu[:, None], sigma[:, None], (DRAWS, 3))], axis=1)
+    mean, se = x.mean(1), x.std(1, ddof=1) / np.sqrt(6)
+    p = 2 * stats.t.sf(np.abs(mean / se), 5)
+    tost = np.maximum(stats.t.sf((mean + 0.02) / se, 5), stats.t.sf((0.02 - mean) / se, 5))
+    expected = np.mean((p <= design.level()) | (tost <= design.level(sided=1)))
+    assert resolve_chance(ffn, design, 0.02) == pytest.approx(expected, abs=1e-9)
+
+
+def test_futility_saves_seeds_keeps_the_error_rates_and_costs_little_power():
+    # the same simulated studies (one seed of the generator) with and without futility; the demo's design
+    # (looks at 3 and 6, margin 0.02) with a paired spread like its own (about 0.02 per seed)
+    def run(futility, differences, studies=400):
+        rng = np.random.default_rng(7)
+        results = [simulate_study(rng, spec(3, 6, 3, futility), differences, 0.02, seed_sd=0.03, noise_sd=0.015)
+                   for _ in range(studies)]
+        return (np.mean([r.false_difference for r in results]), np.mean([r.false_equivalence for r in results]),
+                np.mean([r.runs for r in results]), np.mean([r.resolved for r in results]) / len(differences))
+
+    for differences in ([0.0] * 3, [0.02] * 3, [0.01, 0.03, 0.05]):
+        (fd_on, fe_on, runs_on, resolved_on), (fd_off, fe_off, runs_off, resolved_off) = (
+            run(0.1, differences), run(0.0, differences))
+        assert fd_on <= fd_off and fe_on <= fe_off + 0.01  # never more false verdicts than without
+        assert at_most(fd_on, 0.05, 400) and at_most(fe_on, 0.05, 400)
+        assert runs_on < runs_off  # seeds saved
+        assert resolved_on >= resolved_off - 0.03  # at most 3 points of resolved comparisons lost

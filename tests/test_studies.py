@@ -287,13 +287,57 @@ def test_a_configuration_whose_every_rate_failed_records_why(data_file, tmp_path
     assert "every learning rate of the grid failed (0.001, 0.01)" in main[0]["error"]
 
 
+def test_a_configuration_that_collapsed_at_every_rate_gets_no_seed_runs_and_the_report_says_so(data_file, tmp_path):
+    """ffn predicts one class at every rate: no seed runs, and the report has its row without a verdict. The
+    baseline collapsed too but keeps its seed runs (every comparison needs it); attention, whose 1e-3 run is only
+    within noise of the majority class on validation (a statistical finding, not a collapse), keeps them too."""
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import main_table, verdict_note, write_report
+    from peftlab.studies.runner import add_runs, open_study
+
+    spec = tiny_spec(data_file, tune={"lr": [1e-3, 1e-2], "seeds": [7]},
+                     axes={"placement": {"all": "all", "attention": "attention", "ffn": "ffn"}})
+    study = tmp_path / "study"
+    store, _ = open_study(spec, study)
+    for row in store.rows():
+        within_noise = row["label"] == "placement=attention" and json.loads(row["config"])["train"]["lr"] == 1e-3
+        validation = {"accuracy": 0.62 if within_noise else 0.6, "predicted_classes": 2 if within_noise else 1,
+                      "majority_rate": 0.6, "count": 16}
+        store.mark_running(row["id"], None)
+        store.finish(row["id"], "done", {"status": "done", "metrics": {"validation": validation},
+                                         "cost": {"trainable_params": 96, "base_params": 9600},
+                                         "data": {"kind": "classification"}}, None)
+    add_runs(spec, store, study)
+    main = [r for r in store.rows() if r["phase"] == "main"]
+    assert sorted({r["label"] for r in main}) == ["placement=all", "placement=attention"] and len(main) == 4
+    for row in main:
+        finish(store, row["id"], validation=0.7, test=0.7 + 0.01 * row["seed"])
+    analysis = analyze(study)
+    assert [n.label for n in analysis.not_run] == ["placement=ffn"]
+    reason = analysis.not_run[0].verdict.reason
+    assert reason.startswith("did not train at any rate tried (0.001, 0.01; every tuning run predicts a single class "
+                             "on validation), so no seed runs")
+    row = main_table(analysis)[-1]
+    assert row["configuration"] == "placement=ffn" and row["quality (mean, 95% CI)"] == "not run (no seed runs)"
+    assert row["verdict"] == f"no verdict: {reason}" and row["trainable params (% of base)"] == "96 (1.000%)"
+    assert "No seed runs, so no verdict, for placement=ffn" in verdict_note(analysis)
+    assert "1 comparisons resolved" not in verdict_note(analysis) and "of 2 comparisons" in verdict_note(analysis)
+    assert any(line.startswith("No seed runs for placement=ffn") for line in analysis.limits)
+    _, written = write_report(study)
+    markdown = written["markdown"].read_text()
+    assert "| placement=ffn | not run (no seed runs) | - | no verdict: did not train at any rate" in markdown
+    assert f"- placement=ffn: no seed runs; it {reason}" in markdown and "placement=ffn" in written["latex"].read_text()
+    with pytest.raises(PeftlabError, match="placement=ffn has none: every tuning run predicts a single class"):
+        analyze(study, baseline="ffn")
+
+
 def test_seed_runs_start_once_their_configuration_is_tuned_and_rounds_wait_for_every_run(data_file, tmp_path):
     """The scheduler gives new runs after every finished one: a configuration's seed runs as soon as its own
     tuning is done (other configurations may still tune); a round of seeds until resolved only once every
     run of the round is done. An executor that records made-up results runs the study without processes."""
     from peftlab.studies import runner
 
-    spec = tiny_spec(data_file, tune={"lr": [1e-3, 1e-2], "seeds": [7]}, seeds={"min": 2, "max": 3})
+    spec = tiny_spec(data_file, tune={"lr": [1e-3, 1e-2], "seeds": [7]}, seeds={"min": 2, "max": 3, "futility": 0})
     known: list[tuple[tuple[str, str], list[tuple[str, str, int]]]] = []
 
     class OneAtATime:
@@ -321,6 +365,9 @@ def test_seed_runs_start_once_their_configuration_is_tuned_and_rounds_wait_for_e
 
 
 def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, tmp_path, cli):
+    from peftlab.records.results import Snapshot
+    from peftlab.records.tuning import not_run
+
     spec = tuned_spec(data_file, seeds=[0])
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(spec.to_yaml())
@@ -328,8 +375,11 @@ def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, t
     assert code == 0 and "lr 0.001, 0.01 x seeds 7" in out and "after 4 tuning runs" in out
     store = run_study(spec, tmp_path / "s", jobs=2, threads=1)
     rows = run_rows(store)
-    assert store.counts() == {"done": 6}
-    assert sorted(r["phase"] for r in rows) == ["main", "main", "tune", "tune", "tune", "tune"]
+    # a configuration whose tuning runs all collapsed gets no seed run (never the baseline, `all`)
+    skipped = set(not_run(Snapshot.of(store), spec.tune))
+    main = {r["label"] for r in rows if r["phase"] == "main"}
+    assert main == {"placement=all", "placement=attention"} - skipped and "placement=all" not in skipped
+    assert store.counts() == {"done": 4 + len(main)} and len([r for r in rows if r["phase"] == "tune"]) == 4
     assert all((r.get("metrics.test.accuracy") is None) == (r["phase"] == "tune") for r in rows)
     assert all(r.get("metrics.validation.accuracy") is not None for r in rows)
     code, out, _ = cli("report", tmp_path / "s")
@@ -342,7 +392,7 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
     from peftlab.studies.runner import add_runs, open_study
 
     spec = tiny_spec(data_file, axes={"placement": {"all": "all", "attention": "attention", "ffn": "ffn"}},
-                     seeds={"min": 2, "max": 4})
+                     seeds={"min": 2, "max": 4, "futility": 0})  # futility: the test below
     study_dir = tmp_path / "study"
     store, added = open_study(spec, study_dir)
     assert added == 6
@@ -368,6 +418,36 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
         {"placement=attention": "worse", "placement=ffn": "unresolved"}
     assert all(math.isnan(c.verdict.detectable) for c in looked.configurations if c.verdict)
     assert not looked.recommendations and not looked.limits
+
+
+def test_a_futile_comparison_gets_no_more_seeds_and_the_report_says_why(data_file, tmp_path):
+    from peftlab.analysis.analyze import analyze, verdict_text
+    from peftlab.analysis.report import verdict_note
+    from peftlab.studies.runner import add_runs, open_study
+
+    spec = tiny_spec(data_file, axes={"placement": {"all": "all", "ffn": "ffn", "attention": "attention"}},
+                     seeds={"min": 3, "max": 6, "step": 3}, margin=0.01)
+    study_dir = tmp_path / "study"
+    store, _ = open_study(spec, study_dir)
+    accuracy = {"placement=all": lambda s: 0.80 + 0.01 * s,
+                "placement=attention": lambda s: 0.80 + 0.01 * s + 0.002 * (-1) ** s,  # may still settle
+                "placement=ffn": lambda s: 0.80 + 0.01 * s + 0.05 * (-1) ** s}  # ±0.05 against a margin of 0.01
+    for _ in range(4):
+        for row in store.rows():
+            if row["status"] == "pending":
+                finish(store, row["id"], validation=0.0, test=accuracy[row["label"]](row["seed"]))
+        add_runs(spec, store, study_dir)
+    seeds = {}
+    for row in store.rows():
+        seeds.setdefault(row["label"], []).append(row["seed"])
+    assert sorted(seeds["placement=ffn"]) == [0, 1, 2]  # futile at the first look: no more seeds
+    assert len(seeds["placement=attention"]) == len(seeds["placement=all"]) == 6
+    analysis = analyze(study_dir)
+    ffn = next(c for c in analysis.configurations if c.label == "placement=ffn")
+    assert ffn.verdict.outcome == "unresolved" and ffn.verdict.futility < 0.1 and ffn.verdict.stopped_at == 3
+    text = verdict_text(ffn.verdict)
+    assert text.startswith("unresolved: stopped at 3 seeds, ") and " chance by 6; detects" in text
+    assert "Futility: placement=ffn got no more seeds" in verdict_note(analysis)
 
 
 def test_the_worker_and_a_recovered_run_store_the_same_result_budget_included(data_file, tmp_path):

@@ -531,7 +531,10 @@ def study_run(
                            f"their steps, {spec.tune.keep:.0%} of the rates going on at each)")
         seeds = f"{len(spec.seeds)} seeds"
         if spec.until_resolved is not None:
-            seeds = f"{len(spec.seeds)} to {spec.until_resolved.max} seeds (more only where a comparison is unresolved)"
+            rounds = spec.until_resolved
+            seeds = (f"{len(spec.seeds)} to {rounds.max} seeds (more only where a comparison is unresolved"
+                     + (f" and its chance of resolving by {rounds.max} is at least {rounds.futility:.0%})"
+                        if rounds.futility else ")"))
         _console().print(f"dry run: {len(previews)} configurations x {seeds}{tuning}, {invalid} invalid; "
                          f"nothing was written ({study_dir})", highlight=False)
         return

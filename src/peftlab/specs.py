@@ -561,6 +561,9 @@ class SeedRounds(Spec):
     """Seeds per configuration at most."""
     step: int = Field(1, ge=1)
     """Seeds added per round to each unresolved configuration."""
+    futility: float = Field(0.1, ge=0, lt=1)
+    """No more seeds for a comparison whose chance of resolving by `max` (its predictive probability, from the seeds
+    so far) is below this: it stays unresolved, and says so (see `analysis.futility`). 0: seeds up to `max`."""
 
 
 class Reference(Spec):
@@ -629,10 +632,11 @@ class StudySpec(Spec):
         seeds = value.get("seeds") if isinstance(value, dict) else None
         if not isinstance(seeds, dict):
             return value
-        unknown = set(seeds) - {"min", "max", "step"}
+        unknown = set(seeds) - {"min", "max", "step", "futility"}
         if unknown or not isinstance(seeds.get("min"), int) or not 2 <= seeds["min"] <= MAX_SEEDS:
-            raise ValueError(f"seeds: a list of seeds, or {{min: 3, max: 12, step: 1}} with 2 <= min <= {MAX_SEEDS}")
-        rounds = {k: seeds[k] for k in ("max", "step") if k in seeds}
+            raise ValueError(f"seeds: a list of seeds, or {{min: 3, max: 12, step: 1, futility: 0.1}} with 2 <= min <= "
+                             f"{MAX_SEEDS}")
+        rounds = {k: seeds[k] for k in ("max", "step", "futility") if k in seeds}
         return {**value, "seeds": list(range(seeds["min"])), "until_resolved": rounds}
 
     @field_validator("axes")

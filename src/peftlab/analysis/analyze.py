@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from peftlab import measures
+from peftlab.analysis.futility import paired_differences, with_futility
 from peftlab.analysis.pareto import pareto_front
 from peftlab.analysis.provenance import provenance_lines
 from peftlab.analysis.references import ReferenceRow, reference_rows
@@ -29,9 +30,9 @@ from peftlab.errors import PeftlabError
 from peftlab.measures import COST_BY_NAME, COSTS, format_p
 from peftlab.records.degenerate import blind, checkable, degenerate_reason
 from peftlab.records.halving import tuning_steps
-from peftlab.records.results import Snapshot, primary_metric
+from peftlab.records.results import Snapshot, default_baseline, primary_metric
 from peftlab.records.store import open_existing, run_dir
-from peftlab.records.tuning import RateChoice, rate_choices
+from peftlab.records.tuning import RateChoice, not_run, rate_choices
 from peftlab.specs import TuneSpec
 from peftlab.train.result import read_samples
 
@@ -81,6 +82,16 @@ class Configuration:
         return not self.degenerate or any(r["seed"] not in self.degenerate for r in self.runs)
 
 
+@dataclass(frozen=True)
+class NotRun:
+    """A configuration without seed runs: every tuning run collapsed on validation (`records.tuning.not_run`)."""
+
+    label: str
+    verdict: Verdict  # no verdict, and why
+    trainable: float | None  # its trainable and base parameters, from its tuning runs
+    base: float | None
+
+
 @dataclass
 class Analysis:
     name: str
@@ -104,27 +115,23 @@ class Analysis:
     samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # label -> completions of its first seed
     provenance: list[str] = field(default_factory=list)  # versions, device and inputs of the compared runs
     references: list[ReferenceRow] = field(default_factory=list)  # published results beside the study's
+    not_run: list[NotRun] = field(default_factory=list)  # configurations that got no seed runs (no verdict)
 
 
-def _is_uniform_all_lora(config: dict[str, Any]) -> tuple[bool, float]:
-    plan, method = config.get("plan", {}), config.get("method", {})
-    placement = plan.get("placement", {})
-    allocation = plan.get("allocation", {})
-    default = (placement.get("roles") in (None, "all") and placement.get("layers") == "all"
-               and not placement.get("modules") and allocation.get("kind") == "uniform" and method.get("name") == "lora"
-               and method.get("init", "default") == "default")
-    return default, allocation.get("rank", math.inf)
-
-
-def choose_baseline(configurations: list[Configuration], label: str | None) -> Configuration:
-    """The named configuration, else the study's all-placement / uniform-rank LoRA (smallest rank)."""
+def choose_baseline(configurations: list[Configuration], label: str | None, skipped: dict[str, str] | None = None
+                    ) -> Configuration:
+    """The named configuration, else the study's all-placement / uniform-rank LoRA (smallest rank). `skipped`:
+    configurations without seed runs (label -> how their tuning runs collapsed), named when `label` is one."""
     if label is not None:
         for c in configurations:
             if c.label == label or c.label.split("=", 1)[-1] == label:
                 return c
-        raise PeftlabError(f"--baseline {label!r}: no such configuration; valid: {', '.join(c.label for c in configurations)}")
-    candidates = [(rank, i) for i, c in enumerate(configurations) for ok, rank in [_is_uniform_all_lora(c.config)] if ok]
-    return configurations[min(candidates)[1]] if candidates else configurations[0]
+        missing = next((f" ({name} has none: every tuning run {how} on validation)" for name, how in (skipped or {}).items()
+                        if label in (name, name.split("=", 1)[-1])), "")
+        raise PeftlabError(f"--baseline {label!r}: no such configuration with seed runs{missing}; valid: "
+                           f"{', '.join(c.label for c in configurations)}")
+    chosen = default_baseline({c.label: c.config for c in configurations})
+    return next(c for c in configurations if c.label == chosen)
 
 
 def _known_metric(given: str, rows: list[dict[str, Any]]) -> str:
@@ -162,7 +169,8 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     """`analyze` of the stored runs `snapshot` and the study's `spec` (as study.yaml holds it); `study_dir` is read
     only for the report's samples (not with `verdicts_only`)."""
     rows, configs, current = snapshot.rows, snapshot.configs, snapshot.current
-    tuning = rate_choices(snapshot, TuneSpec.model_validate(spec["tune"]) if spec.get("tune") else None)
+    tune = TuneSpec.model_validate(spec["tune"]) if spec.get("tune") else None
+    tuning = rate_choices(snapshot, tune)
     metric = metric or spec.get("metric")
     metric = primary_metric(rows)[0] if metric is None else _known_metric(metric, rows)
     higher = measures.higher_is_better(metric)
@@ -176,7 +184,9 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     if not configurations:
         raise PeftlabError(f"{study_dir}: every finished run is degenerate; nothing is left to compare without them")
     configurations.sort(key=lambda c: (c.costs[cost].mean, c.label))
-    chosen = choose_baseline(configurations, baseline)
+    skipped = {label: how for label, how in (not_run(snapshot, tune) if tune else {}).items()
+               if label not in {r["label"] for r in done}}  # not those with seed runs from before: compared as they are
+    chosen = choose_baseline(configurations, baseline, skipped)
     others = [c for c in configurations if c is not chosen]
     for c in others:
         c.comparison = compare(c.quality, chosen.quality, test)
@@ -191,6 +201,7 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
                         exclude_degenerate, design=design)
     analysis.count_degenerate = count_degenerate
     analysis.tuning, analysis.tuning_steps = tuning, tuning_steps(snapshot)
+    analysis.not_run = [_not_run(label, how, tuning[label], rows, margin) for label, how in skipped.items()]
     if not verdicts_only:
         _add_report_findings(analysis, rows, study_dir)
         analysis.references = reference_rows(analysis, spec.get("references") or {})
@@ -233,8 +244,8 @@ def _judge(chosen: Configuration, others: list[Configuration], margin: float, hi
     clean = [not c.degenerate and not chosen.degenerate for c in judged]
     verdicts = judge([c.comparison for c in judged], margin, higher, design, power_figures=power_figures,
                      pooled_from=clean if any(clean) else None)
-    for c, v in zip(judged, verdicts):
-        c.p_holm, c.verdict = v.p, v
+    for c, v in zip(judged, verdicts):  # an unresolved one with no chance worth more seeds says so
+        c.p_holm, c.verdict = v.p, with_futility(v, paired_differences(c.quality, chosen.quality), design)
     for c in others:
         if c not in judged:
             reason = _not_trained_reason(c, tuning) if not c.trained else _not_trained_reason(chosen, tuning, True)
@@ -288,6 +299,17 @@ def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baselin
         rates = ", ".join(f"{rate:g}" for rate in choice.scores)
         return f"{who} at any rate tried ({rates}): widen the rate grid or train longer"
     return f"{who} (every run degenerate): try other learning rates or more steps"
+
+
+def _not_run(label: str, how: str, choice: RateChoice, rows: list[dict[str, Any]], margin: float) -> NotRun:
+    """A configuration that collapsed at every rate tried (`how`) and so got no seed runs."""
+    rates = ", ".join(f"{rate:g}" for rate in choice.scores)
+    reason = (f"did not train at any rate tried ({rates}; every tuning run {how} on validation), so no seed runs: "
+              "widen the rate grid or train longer")
+    tuned = [r for r in rows if r["phase"] == "tune" and r["label"] == label]
+    trainable, base = (next((r[k] for r in tuned if isinstance(r.get(k), (int, float))), None)
+                       for k in ("cost.trainable_params", "cost.base_params"))
+    return NotRun(label, not_trained(margin, reason), trainable, base)
 
 
 def _design(spec: dict[str, Any], study_dir: Path) -> Design:
@@ -361,8 +383,20 @@ def power_text(v: Verdict) -> str:
     detect = (f"these seeds detect differences of {v.detectable:.4f} or more with 80% power (exact, two-sided "
               f"level {v.alpha:.3g} per look)")
     if v.seeds_needed is None:
-        return f"{detect}; a difference of ±{v.margin:g} is out of reach of any practical number of seeds"
-    return f"{detect}; {v.seeds_needed} seeds would detect ±{v.margin:g}{_beyond_maximum(v)}"
+        return f"{_futility(v)}{detect}; a difference of ±{v.margin:g} is out of reach of any practical number of seeds"
+    return f"{_futility(v)}{detect}; {v.seeds_needed} seeds would detect ±{v.margin:g}{_beyond_maximum(v)}"
+
+
+def _futility(v: Verdict) -> str:
+    """Where seeds stopped for futility: at how many, and the chance of resolving it left."""
+    if v.futility is None:
+        return ""
+    return (f"no more seeds after {v.stopped_at} (a {_chance(v.futility)} chance of resolving by {v.max_seeds}: "
+            "futility); ")
+
+
+def _chance(chance: float) -> str:
+    return "<1%" if 0 < chance < 0.005 else f"{chance:.0%}"
 
 
 def _beyond_maximum(v: Verdict) -> str:
@@ -384,7 +418,9 @@ def verdict_text(v: Verdict) -> str:
     if v.reason:
         return f"unresolved: {v.reason}"
     need = f"{v.seeds_needed} seeds for ±{v.margin:g}" if v.seeds_needed else f"±{v.margin:g} out of reach"
-    return f"unresolved: detects ≥{v.detectable:.4f}; {need}{_beyond_maximum(v)}"
+    stopped = (f"stopped at {v.stopped_at} seeds, {_chance(v.futility)} chance by {v.max_seeds}; "
+               if v.futility is not None else "")
+    return f"unresolved: {stopped}detects ≥{v.detectable:.4f}; {need}{_beyond_maximum(v)}"
 
 
 def limits(analysis: Analysis, rows: list[dict[str, Any]]) -> list[str]:
@@ -434,12 +470,15 @@ def _tuning_limit(analysis: Analysis) -> str:
 def _degenerate_limits(analysis: Analysis) -> list[str]:
     flagged = [c for c in analysis.configurations if c.degenerate]
     unchecked = [c.label for c in analysis.configurations if not any(checkable(r) for r in c.runs)]
+    skipped = ([f"No seed runs for {', '.join(n.label for n in analysis.not_run)}: each of its tuning runs collapsed on "
+                "validation, at every rate tried (see the degenerate runs)."] if analysis.not_run else [])
     if unchecked and not flagged:
         return [f"Degenerate runs not checked for {', '.join(unchecked)}: their runs did not record predicted "
-                "classes, the majority rate or the base model's loss (an older peftlab); run them again to check."]
+                "classes, the majority rate or the base model's loss (an older peftlab); run them again to check.",
+                *skipped]
     if not flagged:
-        return ["No degenerate runs: every classifier predicts more than one class and beats the majority class "
-                "beyond noise, and every causal LM ends below its base model's loss."]
+        return skipped or ["No degenerate runs: every classifier predicts more than one class and beats the majority "
+                           "class beyond noise, and every causal LM ends below its base model's loss."]
     count = sum(len(c.degenerate) for c in flagged)
     how = ("left out of the statistics (--exclude-degenerate)" if analysis.exclude_degenerate
            else "included in the statistics; `--exclude-degenerate` leaves them out")
@@ -447,7 +486,7 @@ def _degenerate_limits(analysis: Analysis) -> list[str]:
     meaning = ("They answer the benchmark no better than always giving one answer would"
                if blind(r for c in flagged for r in c.degenerate.values())
                else "They measure a training failure (often the learning rate), not the configuration")
-    return [f"{count} degenerate run(s), {how}: {names}. {meaning}; see the list of degenerate runs."]
+    return [f"{count} degenerate run(s), {how}: {names}. {meaning}; see the list of degenerate runs.", *skipped]
 
 
 def _convergence_limits(analysis: Analysis) -> list[str]:

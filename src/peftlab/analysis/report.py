@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from peftlab.analysis.analyze import Analysis, analyze, metric_name, verdict_text
+from peftlab.analysis.analyze import Analysis, NotRun, analyze, metric_name, verdict_text
 from peftlab.analysis.figures import make_figures
 from peftlab.analysis.references import HEADER as REFERENCE_HEADER
 from peftlab.analysis.stats import CONSTANT
@@ -61,7 +61,18 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             **{f"{name} (mean, 95% CI)": _summary_cell(c.every_metric[key], analysis.interval)
                for name, key in secondary_metrics(analysis).items()},
         })
-    return rows
+    return rows + [_not_run_row(n, columns(analysis)) for n in analysis.not_run]
+
+
+def _not_run_row(n: NotRun, names: list[str]) -> dict[str, str]:
+    """The main table's row of a configuration without seed runs: its verdict (none) and its size."""
+    row = dict.fromkeys(names, "-")
+    row.update({"configuration": n.label, "quality (mean, 95% CI)": "not run (no seed runs)",
+                "verdict": verdict_text(n.verdict)})
+    if n.trainable and n.base:
+        row["trainable params (% of base)"] = f"{n.trainable:,.0f} ({100 * n.trainable / n.base:.3f}%)"
+        row["parameter reduction"] = f"{n.base / n.trainable:,.0f}×"
+    return row
 
 
 def _degenerate_count(c) -> str:
@@ -164,6 +175,7 @@ def degenerate_lines(analysis: Analysis) -> list[str]:
     """One line per degenerate run, or one saying there is none."""
     lines = [f"{c.label}, seed {seed}: {reason}" for c in analysis.configurations
              for seed, reason in sorted(c.degenerate.items())]
+    lines += [f"{n.label}: no seed runs; it {n.verdict.reason}" for n in analysis.not_run]
     return lines or ["None."]
 
 
@@ -193,7 +205,7 @@ def _test_note(analysis: Analysis) -> str:
 def verdict_note(analysis: Analysis) -> str:
     """What the verdicts mean for this study's design: each family's guarantee, the levels after Holm, the
     power figures' level, and which configurations got no verdict."""
-    verdicts = [c.verdict for c in analysis.configurations if c.verdict]
+    verdicts = [c.verdict for c in analysis.configurations if c.verdict] + [n.verdict for n in analysis.not_run]
     judged = [v for v in verdicts if v.outcome != "not trained"]
     design, k, alpha, m = analysis.design, len(judged), analysis.design.alpha, analysis.margin
     resolved = sum(v.outcome not in ("unresolved", "not trained") for v in verdicts)
@@ -219,7 +231,20 @@ def verdict_note(analysis: Analysis) -> str:
             f"{k} comparison(s) needs) and the seeds that would detect ±{m:g}. {resolved} of {len(verdicts)} "
             f"comparisons resolved."
             + (f" No verdict for {', '.join(untrained)}: every run degenerate (`peftlab report --count-degenerate` "
-               "compares them anyway)." if untrained else ""))
+               "compares them anyway)." if untrained else "")
+            + (f" No seed runs, so no verdict, for {', '.join(n.label for n in analysis.not_run)}: every tuning run "
+               "collapsed on validation at every rate tried." if analysis.not_run else "")
+            + _futility_note(analysis, judged))
+
+
+def _futility_note(analysis: Analysis, verdicts: list) -> str:
+    """Which comparisons stopped getting seeds for futility, and what that rule does and does not change."""
+    stopped = [c.label for c in analysis.configurations if c.verdict and c.verdict.futility is not None]
+    if not stopped:
+        return ""
+    return (f" Futility: {', '.join(stopped)} got no more seeds, since the predictive probability of resolving by "
+            f"the last look ({analysis.design.max_seeds} seeds) was below {analysis.design.futility:.0%}; stopping early "
+            "never raises either family's error rate (the looks stay as planned), it can only cost power.")
 
 
 REPRODUCE = ("To reproduce: install the peftlab version (or commit) and packages below, then run the study spec "

@@ -54,6 +54,7 @@ class Design:
     alpha: float = ALPHA
     step: int = 0  # seeds added per round (0: a fixed design)
     simulations: int = SIMULATIONS
+    futility: float = 0.0  # no more seeds below this chance of resolving by the last look (`analysis.futility`)
 
     @property
     def sequential(self) -> bool:
@@ -85,7 +86,7 @@ class Design:
         """The same design with another maximum number of seeds (the looks `planned_looks` would give)."""
         first = self.looks[0] if self.looks else maximum
         looks = (*range(first, maximum, self.step), maximum) if self.step and maximum > first else (maximum,)
-        return Design(looks, self.alpha, self.step, simulations)
+        return Design(looks, self.alpha, self.step, simulations, self.futility)
 
 
 FIXED = Design()
@@ -124,8 +125,8 @@ def planned_looks(spec: StudySpec) -> tuple[int, ...]:
 
 def study_design(spec: StudySpec, alpha: float = ALPHA) -> Design:
     """The sequential design of a study: its planned looks at level alpha."""
-    step = spec.until_resolved.step if spec.until_resolved is not None else 0
-    return Design(planned_looks(spec), alpha, step)
+    rounds = spec.until_resolved
+    return Design(planned_looks(spec), alpha, rounds.step if rounds else 0, futility=rounds.futility if rounds else 0.0)
 
 
 @lru_cache(maxsize=16)

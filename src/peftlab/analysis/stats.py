@@ -139,6 +139,8 @@ class Verdict:
     p_equivalence: float = math.nan  # equivalent: the sequential TOST p-value, Holm-corrected over the family
     max_seeds: int | None = None  # the most seeds the study's design gives a comparison (None: not adaptive)
     raise_max_to: int | None = None  # the seeds.max at which the design would reach `seeds_needed`
+    futility: float | None = None  # unresolved with no more seeds: its chance of resolving by the maximum was this
+    stopped_at: int | None = None  # ... at this many paired seeds (`analysis.futility`)
 
 
 def power(difference: float, se: float, df: float, alpha: float) -> float:

@@ -23,14 +23,22 @@ def degenerate_reason(row: dict[str, Any], split: str = "test", benchmark: str |
     never flagged."""
     if benchmark is not None and (reason := _benchmark_reason(row, benchmark)):
         return reason
-    classes = row.get(f"metrics.{split}.predicted_classes")
-    if classes == 1:
-        return "predicts a single class"
-    if row.get(f"metrics.{split}.predicted_values") == 1:
-        return "predicts a single value"
+    if reason := collapse_reason(row, split):
+        return reason
     accuracy, majority, count = (row.get(f"metrics.{split}.{k}") for k in ("accuracy", "majority_rate", "count"))
     if (band := _noise_band(accuracy, majority, count)) is not None:
         return f"accuracy {accuracy:.3f} within noise of the majority class ({majority:.3f} ± {band:.3f})"
+    return None
+
+
+def collapse_reason(row: dict[str, Any], split: str = "test") -> str | None:
+    """The degenerate reasons that are facts about a run rather than statistical findings: one predicted class or
+    value, a diverged loss, a loss not below the base model's (an accuracy within noise of the majority class is
+    not one: on a small split a run that learned a little can look like it); None otherwise."""
+    if row.get(f"metrics.{split}.predicted_classes") == 1:
+        return "predicts a single class"
+    if row.get(f"metrics.{split}.predicted_values") == 1:
+        return "predicts a single value"
     loss, base = row.get(f"metrics.{split}.loss"), row.get(f"metrics.{split}.base_loss")
     if _number(loss) and not math.isfinite(loss):
         return f"diverged (non-finite {split} loss)"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,25 @@ def flat_result(stored: dict[str, Any]) -> dict[str, Any]:
         _flatten(section, written[section], row)
     row["kind"] = result.data.get("kind")
     return row
+
+
+def baseline_rank(config: dict[str, Any]) -> float | None:
+    """The rank of a configuration that can be a study's default baseline (LoRA on every linear layer of every layer
+    at one uniform rank, default initialisation: the smallest rank's is the baseline), None for any other."""
+    plan, method = config.get("plan", {}), config.get("method", {})
+    placement, allocation = plan.get("placement", {}), plan.get("allocation", {})
+    default = (placement.get("roles") in (None, "all") and placement.get("layers") == "all"
+               and not placement.get("modules") and allocation.get("kind") == "uniform" and method.get("name") == "lora"
+               and method.get("init", "default") == "default")
+    return allocation.get("rank", math.inf) if default else None
+
+
+def default_baseline(configs: dict[str, dict[str, Any]]) -> str | None:
+    """Of configurations (label -> config, in the study's order), the default baseline: the uniform all-layer LoRA
+    of the smallest rank, else the first."""
+    ranks = [(rank, i) for i, config in enumerate(configs.values()) if (rank := baseline_rank(config)) is not None]
+    labels = list(configs)
+    return labels[min(ranks)[1]] if ranks else (labels[0] if labels else None)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,10 @@ Only validation metrics are read: the test split, on which the study's verdicts 
 A rate whose runs all failed is never chosen; a choice at either end of the grid is flagged, since a
 better rate may lie beyond it. With `tune.rungs`, rates stopped early by successive halving
 (`records.halving`) are out of the choice, which is made among the rates that trained to the end.
+
+A configuration whose every tuning run collapsed on validation (one predicted class or value, a diverged loss:
+`records.degenerate.collapse_reason`) did not train at any rate of the grid. It gets no seed runs: at the
+tie-break rate they would measure the same failure, and the report says so instead.
 """
 
 from __future__ import annotations
@@ -13,8 +17,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from peftlab.records.degenerate import collapse_reason
 from peftlab.records.halving import halving
-from peftlab.records.results import Snapshot, primary_metric
+from peftlab.records.results import Snapshot, baseline_rank, default_baseline, primary_metric
 from peftlab.specs import TuneSpec
 
 
@@ -27,6 +32,7 @@ class RateChoice:
     # or stopped early)
     complete: bool  # every tuning run has finished (done or failed, or stopped for good at a rung)
     stopped: dict[float, str] = field(default_factory=dict)  # rate -> where successive halving stopped it, and why
+    untrained: str | None = None  # every tuning run collapsed on validation: how (then no seed runs)
 
     @property
     def rate(self) -> float | None:
@@ -76,16 +82,45 @@ def rate_choices(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, 
         complete = (plan is None or plan.decided and not plan.promote) and all(
             run["status"] in ("done", "failed") or (run["status"] == "stopped" and rates[run["id"]] in stopped)
             for run in runs)
-        choices[label] = RateChoice(label, metric, higher, scores, complete, dict(stopped))
+        choices[label] = RateChoice(label, metric, higher, scores, complete, dict(stopped),
+                                    _untrained(runs) if complete else None)
     return choices
 
 
+def _untrained(runs: list[dict]) -> str | None:
+    """How every one of a configuration's finished tuning runs collapsed on validation (the commonest reason), or
+    None where one did not, or failed."""
+    reasons = [collapse_reason(run, split="validation") if run["status"] in ("done", "stopped") else None
+               for run in runs]
+    if not reasons or not all(reasons):
+        return None
+    return max(sorted(set(reasons)), key=reasons.count)
+
+
 def chosen_rates(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, float | str]:
-    """Label -> the chosen rate, or why none could be chosen, for configurations whose tuning is complete."""
+    """Label -> the chosen rate, or why none could be chosen, for configurations whose tuning is complete; not
+    those that collapsed at every rate (`RateChoice.untrained`: they get no seed runs, `not_run`)."""
     out: dict[str, float | str] = {}
-    for label, choice in rate_choices(snapshot, tune).items():
-        if not choice.complete:
+    choices = rate_choices(snapshot, tune)
+    skipped = _skipped(snapshot, choices)
+    for label, choice in choices.items():
+        if not choice.complete or label in skipped:
             continue
         out[label] = choice.rate if choice.rate is not None else (
             f"tuning: every learning rate of the grid failed ({', '.join(f'{r:g}' for r in choice.scores)})")
     return out
+
+
+def not_run(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, str]:
+    """Label -> how its tuning runs collapsed, for the configurations that get no seed runs: every tuning run
+    collapsed on validation. Never the study's default baseline (every comparison needs it; where no configuration
+    can be the default by its kind, none is skipped, since the report's fallback is chosen by cost)."""
+    return _skipped(snapshot, rate_choices(snapshot, tune))
+
+
+def _skipped(snapshot: Snapshot, choices: dict[str, RateChoice]) -> dict[str, str]:
+    configs = {r["label"]: snapshot.configs[r["id"]] for r in snapshot.rows if r["phase"] == "tune"}
+    if not any(baseline_rank(config) is not None for config in configs.values()):
+        return {}
+    keep = default_baseline(configs)
+    return {label: c.untrained for label, c in choices.items() if c.untrained and label != keep}

@@ -6,15 +6,17 @@ are fixed in advance (the first seeds, then every `step` more up to `max`), and 
 by its sequential p-value over those looks (`analysis.sequential`), Holm-corrected across the comparisons:
 a study with no true difference declares one at any look with probability at most alpha, whenever it
 stops. Equivalence is a second family with the same guarantee at the margin: sequential TOST p-values,
-Holm-corrected. `tests/test_adaptive.py` checks both by simulating thousands of such studies.
+Holm-corrected. `tests/test_adaptive.py` checks both by simulating thousands of such studies. An unresolved
+comparison with almost no chance of resolving by the maximum gets no more seeds (`analysis.futility`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from peftlab.analysis.futility import FUTILE, paired_differences, with_futility
 from peftlab.analysis.sequential import Design
-from peftlab.analysis.stats import compare, judge
+from peftlab.analysis.stats import Verdict, compare, judge
 from peftlab.errors import PeftlabError
 from peftlab.records.results import Snapshot
 from peftlab.specs import StudySpec
@@ -24,8 +26,8 @@ def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: d
                 have: dict[str, int] | None = None) -> dict[str, int]:
     """Label -> the seeds it should have after this look (`verdicts`: each comparison's outcome at this
     look, from `outcomes`; `have`: the seeds each already has, failed ones included, default the finished
-    ones). A configuration whose comparison is unresolved and below the maximum gets `step` more; the
-    baseline gets as many as the most-seeded configuration, so every comparison stays paired."""
+    ones). A configuration whose comparison is unresolved (not futile) and below the maximum gets `step` more;
+    the baseline gets as many as the most-seeded configuration, so every comparison stays paired."""
     rounds = spec.until_resolved
     counts = {label: len(values) for label, values in quality.items()}
     counts.update({label: n for label, n in (have or {}).items() if label in counts})
@@ -38,10 +40,18 @@ def next_counts(quality: dict[str, dict[int, float]], baseline: str, verdicts: d
 
 def outcomes(quality: dict[str, dict[int, float]], baseline: str, margin: float, higher_is_better: bool,
              design: Design) -> dict[str, str]:
-    """Label -> better | worse | equivalent | unresolved against the baseline at this look."""
+    """Label -> better | worse | equivalent | unresolved | futile (unresolved, no more seeds) against the baseline
+    at this look."""
     others = [label for label in quality if label != baseline]
     comparisons = [compare(quality[label], quality[baseline]) for label in others]
-    return {label: v.outcome for label, v in zip(others, judge(comparisons, margin, higher_is_better, design, False))}
+    verdicts = judge(comparisons, margin, higher_is_better, design, False)
+    return {label: outcome(with_futility(v, paired_differences(quality[label], quality[baseline]), design))
+            for label, v in zip(others, verdicts)}
+
+
+def outcome(verdict: Verdict) -> str:
+    """A verdict's outcome as the seeding reads it: a futile unresolved comparison is `futile`."""
+    return FUTILE if verdict.futility is not None else verdict.outcome
 
 
 def seed_counts(spec: StudySpec, snapshot: Snapshot, study_dir: Path) -> dict[str, int] | None:
@@ -65,6 +75,6 @@ def seed_counts(spec: StudySpec, snapshot: Snapshot, study_dir: Path) -> dict[st
             have[row["label"]] = have.get(row["label"], 0) + 1
     quality = {c.label: c.quality for c in analysis.configurations}
     # the analysis' verdicts: a configuration that did not train (every run degenerate) gets no more seeds
-    verdicts = {c.label: c.verdict.outcome for c in analysis.configurations if c.verdict}
+    verdicts = {c.label: outcome(c.verdict) for c in analysis.configurations if c.verdict}
     return next_counts(quality, analysis.baseline.label, verdicts, spec, have)
 

@@ -25,6 +25,7 @@ class Simulated:
     false_difference: bool  # some configuration with no true difference was called better or worse
     false_equivalence: bool  # some configuration at least `margin` away was called equivalent
     runs: int  # seed runs the study trained (every configuration, the baseline included)
+    resolved: int = 0  # comparisons that ended better, worse or equivalent
 
 
 def simulate_study(rng: np.random.Generator, spec: StudySpec, differences: list[float], margin: float,
@@ -47,5 +48,6 @@ def simulate_study(rng: np.random.Generator, spec: StudySpec, differences: list[
         false_equivalence |= any(v == "equivalent" and abs(truth[label]) >= margin for label, v in verdicts.items())
         following = next_counts(quality, "base", verdicts, spec) if spec.until_resolved else counts
         if following == counts:
-            return Simulated(false_difference, false_equivalence, sum(counts.values()))
+            resolved = sum(v in ("better", "worse", "equivalent") for v in verdicts.values())
+            return Simulated(false_difference, false_equivalence, sum(counts.values()), resolved)
         counts = following
