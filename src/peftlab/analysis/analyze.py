@@ -396,7 +396,8 @@ def _futility(v: Verdict) -> str:
 
 
 def _chance(chance: float) -> str:
-    return "<1%" if 0 < chance < 0.005 else f"{chance:.0%}"
+    """A predictive chance as the report writes it (a share of draws: none of them is not a chance of zero)."""
+    return "<1%" if chance < 0.005 else f"{chance:.0%}"
 
 
 def _beyond_maximum(v: Verdict) -> str:
