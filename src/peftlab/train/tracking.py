@@ -6,6 +6,7 @@ file store (./mlruns), W&B in offline mode unless $WANDB_MODE says otherwise."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import os
 import tempfile
@@ -155,7 +156,8 @@ def log_row(accelerator: Accelerator, row: dict[str, Any]) -> None:
 
 def _log(accelerator: Accelerator, values: dict[str, Any], step: int) -> None:
     """`accelerator.log`; a tracker that fails (a server gone, a full disk) is named in one warning and
-    dropped, so the run goes on and keeps its own result."""
+    dropped, so the run goes on and keeps its own result. Its run is still closed where the client can (an
+    MLflow run left open would be the parent of the next one the process starts)."""
     for tracker in list(accelerator.trackers):
         try:
             tracker.log(values, step=step)
@@ -163,6 +165,8 @@ def _log(accelerator: Accelerator, values: dict[str, Any], step: int) -> None:
             accelerator.trackers.remove(tracker)
             warn(f"tracking: {tracker.name} failed at step {step} and is dropped for the rest of the run "
                  f"({_first_line(exc)}); the run's own files are complete")
+            with contextlib.suppress(Exception):  # best effort: the server may be the thing that failed
+                tracker.finish()
 
 
 def finish_trackers(accelerator: Accelerator) -> None:
