@@ -4,6 +4,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sqlite3
 import subprocess
@@ -235,7 +236,7 @@ def finish(store, run_id, validation, test):
 def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     from peftlab.analysis.analyze import analyze
     from peftlab.records.results import Snapshot
-    from peftlab.records.tuning import chosen_rates, rate_choices
+    from peftlab.records.tuning import chosen_points, rate_choices
     from peftlab.studies.runner import add_runs, open_study
 
     spec = tuned_spec(data_file)
@@ -244,13 +245,13 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     assert added == 4 and {r["phase"] for r in rows} == {"tune"}  # 2 configurations x 2 rates x 1 tuning seed
     assert {json.loads(r["config"])["train"]["seed"] for r in rows} == {7}
     assert all(not json.loads(r["config"])["train"]["evaluate_test"] for r in rows)  # the test split is not read
-    assert chosen_rates(Snapshot.of(store)) == {}  # nothing finished: no seed run yet
+    assert chosen_points(Snapshot.of(store)) == {}  # nothing finished: no seed run yet
     for row in rows:  # validation prefers 1e-3, test would prefer 1e-2
         low = json.loads(row["config"])["train"]["lr"] == 1e-3
         finish(store, row["id"], validation=0.9 if low else 0.7, test=0.6 if low else 0.95)
-    assert chosen_rates(Snapshot.of(store)) == {"placement=all": 1e-3, "placement=attention": 1e-3}
+    assert chosen_points(Snapshot.of(store)) == {"placement=all": (1e-3,), "placement=attention": (1e-3,)}
     choice = rate_choices(Snapshot.of(store))["placement=all"]
-    assert choice.scores == {1e-3: 0.9, 1e-2: 0.7} and choice.at_edge and not choice.undecided
+    assert choice.scores == {(1e-3,): 0.9, (1e-2,): 0.7} and choice.at_edge and not choice.undecided
     assert add_runs(spec, store, tmp_path / "study") == 4  # the seed runs, at the chosen rate
     main = [r for r in store.rows() if r["phase"] == "main"]
     assert {json.loads(r["config"])["train"]["lr"] for r in main} == {1e-3}
@@ -262,6 +263,64 @@ def test_the_learning_rate_is_chosen_on_validation_only(data_file, tmp_path):
     analysis = analyze(tmp_path / "study")
     assert all(c.summary.n == 2 for c in analysis.configurations)  # tuning runs are not results
     assert any("chosen on the validation split" in line and "edge of the grid" in line for line in analysis.limits)
+
+
+def test_tuning_beyond_the_rate_chooses_a_point_of_the_grid_on_validation(data_file, tmp_path):
+    """tune.grid: every rate with every value of each setting (a point); the best point on validation trains the
+    seed runs, and the report names each point."""
+    from peftlab.analysis.analyze import analyze
+    from peftlab.analysis.report import tuning_table
+    from peftlab.records.results import Snapshot
+    from peftlab.records.tuning import chosen_points
+    from peftlab.studies.runner import add_runs, open_study
+
+    spec = tiny_spec(data_file, seeds=[0], tune={"lr": [1e-3, 1e-2], "seeds": [7],
+                                                 "grid": {"train.warmup_ratio": [0.0, 0.1], "train.schedule": ["linear"]}})
+    store, added = open_study(spec, tmp_path / "study")
+    assert added == 8  # 2 configurations x 2 rates x 2 warmups x 1 schedule x 1 tuning seed
+    points = {}
+    for row in store.rows():
+        config = json.loads(row["config"])
+        points[row["id"]] = (config["train"]["lr"], config["train"]["warmup_ratio"], config["train"]["schedule"])
+        assert json.loads(row["axes"])["train.warmup_ratio"] == str(points[row["id"]][1])
+    assert set(points.values()) == {(lr, w, "linear") for lr in (1e-3, 1e-2) for w in (0.0, 0.1)}
+    for row in store.rows():  # validation prefers the small rate with warmup
+        finish(store, row["id"], validation=0.9 if points[row["id"]][:2] == (1e-3, 0.1) else 0.7, test=0.5)
+    # a point is (rate, then the grid's values by path name): train.schedule before train.warmup_ratio
+    assert chosen_points(Snapshot.of(store), spec.tune) == {label: (1e-3, "linear", 0.1)
+                                                           for label in ("placement=all", "placement=attention")}
+    assert add_runs(spec, store, tmp_path / "study") == 2
+    main = [json.loads(r["config"])["train"] for r in store.rows() if r["phase"] == "main"]
+    assert {(t["lr"], t["warmup_ratio"], t["schedule"]) for t in main} == {(1e-3, 0.1, "linear")}
+    for row in store.rows():
+        if row["phase"] == "main":
+            finish(store, row["id"], validation=0.8, test=0.8)
+    analysis = analyze(tmp_path / "study")
+    header, rows = tuning_table(analysis)
+    assert header[1] == "point 1" and rows[0][-1] == "lr 0.001, train.schedule linear, train.warmup_ratio 0.1 (edge of the grid)"
+    assert "lr 0.001, train.schedule linear, train.warmup_ratio 0.1: 0.9000 *" in rows[0]
+    assert analysis.tuning["placement=all"].at_edge  # 1e-3 and 0.1: each at an end of what was tried
+
+
+@pytest.mark.parametrize("grid,message", [
+    ({"plan.placement.layers": ["all"]}, "changes what is compared or measured"),
+    ({"task.max_length": [16, 32]}, "changes what is compared or measured"),
+    ({"model.dropout": [0, "high"]}, "values of one kind"),
+    ({"plan.alpha": [8, 16]}, "is what the study compares (its axis plan.alpha)"),
+    ({"plan.allocation.min": [1, 2]}, "is what the study compares (its axis plan.allocation)"),
+])
+def test_a_grid_that_would_change_the_comparison_is_refused(data_file, grid, message):
+    with pytest.raises(PeftlabError, match=re.escape(message)):
+        tiny_spec(data_file, axes={"alpha": [8, 16], "rank": [2, 4]}, tune={"lr": [1e-3], "grid": grid})
+
+
+def test_a_grid_path_must_name_one_setting(data_file):
+    from peftlab.studies.preview import check_configurations
+
+    spec = tiny_spec(data_file, tune={"lr": [1e-3], "grid": {"plan.alpha": [8, 16]}})
+    with pytest.raises(PeftlabError, match=r"tune.grid: plan.alpha: a run's config holds \{'policy'"):
+        check_configurations(spec)
+    check_configurations(tiny_spec(data_file, tune={"lr": [1e-3], "grid": {"plan.alpha.value": [8, 16]}}))
 
 
 def test_a_tie_over_the_whole_grid_is_named_not_taken_for_a_choice(data_file, tmp_path):
@@ -548,7 +607,7 @@ def test_runs_of_an_older_peftlab_without_fingerprints_are_reused_with_a_note(tm
 def test_the_rate_choice_is_a_function_of_the_stored_rows():
     """Tuning decides from a snapshot of the store's rows: no database, no process."""
     from peftlab.records.results import Snapshot
-    from peftlab.records.tuning import chosen_rates
+    from peftlab.records.tuning import chosen_points
 
     rows, configs = [], {}
     for i, (label, lr, accuracy, status) in enumerate([("a", 1e-3, 0.7, "done"), ("a", 1e-2, 0.9, "done"),
@@ -558,8 +617,8 @@ def test_the_rate_choice_is_a_function_of_the_stored_rows():
         rows.append({"id": str(i), "phase": "tune", "label": label, "status": status, "kind": "classification",
                      "metrics.validation.accuracy": accuracy})
         configs[str(i)] = {"train": {"lr": lr}}
-    chosen = chosen_rates(Snapshot(rows, configs, {}))
-    assert chosen["a"] == 1e-2 and chosen["b"] == 1e-3 and "d" not in chosen  # d: still tuning
+    chosen = chosen_points(Snapshot(rows, configs, {}))
+    assert chosen["a"] == (1e-2,) and chosen["b"] == (1e-3,) and "d" not in chosen  # d: still tuning
     assert chosen["c"] == "tuning: every learning rate of the grid failed (0.001, 0.01)"
 
 
@@ -622,14 +681,33 @@ def test_a_rate_degenerate_at_a_rung_stops_even_when_it_scores_best():
     tune = TuneSpec(lr=[1e-4, 1e-3, 3e-3], rungs=[0.25, 0.5])  # keeps a third
     plan = halving(tune, Snapshot(rows, configs, {}))["all"]
     assert plan.promote == {"r1": 0.5}  # to the next rung
-    assert plan.stopped == {1e-4: "stopped at 25% (0.5500; the best 1 of 3 went on)",
-                            3e-3: "stopped at 25% (predicts a single class)"}
+    assert plan.stopped == {(1e-4,): "stopped at 25% (0.5500; the best 1 of 3 went on)",
+                            (3e-3,): "stopped at 25% (predicts a single class)"}
     assert not plan.decided  # the next rung waits for r1 to reach it
     for row in rows:  # every rate still at the majority class: too early to tell, all go on
         row["metrics.validation.predicted_classes"] = 1
     assert halving(tune, Snapshot(rows, configs, {}))["all"].promote == {"r0": 0.5, "r1": 0.5, "r2": 0.5}
     rows[0]["status"] = "pending"  # a run not at the rung yet: nothing is decided
     assert halving(tune, Snapshot(rows, configs, {}))["all"].promote == {}
+
+
+def test_successive_halving_ranks_the_points_of_a_grid():
+    """With tune.grid a rung compares points (a rate with each grid value), not rates: here one rate and three
+    dropouts; the best point goes on, the others stop, each named by its point."""
+    from peftlab.records.halving import halving
+    from peftlab.records.results import Snapshot
+    from peftlab.specs import TuneSpec
+
+    rows, configs = [], {}
+    for i, (dropout, accuracy) in enumerate([(0.0, 0.61), (0.1, 0.70), (0.2, 0.64)]):
+        rows.append({"id": f"r{i}", "label": "all", "phase": "tune", "status": "stopped", "kind": "classification",
+                     "metrics.validation.accuracy": accuracy, "metrics.validation.predicted_classes": 2})
+        configs[f"r{i}"] = {"train": {"lr": 1e-3, "stop_at": 0.5}, "model": {"dropout": dropout}}
+    tune = TuneSpec(lr=[1e-3], grid={"model.dropout": [0.0, 0.1, 0.2]}, rungs=[0.5])
+    plan = halving(tune, Snapshot(rows, configs, {}))["all"]
+    assert plan.promote == {"r1": None}  # the last rung: on to the end
+    assert plan.stopped == {(1e-3, 0.0): "stopped at 50% (0.6100; the best 1 of 3 went on)",
+                            (1e-3, 0.2): "stopped at 50% (0.6400; the best 1 of 3 went on)"}
 
 
 def test_a_study_database_from_before_successive_halving_takes_stopped_runs(tmp_path):

@@ -525,7 +525,8 @@ def study_run(
         invalid = sum(not p.valid for p in previews)
         tuning = ""
         if spec.tune is not None:
-            tuning = f" after {sum(len(p.rates) for p in previews) * len(spec.tune.seeds)} tuning runs"
+            points = math.prod(len(values) for values in spec.tune.grid.values())  # each rate with every grid point
+            tuning = f" after {sum(len(p.rates) for p in previews) * points * len(spec.tune.seeds)} tuning runs"
             if spec.tune.rungs:
                 tuning += (f" (successive halving: compared at {', '.join(f'{f:.0%}' for f in spec.tune.rungs)} of "
                            f"their steps, {spec.tune.keep:.0%} of the rates going on at each)")
@@ -569,7 +570,10 @@ def _print_preview(spec, previews) -> None:
         table.add_column(column)
     for p in previews:
         what = p.what if p.valid else f"[red]invalid:[/] {p.what}"
-        tuning = [f"lr {', '.join(f'{r:g}' for r in p.rates)} x seeds {', '.join(map(str, spec.tune.seeds))}"] if tuned else []
+        grid = "".join(f" x {path} {', '.join(map(str, values))}" for path, values in sorted(spec.tune.grid.items())) \
+            if tuned else ""
+        tuning = [f"lr {', '.join(f'{r:g}' for r in p.rates)}{grid} x seeds {', '.join(map(str, spec.tune.seeds))}"] \
+            if tuned else []
         table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)), *tuning)
     _console().print(table)
 

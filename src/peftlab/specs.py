@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from pathlib import Path
@@ -508,6 +509,16 @@ AXIS_PATHS = {
 }
 
 
+UNTUNABLE = ("task", "model.name", "method.name", "plan.placement", "budget", "tracking", "eval", "train.lr",
+             "train.seed", "train.stop_at", "train.eval_at", "train.evaluate_test", "train.latency_batches", "train.device",
+             "train.distributed")  # settings `tune.grid` may not choose (or under them)
+
+
+def within(path: str, other: str) -> bool:
+    """Whether dotted `path` is `other` or lies inside it."""
+    return path == other or path.startswith(other + ".")
+
+
 class TuneSpec(Spec):
     """The learning rate chosen per configuration on the validation split, before its seed runs: every rate
     of the grid trains with each tuning seed, and the rate with the best mean validation metric (accuracy for
@@ -527,6 +538,11 @@ class TuneSpec(Spec):
     resume from a checkpoint (AdaLoRA, SparseLoRA) train to the end."""
     keep: float = Field(1 / 3, gt=0, lt=1)
     """Share of the rates that continues at each rung (rounded up): 1/3 keeps one of three."""
+    grid: dict[str, list[str | float | int | bool]] = {}
+    """Other settings tuned with the rate: dotted path -> values, e.g. {model.dropout: [0, 0.1], train.warmup_ratio:
+    [0, 0.06]}; every combination is tried with every rate (a point), the best point on validation trains the seed
+    runs. Only settings that leave the comparison's meaning alone: not a study axis (nor inside or above one), not
+    the task, the model, the method's name or the placement, nor what a run evaluates."""
 
     @field_validator("rungs")
     @classmethod
@@ -546,7 +562,36 @@ class TuneSpec(Spec):
             raise ValueError(f"lr: {max(self.lr):g} is above {MAX_LR:g}, the largest rate an optimizer takes in float32")
         if len(set(grid)) != len(grid) or len(set(self.seeds)) != len(self.seeds):
             raise ValueError("the grid and the tuning seeds must not repeat")
+        for path, values in self.grid.items():
+            if not values or len(set(map(repr, values))) != len(values):
+                raise ValueError(f"grid: {path}: give distinct values, e.g. [0, 0.1]; got {values}")
+            kinds = {"name" if isinstance(v, str) else "flag" if isinstance(v, bool) else "number" for v in values}
+            if len(kinds) > 1:
+                raise ValueError(f"grid: {path}: values of one kind (numbers, true/false or names); got {values}")
+            if any(within(path, fixed) for fixed in UNTUNABLE):
+                raise ValueError(f"grid: {path} changes what is compared or measured; tune only training settings "
+                                 "such as model.dropout, train.warmup_ratio, train.schedule, plan.alpha.value")
         return self
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The coordinates of a point: lr, then the grid's paths in order."""
+        return ("lr", *sorted(self.grid))
+
+    def points(self, own: float) -> list[tuple[Any, ...]]:
+        """Every point a configuration whose train.lr is `own` tries: (rate, *grid values), rates first."""
+        return list(itertools.product(self.rates(own), *(self.grid[path] for path in sorted(self.grid))))
+
+    def settings(self, point: tuple[Any, ...]) -> dict[str, Any]:
+        """Dotted path -> value of a point."""
+        return {"train.lr": point[0], **dict(zip(sorted(self.grid), point[1:]))}
+
+    def describe(self, point: tuple[Any, ...]) -> str:
+        """A point as the report names it: the rate alone (0.001), or each setting (lr 0.001, model.dropout 0.1)."""
+        if not self.grid:
+            return f"{point[0]:g}"
+        return ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
+                         for name, value in zip(self.names, point))
 
     def rates(self, own: float) -> list[float]:
         """The grid for a configuration whose train.lr is `own`."""
@@ -678,6 +723,13 @@ class StudySpec(Spec):
         if self.tune is not None and self.tune.lr is not None and any(
                 AXIS_PATHS.get(axis, axis) == "train.lr" for axis in self.axes):
             raise ValueError("tune.lr chooses the learning rate: remove the lr axis, or tune with lr_factors")
+        # (a rank axis may set the whole allocation: `rank: [uniform(4), linear(8)]`)
+        axes = ["plan.allocation" if a == "rank" else AXIS_PATHS.get(a, a) for a in self.axes if a != "variant"] + [
+            AXIS_PATHS.get(k, k) for a, values in self.axes.items() if a == "variant"
+            for v in (values.values() if isinstance(values, dict) else values) for k in v]
+        for path in (self.tune.grid if self.tune is not None else {}):
+            if clash := next((a for a in axes if within(path, a) or within(a, path)), None):
+                raise ValueError(f"tune.grid: {path} is what the study compares (its axis {clash}); tune other settings")
         train = self.base.get("train")
         if (isinstance(train, dict) and train.get("stop_at")) or "train.stop_at" in self.axes:
             raise ValueError("train.stop_at: a study stops its runs itself (tune.rungs); leave it out of the study")

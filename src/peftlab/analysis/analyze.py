@@ -296,15 +296,22 @@ def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baselin
     who = f"the baseline {c.label} did not train" if baseline else "did not train"
     choice = tuning.get(c.label)
     if choice and len(choice.scores) > 1:
-        rates = ", ".join(f"{rate:g}" for rate in choice.scores)
-        return f"{who} at any rate tried ({rates}): widen the rate grid or train longer"
+        return f"{who} at any {_tried(choice)}: widen the rate grid or train longer"
     return f"{who} (every run degenerate): try other learning rates or more steps"
+
+
+def _tried(choice: RateChoice) -> str:
+    """The points a configuration tried, as a reason names them: "rate tried (0.001, 0.01)", or with a grid
+    "point tried (lr 0.001, model.dropout 0; ...)"."""
+    if choice.tune is not None and choice.tune.grid:
+        return f"point tried ({'; '.join(choice.describe(p) for p in choice.scores)})"
+    return f"rate tried ({', '.join(choice.describe(p) for p in choice.scores)})"
 
 
 def _not_run(label: str, how: str, choice: RateChoice, rows: list[dict[str, Any]], margin: float) -> NotRun:
     """A configuration that collapsed at every rate tried (`how`) and so got no seed runs."""
-    rates = ", ".join(f"{rate:g}" for rate in choice.scores)
-    reason = (f"did not train at any rate tried ({rates}; every tuning run {how} on validation), so no seed runs: "
+    tried = _tried(choice)
+    reason = (f"did not train at any {tried[:-1]}; every tuning run {how} on validation), so no seed runs: "
               "widen the rate grid or train longer")
     tuned = [r for r in rows if r["phase"] == "tune" and r["label"] == label]
     trainable, base = (next((r[k] for r in tuned if isinstance(r.get(k), (int, float))), None)

@@ -111,12 +111,13 @@ def tuning_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     if not analysis.tuning:
         return [], []
     width = max(len(c.scores) for c in analysis.tuning.values())
-    header = ["configuration", *(f"rate {i + 1}" for i in range(width)), "chosen"]
+    grid = any(c.tune is not None and c.tune.grid for c in analysis.tuning.values())
+    header = ["configuration", *(f"{'point' if grid else 'rate'} {i + 1}" for i in range(width)), "chosen"]
     rows = []
     for label, choice in sorted(analysis.tuning.items()):
-        cells = [f"{rate:g}: " + (choice.stopped.get(rate) or ("failed" if score is None else f"{score:.4f}")) +
-                 (" *" if rate == choice.rate else "") for rate, score in choice.scores.items()]
-        chosen = "pending" if not choice.complete else ("none" if choice.rate is None else f"{choice.rate:g}")
+        cells = [f"{choice.describe(point)}: " + (choice.stopped.get(point) or ("failed" if score is None else f"{score:.4f}"))
+                 + (" *" if point == choice.point else "") for point, score in choice.scores.items()]
+        chosen = "pending" if not choice.complete else ("none" if choice.point is None else choice.describe(choice.point))
         flag = " (every rate scored the same)" if choice.undecided else (" (edge of the grid)" if choice.at_edge else "")
         rows.append([label, *cells, *[""] * (width - len(cells)), chosen + flag])
     return header, rows

@@ -1,7 +1,8 @@
 """Successive halving of a study's tuning runs (`tune.rungs`), decided from its stored runs.
 
-Every candidate rate of a configuration trains (with each tuning seed) to the first rung, a fraction of the full
-run's steps on the full run's learning-rate schedule (`train.stop_at`). Once all of them are there, the rates are
+Every candidate rate of a configuration (with `tune.grid`, every point: a rate with a value of each grid setting)
+trains (with each tuning seed) to the first rung, a fraction of the full run's steps on the full run's learning-rate
+schedule (`train.stop_at`). Once all of them are there, the rates are
 ranked by their mean validation metric: a rate whose runs are degenerate there stops at once, and of the others
 the best `tune.keep` share (at least one) continues to the next rung, the rest stop for good (where every rate
 is degenerate, it is too early to tell them apart: all continue). After the last rung
@@ -27,7 +28,7 @@ WAITING = "waiting"
 @dataclass
 class Halving:
     promote: dict[str, float | None] = field(default_factory=dict)  # run id -> its next stop (None: to the end)
-    stopped: dict[float, str] = field(default_factory=dict)  # rate -> where it stopped, and why
+    stopped: dict[tuple, str] = field(default_factory=dict)  # point (`point_of`) -> where it stopped, and why
     decided: bool = True  # every rung whose runs are all there has been decided; False while runs train to one
 
 
@@ -37,14 +38,13 @@ def halving(tune: TuneSpec, snapshot: Snapshot) -> dict[str, Halving]:
     if not rows or not (tune.rungs or any(r["status"] == "stopped" for r in rows)):
         return {}
     metric, higher = primary_metric(rows, split="validation")
-    by_label: dict[str, dict[float, list[dict[str, Any]]]] = {}
+    by_label: dict[str, dict[tuple, list[dict[str, Any]]]] = {}
     for row in rows:
-        rate = snapshot.configs[row["id"]].get("train", {}).get("lr")
-        by_label.setdefault(row["label"], {}).setdefault(rate, []).append(row)
+        by_label.setdefault(row["label"], {}).setdefault(point_of(snapshot.configs[row["id"]], tune), []).append(row)
     return {label: _label_halving(tune, rates, snapshot, metric, higher) for label, rates in by_label.items()}
 
 
-def _label_halving(tune: TuneSpec, rates: dict[float, list[dict[str, Any]]], snapshot: Snapshot, metric: str,
+def _label_halving(tune: TuneSpec, rates: dict[tuple, list[dict[str, Any]]], snapshot: Snapshot, metric: str,
                    higher: bool) -> Halving:
     out = Halving()
     for run in (run for runs in rates.values() for run in runs):  # stopped at a rung the spec no longer has
@@ -83,6 +83,17 @@ def _label_halving(tune: TuneSpec, rates: dict[float, list[dict[str, Any]]], sna
     return out
 
 
+def point_of(config: dict[str, Any], tune: TuneSpec | None) -> tuple:
+    """A tuning run's point, read from its config: its rate, then its values of `tune.grid`'s paths (in order)."""
+    point = [config.get("train", {}).get("lr")]
+    for path in sorted(tune.grid) if tune is not None else []:
+        node: Any = config
+        for part in path.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        point.append(node)
+    return tuple(point)
+
+
 def tuning_steps(snapshot: Snapshot) -> tuple[int, int] | None:
     """(optimizer steps the tuning runs trained, steps they would have trained to the end), over the tuning runs
     that recorded both; None without any."""
@@ -93,7 +104,7 @@ def tuning_steps(snapshot: Snapshot) -> tuple[int, int] | None:
     return int(sum(r["cost.steps"] for r in rows)), int(sum(r["cost.planned_steps"] for r in rows))
 
 
-def _kept(scores: dict[float, float], degenerate: dict[float, str], keep: float, higher: bool, n: int) -> list[float]:
+def _kept(scores: dict[tuple, float], degenerate: dict[tuple, str], keep: float, higher: bool, n: int) -> list[tuple]:
     """The rates that continue: the best ceil(keep x n) (at least one) of those scored and not degenerate. Where
     every scored rate is degenerate (too early for any to have learnt: the majority class everywhere), the rung
     decides nothing and all of them continue."""

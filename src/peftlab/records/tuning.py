@@ -18,43 +18,64 @@ import math
 from dataclasses import dataclass, field
 
 from peftlab.records.degenerate import collapse_reason
-from peftlab.records.halving import halving
+from peftlab.records.halving import halving, point_of
 from peftlab.records.results import Snapshot, baseline_rank, default_baseline, primary_metric
 from peftlab.specs import TuneSpec
 
 
 @dataclass(frozen=True)
 class RateChoice:
+    """A configuration's tuning so far. A point is (rate, *the values of `tune.grid`'s paths); without a grid, (rate,)."""
+
     label: str  # the configuration
     metric: str  # e.g. metrics.validation.accuracy
     higher_is_better: bool
-    scores: dict[float, float | None]  # rate -> mean validation metric over the tuning seeds (None: all failed,
+    scores: dict[tuple, float | None]  # point -> mean validation metric over the tuning seeds (None: all failed,
     # or stopped early)
     complete: bool  # every tuning run has finished (done or failed, or stopped for good at a rung)
-    stopped: dict[float, str] = field(default_factory=dict)  # rate -> where successive halving stopped it, and why
+    stopped: dict[tuple, str] = field(default_factory=dict)  # point -> where successive halving stopped it, and why
     untrained: str | None = None  # every tuning run collapsed on validation: how (then no seed runs)
+    tune: TuneSpec | None = None  # the study's tuning (names the points); None: the rate alone
 
     @property
-    def rate(self) -> float | None:
-        """The best rate (ties: the smaller one); None while tuning runs are pending or when every one failed."""
-        scored = [(rate, score) for rate, score in self.scores.items() if score is not None]
+    def point(self) -> tuple | None:
+        """The best point (ties: the smaller rate, then the grid's values in order); None while tuning runs are
+        pending or when every one failed."""
+        scored = [(point, score) for point, score in self.scores.items() if score is not None]
         if not self.complete or not scored:
             return None
         sign = 1 if self.higher_is_better else -1
         return min(scored, key=lambda item: (-sign * item[1], item[0]))[0]
 
     @property
+    def rate(self) -> float | None:
+        """The best point's learning rate."""
+        return self.point[0] if self.point is not None else None
+
+    def describe(self, point: tuple) -> str:
+        """A point as the report names it: the rate alone (0.001), or each setting (lr 0.001, model.dropout 0.1)."""
+        return self.tune.describe(point) if self.tune is not None else f"{point[0]:g}"
+
+    @property
     def undecided(self) -> bool:
-        """Every rate scored the same (typically every one collapsed to the majority class): the choice is
+        """Every point scored the same (typically every one collapsed to the majority class): the choice is
         the tie-break, not evidence."""
-        scored = [score for rate, score in self.scores.items() if score is not None and rate not in self.stopped]
+        scored = [score for point, score in self.scores.items() if score is not None and point not in self.stopped]
         return self.complete and len(scored) > 1 and max(scored) - min(scored) < 1e-12
 
     @property
     def at_edge(self) -> bool:
-        """The chosen rate is the smallest or the largest tried: the best may lie outside the grid."""
-        rate = self.rate
-        return rate is not None and len(self.scores) > 1 and rate in (min(self.scores), max(self.scores))
+        """The chosen point has a numeric setting (the rate, a grid value) at the smallest or the largest value
+        tried: the best may lie outside the grid."""
+        point = self.point
+        if point is None or len(self.scores) < 2:
+            return False
+        for i, value in enumerate(point):
+            tried = {p[i] for p in self.scores}
+            if len(tried) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in tried) \
+                    and value in (min(tried), max(tried)):
+                return True
+        return False
 
 
 def rate_choices(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, RateChoice]:
@@ -63,27 +84,27 @@ def rate_choices(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, 
     if not rows:
         return {}
     halved = halving(tune, snapshot) if tune is not None else {}
-    rates = {r["id"]: snapshot.configs[r["id"]].get("train", {}).get("lr") for r in rows}
+    points = {r["id"]: point_of(snapshot.configs[r["id"]], tune) for r in rows}
     metric, higher = primary_metric(rows, split="validation")
     by_label: dict[str, list[dict]] = {}
     for row in rows:
         by_label.setdefault(row["label"], []).append(row)
     choices = {}
     for label, runs in by_label.items():
-        values: dict[float, list[float]] = {}
+        values: dict[tuple, list[float]] = {}
         for run in runs:
-            values.setdefault(rates[run["id"]], [])
+            values.setdefault(points[run["id"]], [])
             score = run.get(metric)
             if run["status"] == "done" and isinstance(score, (int, float)) and math.isfinite(score):
-                values[rates[run["id"]]].append(score)
-        scores = {rate: (sum(v) / len(v) if v else None) for rate, v in sorted(values.items())}
+                values[points[run["id"]]].append(score)
+        scores = {point: (sum(v) / len(v) if v else None) for point, v in sorted(values.items())}
         plan = halved.get(label)
         stopped = plan.stopped if plan else {}
         complete = (plan is None or plan.decided and not plan.promote) and all(
-            run["status"] in ("done", "failed") or (run["status"] == "stopped" and rates[run["id"]] in stopped)
+            run["status"] in ("done", "failed") or (run["status"] == "stopped" and points[run["id"]] in stopped)
             for run in runs)
         choices[label] = RateChoice(label, metric, higher, scores, complete, dict(stopped),
-                                    _untrained(runs) if complete else None)
+                                    _untrained(runs) if complete else None, tune)
     return choices
 
 
@@ -97,17 +118,18 @@ def _untrained(runs: list[dict]) -> str | None:
     return max(sorted(set(reasons)), key=reasons.count)
 
 
-def chosen_rates(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, float | str]:
-    """Label -> the chosen rate, or why none could be chosen, for configurations whose tuning is complete; not
-    those that collapsed at every rate (`RateChoice.untrained`: they get no seed runs, `not_run`)."""
-    out: dict[str, float | str] = {}
+def chosen_points(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, tuple | str]:
+    """Label -> the chosen point (rate, *grid values), or why none could be chosen, for configurations whose tuning
+    is complete; not those that collapsed at every point (`RateChoice.untrained`: no seed runs, `not_run`)."""
+    out: dict[str, tuple | str] = {}
     choices = rate_choices(snapshot, tune)
     skipped = _skipped(snapshot, choices)
     for label, choice in choices.items():
         if not choice.complete or label in skipped:
             continue
-        out[label] = choice.rate if choice.rate is not None else (
-            f"tuning: every learning rate of the grid failed ({', '.join(f'{r:g}' for r in choice.scores)})")
+        what, sep = ("learning rate", ", ") if tune is None or not tune.grid else ("point", "; ")
+        out[label] = choice.point if choice.point is not None else (
+            f"tuning: every {what} of the grid failed ({sep.join(choice.describe(p) for p in choice.scores)})")
     return out
 
 

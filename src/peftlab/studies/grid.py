@@ -81,18 +81,21 @@ def _source(spec: StudySpec, label: str) -> str:
     return f"{spec.name} [{label}]"
 
 
-def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: float | None = None,
+def planned_run(spec: StudySpec, configuration: Configuration, seed: int, point: tuple[Any, ...] | None = None,
                 phase: str = "main", error: str | None = None) -> PlannedRun:
-    """One run of `configuration` at `seed` (and learning rate `lr`), validated; invalid ones carry their error."""
+    """One run of `configuration` at `seed` (and at the tuning `point`: its rate, then `tune.grid`'s values),
+    validated; invalid ones carry their error."""
     source = _source(spec, configuration.label)
     data = copy.deepcopy(configuration.data)
-    axes = dict(configuration.axes) if phase == "main" else {**configuration.axes, "lr": f"{lr:g}"}
+    settings = spec.tune.settings(point) if point is not None else {}
+    axes = dict(configuration.axes) if phase == "main" else {
+        **configuration.axes, "lr": f"{point[0]:g}", **{k: str(v) for k, v in list(settings.items())[1:]}}
     error = error or configuration.error
     config: dict[str, Any] = data
     try:  # the seed is set even in an invalid config: each seed is its own (failed) run
         set_dotted(RunConfig, data, "train.seed", seed, source)
-        if lr is not None:
-            set_dotted(RunConfig, data, "train.lr", lr, source)
+        for path, value in settings.items():
+            set_dotted(RunConfig, data, path, value, source)
         if phase == "main" and _train_setting(data, "eval_at") is None:  # where each run was still improving
             set_dotted(RunConfig, data, "train.eval_at", list(STUDY_EVAL_AT), source)
         if phase == "tune":  # judged on validation alone: no test evaluation, no latency timing
@@ -107,7 +110,7 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, lr: fl
     if error is None and config.get("tracking"):  # each run named and tagged so that trackers line runs up
         tracking = config["tracking"]
         tracking["run_name"] = f"{tracking['run_name'] or spec.name}/{configuration.label}/seed {seed}" + (
-            f" lr {lr:g} (tuning)" if phase == "tune" else "")
+            f" {'lr ' if not spec.tune.grid else ''}{spec.tune.describe(point)} (tuning)" if phase == "tune" else "")
         tracking["tags"] = {**tracking["tags"], "study": spec.name, "configuration": configuration.label,
                             "seed": str(seed), "phase": phase}
     learned = learned_config(config)
@@ -133,6 +136,13 @@ def learned_config(config: dict[str, Any]) -> dict[str, Any]:
     return identity_view(RunConfig, config)
 
 
+def tuning_points(spec: StudySpec, configuration: Configuration) -> list[tuple[Any, ...]]:
+    """The points `configuration` tries: each rate of `tuning_rates` with every combination of `tune.grid`."""
+    rates = tuning_rates(spec, configuration)
+    grid = [spec.tune.grid[path] for path in sorted(spec.tune.grid)]
+    return list(itertools.product(rates, *grid))
+
+
 def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
     """The rates `configuration` tries: the grid, or the factors times its own train.lr."""
     if spec.tune.lr is not None:
@@ -149,23 +159,24 @@ def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
 def expand(spec: StudySpec, chosen: dict[str, float | str] | None = None,
            counts: dict[str, int] | None = None) -> list[PlannedRun]:
     """Every run of the study known so far. With tuning, `chosen` maps a configuration's label to its chosen
-    rate (or to why none could be chosen); configurations not in it have only their tuning runs yet. With
-    seeds until resolved, `counts` maps a label to the seeds it has reached (`studies.adaptive`)."""
+    point (its rate and `tune.grid`'s values; or why none could be chosen); configurations not in it have only
+    their tuning runs yet. With seeds until resolved, `counts` maps a label to the seeds it has reached
+    (`studies.adaptive`)."""
     runs: dict[str, PlannedRun] = {}
     for configuration in configurations(spec):
-        lr, error = None, None
+        point, error = None, None
         if spec.tune is not None:
-            for rate in tuning_rates(spec, configuration):
+            for tried in tuning_points(spec, configuration):
                 for seed in spec.tune.seeds:
-                    run = planned_run(spec, configuration, seed, rate, "tune")
+                    run = planned_run(spec, configuration, seed, tried, "tune")
                     runs.setdefault(run.id, run)
             if configuration.label not in (chosen or {}):
                 continue
-            lr = chosen[configuration.label]
-            if isinstance(lr, str):  # no rate could be chosen: the seed runs record why
-                lr, error = None, lr
+            point = chosen[configuration.label]
+            if isinstance(point, str):  # no point could be chosen: the seed runs record why
+                point, error = None, point
         for seed in seeds_of(spec, (counts or {}).get(configuration.label, len(spec.seeds))):
-            run = planned_run(spec, configuration, seed, lr, error=error)
+            run = planned_run(spec, configuration, seed, point, error=error)
             runs.setdefault(run.id, run)
     return list(runs.values())
 

@@ -10,7 +10,8 @@ from pathlib import Path
 from peftlab.errors import PeftlabError
 from peftlab.files import file_problem
 from peftlab.specs import MAX_LR, RunConfig, StudySpec
-from peftlab.studies.grid import configurations, planned_run, tuning_rates
+from peftlab.records.halving import point_of
+from peftlab.studies.grid import configurations, planned_run, tuning_points, tuning_rates
 
 
 @dataclass(frozen=True)
@@ -24,8 +25,26 @@ class ConfigurationPreview:
     rates: list[float] = field(default_factory=list)  # the learning rates it tries on validation first, if tuned
 
 
+def check_grid(spec: StudySpec) -> None:
+    """Each path of `tune.grid` names one setting that a run's config holds as the value set (the study reads a
+    tuning run's point back from its config); one line naming the path otherwise."""
+    if spec.tune is None or not spec.tune.grid:
+        return
+    for configuration in configurations(spec):
+        points = tuning_points(spec, configuration)
+        run = planned_run(spec, configuration, spec.tune.seeds[0], points[0], "tune") if points else None
+        if run is None or run.error:
+            continue  # the preview names the invalid configuration
+        for path, wanted, held in zip(sorted(spec.tune.grid), points[0][1:], point_of(run.config, spec.tune)[1:]):
+            if isinstance(held, (dict, list)) or held != wanted:
+                raise PeftlabError(f"tune.grid: {path}: a run's config holds {held!r} there, not the value {wanted!r}; "
+                                   "name the single setting (e.g. plan.alpha.value, not plan.alpha)")
+        return
+
+
 def preview(spec: StudySpec) -> list[ConfigurationPreview]:
     """One line per configuration, in the study's order."""
+    check_grid(spec)
     out = []
     read: dict[Path, str | None] = {}  # each data file is read once
     for configuration in configurations(spec):

@@ -15,10 +15,10 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from peftlab.records.halving import halving
+from peftlab.records.halving import halving, point_of
 from peftlab.records.results import Snapshot
 from peftlab.records.store import Store, run_dir
-from peftlab.records.tuning import chosen_rates
+from peftlab.records.tuning import chosen_points
 from peftlab.specs import StudySpec
 from peftlab.studies.adaptive import seed_counts
 from peftlab.studies.grid import PlannedRun, expand
@@ -27,7 +27,7 @@ from peftlab.studies.grid import PlannedRun, expand
 def known_runs(spec: StudySpec, snapshot: Snapshot, study_dir: Path) -> list[PlannedRun]:
     """Every run the stored runs make known: the tuning runs, the seed runs of each configuration whose rate is
     chosen, and with seeds until resolved, the seeds each configuration should have at this look."""
-    return expand(spec, chosen_rates(snapshot, spec.tune) if spec.tune else None,
+    return expand(spec, chosen_points(snapshot, spec.tune) if spec.tune else None,
                   seed_counts(spec, snapshot, study_dir))
 
 
@@ -54,7 +54,7 @@ def halve(spec: StudySpec, store: Store, study_dir: Path) -> list[str]:
                 promoted.append(run_id)
     for row in snapshot.rows:  # stopped for good: their checkpoints go
         plan = plans.get(row["label"])
-        if plan and row["status"] == "stopped" and snapshot.configs[row["id"]]["train"].get("lr") in plan.stopped:
+        if plan and row["status"] == "stopped" and point_of(snapshot.configs[row["id"]], spec.tune) in plan.stopped:
             partial = run_dir(study_dir, row["id"])
             shutil.rmtree(partial.with_name(partial.name + ".partial"), ignore_errors=True)
     return promoted
