@@ -9,8 +9,8 @@ from pathlib import Path
 
 from peftlab.errors import PeftlabError
 from peftlab.files import file_problem
-from peftlab.specs import MAX_LR, RunConfig, StudySpec
 from peftlab.records.halving import point_of
+from peftlab.specs import MAX_LR, RunConfig, StudySpec
 from peftlab.studies.grid import configurations, planned_run, tuning_points, tuning_rates
 
 
