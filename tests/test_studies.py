@@ -302,6 +302,44 @@ def test_tuning_beyond_the_rate_chooses_a_point_of_the_grid_on_validation(data_f
     assert analysis.tuning["placement=all"].at_edge  # 1e-3 and 0.1: each at an end of what was tried
 
 
+def test_tuning_points_can_be_drawn_by_optuna_the_same_each_time(data_file, tmp_path, cli):
+    """tune.sample: points drawn up front by a seeded Optuna sampler (Sobol), the same from the same spec; they run
+    and are chosen from like a grid's."""
+    from peftlab.records.results import Snapshot
+    from peftlab.records.tuning import chosen_points
+    from peftlab.specs import _sampled
+    from peftlab.studies.runner import add_runs, open_study
+
+    space = {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "model.dropout": [0.0, 0.1]}
+    spec = tiny_spec(data_file, seeds=[0], tune={"seeds": [7], "sample": {"points": 4, "seed": 3, "space": space}})
+    points = spec.tune.points(math.nan)
+    _sampled.cache_clear()
+    assert spec.tune.points(math.nan) == points and len(points) == 4  # drawn again: the same
+    assert all(1e-4 <= lr <= 1e-2 and float(f"{lr:.3g}") == lr and dropout in (0.0, 0.1) for lr, dropout in points)
+    other = tiny_spec(data_file, tune={"sample": {"points": 4, "seed": 4, "space": space}}).tune.points(math.nan)
+    assert other != points
+    store, added = open_study(spec, tmp_path / "study")
+    assert added == 2 * 4  # 2 configurations x 4 points x 1 tuning seed
+    tried = {r["id"]: (json.loads(r["config"])["train"]["lr"], json.loads(r["config"])["model"]["dropout"])
+             for r in store.rows()}
+    assert set(tried.values()) == set(points)
+    best = max(points)
+    for run_id, point in tried.items():
+        finish(store, run_id, validation=0.9 if point == best else 0.7, test=0.5)
+    assert set(chosen_points(Snapshot.of(store), spec.tune).values()) == {best}
+    add_runs(spec, store, tmp_path / "study")
+    main = [json.loads(r["config"]) for r in store.rows() if r["phase"] == "main"]
+    assert len(main) == 2 and all((c["train"]["lr"], c["model"]["dropout"]) == best for c in main)
+    spec_file = tmp_path / "spec.yaml"
+    spec_file.write_text(spec.to_yaml())
+    code, out, _ = cli("study", "run", spec_file, "--dir", tmp_path / "dry", "--dry-run")
+    assert code == 0 and "4 points (sobol, seed 3) over lr, model.dropout" in out and "after 8 tuning runs" in out
+    with pytest.raises(PeftlabError, match="sample.space: task.max_length changes what is compared"):
+        tiny_spec(data_file, tune={"sample": {"space": {"lr": [1e-3, 2e-3], "task.max_length": [16, 32]}}})
+    with pytest.raises(PeftlabError, match="tune.sample draws the rate and the other settings"):
+        tiny_spec(data_file, tune={"lr": [1e-3], "sample": {"space": {"lr": [1e-3, 2e-3]}}})
+
+
 @pytest.mark.parametrize("grid,message", [
     ({"plan.placement.layers": ["all"]}, "changes what is compared or measured"),
     ({"task.max_length": [16, 32]}, "changes what is compared or measured"),

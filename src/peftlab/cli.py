@@ -525,8 +525,7 @@ def study_run(
         invalid = sum(not p.valid for p in previews)
         tuning = ""
         if spec.tune is not None:
-            points = math.prod(len(values) for values in spec.tune.grid.values())  # each rate with every grid point
-            tuning = f" after {sum(len(p.rates) for p in previews) * points * len(spec.tune.seeds)} tuning runs"
+            tuning = f" after {sum(len(p.points) for p in previews) * len(spec.tune.seeds)} tuning runs"
             if spec.tune.rungs:
                 tuning += (f" (successive halving: compared at {', '.join(f'{f:.0%}' for f in spec.tune.rungs)} of "
                            f"their steps, {spec.tune.keep:.0%} of the rates going on at each)")
@@ -570,10 +569,7 @@ def _print_preview(spec, previews) -> None:
         table.add_column(column)
     for p in previews:
         what = p.what if p.valid else f"[red]invalid:[/] {p.what}"
-        grid = "".join(f" x {path} {', '.join(map(str, values))}" for path, values in sorted(spec.tune.grid.items())) \
-            if tuned else ""
-        tuning = [f"lr {', '.join(f'{r:g}' for r in p.rates)}{grid} x seeds {', '.join(map(str, spec.tune.seeds))}"] \
-            if tuned else []
+        tuning = [f"{_tried(spec.tune, p)} x seeds {', '.join(map(str, spec.tune.seeds))}"] if tuned else []
         table.add_row(p.label, p.method, what, ", ".join(map(str, p.seeds)), *tuning)
     _console().print(table)
 
@@ -587,6 +583,15 @@ def _print_summary(counts: dict[str, int], study_dir: Path) -> None:
         analysis = analyze(study_dir)
         _print_main_table(analysis)
     console.print(" ".join(f"{k}: {v}" for k, v in sorted(counts.items())) + f"   ({study_dir})", highlight=False)
+
+
+def _tried(tune, preview) -> str:
+    """What a configuration tries in tuning, in a dry run's table."""
+    if tune.sample is not None:
+        return (f"{len(preview.points)} points ({tune.sample.sampler}, seed {tune.sample.seed}) over "
+                f"{', '.join(tune.names)}")
+    grid = "".join(f" x {path} {', '.join(map(str, tune.grid[path]))}" for path in tune.paths)
+    return f"lr {', '.join(f'{r:g}' for r in preview.rates)}{grid}"
 
 
 def _print_main_table(analysis) -> None:

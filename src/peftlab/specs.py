@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import math
 import re
@@ -519,10 +521,56 @@ def within(path: str, other: str) -> bool:
     return path == other or path.startswith(other + ".")
 
 
+Scalar = str | float | int | bool
+
+
+class Range(Spec):
+    """A range of a sampled setting: low to high, on a log scale with `log`."""
+
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(f"a range needs low < high (and low > 0 on a log scale); got {self.low:g} to {self.high:g}")
+        return self
+
+
+class SampleSpec(Spec):
+    """Points drawn up front from a space by one of Optuna's seeded samplers, instead of a grid: the same spec gives
+    the same points (with the same Optuna version; each tuning run's config records its own)."""
+
+    points: int = Field(8, ge=2, le=200)
+    """How many points to draw."""
+    seed: int = Field(0, ge=0)
+    sampler: Literal["sobol", "random"] = "sobol"
+    """sobol: a scrambled Sobol sequence (Optuna's QMCSampler), which covers the space evenly with few points;
+    random: independent draws (RandomSampler). Choices (lists) are drawn at random by both."""
+    space: dict[str, Range | list[Scalar]]
+    """Setting -> a range {low, high, log} or a list of choices; `lr` is required (the learning rate), e.g.
+    {lr: {low: 1.0e-4, high: 3.0e-3, log: true}, model.dropout: [0, 0.1]}. Sampled numbers are rounded to 3
+    significant digits, so that runs are named readably (points that round alike are drawn once)."""
+
+    @model_validator(mode="after")
+    def _needs_a_rate(self) -> SampleSpec:
+        lr = self.space.get("lr")
+        if lr is None:
+            raise ValueError("sample.space needs lr, e.g. lr: {low: 1.0e-4, high: 3.0e-3, log: true}")
+        values = [lr.low, lr.high] if isinstance(lr, Range) else lr
+        if not values or any(isinstance(v, (str, bool)) or not (math.isfinite(v) and 0 < v <= MAX_LR) for v in values):
+            raise ValueError(f"sample.space.lr: positive rates up to {MAX_LR:g}; got {values}")
+        if importlib.util.find_spec("optuna") is None:
+            raise ValueError("tune.sample draws its points with Optuna: pip install 'peftlab[tune]' (or optuna)")
+        return self
+
+
 class TuneSpec(Spec):
     """The learning rate chosen per configuration on the validation split, before its seed runs: every rate
     of the grid trains with each tuning seed, and the rate with the best mean validation metric (accuracy for
-    classification, loss for instruction tuning) trains the study's seeds. The test split is never read."""
+    classification, loss for instruction tuning) trains the study's seeds. The test split is never read.
+    With `grid` or `sample`, other training settings are chosen with the rate (each combination is a point)."""
 
     lr: list[float] | None = None
     """Rates to try, e.g. [3.0e-4, 1.0e-3, 3.0e-3]."""
@@ -538,11 +586,13 @@ class TuneSpec(Spec):
     resume from a checkpoint (AdaLoRA, SparseLoRA) train to the end."""
     keep: float = Field(1 / 3, gt=0, lt=1)
     """Share of the rates that continues at each rung (rounded up): 1/3 keeps one of three."""
-    grid: dict[str, list[str | float | int | bool]] = {}
+    grid: dict[str, list[Scalar]] = {}
     """Other settings tuned with the rate: dotted path -> values, e.g. {model.dropout: [0, 0.1], train.warmup_ratio:
     [0, 0.06]}; every combination is tried with every rate (a point), the best point on validation trains the seed
     runs. Only settings that leave the comparison's meaning alone: not a study axis (nor inside or above one), not
     the task, the model, the method's name or the placement, nor what a run evaluates."""
+    sample: SampleSpec | None = None
+    """Instead of lr (or lr_factors) and grid: points drawn from a space (see SampleSpec)."""
 
     @field_validator("rungs")
     @classmethod
@@ -553,49 +603,107 @@ class TuneSpec(Spec):
 
     @model_validator(mode="after")
     def _one_grid(self) -> TuneSpec:
-        grid = self.lr if self.lr is not None else self.lr_factors
-        if (self.lr is None) == (self.lr_factors is None):
-            raise ValueError("give the rates as lr: [3.0e-4, 1.0e-3] or as lr_factors: [0.3, 1, 3], not both")
-        if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
-            raise ValueError(f"the grid needs positive finite values, got {grid}")
-        if self.lr is not None and max(self.lr) > MAX_LR:
-            raise ValueError(f"lr: {max(self.lr):g} is above {MAX_LR:g}, the largest rate an optimizer takes in float32")
-        if len(set(grid)) != len(grid) or len(set(self.seeds)) != len(self.seeds):
-            raise ValueError("the grid and the tuning seeds must not repeat")
-        for path, values in self.grid.items():
-            if not values or len(set(map(repr, values))) != len(values):
-                raise ValueError(f"grid: {path}: give distinct values, e.g. [0, 0.1]; got {values}")
-            kinds = {"name" if isinstance(v, str) else "flag" if isinstance(v, bool) else "number" for v in values}
-            if len(kinds) > 1:
-                raise ValueError(f"grid: {path}: values of one kind (numbers, true/false or names); got {values}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError("the tuning seeds must not repeat")
+        if self.sample is not None:
+            if self.lr is not None or self.lr_factors is not None or self.grid:
+                raise ValueError("tune.sample draws the rate and the other settings: leave out lr, lr_factors and grid")
+        else:
+            grid = self.lr if self.lr is not None else self.lr_factors
+            if (self.lr is None) == (self.lr_factors is None):
+                raise ValueError("give the rates as lr: [3.0e-4, 1.0e-3] or as lr_factors: [0.3, 1, 3], not both")
+            if not grid or any(not (math.isfinite(x) and x > 0) for x in grid):
+                raise ValueError(f"the grid needs positive finite values, got {grid}")
+            if self.lr is not None and max(self.lr) > MAX_LR:
+                raise ValueError(f"lr: {max(self.lr):g} is above {MAX_LR:g}, the largest rate an optimizer takes in float32")
+            if len(set(grid)) != len(grid):
+                raise ValueError("the grid must not repeat")
+        settings = self.grid if self.sample is None else {k: v for k, v in self.sample.space.items() if k != "lr"}
+        for path, values in settings.items():
+            where = "grid" if self.sample is None else "sample.space"
+            if isinstance(values, list):
+                _check_values(f"{where}: {path}", values)
             if any(within(path, fixed) for fixed in UNTUNABLE):
-                raise ValueError(f"grid: {path} changes what is compared or measured; tune only training settings "
+                raise ValueError(f"{where}: {path} changes what is compared or measured; tune only training settings "
                                  "such as model.dropout, train.warmup_ratio, train.schedule, plan.alpha.value")
         return self
 
     @property
+    def paths(self) -> list[str]:
+        """The settings tuned with the rate, in a point's order (after the rate)."""
+        return sorted(self.grid if self.sample is None else (p for p in self.sample.space if p != "lr"))
+
+    @property
     def names(self) -> tuple[str, ...]:
-        """The coordinates of a point: lr, then the grid's paths in order."""
-        return ("lr", *sorted(self.grid))
+        """The coordinates of a point: lr, then `paths`."""
+        return ("lr", *self.paths)
+
+    @property
+    def beyond_the_rate(self) -> bool:
+        """Whether points carry more than the rate (a grid or a sampled space)."""
+        return bool(self.paths) or self.sample is not None
 
     def points(self, own: float) -> list[tuple[Any, ...]]:
-        """Every point a configuration whose train.lr is `own` tries: (rate, *grid values), rates first."""
-        return list(itertools.product(self.rates(own), *(self.grid[path] for path in sorted(self.grid))))
+        """Every point a configuration whose train.lr is `own` tries: (rate, *values of `paths`)."""
+        if self.sample is not None:
+            return sampled_points(self.sample)
+        return list(itertools.product(self.rates(own), *(self.grid[path] for path in self.paths)))
 
     def settings(self, point: tuple[Any, ...]) -> dict[str, Any]:
         """Dotted path -> value of a point."""
-        return {"train.lr": point[0], **dict(zip(sorted(self.grid), point[1:]))}
+        return {"train.lr": point[0], **dict(zip(self.paths, point[1:]))}
 
     def describe(self, point: tuple[Any, ...]) -> str:
         """A point as the report names it: the rate alone (0.001), or each setting (lr 0.001, model.dropout 0.1)."""
-        if not self.grid:
+        if not self.beyond_the_rate:
             return f"{point[0]:g}"
         return ", ".join(f"{name} {value:g}" if isinstance(value, float) else f"{name} {value}"
                          for name, value in zip(self.names, point))
 
     def rates(self, own: float) -> list[float]:
-        """The grid for a configuration whose train.lr is `own`."""
+        """The rates tried by a configuration whose train.lr is `own` (the grid's, or those drawn)."""
+        if self.sample is not None:
+            return sorted({point[0] for point in sampled_points(self.sample)})
         return sorted(self.lr) if self.lr is not None else sorted(own * f for f in self.lr_factors)
+
+
+def _check_values(where: str, values: list[Any]) -> None:
+    if not values or len(set(map(repr, values))) != len(values):
+        raise ValueError(f"{where}: give distinct values, e.g. [0, 0.1]; got {values}")
+    kinds = {"name" if isinstance(v, str) else "flag" if isinstance(v, bool) else "number" for v in values}
+    if len(kinds) > 1:
+        raise ValueError(f"{where}: values of one kind (numbers, true/false or names); got {values}")
+
+
+def sampled_points(sample: SampleSpec) -> list[tuple[Any, ...]]:
+    """The points `sample` draws, (lr, *the other settings by path), in the order drawn."""
+    return list(_sampled(sample.model_dump_json()))
+
+
+@functools.lru_cache(maxsize=32)
+def _sampled(key: str) -> tuple[tuple[Any, ...], ...]:
+    import warnings
+
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution
+
+    sample = SampleSpec.model_validate_json(key)
+    names = ["lr", *sorted(p for p in sample.space if p != "lr")]
+    space = {name: FloatDistribution(value.low, value.high, log=value.log) if isinstance(value, Range)
+             else CategoricalDistribution(value) for name, value in sample.space.items()}
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with warnings.catch_warnings():  # QMCSampler is marked experimental, and draws choices independently
+        warnings.simplefilter("ignore")
+        sampler = (optuna.samplers.QMCSampler(seed=sample.seed, scramble=True) if sample.sampler == "sobol"
+                   else optuna.samplers.RandomSampler(seed=sample.seed))
+        study = optuna.create_study(sampler=sampler)
+        drawn = [study.ask(space).params for _ in range(sample.points)]
+    points = (tuple(_rounded(params[name]) for name in names) for params in drawn)
+    return tuple(dict.fromkeys(points))
+
+
+def _rounded(value: Any) -> Any:
+    return float(f"{value:.3g}") if isinstance(value, float) else value
 
 
 class SeedRounds(Spec):
@@ -727,9 +835,9 @@ class StudySpec(Spec):
         axes = ["plan.allocation" if a == "rank" else AXIS_PATHS.get(a, a) for a in self.axes if a != "variant"] + [
             AXIS_PATHS.get(k, k) for a, values in self.axes.items() if a == "variant"
             for v in (values.values() if isinstance(values, dict) else values) for k in v]
-        for path in (self.tune.grid if self.tune is not None else {}):
+        for path in (self.tune.paths if self.tune is not None else []):
             if clash := next((a for a in axes if within(path, a) or within(a, path)), None):
-                raise ValueError(f"tune.grid: {path} is what the study compares (its axis {clash}); tune other settings")
+                raise ValueError(f"tune: {path} is what the study compares (its axis {clash}); tune other settings")
         train = self.base.get("train")
         if (isinstance(train, dict) and train.get("stop_at")) or "train.stop_at" in self.axes:
             raise ValueError("train.stop_at: a study stops its runs itself (tune.rungs); leave it out of the study")

@@ -303,7 +303,7 @@ def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baselin
 def _tried(choice: RateChoice) -> str:
     """The points a configuration tried, as a reason names them: "rate tried (0.001, 0.01)", or with a grid
     "point tried (lr 0.001, model.dropout 0; ...)"."""
-    if choice.tune is not None and choice.tune.grid:
+    if choice.tune is not None and choice.tune.beyond_the_rate:
         return f"point tried ({'; '.join(choice.describe(p) for p in choice.scores)})"
     return f"rate tried ({', '.join(choice.describe(p) for p in choice.scores)})"
 

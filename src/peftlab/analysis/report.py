@@ -111,7 +111,7 @@ def tuning_table(analysis: Analysis) -> tuple[list[str], list[list[str]]]:
     if not analysis.tuning:
         return [], []
     width = max(len(c.scores) for c in analysis.tuning.values())
-    grid = any(c.tune is not None and c.tune.grid for c in analysis.tuning.values())
+    grid = any(c.tune is not None and c.tune.beyond_the_rate for c in analysis.tuning.values())
     header = ["configuration", *(f"{'point' if grid else 'rate'} {i + 1}" for i in range(width)), "chosen"]
     rows = []
     for label, choice in sorted(analysis.tuning.items()):

@@ -1,6 +1,7 @@
 """Successive halving of a study's tuning runs (`tune.rungs`), decided from its stored runs.
 
-Every candidate rate of a configuration (with `tune.grid`, every point: a rate with a value of each grid setting)
+Every candidate rate of a configuration (with `tune.grid` or `tune.sample`, every point: a rate with a value of
+each other tuned setting)
 trains (with each tuning seed) to the first rung, a fraction of the full run's steps on the full run's learning-rate
 schedule (`train.stop_at`). Once all of them are there, the rates are
 ranked by their mean validation metric: a rate whose runs are degenerate there stops at once, and of the others
@@ -84,9 +85,9 @@ def _label_halving(tune: TuneSpec, rates: dict[tuple, list[dict[str, Any]]], sna
 
 
 def point_of(config: dict[str, Any], tune: TuneSpec | None) -> tuple:
-    """A tuning run's point, read from its config: its rate, then its values of `tune.grid`'s paths (in order)."""
+    """A tuning run's point, read from its config: its rate, then its values of `tune.paths` (in order)."""
     point = [config.get("train", {}).get("lr")]
-    for path in sorted(tune.grid) if tune is not None else []:
+    for path in tune.paths if tune is not None else []:
         node: Any = config
         for part in path.split("."):
             node = node.get(part) if isinstance(node, dict) else None

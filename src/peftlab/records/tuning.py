@@ -25,7 +25,7 @@ from peftlab.specs import TuneSpec
 
 @dataclass(frozen=True)
 class RateChoice:
-    """A configuration's tuning so far. A point is (rate, *the values of `tune.grid`'s paths); without a grid, (rate,)."""
+    """A configuration's tuning so far. A point is (rate, *the values of `tune.paths`); without a grid, (rate,)."""
 
     label: str  # the configuration
     metric: str  # e.g. metrics.validation.accuracy
@@ -127,7 +127,7 @@ def chosen_points(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str,
     for label, choice in choices.items():
         if not choice.complete or label in skipped:
             continue
-        what, sep = ("learning rate", ", ") if tune is None or not tune.grid else ("point", "; ")
+        what, sep = ("learning rate", ", ") if tune is None or not tune.beyond_the_rate else ("point", "; ")
         out[label] = choice.point if choice.point is not None else (
             f"tuning: every {what} of the grid failed ({sep.join(choice.describe(p) for p in choice.scores)})")
     return out

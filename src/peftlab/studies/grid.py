@@ -83,7 +83,7 @@ def _source(spec: StudySpec, label: str) -> str:
 
 def planned_run(spec: StudySpec, configuration: Configuration, seed: int, point: tuple[Any, ...] | None = None,
                 phase: str = "main", error: str | None = None) -> PlannedRun:
-    """One run of `configuration` at `seed` (and at the tuning `point`: its rate, then `tune.grid`'s values),
+    """One run of `configuration` at `seed` (and at the tuning `point`: its rate, then the values of `tune.paths`),
     validated; invalid ones carry their error."""
     source = _source(spec, configuration.label)
     data = copy.deepcopy(configuration.data)
@@ -110,7 +110,7 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, point:
     if error is None and config.get("tracking"):  # each run named and tagged so that trackers line runs up
         tracking = config["tracking"]
         tracking["run_name"] = f"{tracking['run_name'] or spec.name}/{configuration.label}/seed {seed}" + (
-            f" {'lr ' if not spec.tune.grid else ''}{spec.tune.describe(point)} (tuning)" if phase == "tune" else "")
+            f" {'' if spec.tune.beyond_the_rate else 'lr '}{spec.tune.describe(point)} (tuning)" if phase == "tune" else "")
         tracking["tags"] = {**tracking["tags"], "study": spec.name, "configuration": configuration.label,
                             "seed": str(seed), "phase": phase}
     learned = learned_config(config)
@@ -137,29 +137,35 @@ def learned_config(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def tuning_points(spec: StudySpec, configuration: Configuration) -> list[tuple[Any, ...]]:
-    """The points `configuration` tries: each rate of `tuning_rates` with every combination of `tune.grid`."""
-    rates = tuning_rates(spec, configuration)
-    grid = [spec.tune.grid[path] for path in sorted(spec.tune.grid)]
-    return list(itertools.product(rates, *grid))
+    """The points `configuration` tries: each rate with every combination of `tune.grid`, or the points
+    `tune.sample` draws (the same for every configuration)."""
+    own = _own_rate(spec, configuration)
+    return [] if own is None else spec.tune.points(own)
 
 
 def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
-    """The rates `configuration` tries: the grid, or the factors times its own train.lr."""
-    if spec.tune.lr is not None:
-        return spec.tune.rates(own=math.nan)  # the same grid for every configuration
+    """The rates `configuration` tries: the grid, or the factors times its own train.lr (or those drawn)."""
+    own = _own_rate(spec, configuration)
+    return [] if own is None else spec.tune.rates(own)
+
+
+def _own_rate(spec: StudySpec, configuration: Configuration) -> float | None:
+    """The configuration's own train.lr where `tune.lr_factors` needs it (nan where not); None where it is invalid
+    (its seed runs record why)."""
+    if spec.tune.lr_factors is None:
+        return math.nan  # the same grid (or drawn points) for every configuration
     if configuration.error:
-        return []
+        return None
     try:
-        own = validate(RunConfig, configuration.data, _source(spec, configuration.label)).train.lr
+        return validate(RunConfig, configuration.data, _source(spec, configuration.label)).train.lr
     except PeftlabError:
-        return []  # the seed runs record the error
-    return spec.tune.rates(own)
+        return None
 
 
 def expand(spec: StudySpec, chosen: dict[str, float | str] | None = None,
            counts: dict[str, int] | None = None) -> list[PlannedRun]:
     """Every run of the study known so far. With tuning, `chosen` maps a configuration's label to its chosen
-    point (its rate and `tune.grid`'s values; or why none could be chosen); configurations not in it have only
+    point (its rate and the values of `tune.paths`; or why none could be chosen); configurations not in it have only
     their tuning runs yet. With seeds until resolved, `counts` maps a label to the seeds it has reached
     (`studies.adaptive`)."""
     runs: dict[str, PlannedRun] = {}

@@ -5,6 +5,7 @@ trainable parameters of its plan (on the meta device, no weights loaded). `study
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from peftlab.errors import PeftlabError
@@ -23,21 +24,23 @@ class ConfigurationPreview:
     trainable: int | None  # adapter parameters (head excluded); None where only a run can tell
     valid: bool
     rates: list[float] = field(default_factory=list)  # the learning rates it tries on validation first, if tuned
+    points: list[tuple] = field(default_factory=list)  # the points it tries (a rate, with a grid's or sample's values)
 
 
 def check_grid(spec: StudySpec) -> None:
-    """Each path of `tune.grid` names one setting that a run's config holds as the value set (the study reads a
+    """Each path of `tune.grid` (or `tune.sample.space`) names one setting that a run's config holds as the value set (the study reads a
     tuning run's point back from its config); one line naming the path otherwise."""
-    if spec.tune is None or not spec.tune.grid:
+    if spec.tune is None or not spec.tune.paths:
         return
     for configuration in configurations(spec):
         points = tuning_points(spec, configuration)
         run = planned_run(spec, configuration, spec.tune.seeds[0], points[0], "tune") if points else None
         if run is None or run.error:
             continue  # the preview names the invalid configuration
-        for path, wanted, held in zip(sorted(spec.tune.grid), points[0][1:], point_of(run.config, spec.tune)[1:]):
+        for path, wanted, held in zip(spec.tune.paths, points[0][1:], point_of(run.config, spec.tune)[1:]):
             if isinstance(held, (dict, list)) or held != wanted:
-                raise PeftlabError(f"tune.grid: {path}: a run's config holds {held!r} there, not the value {wanted!r}; "
+                where = "tune.grid" if spec.tune.sample is None else "tune.sample.space"
+                raise PeftlabError(f"{where}: {path}: a run's config holds {held!r} there, not the value {wanted!r}; "
                                    "name the single setting (e.g. plan.alpha.value, not plan.alpha)")
         return
 
@@ -50,25 +53,26 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
     for configuration in configurations(spec):
         run = planned_run(spec, configuration, spec.seeds[0])
         rates = tuning_rates(spec, configuration) if spec.tune is not None else []
+        points = tuning_points(spec, configuration) if spec.tune is not None else []
+        line = partial(ConfigurationPreview, run.label, spec.seeds, rates=rates, points=points)
         if rates and max(rates) > MAX_LR:
-            out.append(ConfigurationPreview(run.label, spec.seeds, "?", f"tune.lr_factors: the rate {max(rates):g} "
-                                            f"is above {MAX_LR:g}, the largest an optimizer takes in float32", None,
-                                            False, rates))
+            out.append(line("?", f"tune.lr_factors: the rate {max(rates):g} is above {MAX_LR:g}, the largest an "
+                                 "optimizer takes in float32", None, False))
             continue
         if run.error:
-            out.append(ConfigurationPreview(run.label, spec.seeds, "?", run.error, None, False, rates))
+            out.append(line("?", run.error, None, False))
             continue
         config = RunConfig.model_validate(run.config)
         missing = _missing_file(config) or _unreadable_data(config, read)
         if missing:
-            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, missing, None, False, rates))
+            out.append(line(config.method.label, missing, None, False))
             continue
         try:
             what, trainable = describe(config)
         except PeftlabError as exc:
-            out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, str(exc), None, False, rates))
+            out.append(line(config.method.label, str(exc), None, False))
             continue
-        out.append(ConfigurationPreview(run.label, spec.seeds, config.method.label, what, trainable, True, rates))
+        out.append(line(config.method.label, what, trainable, True))
     return out
 
 
