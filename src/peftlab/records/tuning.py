@@ -6,6 +6,8 @@ Only validation metrics are read: the test split, on which the study's verdicts 
 A rate whose runs all failed is never chosen; a choice at either end of the grid is flagged, since a
 better rate may lie beyond it. With `tune.rungs`, rates stopped early by successive halving
 (`records.halving`) are out of the choice, which is made among the rates that trained to the end.
+With `tune.grid` or `tune.sample` a candidate is a point, a rate with a value of each other tuned setting, and
+all of the best point's settings train the seed runs; everything above holds for points as for rates.
 
 A configuration whose every tuning run collapsed on validation (one predicted class or value, a diverged loss:
 `records.degenerate.collapse_reason`) did not train at any rate of the grid. It gets no seed runs: at the
