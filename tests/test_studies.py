@@ -466,7 +466,7 @@ def test_seed_runs_start_once_their_configuration_is_tuned_and_rounds_wait_for_e
 
 def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, tmp_path, cli):
     from peftlab.records.results import Snapshot
-    from peftlab.records.tuning import not_run
+    from peftlab.records.tuning import not_run, rate_choices
 
     spec = tuned_spec(data_file, seeds=[0])
     spec_file = tmp_path / "spec.yaml"
@@ -476,7 +476,7 @@ def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, t
     store = run_study(spec, tmp_path / "s", jobs=2, threads=1)
     rows = run_rows(store)
     # a configuration whose tuning runs all collapsed gets no seed run (never the baseline, `all`)
-    skipped = set(not_run(Snapshot.of(store), spec.tune))
+    skipped = set(not_run(Snapshot.of(store), rate_choices(Snapshot.of(store), spec.tune)))
     main = {r["label"] for r in rows if r["phase"] == "main"}
     assert main == {"placement=all", "placement=attention"} - skipped and "placement=all" not in skipped
     assert store.counts() == {"done": 4 + len(main)} and len([r for r in rows if r["phase"] == "tune"]) == 4
@@ -488,8 +488,24 @@ def test_a_tuned_study_runs_tuning_then_seeds_and_reports_the_rates(data_file, t
     assert "## Learning rates" in markdown and "| placement=all | 0.001: " in markdown
 
 
+def seeds_after_looks(spec, store, study_dir, accuracy, looks):
+    """Finish every pending run with test accuracy `accuracy[label](seed)` and let the study add its next seeds,
+    `looks` times; then label -> the seeds it has."""
+    from peftlab.studies.runner import add_runs
+
+    for _ in range(looks):
+        for row in store.rows():
+            if row["status"] == "pending":
+                finish(store, row["id"], validation=0.0, test=accuracy[row["label"]](row["seed"]))
+        add_runs(spec, store, study_dir)
+    seeds = {}
+    for row in store.rows():
+        seeds.setdefault(row["label"], []).append(row["seed"])
+    return seeds
+
+
 def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maximum(data_file, tmp_path):
-    from peftlab.studies.runner import add_runs, open_study
+    from peftlab.studies.runner import open_study
 
     spec = tiny_spec(data_file, axes={"placement": {"all": "all", "attention": "attention", "ffn": "ffn"}},
                      seeds={"min": 2, "max": 4, "futility": 0})  # futility: the test below
@@ -499,14 +515,7 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
     accuracy = {"placement=all": lambda s: 0.80 + 0.01 * s,
                 "placement=attention": lambda s: 0.60 + 0.01 * s + 0.0005 * s * s,  # clearly worse
                 "placement=ffn": lambda s: 0.80 + 0.01 * s + 0.04 * (-1) ** s}  # undecided at every look
-    for _ in range(5):
-        for row in store.rows():
-            if row["status"] == "pending":
-                finish(store, row["id"], validation=0.0, test=accuracy[row["label"]](row["seed"]))
-        add_runs(spec, store, study_dir)
-    seeds = {}
-    for row in store.rows():
-        seeds.setdefault(row["label"], []).append(row["seed"])
+    seeds = seeds_after_looks(spec, store, study_dir, accuracy, looks=5)
     assert sorted(seeds["placement=attention"]) == [0, 1]  # resolved (worse) at the first look
     assert sorted(seeds["placement=ffn"]) == [0, 1, 2, 3]  # unresolved: seeds up to the maximum, no further
     assert sorted(seeds["placement=all"]) == [0, 1, 2, 3]  # the baseline keeps every comparison paired
@@ -523,7 +532,7 @@ def test_seeds_until_resolved_go_where_comparisons_are_open_and_stop_at_the_maxi
 def test_a_futile_comparison_gets_no_more_seeds_and_the_report_says_why(data_file, tmp_path):
     from peftlab.analysis.analyze import analyze, verdict_text
     from peftlab.analysis.report import verdict_note
-    from peftlab.studies.runner import add_runs, open_study
+    from peftlab.studies.runner import open_study
 
     spec = tiny_spec(data_file, axes={"placement": {"all": "all", "ffn": "ffn", "attention": "attention"}},
                      seeds={"min": 3, "max": 6, "step": 3}, margin=0.01)
@@ -532,14 +541,7 @@ def test_a_futile_comparison_gets_no_more_seeds_and_the_report_says_why(data_fil
     accuracy = {"placement=all": lambda s: 0.80 + 0.01 * s,
                 "placement=attention": lambda s: 0.80 + 0.01 * s + 0.002 * (-1) ** s,  # may still settle
                 "placement=ffn": lambda s: 0.80 + 0.01 * s + 0.05 * (-1) ** s}  # ±0.05 against a margin of 0.01
-    for _ in range(4):
-        for row in store.rows():
-            if row["status"] == "pending":
-                finish(store, row["id"], validation=0.0, test=accuracy[row["label"]](row["seed"]))
-        add_runs(spec, store, study_dir)
-    seeds = {}
-    for row in store.rows():
-        seeds.setdefault(row["label"], []).append(row["seed"])
+    seeds = seeds_after_looks(spec, store, study_dir, accuracy, looks=4)
     assert sorted(seeds["placement=ffn"]) == [0, 1, 2]  # futile at the first look: no more seeds
     assert len(seeds["placement=attention"]) == len(seeds["placement=all"]) == 6
     analysis = analyze(study_dir, verdicts_only=True)  # (the power figures of ±0.05 against ±0.01 take long)

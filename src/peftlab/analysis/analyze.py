@@ -184,8 +184,8 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     if not configurations:
         raise PeftlabError(f"{study_dir}: every finished run is degenerate; nothing is left to compare without them")
     configurations.sort(key=lambda c: (c.costs[cost].mean, c.label))
-    skipped = {label: how for label, how in (not_run(snapshot, tune) if tune else {}).items()
-               if label not in {r["label"] for r in done}}  # not those with seed runs from before: compared as they are
+    seeded = {r["label"] for r in done}  # a label with seed runs from before is compared as it is
+    skipped = {label: how for label, how in not_run(snapshot, tuning).items() if label not in seeded}
     chosen = choose_baseline(configurations, baseline, skipped)
     others = [c for c in configurations if c is not chosen]
     for c in others:
@@ -300,18 +300,16 @@ def _not_trained_reason(c: Configuration, tuning: dict[str, RateChoice], baselin
     return f"{who} (every run degenerate): try other learning rates or more steps"
 
 
-def _tried(choice: RateChoice) -> str:
+def _tried(choice: RateChoice, more: str = "") -> str:
     """The points a configuration tried, as a reason names them: "rate tried (0.001, 0.01)", or with a grid
-    "point tried (lr 0.001, model.dropout 0; ...)"."""
-    if choice.tune is not None and choice.tune.beyond_the_rate:
-        return f"point tried ({'; '.join(choice.describe(p) for p in choice.scores)})"
-    return f"rate tried ({', '.join(choice.describe(p) for p in choice.scores)})"
+    "point tried (lr 0.001, model.dropout 0; ...)"; `more` is added inside the parentheses."""
+    noun, sep = ("point", "; ") if choice.tune is not None and choice.tune.beyond_the_rate else ("rate", ", ")
+    return f"{noun} tried ({sep.join(choice.describe(p) for p in choice.scores)}{more})"
 
 
 def _not_run(label: str, how: str, choice: RateChoice, rows: list[dict[str, Any]], margin: float) -> NotRun:
     """A configuration that collapsed at every rate tried (`how`) and so got no seed runs."""
-    tried = _tried(choice)
-    reason = (f"did not train at any {tried[:-1]}; every tuning run {how} on validation), so no seed runs: "
+    reason = (f"did not train at any {_tried(choice, f'; every tuning run {how} on validation')}, so no seed runs: "
               "widen the rate grid or train longer")
     tuned = [r for r in rows if r["phase"] == "tune" and r["label"] == label]
     trainable, base = (next((r[k] for r in tuned if isinstance(r.get(k), (int, float))), None)

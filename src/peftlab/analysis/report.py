@@ -61,7 +61,8 @@ def main_table(analysis: Analysis) -> list[dict[str, str]]:
             **{f"{name} (mean, 95% CI)": _summary_cell(c.every_metric[key], analysis.interval)
                for name, key in secondary_metrics(analysis).items()},
         })
-    return rows + [_not_run_row(n, columns(analysis)) for n in analysis.not_run]
+    names = columns(analysis)
+    return rows + [_not_run_row(n, names) for n in analysis.not_run]
 
 
 def _not_run_row(n: NotRun, names: list[str]) -> dict[str, str]:
@@ -235,10 +236,10 @@ def verdict_note(analysis: Analysis) -> str:
                "compares them anyway)." if untrained else "")
             + (f" No seed runs, so no verdict, for {', '.join(n.label for n in analysis.not_run)}: every tuning run "
                "collapsed on validation at every rate tried." if analysis.not_run else "")
-            + _futility_note(analysis, judged))
+            + _futility_note(analysis))
 
 
-def _futility_note(analysis: Analysis, verdicts: list) -> str:
+def _futility_note(analysis: Analysis) -> str:
     """Which comparisons stopped getting seeds for futility, and what that rule does and does not change."""
     stopped = [c.label for c in analysis.configurations if c.verdict and c.verdict.futility is not None]
     if not stopped:

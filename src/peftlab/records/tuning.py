@@ -125,7 +125,7 @@ def chosen_points(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str,
     is complete; not those that collapsed at every point (`RateChoice.untrained`: no seed runs, `not_run`)."""
     out: dict[str, tuple | str] = {}
     choices = rate_choices(snapshot, tune)
-    skipped = _skipped(snapshot, choices)
+    skipped = not_run(snapshot, choices)
     for label, choice in choices.items():
         if not choice.complete or label in skipped:
             continue
@@ -135,14 +135,11 @@ def chosen_points(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str,
     return out
 
 
-def not_run(snapshot: Snapshot, tune: TuneSpec | None = None) -> dict[str, str]:
-    """Label -> how its tuning runs collapsed, for the configurations that get no seed runs: every tuning run
-    collapsed on validation. Never the study's default baseline (every comparison needs it; where no configuration
-    can be the default by its kind, none is skipped, since the report's fallback is chosen by cost)."""
-    return _skipped(snapshot, rate_choices(snapshot, tune))
-
-
-def _skipped(snapshot: Snapshot, choices: dict[str, RateChoice]) -> dict[str, str]:
+def not_run(snapshot: Snapshot, choices: dict[str, RateChoice]) -> dict[str, str]:
+    """Label -> how its tuning runs collapsed, for the configurations that get no seed runs (`choices`: the
+    snapshot's `rate_choices`): every tuning run collapsed on validation. Never the study's default baseline (every
+    comparison needs it; where no configuration can be the default by its kind, none is skipped, since the report's
+    fallback is chosen by cost)."""
     configs = {r["label"]: snapshot.configs[r["id"]] for r in snapshot.rows if r["phase"] == "tune"}
     if not any(baseline_rank(config) is not None for config in configs.values()):
         return {}

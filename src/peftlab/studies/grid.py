@@ -89,7 +89,7 @@ def planned_run(spec: StudySpec, configuration: Configuration, seed: int, point:
     data = copy.deepcopy(configuration.data)
     settings = spec.tune.settings(point) if point is not None else {}
     axes = dict(configuration.axes) if phase == "main" else {
-        **configuration.axes, "lr": f"{point[0]:g}", **{k: str(v) for k, v in list(settings.items())[1:]}}
+        **configuration.axes, "lr": f"{point[0]:g}", **{k: str(v) for k, v in settings.items() if k != "train.lr"}}
     error = error or configuration.error
     config: dict[str, Any] = data
     try:  # the seed is set even in an invalid config: each seed is its own (failed) run
@@ -141,12 +141,6 @@ def tuning_points(spec: StudySpec, configuration: Configuration) -> list[tuple[A
     `tune.sample` draws (the same for every configuration)."""
     own = _own_rate(spec, configuration)
     return [] if own is None else spec.tune.points(own)
-
-
-def tuning_rates(spec: StudySpec, configuration: Configuration) -> list[float]:
-    """The rates `configuration` tries: the grid, or the factors times its own train.lr (or those drawn)."""
-    own = _own_rate(spec, configuration)
-    return [] if own is None else spec.tune.rates(own)
 
 
 def _own_rate(spec: StudySpec, configuration: Configuration) -> float | None:

@@ -12,7 +12,7 @@ from peftlab.errors import PeftlabError
 from peftlab.files import file_problem
 from peftlab.records.halving import point_of
 from peftlab.specs import MAX_LR, RunConfig, StudySpec
-from peftlab.studies.grid import configurations, planned_run, tuning_points, tuning_rates
+from peftlab.studies.grid import configurations, planned_run, tuning_points
 
 
 @dataclass(frozen=True)
@@ -28,8 +28,8 @@ class ConfigurationPreview:
 
 
 def check_grid(spec: StudySpec) -> None:
-    """Each path of `tune.grid` (or `tune.sample.space`) names one setting that a run's config holds as the value set (the study reads a
-    tuning run's point back from its config); one line naming the path otherwise."""
+    """Each path of `tune.grid` (or `tune.sample.space`) names one setting that a run's config holds as the value
+    set (the study reads a tuning run's point back from its config); one line naming the path otherwise."""
     if spec.tune is None or not spec.tune.paths:
         return
     for configuration in configurations(spec):
@@ -52,8 +52,8 @@ def preview(spec: StudySpec) -> list[ConfigurationPreview]:
     read: dict[Path, str | None] = {}  # each data file is read once
     for configuration in configurations(spec):
         run = planned_run(spec, configuration, spec.seeds[0])
-        rates = tuning_rates(spec, configuration) if spec.tune is not None else []
         points = tuning_points(spec, configuration) if spec.tune is not None else []
+        rates = sorted({point[0] for point in points})
         line = partial(ConfigurationPreview, run.label, spec.seeds, rates=rates, points=points)
         if rates and max(rates) > MAX_LR:
             out.append(line("?", f"tune.lr_factors: the rate {max(rates):g} is above {MAX_LR:g}, the largest an "
