@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -639,3 +640,56 @@ def test_a_study_judged_by_a_benchmark_metric(tmp_path):
     assert analysis.metric == "metrics.benchmarks.tiny_mc.acc" and analysis.higher_is_better
     attention = next(c for c in analysis.configurations if c.label == "placement=attention")
     assert attention.summary.mean == pytest.approx(0.7075) and attention.verdict.outcome == "better"
+
+
+def test_the_python_api_gives_the_reports_numbers_as_data_frames(synthetic_study):
+    import peftlab
+    from peftlab.analysis.report import main_table
+
+    runs = peftlab.load_runs(synthetic_study)
+    assert len(runs) == 9 and set(runs["status"]) == {"done"}
+    assert sorted(runs.loc[runs["label"] == "placement=ffn", "metrics.test.accuracy"]) == [0.68, 0.70, 0.715]
+    analysis = peftlab.analyse(synthetic_study, margin=0.05)
+    table = peftlab.verdicts(analysis)
+    assert list(table.index) == ["placement=ffn", "placement=attention", "placement=all"]
+    ffn, attention, everything = (table.loc[label] for label in table.index)
+    assert everything["baseline"] and everything["outcome"] == "baseline" and math.isnan(everything["p_holm"])
+    assert ffn["mean"] == pytest.approx((0.715 + 0.68 + 0.70) / 3) and ffn["n"] == 3
+    assert ffn["difference"] == pytest.approx((0.715 + 0.68 + 0.70 - 2.43) / 3) and ffn["outcome"] == "worse"
+    assert attention["outcome"] == "unresolved" and attention["margin"] == 0.05
+    assert ffn["trainable"] < attention["trainable"] < everything["trainable"]
+    # the same verdicts and numbers the report's table prints
+    cells = {row["configuration"].rstrip(" *"): row for row in main_table(analysis)}
+    for label, row in table.iterrows():
+        assert cells[label]["verdict"] == row["verdict"]
+        half = (row["ci_high"] - row["ci_low"]) / 2
+        assert cells[label]["quality (mean, 95% CI)"] == f"{row['mean']:.4f} ± {half:.4f} (n=3)"
+    for name in peftlab.FIGURES:
+        figure = peftlab.figure(analysis, name)
+        assert figure.axes and figure.axes[0].has_data(), name
+    written = peftlab.write_report(synthetic_study, metric="loss")
+    assert set(written) == {"html", "markdown", "latex", "summary"} and "loss" in written["markdown"].read_text()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda d: __import__("peftlab").analyse(d, test="z"), "--test 'z': valid tests are t and wilcoxon"),
+    (lambda d: __import__("peftlab").analyse(d, margin=-1.0), "--margin -1.0: must be a positive difference"),
+    (lambda d: __import__("peftlab").analyse(d, metric="bleu"), "--metric 'bleu': not a metric of this study's runs"),
+    (lambda d: __import__("peftlab").figure(__import__("peftlab").analyse(d), "pie"), "figure 'pie': valid figures are"),
+    (lambda d: __import__("peftlab").load_runs(d / "nothing"), "not a study directory"),
+    (lambda d: __import__("peftlab").run_study({"name": "x", "seeds": [0, 0]}, d / "new"), "seeds repeat"),
+])
+def test_the_python_api_refuses_bad_input_with_the_commands_line(synthetic_study, call, message):
+    from peftlab.errors import PeftlabError
+
+    with pytest.raises(PeftlabError, match=re.escape(message)):
+        call(synthetic_study)
+    assert not (synthetic_study / "new").exists()
+
+
+def test_the_python_api_sets_study_settings_from_a_mapping():
+    import peftlab
+
+    spec = peftlab.load_study("placement", settings={"task.max_train_examples": 200, "train.lr": 1e-3})
+    assert spec.base["task"]["max_train_examples"] == 200 and spec.base["train"]["lr"] == 1e-3
+    assert "task.max_train_examples=200" in spec.description

@@ -16,3 +16,17 @@ def quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+_API = ("FIGURES", "analyse", "figure", "load_runs", "load_study", "make_plan", "run", "run_study", "verdicts",
+        "write_report")
+
+
+def __getattr__(name: str):
+    """`peftlab.run_study`, `peftlab.analyse`, ...: the names of `peftlab.api`, imported when first used (importing
+    peftlab stays light)."""
+    if name in _API:
+        import importlib
+
+        return getattr(importlib.import_module("peftlab.api"), name)
+    raise AttributeError(f"module 'peftlab' has no attribute {name!r}")

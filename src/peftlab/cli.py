@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import sys
 import traceback
 import warnings
@@ -455,43 +454,6 @@ study_app = typer.Typer(help="Studies: grids of runs x seeds in a resumable stor
 app.add_typer(study_app, name="study")
 
 
-def _study_spec(source: str, study_dir: Path | None, data: Path | None = None, settings: list[str] | None = None):
-    """A spec file, a shipped study name (placement, allocation, methods), or a study directory to resume;
-    with the base run config's data replaced by `data` and `settings` (KEY=VALUE) applied."""
-    from peftlab.specs import StudySpec
-    from peftlab.studies.grid import with_base_overrides
-    from peftlab.studies.shipped import shipped_study
-
-    path = Path(source)
-    if path.is_dir():
-        spec_file = path / "study.yaml"
-        if not spec_file.is_file():
-            raise PeftlabError(f"{path}: not a study directory (no study.yaml)")
-        spec = with_base_overrides(load_spec(StudySpec, spec_file), data, settings or [])
-        return spec, _same_study(spec, study_dir or path)
-    if not path.exists() and path.suffix == "":
-        path = shipped_study(source)
-    spec = with_base_overrides(load_spec(StudySpec, path), data, settings or [])
-    return spec, _same_study(spec, study_dir or Path("studies") / (spec.name + (f"-{data.stem}" if data else "")))
-
-
-def _same_study(spec, study_dir: Path) -> Path:
-    """`study_dir`, unless it holds another study (by name): its runs would be merged into that study's
-    report."""
-    import yaml
-
-    held = study_dir / "study.yaml"
-    if held.is_file():
-        try:
-            name = yaml.safe_load(held.read_text(encoding="utf-8")).get("name")
-        except (yaml.YAMLError, AttributeError, UnicodeDecodeError, OSError):
-            raise PeftlabError(f"--dir {study_dir}: its study.yaml cannot be read; choose another --dir") from None
-        if name != spec.name:
-            raise PeftlabError(f"--dir {study_dir}: holds study {name!r}, not {spec.name!r}; choose another --dir, "
-                               f"or rename the study (name: {name}) to extend it")
-    return study_dir
-
-
 @study_app.command("run")
 def study_run(
     source: Annotated[str, typer.Argument(help="Study spec (YAML), a shipped study name, or a study directory to resume.")],
@@ -515,8 +477,9 @@ def study_run(
     """Run a study, or resume one: done runs are skipped, new runs of an edited spec are added."""
     from peftlab.studies.preview import preview
     from peftlab.studies.runner import run_study
+    from peftlab.studies.source import study_spec
 
-    spec, study_dir = _study_spec(source, directory, data, settings)
+    spec, study_dir = study_spec(source, directory, data, settings)
     if not dry_run:
         check_study_dir(study_dir)
     previews = preview(spec)
@@ -682,12 +645,6 @@ def report(
     from peftlab.analysis.report import write_report
     from peftlab.analysis.stats import BOOTSTRAP_MIN_SEEDS
 
-    if test not in ("t", "wilcoxon"):
-        raise PeftlabError(f"--test {test!r}: valid tests are t and wilcoxon")
-    if interval not in ("t", "bootstrap"):
-        raise PeftlabError(f"--interval {interval!r}: valid intervals are t and bootstrap")
-    if margin is not None and not (margin > 0 and math.isfinite(margin)):
-        raise PeftlabError(f"--margin {margin}: must be a positive difference in the metric's units, e.g. 0.01")
     analysis, outputs = write_report(directory, metric=metric, cost=cost, baseline=baseline, test=test, interval=interval,
                                      margin=margin, exclude_degenerate=exclude_degenerate,
                                      count_degenerate=count_degenerate)

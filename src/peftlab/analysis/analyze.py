@@ -116,6 +116,7 @@ class Analysis:
     provenance: list[str] = field(default_factory=list)  # versions, device and inputs of the compared runs
     references: list[ReferenceRow] = field(default_factory=list)  # published results beside the study's
     not_run: list[NotRun] = field(default_factory=list)  # configurations that got no seed runs (no verdict)
+    study_dir: Path | None = None  # where its runs are (the figures read their plans and training curves)
 
 
 def choose_baseline(configurations: list[Configuration], label: str | None, skipped: dict[str, str] | None = None
@@ -153,6 +154,7 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
             exclude_degenerate: bool = False, count_degenerate: bool = False, verdicts_only: bool = False) -> Analysis:
     """The study's analysis, from its store and spec. `verdicts_only`: the verdicts' outcomes and nothing the report
     adds (power figures, recommendations, limits, samples), for deciding which seeds to add after each look."""
+    check_options(test, interval, margin)
     store = open_existing(study_dir)
     try:
         snapshot = Snapshot.of(store)
@@ -160,6 +162,16 @@ def analyze(study_dir: Path, metric: str | None = None, cost: str = "trainable",
         store.close()
     return analyze_snapshot(snapshot, _read_spec(study_dir), study_dir, metric, cost, baseline, test, interval, margin,
                             exclude_degenerate, count_degenerate, verdicts_only)
+
+
+def check_options(test: str, interval: str, margin: float | None) -> None:
+    """One line for a test, interval or margin the analysis does not know."""
+    if test not in ("t", "wilcoxon"):
+        raise PeftlabError(f"--test {test!r}: valid tests are t and wilcoxon")
+    if interval not in ("t", "bootstrap"):
+        raise PeftlabError(f"--interval {interval!r}: valid intervals are t and bootstrap")
+    if margin is not None and not (isinstance(margin, (int, float)) and margin > 0 and math.isfinite(margin)):
+        raise PeftlabError(f"--margin {margin}: must be a positive difference in the metric's units, e.g. 0.01")
 
 
 def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, metric: str | None = None,
@@ -199,7 +211,7 @@ def analyze_snapshot(snapshot: Snapshot, spec: dict[str, Any], study_dir: Path, 
     analysis = Analysis(spec.get("name", study_dir.name), spec.get("description", ""), metric, higher, cost, test,
                         configurations, chosen, sum(r["status"] == "failed" for r in rows), interval, margin,
                         exclude_degenerate, design=design)
-    analysis.count_degenerate = count_degenerate
+    analysis.count_degenerate, analysis.study_dir = count_degenerate, study_dir
     analysis.tuning, analysis.tuning_steps = tuning, tuning_steps(snapshot)
     analysis.not_run = [_not_run(label, how, tuning[label], rows, margin) for label, how in skipped.items()]
     if not verdicts_only:

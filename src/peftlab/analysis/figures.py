@@ -8,14 +8,12 @@ import math
 from pathlib import Path
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from peftlab.analysis.analyze import Analysis, metric_name  # noqa: E402
-from peftlab.measures import COST_BY_NAME  # noqa: E402
-from peftlab.models.roles import Role  # noqa: E402
+from peftlab.analysis.analyze import Analysis, metric_name
+from peftlab.measures import COST_BY_NAME
+from peftlab.models.roles import Role
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 8,
@@ -24,11 +22,24 @@ STYLE = {
 ROLE_ORDER = [role.value for role in Role]  # heat-map columns: every role, fused ones (Phi-3's gate_up) included
 
 
+def _grid(rows: int, cols: int, **options):
+    """A figure and its rows x cols axes, outside pyplot: no backend is chosen or drawn on (a notebook shows the
+    figure a function returns; a worker process opens no window), and nothing is kept once the figure is dropped."""
+    fig = Figure(**options)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _subplots(**options):
+    """A figure with one axes (`_grid`)."""
+    fig, axes = _grid(1, 1, **options)
+    return fig, axes[0, 0]
+
+
 def _save(fig, folder: Path, name: str) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    fig.savefig(folder / f"{name}.pdf")
-    fig.savefig(folder / f"{name}.png")
-    plt.close(fig)
+    with matplotlib.rc_context(STYLE):
+        fig.savefig(folder / f"{name}.pdf")
+        fig.savefig(folder / f"{name}.png")
     return folder / f"{name}.png"
 
 
@@ -36,9 +47,9 @@ def _half_width(summary) -> float:
     return 0.0 if math.isnan(summary.low) else (summary.high - summary.low) / 2
 
 
-def quality_vs_cost(analysis: Analysis, folder: Path) -> Path:
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+def quality_vs_cost(analysis: Analysis) -> Figure:
+    with matplotlib.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(6.0, 4.0))
         for c in analysis.configurations:
             x = c.costs[analysis.cost].mean
             ax.errorbar(x, c.summary.mean, yerr=_half_width(c.summary), fmt="o" if c.on_front else "x",
@@ -54,21 +65,21 @@ def quality_vs_cost(analysis: Analysis, folder: Path) -> Path:
         ax.set_ylabel(f"{metric_name(analysis.metric)} (mean, 95% CI)")
         ax.set_title(f"{analysis.name}: quality vs cost")
         ax.legend(loc="best")
-        return _save(fig, folder, "quality_vs_cost")
+        return fig
 
 
-def rank_heatmaps(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
+def rank_heatmaps(analysis: Analysis) -> Figure:
     plans = []
     for c in analysis.configurations:
-        plan_file = study_dir / "runs" / c.runs[0]["id"] / "plan.json"
+        plan_file = analysis.study_dir / "runs" / c.runs[0]["id"] / "plan.json"
         plans.append((c.label, json.loads(plan_file.read_text()) if plan_file.is_file() else None))
     roles, grids = rank_grids([plan for _, plan in plans])
     n_layers = grids[0].shape[0]
     cols = min(3, len(plans))
     rows = math.ceil(len(plans) / cols)
     top = max((s["rank"] for _, p in plans if p for s in p["sites"]), default=1)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 0.35 * n_layers * rows + 1.4 * rows), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        fig, axes = _grid(rows, cols, figsize=(3.2 * cols, 0.35 * n_layers * rows + 1.4 * rows))
         image = None
         for ax, (label, _), grid in zip(axes.flat, plans, grids):
             image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=top, origin="lower")
@@ -80,7 +91,7 @@ def rank_heatmaps(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
             ax.axis("off")
         fig.colorbar(image, ax=axes.ravel().tolist(), label="LoRA rank (0 = not adapted)", shrink=0.8)
         fig.suptitle("Ranks per layer and role", fontsize=11)
-        return _save(fig, folder, "rank_heatmaps")
+        return fig
 
 
 def rank_grids(plans: list[dict | None]) -> tuple[list[str], list[np.ndarray]]:
@@ -97,13 +108,13 @@ def rank_grids(plans: list[dict | None]) -> tuple[list[str], list[np.ndarray]]:
     return roles, grids
 
 
-def training_curves(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.0, 4.0))
+def training_curves(analysis: Analysis) -> Figure:
+    with matplotlib.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(6.0, 4.0))
         for i, c in enumerate(analysis.configurations):
             curves = {}
             for run in c.runs:
-                history = study_dir / "runs" / run["id"] / "metrics.jsonl"
+                history = analysis.study_dir / "runs" / run["id"] / "metrics.jsonl"
                 if history.is_file():
                     for line in history.read_text().splitlines():
                         row = json.loads(line)
@@ -120,13 +131,13 @@ def training_curves(analysis: Analysis, study_dir: Path, folder: Path) -> Path:
         ax.set_ylabel("training loss (mean ± sd over seeds)")
         ax.set_title(f"{analysis.name}: training curves")
         ax.legend(loc="best")
-        return _save(fig, folder, "training_curves")
+        return fig
 
 
-def differences(analysis: Analysis, folder: Path) -> Path:
+def differences(analysis: Analysis) -> Figure:
     compared = [c for c in analysis.configurations if c.comparison is not None]
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(6.0, 0.45 * max(len(compared), 1) + 1.2))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(6.0, 0.45 * max(len(compared), 1) + 1.2))
         for y, c in enumerate(compared):
             cmp = c.comparison
             err = [[cmp.difference - cmp.low], [cmp.high - cmp.difference]] if not math.isnan(cmp.low) else None
@@ -137,16 +148,20 @@ def differences(analysis: Analysis, folder: Path) -> Path:
         ax.set_yticks(range(len(compared)), [c.label for c in compared])
         ax.set_xlabel(f"difference in {metric_name(analysis.metric)} vs {analysis.baseline.label} (95% CI)")
         ax.set_title("Differences vs baseline (Holm-corrected p)")
-        return _save(fig, folder, "differences")
+        return fig
 
 
-def make_figures(analysis: Analysis, study_dir: Path, folder: Path) -> dict[str, Path]:
-    return {
-        "Quality vs cost, with the Pareto frontier": quality_vs_cost(analysis, folder),
-        "Differences vs the baseline": differences(analysis, folder),
-        "Training curves (seed bands)": training_curves(analysis, study_dir, folder),
-        "Ranks per layer and role": rank_heatmaps(analysis, study_dir, folder),
-    }
+FIGURES = {  # name -> (the report's title, how it is drawn from an analysis)
+    "quality_vs_cost": ("Quality vs cost, with the Pareto frontier", quality_vs_cost),
+    "differences": ("Differences vs the baseline", differences),
+    "training_curves": ("Training curves (seed bands)", training_curves),
+    "rank_heatmaps": ("Ranks per layer and role", rank_heatmaps),
+}
+
+
+def make_figures(analysis: Analysis, folder: Path) -> dict[str, Path]:
+    """Every figure of the report, as PDF and PNG in `folder`: title -> the PNG."""
+    return {title: _save(draw(analysis), folder, name) for name, (title, draw) in FIGURES.items()}
 
 
 def sparsity_heatmap(profile, model: str, folder: Path) -> Path:
@@ -160,8 +175,8 @@ def sparsity_heatmap(profile, model: str, folder: Path) -> Path:
     for b in profile.blocks:
         for level, increase in zip(profile.levels, b.increase):
             grid[b.layer, columns.index((b.block, level))] = 100 * increase
-    with plt.rc_context(STYLE):
-        fig, ax = plt.subplots(figsize=(0.55 * len(columns) + 2.2, 0.3 * n_layers + 1.6))
+    with matplotlib.rc_context(STYLE):
+        fig, ax = _subplots(figsize=(0.55 * len(columns) + 2.2, 0.3 * n_layers + 1.6))
         top = max(np.nanmax(np.abs(grid)), 1e-9)
         image = ax.imshow(grid, aspect="auto", cmap="RdBu_r", vmin=-top, vmax=top, origin="lower")
         ax.set_xticks(range(len(columns)), [f"{'ffn' if block == 'ffn' else 'attn'} {level:g}" for block, level in columns], fontsize=7,
@@ -179,8 +194,8 @@ def importance_heatmaps(records: list[dict], folder: Path) -> Path:
     """Per-site importance (layer x role), one panel per measure, each scaled to its own maximum."""
     roles = [r for r in ROLE_ORDER if any(s["role"] == r for rec in records for s in rec["sites"])]
     n_layers = max(rec["n_layers"] for rec in records)
-    with plt.rc_context(STYLE):
-        fig, axes = plt.subplots(1, len(records), figsize=(2.6 * len(records) + 1.0, 0.3 * n_layers + 1.6), squeeze=False)
+    with matplotlib.rc_context(STYLE):
+        fig, axes = _grid(1, len(records), figsize=(2.6 * len(records) + 1.0, 0.3 * n_layers + 1.6))
         image = None
         for ax, rec in zip(axes.flat, records):
             grid = np.full((n_layers, len(roles)), np.nan)  # blank: not in the placement

@@ -385,7 +385,7 @@ def write_report(study_dir: Path, **options: Any) -> tuple[Analysis, dict[str, P
             raise PeftlabError(f"{path}: is {'a file' if name == 'figures' else 'a directory'}, where the report "
                                f"writes {wanted}; move it aside")
     analysis = analyze(study_dir, **options)
-    figures = make_figures(analysis, study_dir, study_dir / "figures")
+    figures = make_figures(analysis, study_dir / "figures")
     outputs = {
         "html": write_html(analysis, figures, study_dir / "report.html"),
         "markdown": write_markdown(analysis, figures, study_dir / "report.md"),

@@ -124,10 +124,9 @@ def _unreadable_data(config: RunConfig, read: dict[Path, str | None]) -> str | N
 
 def describe(config: RunConfig) -> tuple[str, int | None]:
     """(one line, trainable adapter parameters) for `config`'s plan and method."""
-    from peftlab.api import make_plan
     from peftlab.methods.registry import make_method
+    from peftlab.plans.plan import plan_on
     from peftlab.resolve.budget import match_budget, method_params
-    from peftlab.specs import PlanConfig
     from peftlab.tasks.kinds import task_kind
 
     model = config.model
@@ -145,7 +144,7 @@ def describe(config: RunConfig) -> tuple[str, int | None]:
     method = make_method(config.method)
     if method.size_parameter != "rank":
         return f"{method.label}{chosen}: {trainable:,} trainable", trainable
-    plan = make_plan(PlanConfig(model=model, plan=sized.plan))
+    plan = plan_on(model, sized.plan)
     make_method(sized.method).check_plan(plan)
     return f"{summarize_plan(plan)}{chosen}; {trainable:,} trainable", trainable
 

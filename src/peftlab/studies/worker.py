@@ -26,10 +26,11 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
     """Run one config into STUDY_DIR/runs/RUN_ID; (status, result summary, error). Never raises."""
     import torch
 
-    from peftlab.api import run
     from peftlab.errors import PeftlabError
     from peftlab.records.store import run_dir
+    from peftlab.resolve.run import resolve_run
     from peftlab.specs import RunConfig
+    from peftlab.train.run import execute_run
 
     torch.set_num_threads(threads)
     out = run_dir(study_dir, run_id)
@@ -37,7 +38,7 @@ def execute_study_run(study_dir: Path, run_id: str, config: dict[str, Any], thre
     # checkpoint of this config (train.checkpoint_every), else `execute_run` removes it
     shutil.rmtree(out, ignore_errors=True)
     try:
-        result = run(RunConfig.model_validate(config), out)
+        result = execute_run(resolve_run(RunConfig.model_validate(config)), out)
     except PeftlabError as exc:
         return "failed", None, str(exc)
     except Exception as exc:  # a crash in one run must not take the study down
