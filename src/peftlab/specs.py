@@ -41,9 +41,12 @@ class ModelSpec(Spec):
     head: Literal["auto", "causal-lm", "sequence-classification", "base"] = "auto"
     """Which head to build: auto = sequence classification for encoders, causal LM for decoders."""
     num_labels: int = Field(2, ge=2)
+    """Outputs of the classification head where no task sets them (`peftlab plan`); a run takes them from its task
+    (its classes, at least 2; one output for regression)."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """dtype of the weights as loaded (16-bit halves the base's memory); PEFT keeps adapters in fp32."""
     revision: str | None = None
+    """A Hub commit, tag or branch of the model: pins its weights (the commit a run loaded is recorded either way)."""
     trust_remote_code: bool = False
     """Run code shipped with a hub model. Off unless the user turns it on."""
     role_map: dict[str, Role] | None = None
@@ -121,6 +124,7 @@ class AlphaSpec(Spec):
     policy: Literal["ratio", "fixed"] = "ratio"
     """ratio: alpha = value x r (constant alpha/r; 2 gives alpha = 2r). fixed: alpha = value everywhere."""
     value: float = Field(2.0, gt=0)
+    """The ratio (policy ratio) or alpha itself (policy fixed)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -142,8 +146,13 @@ class AlphaSpec(Spec):
 
 class PlanSpec(Spec):
     placement: PlacementSpec = PlacementSpec()
+    """Where adapters go: roles and layers (see PlacementSpec); `attention` is short for {roles: attention}."""
     allocation: AllocationSpec = UniformAllocation()
+    """The rank at each adapted site: `8` or `uniform(8)`, `linear(16->4)`, `attention-heavy(8)`, `budget(100000,
+    uniform)`, `from-scores(file)`, `importance(gradient)`, or one of the mappings below."""
     alpha: AlphaSpec = AlphaSpec()
+    """LoRA's scale alpha at each site: `2r` (the default: alpha/r = 2 at every rank) or a fixed number such as
+    `16`."""
 
     @field_validator("allocation", mode="before")
     @classmethod
@@ -155,7 +164,9 @@ class PlanConfig(Spec):
     """What `peftlab plan --config` reads: a model and a plan."""
 
     model: ModelSpec = ModelSpec()
+    """The model whose sites are planned (see ModelSpec); built on the meta device, no weights loaded."""
     plan: PlanSpec = PlanSpec()
+    """Placement, ranks and alpha (see PlanSpec)."""
 
 
 class DatasetSpec(Spec):
@@ -163,6 +174,7 @@ class DatasetSpec(Spec):
     `ID` or `ID:CONFIG` (`glue:sst2`), or as this mapping."""
 
     path: str = Field(min_length=1)
+    """A Hub dataset id, a local dataset directory or a data file, as `datasets.load_dataset` takes it."""
     name: str | None = None
     """The dataset's configuration (GLUE's `sst2`, `mrpc`, ...)."""
     revision: str | None = None
@@ -204,12 +216,17 @@ class TaskSpec(Spec):
     """A `datasets` id or local path (`ID` or `ID:CONFIG`), read with `datasets.load_dataset` (see DatasetSpec).
     A GLUE task (`glue:mrpc`, `nyu-mll/glue:stsb`) brings its kind, columns and scored split (`tasks.glue`)."""
     train_split: str = "train"
+    """The dataset's split the training (and validation) rows come from (`dataset` only)."""
     test_split: str | None = None
+    """The dataset's split scored as the test split (`dataset` only; GLUE: its validation split, whose labels are
+    public); default: a `test_fraction` of the training rows."""
     text_column: str = "text"
+    """The column holding the text (classification and regression)."""
     text_pair_column: Annotated[str | None, added_with(None)] = None
     """Sentence pairs (MRPC, RTE, QNLI, QQP, STS-B): the second text's column, encoded as the tokenizer encodes a
     pair ([CLS] a [SEP] b [SEP] for BERT)."""
     label_column: str = "label"
+    """The column holding the label: a class name or number (classification), a number (regression)."""
     labels: list[str] | None = None
     """Class names in order; default: the sorted labels found in training."""
     format: Literal[("auto", *Instruction.FORMATS, "chat")] = "auto"  # type: ignore[valid-type]
@@ -224,11 +241,17 @@ class TaskSpec(Spec):
     max_length: int = Field(128, ge=8, le=1_048_576)
     """Tokens per example; at most the model's position limit (checked before the data is read)."""
     validation_fraction: float = Field(0.1, ge=0, lt=1)
+    """Share of the training rows (after the test rows are taken) held out for validation: what early evaluations,
+    learning-rate tuning and degenerate checks read. 0: no validation split."""
     test_fraction: float = Field(0.2, gt=0, lt=1)
+    """Share of the training rows held out as the test split when the task has no test rows of its own
+    (`test_path`, `test_split`)."""
     split_seed: Seed = 0
     """Seed of the train/validation/test split; fixed across training seeds so runs pair up."""
     max_train_examples: int | None = Field(None, ge=1)
+    """Train on at most this many rows (the first of the split's seeded order); default: all."""
     max_eval_examples: int | None = Field(None, ge=1)
+    """Score at most this many validation and test rows (the first of each split); default: all."""
 
     @model_validator(mode="before")
     @classmethod
@@ -259,24 +282,34 @@ class TaskSpec(Spec):
 
 class TrainSpec(Spec):
     seed: Seed = 0
+    """Seed of the initialization, dropout and batch order; a study sets it to each of its seeds."""
     epochs: float = Field(1.0, gt=0, le=100_000)
+    """Passes over the training rows (fractions allowed); `max_steps` overrides it."""
     max_steps: int | None = Field(None, ge=1)
     """Optimizer steps; overrides epochs. A run of fewer steps than an epoch trains on the first
     max_steps x batch_size x grad_accum training examples (of the split's seeded order): only they are tokenized,
     unless the method starts from the whole training split (LoRA's EVA init, SparseLoRA's calibrated sparsity)."""
     batch_size: int = Field(16, ge=1)
+    """Examples per forward pass."""
     batching: Literal["bucketed", "random"] = "bucketed"
     """bucketed: examples of similar length train together (less padding; a fresh random mix every epoch).
     random: uniformly random batches, as most trainers draw them."""
     eval_batch_size: int = Field(64, ge=1)
+    """Examples per forward pass in evaluation (no gradients kept, so it can be larger)."""
     grad_accum: int = Field(1, ge=1)
+    """Forward passes whose gradients add up to one optimizer step (effective batch = batch_size x grad_accum)."""
     lr: float = Field(5e-4, gt=0)
+    """Peak learning rate, reached after warmup. A study's `tune` chooses it per configuration on validation."""
     weight_decay: float = Field(0.0, ge=0)
+    """AdamW's decoupled weight decay on the trainable weights."""
     optimizer: Literal["adamw", "adamw-8bit", "paged-adamw", "paged-adamw-8bit"] = "adamw"
     """adamw: torch's; the others are bitsandbytes' 8-bit and paged AdamW (QLoRA's memory savers)."""
     schedule: Literal["linear", "cosine", "constant"] = "linear"
+    """Learning-rate schedule after warmup: linear decay to 0, cosine decay to 0, or constant."""
     warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    """Share of the optimizer steps over which the rate rises linearly from 0 to `lr`."""
     max_grad_norm: float | None = Field(1.0, gt=0)
+    """Clip the gradients' global norm to this value before each step; null: no clipping."""
     eval_every: int = Field(0, ge=0)
     """Evaluate on the validation split every N optimizer steps (0: only at the end)."""
     eval_at: Annotated[list[float] | None, UNLEARNED] = None
@@ -284,6 +317,7 @@ class TrainSpec(Spec):
     keeps each as `metrics.validation@0.5` beside the final `metrics.validation`, which shows whether a run was
     still improving when it stopped. Default: none for a run, [0.75] for a study's seed runs."""
     log_every: int = Field(10, ge=1)
+    """Record the training loss every N optimizer steps (metrics.jsonl, trackers, training curves)."""
     device: Annotated[Literal["auto", "cuda", "mps", "cpu"], added_with("auto")] = "auto"
     """auto: CUDA, then Apple's MPS, then the CPU."""
     precision: Literal["auto", "native", "fp32", "bf16", "fp16"] = "auto"
@@ -344,12 +378,17 @@ class GenerateSpec(Spec):
     examples: int = Field(200, ge=1)
     """Test examples completed: the first N of the (seeded, shuffled) test split, the same for every run."""
     max_new_tokens: int = Field(128, ge=1, le=4096)
+    """Tokens generated per completion at most (a completion ends earlier at the end-of-sequence token)."""
     batch_size: int = Field(16, ge=1)
+    """Prompts completed at once (left-padded)."""
     greedy: bool = True
     """Greedy decoding (deterministic); off: sampled with temperature and top_p from `seed`."""
     temperature: float = Field(1.0, gt=0)
+    """Sampling temperature (with `greedy: false`)."""
     top_p: float = Field(1.0, gt=0, le=1)
+    """Nucleus sampling's probability mass (with `greedy: false`)."""
     seed: Seed = 0
+    """Seed of sampled decoding (with `greedy: false`), the same for every run so completions pair up."""
     base: bool = True
     """Also complete the prompts with the base model (cached, so a study pays for it once) and score it."""
 
@@ -361,6 +400,7 @@ class ForgettingSpec(Spec):
     path: Path
     """A .txt file, or CSV / JSON / JSONL rows whose `text` column is read."""
     text_column: str = "text"
+    """The column read from CSV / JSON / JSONL rows."""
     max_tokens: int = Field(32768, ge=16)
     """Tokens read from the text at most (its start)."""
 
@@ -425,6 +465,7 @@ class TrackingSpec(Spec):
     {backends: [tensorboard, mlflow]}."""
 
     backends: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(min_length=1)
+    """Trackers to log to: tensorboard, mlflow and/or wandb (each needs its package: the extras of the same names)."""
     project: str = Field("peftlab", min_length=1, pattern=r"\S")
     """MLflow's experiment, W&B's project."""
     run_name: str | None = None
@@ -453,10 +494,16 @@ class RunConfig(Spec):
     """What `peftlab run` reads: model, task, plan, method and training settings."""
 
     model: ModelSpec = ModelSpec()
+    """The base model and how it is loaded (see ModelSpec); a string is its name."""
     task: TaskSpec = TaskSpec(name="reviews")
+    """The data and how it is read and split (see TaskSpec); a string is a bundled task's name."""
     plan: PlanSpec = PlanSpec()
+    """Where adapters go and with which rank and alpha (see PlanSpec)."""
     method: MethodSpec = LoraSpec()
+    """The fine-tuning method and its options, chosen by `name` (lora, qlora, sparselora, adalora, hira,
+    bottleneck, prefix, bitfit, peft, full); a string is its name (`peft:loha` for a PEFT type)."""
     train: TrainSpec = TrainSpec()
+    """Optimization, batching, evaluation schedule, device and precision (see TrainSpec)."""
     eval: EvalSpec = EvalSpec()
     """Evaluation beyond loss and accuracy: generation scores and forgetting (instruction tasks)."""
     tracking: Annotated[TrackingSpec | None, UNLEARNED] = None
@@ -528,8 +575,11 @@ class Range(Spec):
     """A range of a sampled setting: low to high, on a log scale with `log`."""
 
     low: float
+    """The range's lower end (drawn values are at least this)."""
     high: float
+    """The range's upper end (drawn values are below this)."""
     log: bool = False
+    """Draw uniformly on a log scale (rates, weight decay), else linearly."""
 
     @model_validator(mode="after")
     def _ordered(self) -> Range:
@@ -545,6 +595,7 @@ class SampleSpec(Spec):
     points: int = Field(8, ge=2, le=200)
     """How many points to draw."""
     seed: int = Field(0, ge=0)
+    """The sampler's seed: the same seed draws the same points."""
     sampler: Literal["sobol", "random"] = "sobol"
     """sobol: a scrambled Sobol sequence (Optuna's QMCSampler), which covers the space evenly with few points;
     random: independent draws (RandomSampler). Choices (lists) are drawn at random by both."""
@@ -756,13 +807,17 @@ class StudySpec(Spec):
     """A study: a base run config, axes whose values are combined, and seeds for each combination."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    """The study's name: letters, digits, `_`, `.` and `-`; its default directory is studies/<name>."""
     description: str = ""
+    """A sentence the report opens with: what the study asks."""
     base: dict[str, Any] = {}
     """A run config (model, task, plan, method, train) shared by every run."""
     axes: dict[str, dict[str, Any] | list[Any]] = {}
     """axis (a shortcut such as placement, or a dotted path such as train.lr) -> values,
     as a list or as a mapping name -> value (names label the configurations)."""
     seeds: list[Seed] = Field(default_factory=lambda: [0], min_length=1, max_length=MAX_SEEDS)
+    """Training seeds every configuration runs with (runs pair up by seed); or {min: 3, max: 12} for seeds until
+    resolved."""
     metric: str | None = None
     """The quality metric the verdicts, seeds until resolved and the report judge: a name (mcc) or a dotted column
     (metrics.benchmarks.arc_easy.acc); default: the task's (its GLUE metric, else its kind's primary)."""

@@ -37,6 +37,7 @@ class MethodSpecBase(BaseModel):
 class LoraSpec(MethodSpecBase):
     name: Literal["lora"] = "lora"
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input (PEFT's lora_dropout)."""
     use_dora: bool = False
     """DoRA (Liu et al., 2024): a trained magnitude per output channel on top of the LoRA direction."""
     use_rslora: bool = False
@@ -44,6 +45,7 @@ class LoraSpec(MethodSpecBase):
     loraplus: bool = False
     """LoRA+ (Hayou et al., 2024): the B matrices learn `loraplus_lr_ratio` times faster than A."""
     loraplus_lr_ratio: float = Field(16.0, gt=0)
+    """With `loraplus`: the B matrices' learning rate over A's (the paper's 16)."""
     init: Annotated[Literal["default", "gaussian", "pissa", "olora", "eva", "loftq"], added_with("default")] = "default"
     """How A and B start (PEFT's `init_lora_weights`). default: A Kaiming-uniform, B zero; gaussian: A Gaussian;
     pissa / olora: A and B from the base weight's principal singular vectors / its QR factors, the base keeps the
@@ -61,9 +63,11 @@ class LoraSpec(MethodSpecBase):
 class QLoraSpec(LoraSpec):
     name: Literal["qlora"] = "qlora"  # type: ignore[assignment]
     quant_type: Literal["nf4", "fp4"] = "nf4"
+    """The 4-bit data type of the frozen base weights: nf4 (NormalFloat, QLoRA's) or fp4."""
     double_quant: bool = True
     """Quantize the per-block scales too (about 0.37 bits per parameter saved)."""
     blocksize: Literal[32, 64, 128, 256] = 64
+    """Weights per quantization block (one scale each)."""
     compute_dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     """dtype of the 4-bit matmuls; auto: bf16 on a GPU that supports it, fp32 otherwise."""
     merge_dtype: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -73,7 +77,9 @@ class QLoraSpec(LoraSpec):
 
 class LayerSparsity(MethodSpecBase):
     ffn: float | None = Field(None, ge=0, lt=1)
+    """Fraction of this layer's FFN channels skipped for context tokens; null: the profile's."""
     attention: float | None = Field(None, ge=0, lt=1)
+    """Fraction of this layer's q/k and v/o channels skipped for context tokens; null: the profile's."""
 
 
 class AutoSparsity(MethodSpecBase):
@@ -132,6 +138,8 @@ class SparseLoraSpec(LoraSpec):
     layers: dict[int, LayerSparsity] = {}
     """Per-layer overrides, e.g. {5: {ffn: 0.5, attention: 0}}."""
     estimator_rank: int = Field(8, ge=1)
+    """Rank of the SVD of each base weight that predicts, per token, which channels matter (SparseLoRA's
+    training-free estimator)."""
     dense_fraction: float = Field(0.05, ge=0, le=1)
     """Share of the optimizer steps at the start that run dense."""
     sparse_outputs: bool = False
@@ -159,7 +167,9 @@ class AdaLoraSpec(MethodSpecBase):
     final_fraction: float = Field(0.3, ge=0, lt=1)
     """Steps with the final ranks fixed (tfinal), as a fraction of the run."""
     orth_reg_weight: float = Field(0.5, ge=0)
+    """Weight of the orthogonality penalty on AdaLoRA's P and Q (PEFT's orth_reg_weight)."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input."""
 
     def without_checkpointing(self) -> str | None:
         return "PEFT's AdaLoRA rank allocator fails on a model with checkpointed layers"
@@ -168,6 +178,7 @@ class AdaLoraSpec(MethodSpecBase):
 class HiraSpec(MethodSpecBase):
     name: Literal["hira"] = "hira"
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the adapter's input."""
 
 
 class BottleneckSpec(MethodSpecBase):
@@ -175,7 +186,9 @@ class BottleneckSpec(MethodSpecBase):
     variant: Literal["houlsby", "pfeiffer"] = "houlsby"
     """houlsby: after attention and after the FFN; pfeiffer: after the FFN only."""
     activation: Literal["relu", "gelu", "silu"] = "relu"
+    """The nonlinearity between the down and up projections."""
     dropout: float = Field(0.0, ge=0, lt=1)
+    """Dropout on the bottleneck's output, before the up projection."""
 
 
 class PrefixSpec(MethodSpecBase):
@@ -183,10 +196,12 @@ class PrefixSpec(MethodSpecBase):
     variant: Literal["prefix", "prompt"] = "prefix"
     """prefix: keys and values at every layer; prompt: input embeddings before the text."""
     num_virtual_tokens: int = Field(16, ge=1, le=4096)
+    """Length of the learned prefix (or prompt), in tokens: its size parameter, matched by `budget`."""
     projection: bool = False
     """Prefix only: train the prefix through a two-layer MLP (Li & Liang's reparametrisation); more
     parameters while training, the same prefix at inference."""
     projection_hidden: int = Field(512, ge=1)
+    """With `projection`: the MLP's hidden width."""
 
     def without_checkpointing(self) -> str | None:
         if self.variant == "prefix":
@@ -216,6 +231,7 @@ class PeftTypeSpec(MethodSpecBase):
 
     name: Literal["peft"] = "peft"
     type: Literal[tuple(PEFT_TYPES)]  # type: ignore[valid-type]
+    """The PEFT method: LOHA, LOKR, IA3, VERA, OFT, BOFT or FOURIERFT (case-insensitive)."""
     options: dict[str, Any] = {}
     """Further fields of the type's PEFT config (e.g. LOKR's decompose_factor, OFT's oft_block_size)."""
 

@@ -46,6 +46,7 @@ class UniformAllocation(_Allocation):
 
     kind: Literal["uniform"] = "uniform"
     rank: int = Field(8, ge=1)
+    """The rank at every site."""
     positional: ClassVar = ("rank",)
 
     def shape(self, sites):
@@ -57,7 +58,9 @@ class LinearAllocation(_Allocation):
 
     kind: Literal["linear"] = "linear"
     first: int = Field(ge=1)
+    """The rank at the first (lowest) adapted layer."""
     last: int = Field(ge=1)
+    """The rank at the last (highest) adapted layer."""
     positional: ClassVar = ("first", "last")
 
     def shape(self, sites):
@@ -77,7 +80,10 @@ class RoleWeightedAllocation(_Allocation):
 
     kind: Literal["role-weighted"] = "role-weighted"
     rank: int = Field(8, ge=1)
+    """The base rank, multiplied by each site's weight."""
     weights: dict[str, float]
+    """Role (`q`, `attn.o`) or group (`attn`, `ffn`) -> weight; a role named directly wins over its group; default
+    1. `attention-heavy(8)` is {attn: 2, ffn: 1}, `ffn-heavy(8)` the reverse."""
     positional: ClassVar = ("rank",)
 
     @field_validator("weights")
@@ -120,9 +126,13 @@ class FromScoresAllocation(_Allocation):
 
     kind: Literal["from-scores"] = "from-scores"
     path: Path
+    """The scores file (JSON or CSV), e.g. written by `peftlab importance`."""
     rank: float = Field(8.0, gt=0)
+    """The mean rank over the planned sites."""
     min: int = Field(1, ge=1)
+    """The smallest rank a site gets."""
     max: int = Field(64, ge=1)
+    """The largest rank a site gets."""
     positional: ClassVar = ("path",)
 
     _check_range = model_validator(mode="after")(_min_at_most_max)
@@ -176,12 +186,15 @@ class ImportanceAllocation(_Allocation):
     rank: float = Field(8.0, gt=0)
     """Mean rank; also the rank of the probe's LoRA / AdaLoRA run (update, adalora)."""
     min: int = Field(1, ge=1)
+    """The smallest rank a site gets."""
     max: int = Field(64, ge=1)
+    """The largest rank a site gets."""
     steps: int = Field(64, ge=1)
     """Probe batches (gradient, fisher, activation) or optimizer steps (update, adalora)."""
     seed: int = Field(0, ge=0, le=2**32 - 1)
     """The probe's seed: fixed across training seeds, so every seed of a study trains the same plan."""
     scores: Path | None = None
+    """Filled in by the run: the probe's cached scores file. Leave it out."""
     positional: ClassVar = ("measure",)
 
     _check_range = model_validator(mode="after")(_min_at_most_max)
@@ -213,7 +226,9 @@ class BudgetAllocation(_Allocation):
 
     kind: Literal["budget"] = "budget"
     params: int = Field(gt=0)
+    """Trainable adapter parameters to come closest to (the head excluded)."""
     shape_: ShapeSpec = UniformAllocation()
+    """The allocation whose shape is scaled (default uniform): e.g. `budget(100000, linear(16->4))`."""
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, populate_by_name=True,
                               serialize_by_alias=True)
     positional: ClassVar = ("params", "shape")
