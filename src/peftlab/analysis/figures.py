@@ -22,10 +22,22 @@ STYLE = {
 ROLE_ORDER = [role.value for role in Role]  # heat-map columns: every role, fused ones (Phi-3's gate_up) included
 
 
+class ReportFigure(Figure):
+    """A matplotlib Figure that a notebook shows inline whatever its backend (IPython reads `_repr_png_`)."""
+
+    def _repr_png_(self) -> bytes:
+        import io
+
+        buffer = io.BytesIO()
+        with matplotlib.rc_context(STYLE):
+            self.savefig(buffer, format="png")
+        return buffer.getvalue()
+
+
 def _grid(rows: int, cols: int, **options):
     """A figure and its rows x cols axes, outside pyplot: no backend is chosen or drawn on (a notebook shows the
     figure a function returns; a worker process opens no window), and nothing is kept once the figure is dropped."""
-    fig = Figure(**options)
+    fig = ReportFigure(**options)
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
