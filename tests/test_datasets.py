@@ -81,13 +81,13 @@ def test_the_command_line_names_a_dataset_by_id_and_configuration(glue_like, cli
     assert result["config"]["task"]["dataset"] == f"{glue_like}:sst2" and result["status"] == "done"
 
 
-def test_glue_tasks_are_judged_by_their_published_metric_and_the_readme_shows_the_same_table():
+def test_glue_tasks_are_judged_by_their_published_metric_and_the_docs_show_the_same_table():
     from pathlib import Path
 
     from peftlab.records.results import primary_metric
     from peftlab.tasks.glue import GLUE, glue_task
 
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[1] / "docs" / "tutorials" / "published-results.md").read_text()
     for task in GLUE.values():
         columns = task.text + (f", {task.pair}" if task.pair else "")
         assert f"| {task.name} | {task.kind} | {columns} | {task.test_split} | {', '.join(task.metrics)} |" in readme

@@ -4,11 +4,11 @@
 import peftlab.api as pl
 
 directory = pl.run_study("placement", "studies/placement", jobs=2)
-runs = pl.load_runs(directory)                           # one row per run: its settings, metrics and costs
+runs = pl.load_runs(directory)          # a DataFrame: one row per run
 analysis = pl.analyse(directory, metric="accuracy", margin=0.02)
-pl.verdicts(analysis)                                    # one row per configuration, with its verdict
-pl.figure(analysis, "quality_vs_cost")                   # a matplotlib Figure (shown inline in a notebook)
-pl.write_report(directory)                               # report.html, report.md, tables.tex, summary.csv
+pl.verdicts(analysis)                   # a DataFrame: one row per configuration
+pl.figure(analysis, "quality_vs_cost")  # a matplotlib Figure, inline in a notebook
+pl.write_report(directory)              # report.html, report.md, tables.tex, ...
 ```
 
 Every function here is what a CLI command does, with the same checks: bad input raises `PeftlabError` with the

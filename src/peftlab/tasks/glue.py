@@ -1,7 +1,8 @@
 """The GLUE benchmark's tasks as the papers report them: each task's columns, kind, the split scored (GLUE's
 test labels are hidden, so published fine-tuning numbers are on the dev split) and its metrics, the first being
 the one a study of it is judged by (CoLA: Matthews correlation; STS-B: Pearson; MRPC and QQP: F1, then
-accuracy; the rest: accuracy). The README's GLUE table is this one (a test compares them).
+accuracy; the rest: accuracy). The GLUE table of docs/tutorials/published-results.md is this one (a test compares
+them).
 """
 
 from __future__ import annotations
