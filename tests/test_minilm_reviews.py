@@ -12,7 +12,7 @@ from peftlab.specs import RunConfig
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(900)  # about 80 seconds alone on 2 cores; generous for a shared, noisy machine
+@pytest.mark.timeout(900)  # about 45 seconds alone on 2 cores (bf16 where the CPU has it); generous for a noisy machine
 def test_minilm_attention_lora_beats_the_majority_class(tmp_path, monkeypatch):
     from conftest import run_to_dict
 
@@ -20,12 +20,13 @@ def test_minilm_attention_lora_beats_the_majority_class(tmp_path, monkeypatch):
     config = validate(RunConfig, {"model": "minilm-l6",
                                   "task": {"name": "reviews", "max_length": 96, "max_eval_examples": 500},
                                   "plan": {"placement": "attention", "allocation": 8},
-                                  "train": {"max_steps": 120, "lr": 2e-3, "latency_batches": 0}}, "test")
+                                  "train": {"max_steps": 120, "lr": 2e-3, "latency_batches": 0,
+                                            "precision": "native"}}, "test")
     result = run_to_dict(config, tmp_path / "run")
     assert result["status"] == "done"
     test = result["metrics"]["test"]
     assert result["data"]["test"] == 500
     assert test["predicted_classes"] == 2  # a run collapsed to one class predicts one
-    assert test["accuracy"] >= 0.78 > test["majority_rate"]  # 0.808 on this machine; the majority class: 62.2%
+    assert test["accuracy"] >= 0.78 > test["majority_rate"]  # 0.802 here, in bf16 and fp32; the majority class: 62.2%
     assert result["cost"]["adapter_params"] == 6 * 4 * 8 * (384 + 384)
     print("minilm-l6 + reviews:", test, result["cost"]["train_seconds"], "s")
