@@ -205,3 +205,20 @@ def test_the_link_checker_finds_a_missing_page_and_a_missing_anchor(tmp_path):
     (tmp_path / "a" / "index.html").write_text('<p id="here"><a href="../index.html#top">back</a></p>')
     assert broken_links(tmp_path) == ["index.html -> a/#gone (no such anchor)", "index.html -> b/",
                                       "index.html -> /img.png"]
+
+
+def test_every_list_in_the_docs_renders_as_a_list():
+    """MkDocs' Markdown needs a blank line before a list and four spaces to nest one: a list written the
+    GitHub way would run into the paragraph above it on the site."""
+    bad = []
+    for page in sorted((ROOT / "docs").rglob("*.md")):
+        fenced, previous = False, ""
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            fenced ^= line.startswith("```")
+            if not fenced and re.match(r"([-*]|\d+\.) ", line) and previous.strip() and \
+                    not re.match(r"\s*([-*]|\d+\.) |\s|#|\|", previous):
+                bad.append(f"{page.relative_to(ROOT)}:{number}: a list right after a paragraph line")
+            if not fenced and re.match(r" {1,3}[-*] ", line):
+                bad.append(f"{page.relative_to(ROOT)}:{number}: a nested list indented less than 4 spaces")
+            previous = line
+    assert bad == []

@@ -171,6 +171,6 @@ def _command_section(command: Any, path: str, parent: Any) -> list[str]:
             default = "" if p.required else f"`{p.default}`" if p.default not in (None, False, ()) else ""
             lines.append(f"| {names} | {default} | {_cell(getattr(p, 'help', None) or '')} |")
         lines.append("")
-    for name, sub in sorted(getattr(command, "commands", {}).items()):
+    for name, sub in getattr(command, "commands", {}).items():  # in the order the CLI declares them
         lines += _command_section(sub, f"{path} {name}", ctx)
     return lines
