@@ -261,3 +261,42 @@ def test_the_head_is_read_from_transformers_registries_also_for_a_model_with_its
     assert head_kind(own) is None and head_modules(own) == []  # unregistered: no head is guessed from its name
     own.config.auto_map = {"AutoModelForSequenceClassification": "modeling_mine.MyClassifier"}
     assert head_kind(own) == "sequence-classification" and head_modules(own) == ["score"]
+
+
+def test_every_part_of_a_fused_projection_gets_its_own_update_with_fused_parts(tmp_path):
+    """placement.fused: parts (the LoRA paper's MergedLinear): q, k and v of GPT-2's c_attn each get their own A and
+    B at the plan's rank, are counted as such, save, reload and merge to the same outputs."""
+    from peftlab.methods.fused_slices import slice_modules
+
+    plan = make_plan("tiny-gpt2", placement={"roles": "q,k,v,o", "fused": "parts"}, allocation=4)
+    whole = make_plan("tiny-gpt2", placement={"roles": "q,k,v,o"}, allocation=4)
+    assert {(p.site.role.short, p.site.out_slice) for p in plan.sites if p.site.layer == 0} == {
+        ("q", (0, 64)), ("k", (64, 128)), ("v", (128, 192)), ("o", None)}
+    per_layer = 3 * 4 * (64 + 64) + 4 * (64 + 64)
+    assert plan.trainable_params == 2 * per_layer and whole.trainable_params == 2 * (4 * (64 + 192) + 4 * (64 + 64))
+    method = make_method(LoraSpec())
+    model = method.apply(tiny("tiny-gpt2", "causal-lm"), plan, [])
+    assert trainable_counts(model, [])["adapter"] == plan.trainable_params
+    attn = slice_modules(model)["transformer.h.1.attn.c_attn"]
+    assert [a.shape for a in attn.lora_A] == [torch.Size([4, 64])] * 3 and attn.slices == [(0, 64), (64, 128), (128, 192)]
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    trained = logits(model)
+    assert not torch.allclose(trained, logits(tiny("tiny-gpt2", "causal-lm")), atol=1e-4)
+    method.save(model, tmp_path / "adapter")
+    fresh_method = make_method(LoraSpec())
+    fresh = fresh_method.load(fresh_method.apply(tiny("tiny-gpt2", "causal-lm"), plan, []), tmp_path / "adapter")
+    assert torch.allclose(logits(fresh), trained, atol=1e-6)
+    fresh_method.merge(fresh)
+    assert torch.allclose(logits(fresh), trained, atol=1e-5)
+
+
+def test_fused_parts_on_a_method_peft_runs_is_one_line():
+    from peftlab.errors import PeftlabError
+    from peftlab.methods.specs import HiraSpec
+
+    plan = make_plan("tiny-gpt2", placement={"roles": "attention", "fused": "parts"}, allocation=4)
+    with pytest.raises(PeftlabError, match="select all its parts with placement.fused: whole"):
+        make_method(HiraSpec()).apply(tiny("tiny-gpt2", "causal-lm"), plan, [])

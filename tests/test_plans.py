@@ -182,3 +182,24 @@ def test_phi3_placements_take_fused_modules_whole_or_as_slices():
     weighted = make_plan("tiny-phi3", placement="all", allocation="role-weighted(4, attn=2, ffn=1)")
     assert {p.site.role: p.rank for p in weighted.sites if p.site.layer == 0} == {
         Role.QKV: 8, Role.O: 8, Role.GATE_UP: 4, Role.DOWN: 4}
+
+
+def test_per_part_ranks_count_as_the_lora_paper_counts(tmp_path):
+    """gpt2-medium, q, k, v at r=4: one update per part 3 x 4 x 2 x 1024 x 24 = 589,824, against 393,216 for one
+    update on c_attn. GPT-3 175B's layout: every weight-type setting of the LoRA paper's 18M budget (Table 5) is
+    18,874,368 parameters only with one update per part; its 4.7M and 37.7M rows are q, v at r=1 and r=8."""
+    import json
+
+    medium = {"roles": "q,k,v"}
+    assert make_plan("gpt2-medium", placement={**medium, "fused": "parts"}, allocation=4).trainable_params == 589_824
+    assert make_plan("gpt2-medium", placement=medium, allocation=4).trainable_params == 393_216
+    gpt3 = tmp_path / "gpt3-175b.json"
+    gpt3.write_text(json.dumps({"model_type": "gpt2", "n_layer": 96, "n_embd": 12288, "n_head": 96,
+                                "n_positions": 2048, "vocab_size": 50257}))
+    table5 = {"q": 8, "k": 8, "v": 8, "o": 8, "q,k": 4, "q,v": 4, "q,k,v,o": 2}
+    counts = {roles: make_plan(str(gpt3), placement={"roles": roles, "fused": "parts"}, allocation=r).trainable_params
+              for roles, r in table5.items()}
+    assert set(counts.values()) == {18_874_368}
+    assert make_plan(str(gpt3), placement={"roles": "q,k,v,o"}, allocation=2).trainable_params == 14_155_776  # whole
+    assert make_plan(str(gpt3), placement={"roles": "q,v", "fused": "parts"}, allocation=1).trainable_params == 4_718_592
+    assert make_plan(str(gpt3), placement={"roles": "q,v", "fused": "parts"}, allocation=8).trainable_params == 37_748_736

@@ -77,6 +77,8 @@ def plan(
     placement: Annotated[Optional[str], typer.Option(help="all | attention | ffn | roles such as q,v")] = None,
     layers: Annotated[Optional[str], typer.Option(help="all | lower-half | upper-half | every-2nd | last-4 | 0,2,5 ...")] = None,
     modules: Annotated[Optional[str], typer.Option(help="PEFT-style module names, comma-separated (warned if ambiguous).")] = None,
+    fused: Annotated[Optional[str], typer.Option(help="whole (one update per fused projection, PEFT's) | parts (one per "
+                                                 "part with its own rank, the LoRA paper's)")] = None,
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
     allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | attention-heavy(8) | budget(N, shape) | from-scores(file) | importance(measure)")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="2r (alpha = 2r, the default) | 16 (fixed)")] = None,
@@ -91,6 +93,7 @@ def plan(
         "plan.placement.roles": placement,
         "plan.placement.layers": layers,
         "plan.placement.modules": modules.split(",") if modules else None,
+        "plan.placement.fused": fused,
         **_allocation_override(allocation, rank),
         "plan.alpha": alpha,
     }

@@ -93,6 +93,13 @@ class PlacementSpec(Spec):
     `first-4`, `last-4`, or explicit indices (`0,2,5`, `0-3`, [0, 2, 5])."""
     modules: list[str] | None = None
     """PEFT-style module names matched as path suffixes (warned when a name spans several roles)."""
+    fused: Annotated[Literal["whole", "parts"], added_with("whole")] = "whole"
+    """A fused projection whose every part is selected (GPT-2's `c_attn` with q, k and v, Phi-3's `qkv_proj`,
+    `gate_up_proj`): whole = one update on the whole module (PEFT's way, the default); parts = one update per
+    part, each with its own rank, as the LoRA paper's implementation (loralib's MergedLinear) adapts it and as its
+    GPT-3 tables count (q, k, v at r=4 on gpt2-medium: 589,824 parameters, against 393,216 whole). Parts of a
+    fused projection train with LoRA and SparseLoRA only. Where some parts are selected, only those are
+    adapted, either way."""
 
     @model_validator(mode="before")
     @classmethod

@@ -52,7 +52,8 @@ class QLoraMethod(LoraMethod):
         slices = [p.site for p in plan.sites if p.site.is_slice]
         if slices:
             raise PeftlabError(f"method qlora: {slices[0].role} is a slice of the fused projection {slices[0].path}; "
-                               "QLoRA adapts whole modules: select q, k and v together, or use method lora")
+                               "QLoRA adapts whole modules: select all its parts with placement.fused: whole, or use "
+                               "method lora")
         output = model.get_output_embeddings()
         skip = list(head) + [name for name, module in model.named_modules() if output is not None and module is output]
         device = "cuda" if torch.cuda.is_available() else "cpu"

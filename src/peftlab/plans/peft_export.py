@@ -19,7 +19,8 @@ def lora_config_kwargs(plan: Plan, dropout: float = 0.0, modules_to_save: list[s
     if slices:
         raise PeftlabError(
             f"the plan adapts {slices[0].role} as a slice of the fused projection {slices[0].path}; "
-            "PEFT can only adapt the whole module: select q, k and v together, or use peftlab's fused-slice LoRA"
+            "PEFT can only adapt the whole module: select all its parts with placement.fused: whole, or use peftlab's "
+            "fused-slice LoRA (method lora)"
         )
     rank = Counter(p.rank for p in plan.sites).most_common(1)[0][0]
     alpha = Counter(p.alpha for p in plan.sites).most_common(1)[0][0]

@@ -111,8 +111,9 @@ def _match_modules(whole: list[Site], patterns: list[str]) -> tuple[set[str], li
 def select_sites(model_sites: ModelSites, spec: PlacementSpec) -> tuple[list[Site], list[str]]:
     """The sites a placement adapts, and warnings for the user.
 
-    A fused q/k/v projection is adapted whole (`attn.qkv`) when q, k and v are all selected, and
-    as output slices when only some are (e.g. q and v, as in the LoRA paper's GPT-2 runs).
+    A fused q/k/v projection is adapted whole (`attn.qkv`) when q, k and v are all selected (unless
+    `spec.fused` is `parts`), and as output slices when only some are (e.g. q and v, as in the LoRA paper's
+    GPT-2 runs).
     """
     layers = set(select_layers(spec.layers, model_sites.n_layers))
     if spec.roles is not None:
@@ -134,7 +135,8 @@ def select_sites(model_sites: ModelSites, spec: PlacementSpec) -> tuple[list[Sit
             continue
         if module.role in FUSED_PARTS:
             parts = [s for s in sites if s.is_slice and s.role in roles]
-            chosen.extend([module] if len(parts) == len(sites) - 1 else parts)
+            every = len(parts) == len(sites) - 1
+            chosen.extend([module] if every and spec.fused == "whole" else parts)
         elif module.role in roles:
             chosen.append(module)
     if not chosen:
