@@ -298,9 +298,13 @@ class TrainSpec(Spec):
     unless the method starts from the whole training split (LoRA's EVA init, SparseLoRA's calibrated sparsity)."""
     batch_size: int = Field(16, ge=1)
     """Examples per forward pass."""
-    batching: Literal["bucketed", "random"] = "bucketed"
+    batching: Literal["bucketed", "random", "packed"] = "bucketed"
     """bucketed: examples of similar length train together (less padding; a fresh random mix every epoch).
-    random: uniformly random batches, as most trainers draw them."""
+    random: uniformly random batches, as most trainers draw them. packed (instruction tasks on a causal LM): the
+    batches of `random`, each concatenated into one row without padding, positions restarting at every example
+    and attention confined to it (transformers' packed-sequence masks): the same losses and gradients as
+    `random`, without computing padding; one process, LoRA-family and other methods that leave the sequence as
+    it is (not prefix tuning, not SparseLoRA)."""
     eval_batch_size: int = Field(64, ge=1)
     """Examples per forward pass in evaluation (no gradients kept, so it can be larger)."""
     grad_accum: int = Field(1, ge=1)
@@ -518,6 +522,18 @@ class RunConfig(Spec):
     budget: int | None = Field(None, ge=1)
     """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the
     placement, bottleneck width, prefix length) is chosen to come closest, for equal-budget comparisons."""
+
+    @model_validator(mode="after")
+    def _packing_fits(self) -> RunConfig:
+        if self.train.batching != "packed":
+            return self
+        if self.task.resolved_kind != "instruction":
+            raise ValueError(f"train.batching: packed applies to instruction tasks (a causal LM); this task is "
+                             f"{self.task.resolved_kind}: use bucketed or random")
+        if self.method.name in ("prefix", "sparselora"):
+            raise ValueError(f"train.batching: packed: method {self.method.name} reads each example as a padded row "
+                             "of its own; use bucketed or random")
+        return self
 
     @model_validator(mode="after")
     def _evaluation_fits_the_task(self) -> RunConfig:

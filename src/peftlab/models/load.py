@@ -444,9 +444,12 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def backbone_hidden(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The backbone's last hidden states at the batch's positions (adapters inside it still apply)."""
+    """The backbone's last hidden states at the batch's positions (adapters inside it still apply); a packed batch
+    (`tasks.prepare.collate_packed`) is read with its position ids and no mask."""
     base = unwrap(model)
     backbone = getattr(base, base.base_model_prefix)
+    if "position_ids" in batch:  # a packed row: no mask, so that transformers confines attention to each example
+        return backbone(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).last_hidden_state
     return backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     use_cache=False).last_hidden_state  # no key/value cache: nothing generates
 

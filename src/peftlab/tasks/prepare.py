@@ -185,6 +185,26 @@ def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: in
     return {**collate([examples[i] for i in index], pad_id), "index": torch.tensor(index, dtype=torch.long)}
 
 
+def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+    """Token-labelled examples concatenated into one row without padding: `position_ids` restart at 0 with every
+    example (transformers confines attention to each example from them, given no attention mask), and no token
+    is predicted across a boundary (the first label of each example is ignored). `attention_mask` is all ones:
+    it counts the row's tokens, and the model is called without it (`models.load.backbone_hidden`)."""
+    input_ids, labels, positions = [], [], []
+    for e in examples:
+        input_ids += e["input_ids"]
+        labels += [IGNORE] + list(e["labels"][1:])
+        positions += range(len(e["input_ids"]))
+    row = torch.tensor([input_ids], dtype=torch.long)
+    return {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long)}
+
+
+def collate_packed_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
+    """`collate_packed` of the examples at `index` (`pad_id` unused: nothing is padded), carrying `index`."""
+    return {**collate_packed([examples[i] for i in index]), "index": torch.tensor(index, dtype=torch.long)}
+
+
 def general_text(path: Path, text_column: str) -> str:
     """The forgetting probe's general text: a .txt file whole, or the `text_column` of CSV / JSON / JSONL rows
     joined by blank lines. Read (and so checked) before the task's data is tokenized."""

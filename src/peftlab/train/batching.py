@@ -6,6 +6,10 @@ examples, sorts the pool by length and cuts it into batches, then shuffles the o
 examples of similar length train together, while every epoch still sees a fresh random mix (the
 pool is what keeps the order random; sorting the whole data set would feed the shortest examples
 first). Both samplers are seeded: the same seed gives the same batches.
+
+Packed batches (`train.batching: packed`) are the random batches, each concatenated into one row without
+padding (`tasks.prepare.collate_packed`): the model must build its attention mask from position ids, which
+transformers does for the families in PACKABLE when it is called without a mask.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from collections.abc import Iterator, Sequence
 import torch
 
 POOL = 50  # batches per sorting pool
+PACKABLE = ("gpt2", "llama", "phi3")  # architecture families whose attention reads packed rows (masking_utils)
 
 
 class Batches:
@@ -42,3 +47,18 @@ class Batches:
         for i in torch.randperm(len(batches), generator=self.generator).tolist():
             yield batches[i]
 
+
+
+def check_packable(model_type: str, processes: int) -> None:
+    """One line where a packed row would not be read as separate examples: a family whose attention may not build
+    its mask from position ids, or a run over several processes (one row cannot be shared out)."""
+    from peftlab.errors import PeftlabError
+    from peftlab.models.architectures import family_for
+
+    family = family_for(model_type)
+    if family is None or family.name not in PACKABLE:
+        raise PeftlabError(f"train.batching: packed: {model_type} models are not known to confine attention to each "
+                           f"packed example; packed runs on the {', '.join(PACKABLE)} families (use bucketed or random)")
+    if processes > 1:
+        raise PeftlabError(f"train.batching: packed runs in one process ({processes} here): a packed row cannot be "
+                           "shared out between processes; use bucketed or random")

@@ -27,11 +27,11 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftlab.files import exclusive
-from peftlab.models.load import attention_kernel, cache_dir, seeded_weights
+from peftlab.models.load import attention_kernel, cache_dir, seeded_weights, unwrap
 from peftlab.tasks.kinds import task_kind
-from peftlab.tasks.prepare import collate, collate_indexed
+from peftlab.tasks.prepare import collate, collate_indexed, collate_packed_indexed
 from peftlab.train import benchmarks, distributed
-from peftlab.train.batching import Batches
+from peftlab.train.batching import Batches, check_packable
 from peftlab.train.benchmarks import SAMPLES_FILE as BENCHMARK_SAMPLES
 from peftlab.train.benchmarks import BenchmarkScores, score_benchmarks, write_benchmark_samples
 from peftlab.train.context import RunContext
@@ -116,15 +116,18 @@ def train(ctx: RunContext, batches: HeldOut) -> Trained:
     spec, data, pad_id, accelerator = ctx.train, ctx.run.data, ctx.run.pad_id, ctx.accelerator
     lengths = [len(e["input_ids"]) for e in data.train]
     sampler = Batches(lengths, spec.batch_size, spec.seed, bucketed=spec.batching == "bucketed")
+    if spec.batching == "packed":
+        check_packable(unwrap(ctx.model).config.model_type, distributed.process_count())
+    collate_batch = collate_packed_indexed if spec.batching == "packed" else collate_indexed
     loader = DataLoader(range(len(data.train)), batch_sampler=sampler,
-                        collate_fn=partial(collate_indexed, examples=data.train, pad_id=pad_id))
+                        collate_fn=partial(collate_batch, examples=data.train, pad_id=pad_id))
 
     def on_eval(step: int) -> None:
         ctx.record({"step": step, "split": "validation", **ctx.evaluate(batches.validation)})
 
     reset_peak_memory(accelerator.device.type)
     setting = RunSetting(data.kind, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size, accelerator.device,
-                         accelerator.autocast, accelerator.mixed_precision)
+                         accelerator.autocast, accelerator.mixed_precision, spec.batching)
     features, speed = installed(switched_on(spec), ctx.model, ctx.method, setting)
     checkpoints = ctx.checkpoints()
     loop = train_loop(ctx.model, ctx.method, loader, data.kind, ctx.run.total_steps, spec, accelerator, ctx.record,

@@ -25,6 +25,7 @@ class RunSetting:
     device: torch.device
     autocast: Callable[[], AbstractContextManager]
     precision: str  # accelerate's mixed precision: no | bf16 | fp16
+    batching: str = "bucketed"  # train.batching: a packed row holds several examples
 
 
 class SpeedFeature:
