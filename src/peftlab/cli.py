@@ -82,6 +82,8 @@ def plan(
     rank: Annotated[Optional[int], typer.Option(help="Uniform rank (or the base rank of --allocation).")] = None,
     allocation: Annotated[Optional[str], typer.Option(help="uniform(8) | linear(16->4) | attention-heavy(8) | budget(N, shape) | from-scores(file) | importance(measure)")] = None,
     alpha: Annotated[Optional[str], typer.Option(help="2r (alpha = 2r, the default) | 16 (fixed)")] = None,
+    bias: Annotated[Optional[str], typer.Option(help="Bias terms trained too: none | adapted | all")] = None,
+    norms: Annotated[bool, typer.Option("--norms", help="Train every LayerNorm / RMSNorm weight too.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON instead of a table.")] = False,
     output: Annotated[Optional[Path], typer.Option(help="Also write the plan as JSON to this file.")] = None,
 ) -> None:
@@ -96,6 +98,8 @@ def plan(
         "plan.placement.fused": fused,
         **_allocation_override(allocation, rank),
         "plan.alpha": alpha,
+        "plan.bias": bias,
+        "plan.norms": True if norms else None,
     }
     spec = _load(PlanConfig, config, {k: v for k, v in overrides.items() if v is not None})
     if output is not None:
@@ -122,8 +126,16 @@ def _print_plan(result) -> None:
                       str(p.rank), f"{p.alpha:g}", f"{p.params:,}")
     console = _console()
     console.print(table)
+    extra = ""
+    if result.extra:
+        totals = result.totals()
+        extra = (f" + {totals['bias_params']:,} in {sum(e.kind == 'bias' for e in result.extra)} bias terms"
+                 f" + {totals['norm_params']:,} in norms")
+        extra = f" ({result.adapter_params:,} A and B over {len(result.sites)} sites{extra})"
+    else:
+        extra = f" (A and B) over {len(result.sites)} sites"
     console.print(
-        f"trainable parameters: {result.trainable_params:,} (A and B) over {len(result.sites)} sites = "
+        f"trainable parameters: {result.trainable_params:,}{extra} = "
         f"{100 * result.share:.4f}% of {result.base_params:,} base parameters",
         highlight=False,
     )

@@ -160,6 +160,13 @@ class PlanSpec(Spec):
     alpha: AlphaSpec = AlphaSpec()
     """LoRA's scale alpha at each site: `2r` (the default: alpha/r = 2 at every rank) or a fixed number such as
     `16`."""
+    bias: Annotated[Literal["none", "adapted", "all"], added_with("none")] = "none"
+    """Bias terms trained with the adapters: none; adapted = those of the adapted modules (PEFT's `lora_only`);
+    all = every bias of the model but the task head's, LayerNorms' included (PEFT's `all`). Counted in the plan, saved beside the adapter
+    (`extras.safetensors`), on top of a `budget`."""
+    norms: Annotated[bool, added_with(False)] = False
+    """Also train every LayerNorm / RMSNorm weight (and bias) of the model: the LoRA paper's Adapter^L baseline,
+    Houlsby adapters' trainable norms. Counted and saved as `bias` is."""
 
     @field_validator("allocation", mode="before")
     @classmethod
@@ -522,6 +529,13 @@ class RunConfig(Spec):
     budget: int | None = Field(None, ge=1)
     """Trainable parameters (head excluded) to match: the method's size parameter (uniform rank over the
     placement, bottleneck width, prefix length) is chosen to come closest, for equal-budget comparisons."""
+
+    @model_validator(mode="after")
+    def _extras_fit_the_method(self) -> RunConfig:
+        if (self.plan.bias != "none" or self.plan.norms) and self.method.name in ("full", "bitfit"):
+            what = "trains every parameter" if self.method.name == "full" else "chooses its biases itself (method.scope)"
+            raise ValueError(f"plan.bias / plan.norms: method {self.method.name} {what}; leave them off")
+        return self
 
     @model_validator(mode="after")
     def _packing_fits(self) -> RunConfig:

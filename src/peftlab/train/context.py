@@ -20,6 +20,7 @@ from peftlab.methods.base import Method, trainable_counts
 from peftlab.methods.registry import make_method
 from peftlab.models.load import attention_kernel, count_params, head_modules, load_model, unwrap
 from peftlab.models.quantize import DTYPES, weight_bytes
+from peftlab.plans.extras import train_extras
 from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.device import (
     Backends,
@@ -119,6 +120,7 @@ def build(run: ResolvedRun, partial_dir: Path) -> RunContext:
     head = head_modules(model)
     method = make_method(run.method, run.total_steps)
     model = method.apply(model, run.plan, head).to(accelerator.device)
+    train_extras(model, run.plan.extra)  # the plan's biases and norms, under the method's wrappers
     return RunContext(run, model, method, accelerator, partial_dir, memory_before, base_params, head,
                       trainable_counts(model, head), weight_bytes(model), forward_attention=forward)
 

@@ -28,6 +28,7 @@ from torch.utils.data import DataLoader
 
 from peftlab.files import exclusive
 from peftlab.models.load import attention_kernel, cache_dir, seeded_weights, unwrap
+from peftlab.plans.extras import save_extras
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import collate, collate_indexed, collate_packed_indexed
 from peftlab.train import benchmarks, distributed
@@ -219,6 +220,7 @@ def time_inference(ctx: RunContext, batches: list[Batch]) -> dict[str, float]:
 def save(ctx: RunContext) -> int:
     """The adapter's size on disk, once saved in the run's directory."""
     ctx.method.save(ctx.model, ctx.partial_dir / "adapter")
+    save_extras(ctx.model, ctx.run.plan.extra, ctx.partial_dir / "adapter")
     return directory_bytes(ctx.partial_dir / "adapter")
 
 

@@ -185,12 +185,13 @@ def _cost(ctx: RunContext, trained: phases.Trained, measured: dict[str, Any], pa
     those a study can be judged by)."""
     run, method, counts, loop, memory = ctx.run, ctx.method, ctx.counts, trained.loop, trained.memory
     trainable = counts["adapter"] + counts["head"]
-    total = ctx.base_params + (counts["adapter"] if method.adds_parameters else 0)
+    extra = run.plan.extra_params  # the plan's biases and norms: trained, but parameters of the base
+    total = ctx.base_params + (counts["adapter"] - extra if method.adds_parameters else 0)
     return Costs(
         trainable_params=trainable,
         adapter_params=counts["adapter"],
         head_params=counts["head"],
-        plan_params=sum(method.site_params(p.site, p.rank) for p in run.plan.sites) if method.counted_per_site else None,
+        plan_params=sum(method.site_params(p.site, p.rank) for p in run.plan.sites) + extra if method.counted_per_site else None,
         base_params=ctx.base_params,
         total_params=total,
         trainable_share=trainable / total,
