@@ -14,7 +14,8 @@ from typing import Any
 
 import yaml
 
-RESULTS = Path(__file__).parent / "results"
+# where figures are appended; a dry run (benchmarks/gpu.py --dry-run) points it elsewhere
+RESULTS = Path(os.environ.get("PEFTLAB_BENCHMARK_RESULTS") or Path(__file__).parent / "results")
 MiB = 2**20
 
 

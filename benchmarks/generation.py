@@ -43,23 +43,25 @@ def main() -> None:
         "eval": {"generate": {"examples": args.examples, "max_new_tokens": args.max_new_tokens}},
     }, "benchmark")
     run = resolve_run(config)
-    mixed = precision(args.precision, "cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    mixed = precision(args.precision, device)
 
     def autocast():
-        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed == "bf16")
+        dtype = torch.float16 if mixed == "fp16" else torch.bfloat16
+        return torch.autocast(device, dtype=dtype, enabled=mixed in ("bf16", "fp16"))
 
     lengths = [len(ids) for ids in run.prompts.ids]
     print(f"{len(lengths)} prompts of {min(lengths)}-{max(lengths)} tokens (mean {sum(lengths) / len(lengths):.1f}), "
           f"{args.max_new_tokens} new tokens at most, autocast {mixed}")
     reference, figures = None, []
     for kernel in args.kernels.split(","):
-        model = load_model(config.model, attn_implementation=kernel)
+        model = load_model(config.model, attn_implementation=kernel).to(device)
         warm = dataclasses.replace(run.prompts, ids=run.prompts.ids[:8], texts=run.prompts.texts[:8],
                                    references=run.prompts.references[:8])
-        generate(model, warm, GenerateSpec(examples=8, max_new_tokens=2, batch_size=8), run.tokenizer, "cpu", autocast)
+        generate(model, warm, GenerateSpec(examples=8, max_new_tokens=2, batch_size=8), run.tokenizer, device, autocast)
         for size in map(int, args.batch_sizes.split(",")):
             spec = GenerateSpec(examples=args.examples, max_new_tokens=args.max_new_tokens, batch_size=size)
-            done = generate(model, run.prompts, spec, run.tokenizer, "cpu", autocast)
+            done = generate(model, run.prompts, spec, run.tokenizer, device, autocast)
             reference = reference or (done, kernel, size)
             same = sum(a == b for a, b in zip(done.texts, reference[0].texts))
             ratio = done.tokens_per_second / reference[0].tokens_per_second

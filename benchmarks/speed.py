@@ -7,7 +7,10 @@
 - peftlab-random: `peftlab run` with random batches: against `bare`, the harness's own overhead;
 - peftlab:        `peftlab run` as it runs by default (length-bucketed batches; for causal LMs, logits only
                   at supervised positions), against `trainer`: what a user gains;
-- peftlab-compile (on request): the same with `train.compile: true`, compilation time included.
+- peftlab-compile (on request): the same with `train.compile: true`, compilation time included;
+- peftlab-packed (on request, instruction data): `train.batching: packed`, random's batches without padding.
+
+`--precision` applies to every harness (the Trainer's `bf16` / `fp16` where it resolves to them on a GPU).
 
 With `--repeats N` the harnesses run N times, interleaved, and the median step time of each is kept
 (shared machines are noisy: a few percent between identical runs).
@@ -34,7 +37,7 @@ from pathlib import Path
 
 from common import MiB, append_result, peft_model_and_data, run_arguments, task_spec
 
-HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab", "peftlab-compile")
+HARNESSES = ("trainer", "bare", "peftlab-random", "peftlab", "peftlab-compile", "peftlab-packed")
 DEFAULT = "trainer,bare,peftlab-random,peftlab"
 
 
@@ -48,8 +51,18 @@ def run_config(args: argparse.Namespace):
         "task": {**task, "max_length": args.max_length, "max_eval_examples": 8},
         "plan": {"placement": args.placement, "allocation": args.rank},
         "train": {"max_steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed,
-                  "warmup_ratio": 0.0, "max_grad_norm": None, "latency_batches": 0, "log_every": args.steps},
+                  "warmup_ratio": 0.0, "max_grad_norm": None, "latency_batches": 0, "log_every": args.steps,
+                  "precision": args.precision},
     }, "benchmark")
+
+
+def trainer_precision(requested: str, device: str) -> str:
+    """The autocast a peftlab run of `train.precision` uses on a GPU, for the Trainer to match (CPU: none)."""
+    if device != "cuda":
+        return "no"
+    from peftlab.train.context import precision
+
+    return precision(requested, device)
 
 
 def measure(harness: str, config) -> dict:
@@ -63,7 +76,8 @@ def measure(harness: str, config) -> dict:
     if harness.startswith("peftlab"):
         from peftlab.api import run as run_peftlab
 
-        changes = {"peftlab-random": {"batching": "random"}, "peftlab-compile": {"compile": True}}.get(harness, {})
+        changes = {"peftlab-random": {"batching": "random"}, "peftlab-compile": {"compile": True},
+                   "peftlab-packed": {"batching": "packed"}}.get(harness, {})
         config = config.model_copy(update={"train": spec.model_copy(update=changes)})
         with tempfile.TemporaryDirectory() as tmp:
             cost = run_peftlab(config, Path(tmp) / "run").cost
@@ -86,11 +100,13 @@ def measure(harness: str, config) -> dict:
         return batch
 
     reset_peak_memory()
+    mixed = trainer_precision(spec.precision, device)
     if harness == "trainer":
         from transformers import Trainer, TrainingArguments
 
         with tempfile.TemporaryDirectory() as tmp:
             arguments = TrainingArguments(
+                bf16=mixed == "bf16", fp16=mixed == "fp16",
                 output_dir=tmp, per_device_train_batch_size=spec.batch_size, max_steps=spec.max_steps,
                 learning_rate=spec.lr, lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, max_grad_norm=0.0,
                 seed=spec.seed, logging_strategy="no", save_strategy="no", report_to=[], use_cpu=device == "cpu",
@@ -115,7 +131,9 @@ def measure(harness: str, config) -> dict:
         start, step = time.perf_counter(), 0
         while step < spec.max_steps:
             for batch in loader:
-                loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
+                with torch.autocast(device, dtype=torch.float16 if mixed == "fp16" else torch.bfloat16,
+                                    enabled=mixed in ("bf16", "fp16")):
+                    loss = model(**{k: v.to(device) for k, v in batch.items()}).loss
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
@@ -137,6 +155,7 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--harnesses", default=DEFAULT, help=f"comma-separated, from {', '.join(HARNESSES)}")
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--precision", default="auto", help="train.precision of every harness")
     parser.add_argument("--only", choices=HARNESSES, help=argparse.SUPPRESS)  # one harness, in a child process
     args = parser.parse_args()
     config = run_config(args)

@@ -43,3 +43,30 @@ def test_study_cost_counts_steps_by_phase_against_the_tuning_s_full_budget():
     cost = study_cost(Snapshot(rows, {}, {}))
     assert cost["tune"] == {"runs": {"stopped": 1, "done": 1}, "steps": 8, "train_seconds": 3.0, "full_budget_steps": 12}
     assert cost["main"]["steps"] == 6 and cost["wall_seconds"] == 30.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_the_gpu_checks_run_end_to_end_in_a_dry_run(tmp_path):
+    """benchmarks/gpu.py --dry-run: every GPU check on tiny models on this CPU, figures into its own directory
+    (none into benchmarks/results), each check done with the figures its summary keeps."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).parents[1]
+    results = root / "benchmarks" / "results"
+    before = {p.name: p.read_bytes() for p in results.iterdir()}
+    done = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu.py"), "--dry-run", "--results", str(tmp_path)],
+                          capture_output=True, text=True, timeout=840)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "gpu.jsonl").read_text().splitlines()[-1])
+    checks = summary["checks"]
+    assert summary["dry_run"] and list(checks) == ["speed-gemma", "speed-1b", "qlora-memory", "generation", "two-processes"]
+    assert all(c["status"] == "done" for c in checks.values()), checks
+    gemma = checks["speed-gemma"]["harnesses"]
+    assert set(gemma) == {"trainer", "peftlab-packed"} and gemma["peftlab-packed"]["padding_fraction"] == 0.0
+    assert gemma["peftlab-packed"]["vs_trainer"] > 0 and gemma["trainer"]["tokens_per_second"] > 0
+    assert len(checks["generation"]["figures"]) == 4 and checks["two-processes"]["speed_up"] > 0
+    assert {"speed.jsonl", "qlora_memory.jsonl", "generation.jsonl", "gpu.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+    assert {p.name: p.read_bytes() for p in results.iterdir()} == before
