@@ -8,8 +8,8 @@ headline figures, the device and its peak) to benchmarks/results/gpu.jsonl.
 
     python benchmarks/gpu.py                    # on a CUDA machine with peftlab installed (.[dev,gemma])
     python benchmarks/gpu.py --only speed-gemma,generation
-    python benchmarks/gpu.py --dry-run          # anywhere: every check on tiny models for a step or two, the
-                                                # figures into a temporary directory (checks the plumbing)
+    python benchmarks/gpu.py --dry-run          # anywhere: every check on tiny models for a step or two, two at
+                                                # a time, the figures into a temporary directory (the plumbing)
 
 Model-FLOPs utilisation (MFU) is PaLM's: 6 x parameters x tokens/s over the device's dense bf16 peak; with a
 frozen base, training computes about 4 x parameters per token (no weight gradients), so the hardware's share
@@ -27,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -156,7 +157,12 @@ def base_params(model: str) -> int | None:
 
 
 def run_check(check: Check, dry: bool, results: Path, peak: float | None, work: Path) -> dict:
+    """Run one check; its outcome for the summary. A dry run's checks run two at a time (they check the plumbing,
+    not the time), each into a results directory of its own."""
     command = check.dry if dry else check.gpu
+    if dry:
+        results = results / check.name
+        results.mkdir(parents=True, exist_ok=True)
     available = 2 if dry else gpu_count()
     if available < check.needs_gpus:
         return {"status": "skipped", "why": f"needs {check.needs_gpus} GPUs, {available} here"}
@@ -195,14 +201,15 @@ def main() -> None:
         wanted = set(args.only.split(",")) if args.only else None
         summary = {"dry_run": args.dry_run, "device": device, "peak_bf16_flops": peak, "checks": {}}
         total = time.perf_counter()
-        for check in checks(work):
-            if wanted is not None and check.name not in wanted:
-                continue
-            print(f"{check.name}: {check.what}", flush=True)
-            outcome = run_check(check, args.dry_run, results, peak, work)
-            summary["checks"][check.name] = outcome
-            print(f"  {outcome['status']}" + (f" in {outcome['seconds']} s" if "seconds" in outcome else "")
-                  + (f": {outcome.get('why') or outcome.get('error')}" if outcome["status"] != "done" else ""), flush=True)
+        chosen = [c for c in checks(work) if wanted is None or c.name in wanted]
+        with ThreadPoolExecutor(max_workers=2 if args.dry_run else 1) as pool:
+            outcomes = pool.map(lambda c: run_check(c, args.dry_run, results, peak, work), chosen)
+            for check, outcome in zip(chosen, outcomes):
+                summary["checks"][check.name] = outcome
+                print(f"{check.name}: {check.what}\n  {outcome['status']}"
+                      + (f" in {outcome['seconds']} s" if "seconds" in outcome else "")
+                      + (f": {outcome.get('why') or outcome.get('error')}" if outcome["status"] != "done" else ""),
+                      flush=True)
         summary["seconds"] = round(time.perf_counter() - total, 1)
         sys.path.insert(0, str(HERE))
         os.environ["PEFTLAB_BENCHMARK_RESULTS"] = str(results)

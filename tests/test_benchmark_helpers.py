@@ -68,5 +68,7 @@ def test_the_gpu_checks_run_end_to_end_in_a_dry_run(tmp_path):
     assert set(gemma) == {"trainer", "peftlab-packed"} and gemma["peftlab-packed"]["padding_fraction"] == 0.0
     assert gemma["peftlab-packed"]["vs_trainer"] > 0 and gemma["trainer"]["tokens_per_second"] > 0
     assert len(checks["generation"]["figures"]) == 4 and checks["two-processes"]["speed_up"] > 0
-    assert {"speed.jsonl", "qlora_memory.jsonl", "generation.jsonl", "gpu.jsonl"} <= {p.name for p in tmp_path.iterdir()}
+    written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jsonl")}
+    assert {"speed-gemma/speed.jsonl", "speed-1b/speed.jsonl", "qlora-memory/qlora_memory.jsonl",
+            "generation/generation.jsonl", "gpu.jsonl"} <= written
     assert {p.name: p.read_bytes() for p in results.iterdir()} == before
