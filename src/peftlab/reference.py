@@ -133,8 +133,6 @@ def spec_section(cls: type[BaseModel], level: str = "###") -> str:
 
 def config_reference() -> str:
     """The config reference page's body: every spec class, each field once."""
-    from peftlab import specs
-
     parts = ["Where each spec starts:", ""]
     parts += [f"- the {where}: [{name}](#{name.lower()})" for where, name in ROOTS.items()]
     parts += ["", "A field whose type links to another spec holds a mapping of that spec's fields. A method's or an "
@@ -142,7 +140,6 @@ def config_reference() -> str:
     for cls in spec_classes():
         if cls.model_fields:
             parts.append(spec_section(cls))
-    del specs
     return "\n".join(parts)
 
 
