@@ -74,12 +74,10 @@ def run_study(study: StudySource, directory: Path | str | None = None, *, jobs: 
     """Run a study, or resume one (finished runs are kept, runs new to an edited spec are added), and return its
     directory; `peftlab study run`. `study`: as `load_study` takes it. `directory`: default `studies/<name>`.
     Raises `PeftlabError` when runs failed, after every other run has finished (`load_runs` shows their errors)."""
-    from peftlab.records.store import check_study_dir
     from peftlab.studies.runner import run_study as run_all
     from peftlab.studies.source import study_spec
 
     spec, study_dir = study_spec(study, _path(directory), _path(data), _settings(settings))
-    check_study_dir(study_dir)
     store = run_all(spec, study_dir, jobs=jobs, executor=executor, address=address, retry_failed=retry_failed,
                     threads=threads, gpus=gpus_per_run, rerun_changed=rerun_changed)
     try:

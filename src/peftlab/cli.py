@@ -126,16 +126,13 @@ def _print_plan(result) -> None:
                       str(p.rank), f"{p.alpha:g}", f"{p.params:,}")
     console = _console()
     console.print(table)
-    extra = ""
+    what = f" (A and B) over {len(result.sites)} sites"
     if result.extra:
         totals = result.totals()
-        extra = (f" + {totals['bias_params']:,} in {sum(e.kind == 'bias' for e in result.extra)} bias terms"
-                 f" + {totals['norm_params']:,} in norms")
-        extra = f" ({result.adapter_params:,} A and B over {len(result.sites)} sites{extra})"
-    else:
-        extra = f" (A and B) over {len(result.sites)} sites"
+        what = (f" ({result.adapter_params:,} A and B over {len(result.sites)} sites + {totals['bias_params']:,} in "
+                f"{sum(e.kind == 'bias' for e in result.extra)} bias terms + {totals['norm_params']:,} in norms)")
     console.print(
-        f"trainable parameters: {result.trainable_params:,}{extra} = "
+        f"trainable parameters: {result.trainable_params:,}{what} = "
         f"{100 * result.share:.4f}% of {result.base_params:,} base parameters",
         highlight=False,
     )

@@ -13,13 +13,14 @@ from peftlab.errors import PeftlabError, warn
 from peftlab.files import require_file
 from peftlab.importance.probe import resolve_importance
 from peftlab.methods.registry import METHODS, make_method
-from peftlab.models.load import check_lengths, load_tokenizer, model_spec_for_task
+from peftlab.models.load import check_lengths, load_config, load_tokenizer, model_spec_for_task
 from peftlab.plans.plan import plan_on
 from peftlab.resolve.budget import match_budget
 from peftlab.resolve.resolved import ResolvedRun
 from peftlab.specs import RunConfig
 from peftlab.tasks.kinds import task_kind
 from peftlab.tasks.prepare import general_text, load_task, text_chunks
+from peftlab.train.batching import check_packable
 from peftlab.train.benchmarks import check_tasks
 from peftlab.train.device import check_attention, choose_device
 from peftlab.train.distributed import process_count
@@ -69,6 +70,8 @@ def _check_before_reading(config: RunConfig) -> None:
     device = choose_device(config.train.device)
     make_method(config.method).check_device(device)  # before any data is read
     check_attention(config.model.attn_implementation, device)
+    if config.train.batching == "packed":
+        check_packable(load_config(config.model).model_type, process_count())
     for field in ("checkpoint_every", "stop_at"):  # both save a checkpoint to resume from
         if getattr(config.train, field) and not METHODS[config.method.name].resumable:
             raise PeftlabError(f"train.{field}: method {config.method.name} keeps training state that a checkpoint "

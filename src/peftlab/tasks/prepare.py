@@ -180,9 +180,13 @@ def collate(examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tens
     return {**batch, "token_type_ids": segments} if segments is not None else batch
 
 
-def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate` of the examples at `index`, which the batch carries along as `index`."""
-    return {**collate([examples[i] for i in index], pad_id), "index": torch.tensor(index, dtype=torch.long)}
+def collate_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int,
+                    packed: bool = False) -> dict[str, torch.Tensor]:
+    """`collate` (or with `packed`, `collate_packed`) of the examples at `index`, which the batch carries along as
+    `index`."""
+    chosen = [examples[i] for i in index]
+    batch = collate_packed(chosen) if packed else collate(chosen, pad_id)
+    return {**batch, "index": torch.tensor(index, dtype=torch.long)}
 
 
 def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -198,11 +202,6 @@ def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
     row = torch.tensor([input_ids], dtype=torch.long)
     return {"input_ids": row, "attention_mask": torch.ones_like(row), "labels": torch.tensor([labels], dtype=torch.long),
             "position_ids": torch.tensor([positions], dtype=torch.long)}
-
-
-def collate_packed_indexed(index: list[int], examples: list[dict[str, Any]], pad_id: int) -> dict[str, torch.Tensor]:
-    """`collate_packed` of the examples at `index` (`pad_id` unused: nothing is padded), carrying `index`."""
-    return {**collate_packed([examples[i] for i in index]), "index": torch.tensor(index, dtype=torch.long)}
 
 
 def general_text(path: Path, text_column: str) -> str:

@@ -27,12 +27,12 @@ import torch
 from torch.utils.data import DataLoader
 
 from peftlab.files import exclusive
-from peftlab.models.load import attention_kernel, cache_dir, seeded_weights, unwrap
+from peftlab.models.load import attention_kernel, cache_dir, seeded_weights
 from peftlab.plans.extras import save_extras
 from peftlab.tasks.kinds import task_kind
-from peftlab.tasks.prepare import collate, collate_indexed, collate_packed_indexed
+from peftlab.tasks.prepare import collate, collate_indexed
 from peftlab.train import benchmarks, distributed
-from peftlab.train.batching import Batches, check_packable
+from peftlab.train.batching import Batches
 from peftlab.train.benchmarks import SAMPLES_FILE as BENCHMARK_SAMPLES
 from peftlab.train.benchmarks import BenchmarkScores, score_benchmarks, write_benchmark_samples
 from peftlab.train.context import RunContext
@@ -117,11 +117,9 @@ def train(ctx: RunContext, batches: HeldOut) -> Trained:
     spec, data, pad_id, accelerator = ctx.train, ctx.run.data, ctx.run.pad_id, ctx.accelerator
     lengths = [len(e["input_ids"]) for e in data.train]
     sampler = Batches(lengths, spec.batch_size, spec.seed, bucketed=spec.batching == "bucketed")
-    if spec.batching == "packed":
-        check_packable(unwrap(ctx.model).config.model_type, distributed.process_count())
-    collate_batch = collate_packed_indexed if spec.batching == "packed" else collate_indexed
     loader = DataLoader(range(len(data.train)), batch_sampler=sampler,
-                        collate_fn=partial(collate_batch, examples=data.train, pad_id=pad_id))
+                        collate_fn=partial(collate_indexed, examples=data.train, pad_id=pad_id,
+                                           packed=spec.batching == "packed"))
 
     def on_eval(step: int) -> None:
         ctx.record({"step": step, "split": "validation", **ctx.evaluate(batches.validation)})
