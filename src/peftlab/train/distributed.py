@@ -49,13 +49,21 @@ def shard(batch: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], bool
     return {k: v[rows] for k, v in batch.items()}, True
 
 
-def sum_across(values: list[float], device: torch.device | str = "cpu") -> list[float]:
+def sum_across(values: list[float]) -> list[float]:
     """Each value summed over the processes (the values themselves with one process)."""
     if not active():
         return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    tensor = torch.tensor(values, dtype=torch.float64, device=collective_device())
     dist.all_reduce(tensor)
     return tensor.tolist()
+
+
+def collective_device() -> torch.device:
+    """Where the tensors of a collective live: the CPU where the process group has gloo (a CPU run, or a GPU run
+    with a gloo group beside NCCL), else this process's GPU (NCCL reduces GPU tensors only)."""
+    if "gloo" in str(dist.get_backend()):
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def gather_lists(items: list[Any]) -> list[Any]:
