@@ -59,20 +59,22 @@ def checks(work: Path) -> list[Check]:
     speed = [sys.executable, str(HERE / "speed.py"), "--task", "reviews-instruct", "--placement", "all"]
     harnesses = ["--harnesses", "trainer,peftlab-random,peftlab-packed,peftlab"]
     tiny = ["--batch-size", "2", "--max-length", "32", "--steps", "2"]
-    two = work / "two.yaml"
-    two.write_text(json.dumps({"model": "gemma-3-270m", "task": {"name": "reviews-instruct", "max_length": 256},
-                               "train": {"max_steps": 30, "batch_size": 16, "latency_batches": 0}}))
-    tiny_two = work / "tiny-two.yaml"
-    tiny_two.write_text(json.dumps({"model": "tiny-llama", "task": {"name": "reviews-instruct", "max_length": 32,
-                                                                     "max_eval_examples": 8},
-                                    "train": {"max_steps": 2, "batch_size": 4, "latency_batches": 0}}))
+    two = {"model": "gemma-3-270m", "task": {"name": "reviews-instruct", "max_length": 256},
+           "train": {"max_steps": 30, "batch_size": 16, "latency_batches": 0}}
+    tiny_two = {"model": "tiny-llama", "task": {"name": "reviews-instruct", "max_length": 32, "max_eval_examples": 8},
+                "train": {"max_steps": 2, "batch_size": 4, "latency_batches": 0}}
     run = [sys.executable, "-m", "peftlab", "run"]
 
-    def one_then_two(config: Path, launcher: list[str], device: list[str]) -> list[str]:
-        """One process, then two (data parallel), each into its own directory: `scaling` compares them."""
-        one = [*run, "-c", str(config), *device, "--output", str(work / "one-process")]
-        two = [*launcher, "--nproc_per_node", "2", *run[1:], "-c", str(config), *device, "--output", str(work / "two-processes")]
-        return ["bash", "-c", f"{shlex.join(one)} && {shlex.join(two)}"]
+    def one_then_two(config: dict, name: str, launcher: list[str], device: list[str]) -> list[str]:
+        """One process, then two data parallel, then two with sharded layers, each into its own directory:
+        `scaling` compares them."""
+        files = {sharding: work / f"{name}-{sharding}.yaml" for sharding in ("none", "fsdp")}
+        for sharding, file in files.items():
+            file.write_text(json.dumps({**config, "train": {**config["train"], "sharding": sharding}}))
+        one = [*run, "-c", str(files["none"]), *device, "--output", str(work / "one-process")]
+        two = [[*launcher, "--nproc_per_node", "2", *run[1:], "-c", str(files[sharding]), *device, "--output",
+                str(work / directory)] for sharding, directory in (("none", "two-processes"), ("fsdp", "two-sharded"))]
+        return ["bash", "-c", " && ".join(shlex.join(command) for command in (one, *two))]
 
     return [
         Check("speed-gemma", "Gemma 3 270M, all linear r=8: PEFT + Trainer vs peftlab, random / packed / bucketed",
@@ -91,10 +93,11 @@ def checks(work: Path) -> list[Check]:
                "--batch-sizes", "16,64", "--precision", "auto"],
               [sys.executable, str(HERE / "generation.py"), "--model", "tiny-llama", "--examples", "4",
                "--max-new-tokens", "2", "--batch-sizes", "2,4", "--precision", "fp32"], 90, "generation"),
-        Check("two-processes", "one run over 2 GPUs (data parallel) against the same run on one: tokens/s",
-              one_then_two(two, [sys.executable, "-m", "torch.distributed.run"], []),
-              one_then_two(tiny_two, [sys.executable, "-m", "torch.distributed.run"], ["--device", "cpu"]), 150,
-              needs_gpus=2),
+        Check("two-processes", "one run over 2 GPUs (data parallel, then sharded layers) against the same run on "
+              "one: tokens/s, peak memory per process",
+              one_then_two(two, "two", [sys.executable, "-m", "torch.distributed.run"], []),
+              one_then_two(tiny_two, "tiny-two", [sys.executable, "-m", "torch.distributed.run"], ["--device", "cpu"]),
+              200, needs_gpus=2),
     ]
 
 
@@ -142,11 +145,17 @@ def headline(check: Check, record: dict, params: int | None, peak: float | None)
 
 
 def scaling(work: Path) -> dict:
-    """tokens/s of the run over two processes against one (its global batch is the same)."""
-    one, two = (json.loads((work / name / "result.json").read_text())["cost"] for name in ("one-process", "two-processes"))
-    return {"one_process_tokens_per_second": round(one["tokens_per_second"], 1),
-            "two_processes_tokens_per_second": round(two["tokens_per_second"], 1),
-            "speed_up": round(two["tokens_per_second"] / one["tokens_per_second"], 3)}
+    """tokens/s and the main process's peak memory of the run over two processes (data parallel, sharded) against
+    one (the global batch is the same)."""
+    results = {name: json.loads((work / name / "result.json").read_text())
+               for name in ("one-process", "two-processes", "two-sharded")}
+    base = results["one-process"]["cost"]["tokens_per_second"]
+    figures = {name: {"tokens_per_second": round(r["cost"]["tokens_per_second"], 1),
+                      "speed_up": round(r["cost"]["tokens_per_second"] / base, 3),
+                      "peak_memory_bytes": r["cost"]["peak_memory_bytes"],
+                      "params_per_process": (r["environment"].get("sharding") or {}).get("params_per_process")}
+               for name, r in results.items()}
+    return {"runs": figures}
 
 
 def base_params(model: str) -> int | None:

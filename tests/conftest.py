@@ -5,7 +5,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+import shutil
+import socket
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +23,24 @@ TINY = ("tiny-gpt2", "tiny-bert", "tiny-distilbert", "tiny-llama")
 def make_plan(model: str, **plan):
     """Plan on a model skeleton from plain values, e.g. make_plan("tiny-gpt2", placement="attention")."""
     return plan_on(ModelSpec(name=model), validate(PlanSpec, plan, "test"))
+
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(config: Path, output: Path, processes: int) -> subprocess.CompletedProcess:
+    """`accelerate launch` over `processes` processes (its multi-GPU launcher is torchrun; on a CPU, peftlab's
+    accelerator starts a gloo process group)."""
+    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
+               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+               "-m", "peftlab", "run", "-c", str(config), "--output", str(output)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=config.parent)
 
 
 def run_to_dict(config, output_dir):

@@ -67,7 +67,11 @@ def test_the_gpu_checks_run_end_to_end_in_a_dry_run(tmp_path):
     gemma = checks["speed-gemma"]["harnesses"]
     assert set(gemma) == {"trainer", "peftlab-packed"} and gemma["peftlab-packed"]["padding_fraction"] == 0.0
     assert gemma["peftlab-packed"]["vs_trainer"] > 0 and gemma["trainer"]["tokens_per_second"] > 0
-    assert len(checks["generation"]["figures"]) == 4 and checks["two-processes"]["speed_up"] > 0
+    assert len(checks["generation"]["figures"]) == 4
+    runs = checks["two-processes"]["runs"]
+    assert all(runs[name]["speed_up"] > 0 for name in ("one-process", "two-processes", "two-sharded"))
+    assert runs["two-processes"]["params_per_process"] is None  # data parallel: every process holds the model
+    assert 0 < runs["two-sharded"]["params_per_process"]
     written = {str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*.jsonl")}
     assert {"speed-gemma/speed.jsonl", "speed-1b/speed.jsonl", "qlora-memory/qlora_memory.jsonl",
             "generation/generation.jsonl", "gpu.jsonl"} <= written

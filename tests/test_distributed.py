@@ -2,36 +2,16 @@
 process learns with the same global batch, gather the same metrics, and only the main process writes."""
 
 import json
-import shutil
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import launch
 from safetensors.torch import load_file
 
 from peftlab.config import validate
 from peftlab.errors import PeftlabError
 from peftlab.specs import RunConfig
-
-ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def launch(config: Path, output: Path, processes: int) -> subprocess.CompletedProcess:
-    """`accelerate launch` over `processes` processes (its multi-GPU launcher is torchrun; on a CPU, peftlab's
-    accelerator starts a gloo process group)."""
-    command = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-               "-m", "peftlab", "run", "-c", str(config), "--output", str(output)]
-    return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=config.parent)
 
 
 def write_config(tmp_path: Path, text: str) -> Path:

@@ -39,7 +39,7 @@ def one_run_id(**base) -> str:
 
 @pytest.mark.parametrize("setting", [
     {"tracking": ["tensorboard"]},
-    {"train": {"checkpoint_every": 5, "gradient_checkpointing": True, "eval_at": [0.3]}},
+    {"train": {"checkpoint_every": 5, "gradient_checkpointing": True, "eval_at": [0.3], "sharding": "fsdp"}},
     {"train": {"device": "auto"}},  # added with its default
     {"method": {"name": "lora", "init": "default"}},
     {"method": {"name": "sparselora", "sparsity": None}},

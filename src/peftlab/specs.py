@@ -360,6 +360,13 @@ class TrainSpec(Spec):
     gradient_checkpointing: Annotated[bool, UNLEARNED] = False
     """Recompute each layer's activations in the backward pass instead of keeping them (non-reentrant): less
     memory for long sequences and large models, more time per step; the same gradients."""
+    sharding: Annotated[Literal["none", "fsdp"], UNLEARNED] = "none"
+    """none: over several processes, every process holds the whole model (data parallel). fsdp: each layer block's
+    weights, gradients and optimizer state are split over the processes (torch's FSDP2) and gathered layer by
+    layer for each pass, so a process holds about 1/N of the layers; embeddings, final norm and head stay whole
+    on every process. The same weights as data parallel (gradients summed, not averaged). LoRA and full
+    fine-tuning; one process runs unsharded. Generation, benchmarks, latency and saving gather the layers on
+    every process: the weights must fit one device, their gradients and optimizer state need not."""
     compile: bool = False
     """torch.compile each layer block (one graph shared by all layers, dynamic sequence lengths). Costs a
     compilation up front (~45 s for MiniLM on 2 CPU cores); pays off on long runs and GPUs."""

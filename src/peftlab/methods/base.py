@@ -50,6 +50,9 @@ class Method(ABC):
     resumable: ClassVar[bool] = True
     """What sets the method's size: the planned ranks ("rank"), a field of its spec (prefix tuning's
     "num_virtual_tokens"), or nothing (full fine-tuning, BitFit). The equal-budget helper varies it."""
+    # its parameters are read only inside the model's forward (no penalty, rank allocator or calibration between
+    # steps, no data-driven init), so layer blocks can be sharded over processes (`train.sharding: fsdp`)
+    shardable: ClassVar[bool] = False
     position_wise: ClassVar[bool] = True
     """Its modules compute every position on its own and keep no per-position state, so a layer may run
     on fewer positions (see `train.last_layer_at_head`)."""

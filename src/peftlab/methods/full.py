@@ -12,6 +12,7 @@ from peftlab.plans.plan import Plan
 
 class FullMethod(Method):
     name = "full"
+    shardable = True
     size_parameter = None
 
     def apply(self, model: nn.Module, plan: Plan, head: list[str]) -> nn.Module:

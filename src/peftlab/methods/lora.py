@@ -44,6 +44,7 @@ def peft_task_type(model: nn.Module) -> str | None:
 
 class LoraMethod(Method):
     name = "lora"
+    shardable = True
     adds_parameters = True
     mergeable = True
 

@@ -38,6 +38,7 @@ def compute_dtype(name: str) -> torch.dtype:
 
 class QLoraMethod(LoraMethod):
     name = "qlora"
+    shardable = False  # bitsandbytes' 4-bit weights are not sharded by FSDP2
 
     def check_device(self, device: str) -> None:
         if device == "mps":

@@ -25,6 +25,7 @@ from peftlab.train.benchmarks import check_tasks
 from peftlab.train.device import check_attention, choose_device
 from peftlab.train.distributed import process_count
 from peftlab.train.generation import generation_prompts
+from peftlab.train.sharding import check_shardable
 from peftlab.train.tracking import check_backends
 
 
@@ -70,6 +71,8 @@ def _check_before_reading(config: RunConfig) -> None:
     device = choose_device(config.train.device)
     make_method(config.method).check_device(device)  # before any data is read
     check_attention(config.model.attn_implementation, device)
+    if config.train.sharding == "fsdp":
+        check_shardable(make_method(config.method), device, config.train.compile)
     if config.train.batching == "packed":
         check_packable(load_config(config.model).model_type, process_count())
     for field in ("checkpoint_every", "stop_at"):  # both save a checkpoint to resume from

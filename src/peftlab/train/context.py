@@ -3,9 +3,11 @@ the method applied, the accelerator at the run's precision, the run's directory 
 
 from __future__ import annotations
 
+import os
+import platform
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +33,7 @@ from peftlab.train.device import (
     mixed_precision,
 )
 from peftlab.train.evaluate import evaluate
+from peftlab.train.sharding import Sharding, full_state_dict, gathered, shard
 
 if TYPE_CHECKING:
     from peftlab.resolve.resolved import ResolvedRun
@@ -54,6 +57,7 @@ class RunContext:
     record: Callable[[dict[str, Any]], None] = lambda row: None  # a row of metrics.jsonl (and the trackers)
     # the attention kernel of forward-only phases where it differs from training's (`forward_only`)
     forward_attention: str | None = None
+    sharding: Sharding | None = None  # the layer blocks split over the processes (`train.sharding: fsdp`)
 
     @property
     def train(self) -> TrainSpec:
@@ -65,7 +69,19 @@ class RunContext:
         with self.forward_only():
             return evaluate(self.model, batches, kind=data.kind, n_labels=len(data.labels),
                             device=self.accelerator.device, autocast=self.accelerator.autocast,
-                            hidden_states=self.method.hidden_states)
+                            hidden_states=self.method.hidden_states, lockstep=self.sharding is not None)
+
+    def gathered(self) -> AbstractContextManager:
+        """The main process's own work on the model (every process enters): with sharded layers, their full
+        weights gathered on every process until the main process is done (`sharding.gathered`)."""
+        return gathered(self.sharding)
+
+    def state_to_save(self) -> dict[str, torch.Tensor] | None:
+        """With sharded layers, what the main process saves: the full state dict of what was trained (the
+        whole model for full fine-tuning), gathered from every process, which all call it; None otherwise."""
+        if self.sharding is None:
+            return None
+        return full_state_dict(self.model, trainable_only=self.run.method.name != "full")
 
     @contextmanager
     def forward_only(self) -> Iterator[None]:
@@ -87,6 +103,27 @@ class RunContext:
 
     def checkpoints(self) -> Checkpoints:
         return checkpoints_for(self.run, self.partial_dir)
+
+    def environment(self) -> dict[str, Any]:
+        """The machine and versions the run used (recorded, not part of what decides reuse)."""
+        from peftlab.provenance import device_identity, versions
+
+        found, accelerator, model = versions(), self.accelerator, self.model
+        return {
+            "device": str(accelerator.device),
+            **device_identity(),
+            "threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            **{name: found[name] for name in ("torch", "transformers", "peft")},
+            "versions": found,
+            "model_commit": getattr(getattr(unwrap(model), "config", None), "_commit_hash", None),  # a Hub model's
+            "attn_implementation": attention_kernel(model),  # training's; evaluation's and generation's:
+            "attn_implementation_forward": self.forward_attention or attention_kernel(model),
+            "mixed_precision": accelerator.mixed_precision,
+            "processes": accelerator.num_processes,  # train.batch_size is the global batch
+            "sharding": self.sharding.report() if self.sharding else None,  # what each process held
+        }
 
 
 def checkpoints_for(run: ResolvedRun, partial_dir: Path) -> Checkpoints:
@@ -121,8 +158,10 @@ def build(run: ResolvedRun, partial_dir: Path) -> RunContext:
     method = make_method(run.method, run.total_steps)
     model = method.apply(model, run.plan, head).to(accelerator.device)
     train_extras(model, run.plan.extra)  # the plan's biases and norms, under the method's wrappers
-    return RunContext(run, model, method, accelerator, partial_dir, memory_before, base_params, head,
-                      trainable_counts(model, head), weight_bytes(model), forward_attention=forward)
+    counts, frozen = trainable_counts(model, head), weight_bytes(model)  # of the whole model, before sharding
+    sharding = shard(model, accelerator.device) if spec.sharding == "fsdp" else None
+    return RunContext(run, model, method, accelerator, partial_dir, memory_before, base_params, head, counts, frozen,
+                      forward_attention=forward, sharding=sharding)
 
 
 def precision(requested: str, device: str) -> str:

@@ -25,6 +25,7 @@ from peftlab.methods.base import Method
 from peftlab.train import distributed
 from peftlab.train.checkpoint import Checkpoints
 from peftlab.train.loss import batch_nll
+from peftlab.train.sharding import clip_gradients, is_sharded, whole
 from peftlab.train.speed.base import SpeedFeature, batch_context
 
 
@@ -86,6 +87,7 @@ def train_loop(
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    clip = clip_gradients if is_sharded(model) else accelerator.clip_grad_norm_
     evaluations = evaluation_steps(spec, total_steps)
     batches = forever(loader)
     model.train()
@@ -104,9 +106,9 @@ def train_loop(
                     return LoopResult(step - 1, totals.seconds, totals.tokens, totals.positions, float("nan"),
                                       f"non-finite loss ({value}) at step {step}")
                 step_loss += value
-            distributed.sum_gradients(trainable)
+            distributed.sum_gradients(whole(trainable))  # a sharded layer's are summed by its reduce-scatter
             if spec.max_grad_norm:
-                accelerator.clip_grad_norm_(trainable, spec.max_grad_norm)
+                clip(trainable, spec.max_grad_norm)
             optimizer.step()
             scheduler.step()
             method.on_step(model, step, total_steps)  # before zero_grad: AdaLoRA reads the gradients

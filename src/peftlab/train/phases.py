@@ -50,6 +50,7 @@ from peftlab.train.generation import (
 from peftlab.train.loop import LoopResult, train_loop
 from peftlab.train.loss import batch_nll
 from peftlab.train.measure import directory_bytes, latency_ms
+from peftlab.train.sharding import state_dict_read_as
 from peftlab.train.speed import switched_on
 from peftlab.train.speed.base import RunSetting, installed
 
@@ -101,16 +102,21 @@ def prepare(ctx: RunContext, batches: HeldOut) -> References:
     with ctx.forward_only():
         test_loss = _base_loss(ctx, batches.test) if task_kind(data.kind).generates else None
         forgetting_loss = _base_loss(ctx, batches.forgetting)
-        completions = _base_completions(ctx) if ctx.run.prompts and distributed.is_main() else None
         wanted = ctx.run.config.eval.benchmarks
-        scored = _base_benchmarks(ctx) if wanted and wanted.base and benchmarks_apply(ctx) else None
+        score_base = bool(wanted and wanted.base and benchmarks_apply(ctx))
+        completions = scored = None
+        if ctx.run.prompts or score_base:
+            with ctx.gathered():  # the main process's work (with sharded layers, every process gathers them)
+                if distributed.is_main():
+                    completions = _base_completions(ctx) if ctx.run.prompts else None
+                    scored = _base_benchmarks(ctx) if score_base else None
     return References(test_loss, forgetting_loss, completions, scored)
 
 
 def benchmarks_apply(ctx: RunContext) -> bool:
-    """The run scores `eval.benchmarks`: it has some, evaluates its test data (a tuning run does not) and is the
-    main process."""
-    return ctx.run.config.eval.benchmarks is not None and ctx.train.evaluate_test and distributed.is_main()
+    """The run scores `eval.benchmarks` (in its main process): it has some and evaluates its test data (a tuning
+    run does not)."""
+    return ctx.run.config.eval.benchmarks is not None and ctx.train.evaluate_test
 
 
 def train(ctx: RunContext, batches: HeldOut) -> Trained:
@@ -126,7 +132,7 @@ def train(ctx: RunContext, batches: HeldOut) -> Trained:
 
     reset_peak_memory(accelerator.device.type)
     setting = RunSetting(data.kind, data.train, data.cache_file.stem, pad_id, spec.eval_batch_size, accelerator.device,
-                         accelerator.autocast, accelerator.mixed_precision, spec.batching)
+                         accelerator.autocast, accelerator.mixed_precision, spec.batching, ctx.sharding is not None)
     features, speed = installed(switched_on(spec), ctx.model, ctx.method, setting)
     checkpoints = ctx.checkpoints()
     loop = train_loop(ctx.model, ctx.method, loader, data.kind, ctx.run.total_steps, spec, accelerator, ctx.record,
@@ -215,9 +221,11 @@ def time_inference(ctx: RunContext, batches: list[Batch]) -> dict[str, float]:
     return timings
 
 
-def save(ctx: RunContext) -> int:
-    """The adapter's size on disk, once saved in the run's directory."""
-    ctx.method.save(ctx.model, ctx.partial_dir / "adapter")
+def save(ctx: RunContext, state: dict[str, torch.Tensor] | None = None) -> int:
+    """The adapter's size on disk, once saved in the run's directory; `state`: the gathered state dict of a
+    sharded model (`RunContext.state_to_save`), read in place of the model's own."""
+    with state_dict_read_as(ctx.model, state) if state is not None else nullcontext():
+        ctx.method.save(ctx.model, ctx.partial_dir / "adapter")
     save_extras(ctx.model, ctx.run.plan.extra, ctx.partial_dir / "adapter")
     return directory_bytes(ctx.partial_dir / "adapter")
 

@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import platform
 import shutil
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-from accelerate import Accelerator
-
 from peftlab.errors import PeftlabError, warn
 from peftlab.files import check_output, write_atomic
-from peftlab.models.load import attention_kernel, unwrap
 from peftlab.train import distributed, phases
 from peftlab.train.checkpoint import DamagedCheckpoint, history_rows, same_training
 from peftlab.train.context import RunContext, build, checkpoints_for
@@ -139,7 +133,7 @@ def _run_phases(ctx: RunContext) -> RunResult:
         data={"train": len(run.data.train), "validation": len(run.data.validation), "test": len(run.data.test),
               "dropped": run.data.dropped, "truncated": run.data.truncated, "labels": run.data.labels,
               "kind": run.data.kind, **_benchmark_versions(measured)},
-        environment=_environment(ctx.accelerator, ctx.model, ctx.forward_attention),
+        environment=ctx.environment(),
         inputs=run.inputs,
         config=run.config.model_dump(mode="json", by_alias=True),
     )
@@ -153,25 +147,27 @@ def _run_phases(ctx: RunContext) -> RunResult:
 def _after_training(ctx: RunContext, held_out: phases.HeldOut, references: phases.References,
                     trained: phases.Trained) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(metrics, the costs measured after training): evaluation in every process; generation, latency and the
-    adapter in the main one. Nothing after a failed loop; the validation split alone after a stopped one."""
+    adapter in the main one (with sharded layers, gathered on every process meanwhile). Nothing after a failed loop; the validation split alone after a stopped one."""
     measured: dict[str, Any] = {"latency_ms_per_batch": {}, "adapter_bytes": None}
     if trained.loop.failure:
         return {}, measured
     if trained.loop.stopped:
         return {"validation": ctx.evaluate(held_out.validation)} if held_out.validation else {}, measured
     metrics = phases.evaluate(ctx, held_out, references, trained.loop.steps)
-    if not distributed.is_main():
-        return metrics, measured
-    for feature in trained.features:
-        feature.remove()  # generation and latency: the model's own forward, as it would be served
-    if ctx.run.prompts:
-        measured["generation"] = phases.generate_completions(ctx, references)
-        metrics.setdefault("test", {}).update(measured["generation"].pop("scores"))
-    if phases.benchmarks_apply(ctx):
-        measured["benchmarks"] = phases.score_benchmarks_after(ctx, references)
-        metrics["benchmarks"] = measured["benchmarks"].pop("scores")
-    measured["latency_ms_per_batch"] = phases.time_inference(ctx, held_out.timed)
-    measured["adapter_bytes"] = phases.save(ctx)
+    state = ctx.state_to_save()  # with sharded layers: gathered by every process
+    with ctx.gathered():
+        if not distributed.is_main():
+            return metrics, measured
+        for feature in trained.features:
+            feature.remove()  # generation and latency: the model's own forward, as it would be served
+        if ctx.run.prompts:
+            measured["generation"] = phases.generate_completions(ctx, references)
+            metrics.setdefault("test", {}).update(measured["generation"].pop("scores"))
+        if phases.benchmarks_apply(ctx):
+            measured["benchmarks"] = phases.score_benchmarks_after(ctx, references)
+            metrics["benchmarks"] = measured["benchmarks"].pop("scores")
+        measured["latency_ms_per_batch"] = phases.time_inference(ctx, held_out.timed)
+        measured["adapter_bytes"] = phases.save(ctx, state)
     return metrics, measured
 
 
@@ -226,24 +222,3 @@ def non_finite(metrics: dict[str, dict[str, Any]]) -> str | None:
             if isinstance(value, float) and not math.isfinite(value):
                 return f"non-finite {split} {name} ({value}) after training"
     return None
-
-
-def _environment(accelerator: Accelerator, model, forward_attention: str | None = None) -> dict[str, Any]:
-    """The machine and versions a run used (recorded, not part of what decides reuse)."""
-    from peftlab.provenance import device_identity, versions
-
-    found = versions()
-    return {
-        "device": str(accelerator.device),
-        **device_identity(),
-        "threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-        **{name: found[name] for name in ("torch", "transformers", "peft")},
-        "versions": found,
-        "model_commit": getattr(getattr(unwrap(model), "config", None), "_commit_hash", None),  # a Hub model's
-        "attn_implementation": attention_kernel(model),  # training's; evaluation's and generation's:
-        "attn_implementation_forward": forward_attention or attention_kernel(model),
-        "mixed_precision": accelerator.mixed_precision,
-        "processes": accelerator.num_processes,  # data parallel: train.batch_size is the global batch
-    }

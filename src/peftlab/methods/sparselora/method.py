@@ -108,6 +108,7 @@ class SparseLoraMethod(LoraMethod):
     name = "sparselora"
     resumable = False  # its dense-then-sparse schedule and FLOP counts are per-process state
     position_wise = False  # routes each batch's positions (context sparse, outputs dense)
+    shardable = False  # its calibration and routing read the weights outside the layers' forward
     split_ffn = True  # run FFNs held by one module as dense and narrow sparse groups (tests turn it off)
 
     @classmethod

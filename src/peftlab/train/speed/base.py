@@ -26,6 +26,7 @@ class RunSetting:
     autocast: Callable[[], AbstractContextManager]
     precision: str  # accelerate's mixed precision: no | bf16 | fp16
     batching: str = "bucketed"  # train.batching: a packed row holds several examples
+    sharded: bool = False  # the layer blocks are split over the processes (`train.sharding: fsdp`)
 
 
 class SpeedFeature:

@@ -133,6 +133,8 @@ class PrefixCacheFeature(SpeedFeature):
     def install(self, model: nn.Module, method: Method, run: RunSetting) -> dict[str, Any] | None:
         if run.batching == "packed" and lowest_trainable_layer(model):
             return {"used": False, "note": "off: packed rows hold several examples, the cache one example per row"}
+        if run.sharded and lowest_trainable_layer(model):
+            return {"used": False, "note": "off: the layers are sharded over the processes, which would all have to build it"}
         self.cache, note = build_prefix_cache(model, run.train, run.data_key, run.pad_id, run.batch_size, run.device,
                                               run.autocast, run.precision)
         if self.cache is not None:
