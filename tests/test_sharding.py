@@ -87,6 +87,15 @@ def test_sharding_refuses_what_it_cannot_run_in_one_line(method, train, message,
         resolve_run(config)
 
 
+def test_the_run_command_sets_sharding_and_refuses_a_bad_value_in_one_line(tmp_path, reviews_file, cli):
+    common = ["--model", "tiny-bert", "--data", reviews_file, "--kind", "classification", "--device", "cpu"]
+    code, _, err = cli("run", *common, "--sharding", "halves", "--output", tmp_path / "bad")
+    assert code == 2 and "train.sharding: Input should be 'none' or 'fsdp'" in err
+    code, _, err = cli("run", *common, "--method", "bitfit", "--sharding", "fsdp", "--output", tmp_path / "bitfit")
+    assert code == 2 and err.strip().count("\n") == 0 and "method bitfit is not shardable" in err
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bitfit").exists()
+
+
 def test_lockstep_evaluation_gives_every_process_as_many_forward_passes(monkeypatch):
     batches = [{"input_ids": torch.full((1, 1), i)} for i in range(5)]
     monkeypatch.setattr(distributed, "active", lambda: True)

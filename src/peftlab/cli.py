@@ -166,6 +166,8 @@ def run(
         help="Recompute activations in the backward pass: less memory, more time.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(
         help="Save the training state every N steps; the same command resumes after a kill.")] = None,
+    sharding: Annotated[Optional[str], typer.Option(
+        help="none | fsdp: over several processes (accelerate launch, torchrun), split each layer block over them.")] = None,
     track: Annotated[Optional[str], typer.Option(
         help="Experiment trackers, comma-separated: tensorboard, mlflow, wandb (offline by default).")] = None,
     output: Annotated[Optional[Path], typer.Option(help="Run directory (default runs/<model>-<task>-<method>-<hash>).")] = None,
@@ -180,7 +182,7 @@ def run(
                                     allocation=allocation, rank=rank, budget=budget, lr=lr, epochs=epochs,
                                     max_steps=max_steps, batch_size=batch_size, seed=seed,
                                     generate=generate, device=device, gradient_checkpointing=gradient_checkpointing,
-                                    checkpoint_every=checkpoint_every, track=track))
+                                    checkpoint_every=checkpoint_every, sharding=sharding, track=track))
     spec = _load(RunConfig, config, overrides)
     if output is None:
         task_name = spec.task.name or (spec.task.path.stem if spec.task.path else "data")
@@ -198,7 +200,8 @@ RUN_FLAGS = {"model": "model.name", "task": "task.name", "dataset": "task.datase
              "budget": "budget",
              "lr": "train.lr", "epochs": "train.epochs", "max_steps": "train.max_steps", "batch_size": "train.batch_size",
              "seed": "train.seed", "generate": "eval.generate.examples", "device": "train.device",
-             "gradient_checkpointing": "train.gradient_checkpointing", "checkpoint_every": "train.checkpoint_every"}
+             "gradient_checkpointing": "train.gradient_checkpointing", "checkpoint_every": "train.checkpoint_every",
+             "sharding": "train.sharding"}
 """`run`'s flags that set one config field as given."""
 
 
