@@ -79,9 +79,7 @@ class RunContext:
     def state_to_save(self) -> dict[str, torch.Tensor] | None:
         """With sharded layers, what the main process saves: the full state dict of what was trained (the
         whole model for full fine-tuning), gathered from every process, which all call it; None otherwise."""
-        if self.sharding is None:
-            return None
-        return full_state_dict(self.model, trainable_only=self.run.method.name != "full")
+        return None if self.sharding is None else full_state_dict(self.model)
 
     @contextmanager
     def forward_only(self) -> Iterator[None]:

@@ -147,7 +147,8 @@ def _run_phases(ctx: RunContext) -> RunResult:
 def _after_training(ctx: RunContext, held_out: phases.HeldOut, references: phases.References,
                     trained: phases.Trained) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """(metrics, the costs measured after training): evaluation in every process; generation, latency and the
-    adapter in the main one (with sharded layers, gathered on every process meanwhile). Nothing after a failed loop; the validation split alone after a stopped one."""
+    adapter in the main one (sharded layers gathered on every process meanwhile). Nothing after a failed loop;
+    the validation split alone after a stopped one."""
     measured: dict[str, Any] = {"latency_ms_per_batch": {}, "adapter_bytes": None}
     if trained.loop.failure:
         return {}, measured

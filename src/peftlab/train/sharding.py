@@ -118,12 +118,12 @@ def gathered(sharding: Sharding | None) -> Iterator[None]:
             unit.set_reshard_after_forward(True)
 
 
-def full_state_dict(model: nn.Module, trainable_only: bool) -> dict[str, torch.Tensor]:
-    """The model's state dict with full tensors, on the CPU of the main process (empty elsewhere); only the
-    trainable parameters with `trainable_only` (an adapter's). Every process calls it."""
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's state dict without its frozen parameters (an adapter's weights; the whole model for full
+    fine-tuning), as full tensors on the CPU of the main process (empty elsewhere). Every process calls it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
     return get_model_state_dict(model, options=options)
 
 
