@@ -19,11 +19,14 @@ RESULTS = Path(os.environ.get("PEFTLAB_BENCHMARK_RESULTS") or Path(__file__).par
 MiB = 2**20
 
 
-def peftlab_run(config: dict[str, Any], workdir: Path, name: str, env: dict[str, str] | None = None) -> dict[str, Any]:
-    """`peftlab run` on `config` in a fresh process; its result record."""
+def peftlab_run(config: dict[str, Any], workdir: Path, name: str, env: dict[str, str] | None = None,
+                processes: int = 1) -> dict[str, Any]:
+    """`peftlab run` on `config` in a fresh process (over `processes` processes with torchrun); its result record."""
     path, out = workdir / f"{name}.yaml", workdir / name
     path.write_text(yaml.safe_dump(config))
-    subprocess.run([sys.executable, "-m", "peftlab", "run", "--config", str(path), "--output", str(out)],
+    launcher = [sys.executable] if processes == 1 else \
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
+    subprocess.run([*launcher, "-m", "peftlab", "run", "--config", str(path), "--output", str(out)],
                    check=True, stdout=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     return json.loads((out / "result.json").read_text())
 
@@ -91,3 +94,29 @@ def peft_model_and_data(config):
     plan = build_plan(resolve_sites(model), count_params(model), config.plan, spec.name)
     lora = LoraConfig(task_type=peft_task_type(model), **lora_config_kwargs(plan, modules_to_save=head_modules(model) or None))
     return get_peft_model(model, lora), data, tokenizer.pad_token_id
+
+
+def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
+    """A LLaMA-style model with the dimensions of catalog architecture `name`, random weights and a
+    30,522-token vocabulary: the bundled MiniLM tokenizer, or the one in the directory `tokenizer`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from peftlab.models.load import load_config, load_tokenizer
+    from peftlab.specs import ModelSpec
+
+    source = load_config(ModelSpec(name=name))
+    config = LlamaConfig(
+        vocab_size=30522, hidden_size=source.hidden_size, intermediate_size=source.intermediate_size,
+        num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
+        num_key_value_heads=getattr(source, "num_key_value_heads", source.num_attention_heads),
+        tie_word_embeddings=getattr(source, "tie_word_embeddings", False), max_position_embeddings=4096,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.save_pretrained(directory)
+    words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_tokenizer(ModelSpec(name="tiny-llama"))
+    words.save_pretrained(directory)
+    return directory

@@ -22,7 +22,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import MiB, append_result, peftlab_run, run_arguments, task_spec
+from common import MiB, append_result, peftlab_run, random_model, run_arguments, task_spec
 
 CONFIGS = {
     "lora-fp32": {"model": {"dtype": "fp32"}, "method": {"name": "lora"}},
@@ -30,32 +30,6 @@ CONFIGS = {
     # the QLoRA paper keeps what is not quantized (embeddings, norms) in 16 bits
     "qlora-nf4": {"model": {"dtype": "bf16"}, "method": {"name": "qlora"}},
 }
-
-
-def random_model(name: str, directory: Path, tokenizer: str | None) -> Path:
-    """A LLaMA-style model with the dimensions of catalog architecture `name`, random weights and a
-    30,522-token vocabulary: the bundled MiniLM tokenizer, or the one in the directory `tokenizer`."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from peftlab.models.load import load_config, load_tokenizer
-    from peftlab.specs import ModelSpec
-
-    source = load_config(ModelSpec(name=name))
-    config = LlamaConfig(
-        vocab_size=30522, hidden_size=source.hidden_size, intermediate_size=source.intermediate_size,
-        num_hidden_layers=source.num_hidden_layers, num_attention_heads=source.num_attention_heads,
-        num_key_value_heads=getattr(source, "num_key_value_heads", source.num_attention_heads),
-        tie_word_embeddings=getattr(source, "tie_word_embeddings", False), max_position_embeddings=4096,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None,
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    model.save_pretrained(directory)
-    words = AutoTokenizer.from_pretrained(tokenizer) if tokenizer else load_tokenizer(ModelSpec(name="tiny-llama"))
-    words.save_pretrained(directory)
-    return directory
 
 
 def main() -> None:
