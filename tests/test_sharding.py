@@ -17,16 +17,17 @@ from peftlab.train.evaluate import _share
 
 
 def instruction_config(tmp_path: Path) -> str:
-    """LoRA on tiny LLaMA: token-weighted losses, two micro-batches per step, clipping that binds, generation and
-    merged latency (the main process alone, with the layers gathered)."""
+    """LoRA on tiny LLaMA with its norms trained beside the adapters, gradient checkpointing: token-weighted losses,
+    two micro-batches per step, clipping that binds, generation and merged latency (the main process alone, with
+    the layers gathered)."""
     data = tmp_path / "instruct.jsonl"
     words = ["red", "blue", "green", "black", "white", "gray", "pink"]
     data.write_text("".join(json.dumps({"instruction": f"say {w} " * (1 + i % 3), "output": f"{w} " * (1 + i % 4)})
                             + "\n" for i, w in enumerate(words * 8)))
-    return (f"model: tiny-llama\ntask: {{path: {data}, kind: instruction}}\nplan: {{placement: all, allocation: 4}}\n"
+    return (f"model: tiny-llama\ntask: {{path: {data}, kind: instruction}}\nplan: {{placement: all, allocation: 4, norms: true}}\n"
             "eval: {generate: {examples: 6, max_new_tokens: 4, batch_size: 4}}\n"
             "train: {max_steps: 6, batch_size: 5, grad_accum: 2, lr: 0.01, precision: fp32, latency_batches: 1, "
-            "device: cpu, max_grad_norm: 0.05, eval_batch_size: 4, sharding: fsdp}\n")
+            "device: cpu, max_grad_norm: 0.05, eval_batch_size: 4, gradient_checkpointing: true, sharding: fsdp}\n")
 
 
 def classification_config(reviews_file: Path) -> str:
@@ -59,12 +60,13 @@ def test_two_sharded_processes_learn_what_one_does(kind, tmp_path, reviews_file,
     # the main process holds half of every layer block (rounded up per weight) and all of the rest
     assert held["params_per_process"] - held["whole_params"] == pytest.approx(held["sharded_params"] / 2, rel=0.01)
     assert held["whole_params"] + held["sharded_params"] == single["cost"]["total_params"]
-    weights = "adapter_model" if kind == "instruction" else "model"
-    saved = [load_file(tmp_path / d / "adapter" / f"{weights}.safetensors") for d in ("single", "sharded")]
-    assert saved[0].keys() == saved[1].keys()  # full tensors, not shards
-    for name, tensor in saved[0].items():
-        assert saved[1][name].shape == tensor.shape, name
-        assert torch.allclose(saved[1][name], tensor, rtol=1e-3, atol=1e-5), name
+    files = ["adapter_model", "extras"] if kind == "instruction" else ["model"]
+    for file in files:
+        saved = [load_file(tmp_path / d / "adapter" / f"{file}.safetensors") for d in ("single", "sharded")]
+        assert saved[0].keys() == saved[1].keys()  # full tensors, not shards
+        for name, tensor in saved[0].items():
+            assert saved[1][name].shape == tensor.shape, name
+            assert torch.allclose(saved[1][name], tensor, rtol=1e-3, atol=1e-5), name
     if kind == "instruction":  # completions by the main process alone, the same tokens
         samples = [[(json.loads(line)["adapted"], json.loads(line)["base"]) for line in (tmp_path / d / "samples.jsonl").open()]
                    for d in ("single", "sharded")]
