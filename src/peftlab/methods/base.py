@@ -45,14 +45,14 @@ class Method(ABC):
     adds_parameters: ClassVar[bool] = False  # LoRA adds A and B; full and BitFit train existing ones
     mergeable: ClassVar[bool] = False
     size_parameter: ClassVar[str | None] = "rank"
-    # what a training checkpoint restores is all the state there is (no allocator or schedule outside the
-    # parameters, optimizer and step), so a run resumed from one trains on as if it had not stopped
-    resumable: ClassVar[bool] = True
     """What sets the method's size: the planned ranks ("rank"), a field of its spec (prefix tuning's
     "num_virtual_tokens"), or nothing (full fine-tuning, BitFit). The equal-budget helper varies it."""
-    # its parameters are read only inside the model's forward (no penalty, rank allocator or calibration between
-    # steps, no data-driven init), so layer blocks can be sharded over processes (`train.sharding: fsdp`)
+    resumable: ClassVar[bool] = True
+    """What a training checkpoint restores is all the state there is (no allocator or schedule outside the
+    parameters, optimizer and step), so a run resumed from one trains on as if it had not stopped."""
     shardable: ClassVar[bool] = False
+    """Its parameters are read only inside the model's forward (no penalty, rank allocator or calibration between
+    steps, no data-driven init), so its layer blocks can be split over processes (`train.sharding: fsdp`)."""
     position_wise: ClassVar[bool] = True
     """Its modules compute every position on its own and keep no per-position state, so a layer may run
     on fewer positions (see `train.last_layer_at_head`)."""
