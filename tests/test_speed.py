@@ -154,6 +154,25 @@ def test_no_cache_when_something_trainable_runs_below_the_lowest_adapter():
     assert lowest_trainable_layer(adapted("tiny-bert", "lora", "all")) == 0
 
 
+def test_the_prefix_cache_steps_aside_for_sharded_layers(private_cache):
+    """Sharded layers: every process would have to compute the frozen ones together, so no cache; unsharded, the
+    same model caches its lower layer."""
+    from peftlab.train.speed.base import RunSetting
+    from peftlab.train.speed.prefix_cache import PrefixCacheFeature
+
+    model = adapted("tiny-bert", "lora", UPPER)
+    for module in model.modules():  # a cache is exact only without dropout below the adapters
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    method = make_method(validate(RunConfig, {"method": "lora"}, "test").method, 10)
+    examples = [{"input_ids": [101, 2000, 2001, 102], "labels": 0, "index": 0}]
+    settings = {sharded: RunSetting("classification", examples, "k", 0, 4, torch.device("cpu"), nullcontext, "no",
+                                    sharded=sharded) for sharded in (True, False)}
+    assert PrefixCacheFeature().install(model, method, settings[True]) == {
+        "used": False, "note": "off: the layers are sharded over the processes, which would all have to build it"}
+    assert PrefixCacheFeature().install(model, method, settings[False])["used"] is True
+
+
 def test_compiled_layers_train_like_eager_ones(tmp_path, no_dropout, varied_reviews):
     eager, _ = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "eager")
     compiled, result = run_losses(tmp_path, "tiny-bert", varied_reviews, "classification", "all", False, "compiled",
