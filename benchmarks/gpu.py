@@ -65,14 +65,14 @@ def checks(work: Path) -> list[Check]:
                 "train": {"max_steps": 2, "batch_size": 4, "latency_batches": 0}}
     run = [sys.executable, "-m", "peftlab", "run"]
 
-    def one_then_two(config: dict, name: str, launcher: list[str], device: list[str]) -> list[str]:
+    def one_then_two(config: dict, name: str, device: list[str]) -> list[str]:
         """One process, then two data parallel, then two with sharded layers, each into its own directory:
         `scaling` compares them."""
         files = {sharding: work / f"{name}-{sharding}.yaml" for sharding in ("none", "fsdp")}
         for sharding, file in files.items():
             file.write_text(json.dumps({**config, "train": {**config["train"], "sharding": sharding}}))
         one = [*run, "-c", str(files["none"]), *device, "--output", str(work / "one-process")]
-        two = [[*launcher, "--nproc_per_node", "2", *run[1:], "-c", str(files[sharding]), *device, "--output",
+        two = [[sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", *run[1:], "-c", str(files[sharding]), *device, "--output",
                 str(work / directory)] for sharding, directory in (("none", "two-processes"), ("fsdp", "two-sharded"))]
         return ["bash", "-c", " && ".join(shlex.join(command) for command in (one, *two))]
 
@@ -95,8 +95,7 @@ def checks(work: Path) -> list[Check]:
                "--max-new-tokens", "2", "--batch-sizes", "2,4", "--precision", "fp32"], 90, "generation"),
         Check("two-processes", "one run over 2 GPUs (data parallel, then sharded layers) against the same run on "
               "one: tokens/s, peak memory per process",
-              one_then_two(two, "two", [sys.executable, "-m", "torch.distributed.run"], []),
-              one_then_two(tiny_two, "tiny-two", [sys.executable, "-m", "torch.distributed.run"], ["--device", "cpu"]),
+              one_then_two(two, "two", []), one_then_two(tiny_two, "tiny-two", ["--device", "cpu"]),
               200, needs_gpus=2),
     ]
 

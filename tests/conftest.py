@@ -43,6 +43,16 @@ def launch(config: Path, output: Path, processes: int) -> subprocess.CompletedPr
     return subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=config.parent)
 
 
+def color_instructions(directory: Path) -> Path:
+    """56 instruction rows of 1-3 prompt words and 1-4 response words (token counts vary between rows, so token-
+    weighted losses differ from example means), in `directory/instruct.jsonl`."""
+    data = directory / "instruct.jsonl"
+    words = ["red", "blue", "green", "black", "white", "gray", "pink"]
+    data.write_text("".join(json.dumps({"instruction": f"say {w} " * (1 + i % 3), "output": f"{w} " * (1 + i % 4)})
+                            + "\n" for i, w in enumerate(words * 8)))
+    return data
+
+
 def run_to_dict(config, output_dir):
     """A run through the library's entry point (resolve, then execute), its result as result.json holds it."""
     from peftlab.api import run

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch
+from conftest import color_instructions, launch
 from safetensors.torch import load_file
 
 from peftlab.config import validate
@@ -39,10 +39,7 @@ def test_two_processes_learn_what_one_does_with_the_same_global_batch(kind, tmp_
                 "train: {epochs: 2, batch_size: 5, lr: 0.01, precision: fp32, latency_batches: 1, device: cpu, "
                 "max_grad_norm: 1000}\n")
     else:  # token-weighted losses: shards hold different token counts; two micro-batches per step
-        data = tmp_path / "instruct.jsonl"
-        words = ["red", "blue", "green", "black", "white", "gray", "pink"]
-        data.write_text("".join(json.dumps({"instruction": f"say {w} " * (1 + i % 3), "output": f"{w} " * (1 + i % 4)})
-                                + "\n" for i, w in enumerate(words * 8)))
+        data = color_instructions(tmp_path)
         text = (f"model: tiny-llama\ntask: {{path: {data}, kind: instruction}}\nplan: {{placement: all, allocation: 4}}\n"
                 "train: {max_steps: 6, batch_size: 5, grad_accum: 2, lr: 0.01, precision: fp32, latency_batches: 1, "
                 "device: cpu}\n")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import launch
+from conftest import color_instructions, launch
 from safetensors.torch import load_file
 
 from peftlab.config import validate
@@ -20,10 +20,7 @@ def instruction_config(tmp_path: Path) -> str:
     """LoRA on tiny LLaMA with its norms trained beside the adapters, gradient checkpointing: token-weighted losses,
     two micro-batches per step, clipping that binds, generation and merged latency (the main process alone, with
     the layers gathered)."""
-    data = tmp_path / "instruct.jsonl"
-    words = ["red", "blue", "green", "black", "white", "gray", "pink"]
-    data.write_text("".join(json.dumps({"instruction": f"say {w} " * (1 + i % 3), "output": f"{w} " * (1 + i % 4)})
-                            + "\n" for i, w in enumerate(words * 8)))
+    data = color_instructions(tmp_path)
     return (f"model: tiny-llama\ntask: {{path: {data}, kind: instruction}}\nplan: {{placement: all, allocation: 4, norms: true}}\n"
             "eval: {generate: {examples: 6, max_new_tokens: 4, batch_size: 4}}\n"
             "train: {max_steps: 6, batch_size: 5, grad_accum: 2, lr: 0.01, precision: fp32, latency_batches: 1, "
