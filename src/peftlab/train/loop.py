@@ -87,7 +87,6 @@ def train_loop(
     scheduler = get_scheduler(spec.schedule, optimizer, round(spec.warmup_ratio * total_steps), total_steps)
     optimizer, scheduler = accelerator.prepare(optimizer, scheduler)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    replicated = whole(trainable)  # all of them unsharded; a sharded layer's are summed by its reduce-scatter
     clip = clip_gradients if is_sharded(model) else accelerator.clip_grad_norm_
     evaluations = evaluation_steps(spec, total_steps)
     batches = forever(loader)
@@ -107,7 +106,7 @@ def train_loop(
                     return LoopResult(step - 1, totals.seconds, totals.tokens, totals.positions, float("nan"),
                                       f"non-finite loss ({value}) at step {step}")
                 step_loss += value
-            distributed.sum_gradients(replicated)
+            distributed.sum_gradients(whole(trainable))  # a sharded layer's are summed by its reduce-scatter
             if spec.max_grad_norm:
                 clip(trainable, spec.max_grad_norm)
             optimizer.step()
